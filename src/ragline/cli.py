@@ -1,0 +1,238 @@
+"""The ``ragline`` command.
+
+Every bad input ends in one line on stderr, ``error: <problem>; <fix>``, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ragline import paths
+from ragline.errors import RaglineError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+DEMO_QUESTION = "Who directed the film 2001: A Space Odyssey?"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ragline")
+def cli() -> None:
+    """ragline: Retrieval-Augmented Generation on CPU."""
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except RaglineError as e:
+        err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("interrupted; run the same command again to resume")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; run the same command again to resume")
+        sys.exit(130)
+
+
+def _index_option(f):
+    return click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None,
+                        help="Index directory (default: the bundled Wikipedia leads index).")(f)
+
+
+def _retrieval_options(f):
+    f = click.option("--query-encoder", default=None, help="Question encoder (default: the index's own).")(f)
+    f = click.option("--allow-encoder-mismatch", is_flag=True,
+                     help="Search even if the question encoder is not paired with the index's passage encoder.")(f)
+    f = click.option("--bm25-weight", default=0.3, show_default=True, type=click.FloatRange(0),
+                     help="Weight of the BM25 ranking in hybrid fusion (dense has weight 1).")(f)
+    return click.option("--rrf-c", default=20.0, show_default=True, type=click.FloatRange(0),
+                        help="Reciprocal-rank-fusion constant c in w / (c + rank).")(f)
+
+
+def _resolve_index(index_dir: Path | None) -> Path:
+    return Path(index_dir) if index_dir else paths.default_index_dir()
+
+
+def _open_retriever(index_dir: Path | None, query_encoder: str | None, allow_mismatch: bool,
+                    bm25_weight: float = 0.3, rrf_c: float = 20.0):
+    from ragline.index.directory import IndexDir
+    from ragline.models.encoders import TextEncoder
+    from ragline.retriever import Retriever
+
+    index = IndexDir.open(_resolve_index(index_dir))
+    enc = None
+    if query_encoder:
+        enc = TextEncoder(query_encoder, max_seq_length=index.manifest["encoder"]["question"]["max_seq_length"])
+    return Retriever(index, enc, allow_encoder_mismatch=allow_mismatch, bm25_weight=bm25_weight, rrf_c=rrf_c)
+
+
+@cli.command()
+@click.option("--source", default="wiki-leads", show_default=True,
+              help="JSONL file, KILT knowledge-source file, folder of .txt/.md files, or 'wiki-leads' (bundled).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Index directory to write (default: the bundled index location).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "kilt", "text", "wiki-leads"]), default="auto",
+              show_default=True)
+@click.option("--index-type", default="flat", show_default=True,
+              type=click.Choice(["flat", "hnsw", "ivfpq", "sq8", "ivfsq8"]), help="FAISS index type.")
+@click.option("--encoder", default="minilm", show_default=True, help="Passage encoder: bundled name or model folder.")
+@click.option("--query-encoder", default=None, help="Question encoder (default: the passage encoder).")
+@click.option("--passage-words", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--max-seq-length", default=256, show_default=True, type=click.IntRange(8))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--chunk-rows", default=1024, show_default=True, type=click.IntRange(1),
+              help="Passages encoded between two checkpoints (resume granularity).")
+@click.option("--target-recall", default=0.95, show_default=True, type=click.FloatRange(0, 1),
+              help="Recall@10 vs exact that approximate indexes are tuned to on build.")
+@click.option("--no-bm25", is_flag=True, help="Skip the BM25 index.")
+@click.option("--no-dense", is_flag=True, help="Skip the dense index (BM25 only).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Index only the first N documents.")
+@click.option("--skip-bad", is_flag=True, help="Skip malformed records (reported) instead of failing.")
+@click.option("--force", is_flag=True, help="Replace an existing index (atomically, once the new one is complete).")
+def index(source, out, fmt, index_type, encoder, query_encoder, passage_words, max_seq_length, batch_size,
+          chunk_rows, target_recall, no_bm25, no_dense, limit, skip_bad, force) -> None:
+    """Build an index: passages, dense (FAISS) and BM25. Resumes after an interruption."""
+    from ragline.index.build import BuildOptions, build_index
+
+    opts = BuildOptions(source=source, out=out or paths.default_index_dir(), fmt=fmt, index_type=index_type,
+                        encoder=encoder, question_encoder=query_encoder, max_seq_length=max_seq_length,
+                        passage_words=passage_words, batch_size=batch_size, chunk_rows=chunk_rows,
+                        bm25=not no_bm25, dense=not no_dense, force=force, skip_bad=skip_bad, limit=limit,
+                        target_recall=target_recall)
+    build_index(opts, log=lambda m: err_console.print(m))
+
+
+@cli.command()
+@click.argument("questions", nargs=-1, required=True)
+@_index_option
+@click.option("-k", "k", default=10, show_default=True, type=int)
+@click.option("--mode", type=click.Choice(["dense", "bm25", "hybrid"]), default="dense", show_default=True)
+@_retrieval_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+def search(questions, index_dir, k, mode, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, as_json) -> None:
+    """Print the top-k passages for each QUESTION with their scores."""
+    retriever = _open_retriever(index_dir, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c)
+    results = retriever.search(list(questions), k=k, mode=mode)
+    for q, hits in zip(questions, results, strict=True):
+        if as_json:
+            print(json.dumps({"question": q, "mode": mode, "index": retriever.index.fingerprint,
+                              "hits": [h.__dict__ for h in hits]}, ensure_ascii=False))
+            continue
+        _print_hits(q, hits, mode)
+
+
+def _print_hits(question: str, hits, mode: str) -> None:
+    table = Table(title=f"{question}  [dim]({mode})[/]", title_justify="left", show_lines=False)
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("title", style="bold")
+    table.add_column("passage")
+    for h in hits:
+        text = h.text if len(h.text) <= 200 else h.text[:197] + "..."
+        table.add_row(str(h.rank), f"{h.score:.4f}", h.title, text)
+    if not hits:
+        console.print(f"{question}: no passage matches ({mode})")
+    else:
+        console.print(table)
+
+
+@cli.command("eval-retrieval")
+@_index_option
+@click.option("--questions", default="fanoutqa-dev", show_default=True,
+              help="'fanoutqa-dev' (bundled dev split) or a JSONL/KILT question file with gold pages.")
+@click.option("--mode", "modes", multiple=True, type=click.Choice(["dense", "bm25", "hybrid"]),
+              help="Repeatable; default: every mode the index supports.")
+@click.option("-k", "ks", multiple=True, type=click.IntRange(1), help="Cut-offs (default 1 5 20 100).")
+@_retrieval_options
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the metrics as JSON.")
+def eval_retrieval(index_dir, questions, modes, ks, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c,
+                   json_out) -> None:
+    """Recall@k, precision@k and R-precision of the gold Wikipedia pages."""
+    from ragline import atomic
+    from ragline.evaluate.runner import evaluate_retrieval, load_eval_questions
+
+    retriever = _open_retriever(index_dir, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c)
+    qs, note = load_eval_questions(questions, retriever.index)
+    err_console.print(note)
+    ks = sorted(set(ks or (1, 5, 20, 100)))
+    modes = modes or retriever.index.modes
+    rows = {}
+    for mode in modes:
+        t0 = time.perf_counter()
+        rows[mode] = evaluate_retrieval(retriever, qs, ks, mode)
+        rows[mode]["seconds"] = time.perf_counter() - t0
+    table = Table(title=f"retrieval on {questions} ({len(qs)} questions), index {retriever.index.name}",
+                  title_justify="left")
+    table.add_column("mode")
+    cols = [f"recall@{k}" for k in ks] + ["r_precision"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for mode, m in rows.items():
+        table.add_row(mode, *(f"{m[c]:.3f}" for c in cols))
+    console.print(table)
+    if json_out:
+        atomic.write_json(Path(json_out), {"questions": questions, "n": len(qs), "index": retriever.index.fingerprint,
+                                           "metrics": rows})
+
+
+@cli.command()
+@click.option("--root", type=click.Path(path_type=Path), default=None, help="Folder holding index directories.")
+def indexes(root) -> None:
+    """List the index directories side by side."""
+    from ragline.index.directory import list_indexes
+
+    root = Path(root) if root else paths.default_index_dir().parent
+    found = list_indexes(root)
+    if not found:
+        console.print(f"no index under {root}; build one with `ragline index`")
+        return
+    table = Table(title=str(root), title_justify="left")
+    for c in ("name", "fingerprint", "passages", "dense", "bm25", "encoder", "created"):
+        table.add_column(c)
+    for path, m in found:
+        dense = m.get("dense") or {}
+        table.add_row(path.name, m["fingerprint"], str(m["corpus"]["passages"]), dense.get("factory", "-"),
+                      "yes" if m.get("bm25") else "no", str((m["encoder"].get("passage") or {}).get("name")),
+                      m["created_at"])
+    console.print(table)
+
+
+@cli.command()
+@click.argument("question", required=False, default=DEMO_QUESTION)
+@click.option("-k", "k", default=5, show_default=True, type=int)
+@click.option("--mode", type=click.Choice(["dense", "bm25", "hybrid"]), default="hybrid", show_default=True)
+def demo(question, k, mode) -> None:
+    """The main job on the embedded default: build the bundled index if missing, then answer a question
+    with its sources."""
+    from ragline.index.build import BuildOptions, build_index
+    from ragline.index.manifest import is_index_dir
+
+    out = paths.default_index_dir()
+    if not is_index_dir(out):
+        err_console.print(f"building the default index of the bundled Wikipedia leads at {out} "
+                          "(a few minutes on 2 cores; interrupt and rerun to resume)")
+        build_index(BuildOptions(source="wiki-leads", out=out), log=lambda m: err_console.print(m))
+    retriever = _open_retriever(out, None, False)
+    hits = retriever.search([question], k=k, mode=mode)[0]
+    console.print(f"[bold]Question:[/] {question}")
+    if not hits:
+        console.print("no passage matches")
+        return
+    top = hits[0]
+    console.print(f"[bold]Best passage[/] ({top.title}): {top.text}")
+    console.print("[bold]Sources:[/]")
+    for h in hits:
+        console.print(f"  [{h.rank}] {h.title} ({h.pid}, score {h.score:.4f})")
+    console.print("[dim]Generated answers (RAG-Sequence / RAG-Token) come with `ragline ask` (not built yet).[/]")

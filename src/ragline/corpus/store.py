@@ -1,0 +1,105 @@
+"""Passages in a memory-mapped Arrow IPC file: columns pid, doc_id, title, text; row number = passage id
+in the indexes. Opening maps the file, so a corpus of tens of millions of passages is never copied into
+Python lists; rows are fetched on demand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ragline.corpus.passages import Passage
+from ragline.errors import RaglineError
+
+SCHEMA = pa.schema([("pid", pa.string()), ("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())])
+
+
+class PassageStoreWriter:
+    """Append passages in record batches; ``fingerprint`` hashes every passage in order."""
+
+    def __init__(self, path: Path, batch_rows: int = 8192) -> None:
+        self.path = Path(path)
+        self._sink = pa.OSFile(str(self.path), "wb")
+        self._writer = pa.ipc.new_file(self._sink, SCHEMA)
+        self._batch: list[Passage] = []
+        self._batch_rows = batch_rows
+        self._hash = hashlib.blake2b(digest_size=16)
+        self.count = 0
+
+    def add(self, p: Passage) -> None:
+        self._batch.append(p)
+        for part in (p.pid, p.title, p.text):
+            self._hash.update(part.encode())
+            self._hash.update(b"\0")
+        self.count += 1
+        if len(self._batch) >= self._batch_rows:
+            self._flush()
+
+    def add_all(self, passages: Iterable[Passage]) -> None:
+        for p in passages:
+            self.add(p)
+
+    def _flush(self) -> None:
+        if self._batch:
+            cols = [[getattr(p, name) for p in self._batch] for name in SCHEMA.names]
+            self._writer.write_batch(pa.record_batch(cols, schema=SCHEMA))
+            self._batch = []
+
+    @property
+    def fingerprint(self) -> str:
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+
+    def __enter__(self) -> PassageStoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PassageStore:
+    """Read-only, memory-mapped view of a passage file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise RaglineError(f"passage store {self.path} is missing", "rebuild the index with `ragline index`")
+        self._source = pa.memory_map(str(self.path), "r")
+        self.table = pa.ipc.open_file(self._source).read_all()  # zero-copy over the mapping
+        if self.table.schema != SCHEMA:
+            raise RaglineError(f"{self.path} is not a ragline passage store", "rebuild the index")
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def get(self, rows: Sequence[int] | np.ndarray) -> list[Passage]:
+        """Passages at the given row numbers, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"passage rows out of range 0..{len(self) - 1}")
+        sub = self.table.take(pa.array(rows)).to_pydict()
+        return [Passage(*vals) for vals in zip(*(sub[n] for n in SCHEMA.names), strict=True)]
+
+    def column(self, name: str, rows: Sequence[int] | np.ndarray) -> list[str]:
+        return self.table.column(name).take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
+
+    def iter_batches(self, batch_rows: int = 4096, start: int = 0) -> Iterator[tuple[int, list[Passage]]]:
+        """(first row, passages) for consecutive slices of the store from ``start``."""
+        for lo in range(start, len(self), batch_rows):
+            d = self.table.slice(lo, batch_rows).to_pydict()
+            yield lo, [Passage(*vals) for vals in zip(*(d[n] for n in SCHEMA.names), strict=True)]
+
+    def find_doc_rows(self) -> dict[str, list[int]]:
+        """Map document id -> its passage rows (built on demand; memory grows with the corpus)."""
+        out: dict[str, list[int]] = {}
+        for row, d in enumerate(self.table.column("doc_id").to_pylist()):
+            out.setdefault(d, []).append(row)
+        return out

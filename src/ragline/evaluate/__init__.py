@@ -1,0 +1,1 @@
+"""Evaluation: question sets (datasets) and metrics (retrieval)."""

@@ -1,0 +1,249 @@
+"""Build an index directory: corpus -> passages -> embeddings -> FAISS + BM25 -> manifest.
+
+Everything is written into a hidden sibling ``.NAME.building/`` and moved onto ``NAME`` in one atomic step
+at the end, so a crash never leaves a half index that loads and an existing index stays in use until its
+replacement is complete. Embeddings are written in chunks; the build state file records how many rows are
+done, so running the same command again after an interruption resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import ragline
+from ragline import atomic
+from ragline.corpus.passages import DEFAULT_WORDS, encoder_text, split_documents
+from ragline.corpus.readers import ReadStats, detect_format, read_corpus
+from ragline.corpus.store import PassageStore, PassageStoreWriter
+from ragline.errors import RaglineError
+from ragline.index import dense as dense_mod
+from ragline.index import manifest as mf
+from ragline.index.directory import list_indexes
+from ragline.index.sparse import BM25Index
+from ragline.models.encoders import BiEncoder
+
+STATE = "build-state.json"
+
+
+@dataclass
+class BuildOptions:
+    source: str
+    out: Path
+    fmt: str = "auto"
+    index_type: str = "flat"
+    encoder: str = "minilm"           # passage encoder (and question encoder unless given)
+    question_encoder: str | None = None
+    max_seq_length: int = 256
+    passage_words: int = DEFAULT_WORDS
+    batch_size: int = 64
+    chunk_rows: int = 1024            # rows encoded between two saved checkpoints
+    bm25: bool = True
+    dense: bool = True
+    force: bool = False
+    skip_bad: bool = False
+    limit: int | None = None
+    target_recall: float = 0.95
+    hnsw_m: int = 32
+    progress: bool = True
+
+
+def build_index(opts: BuildOptions, encoders: BiEncoder | None = None,
+                log: Callable[[str], None] = print) -> Path:
+    """Build (or resume building) the index described by ``opts``; returns the finished directory."""
+    out = Path(opts.out).expanduser().resolve()
+    _check_target(out, opts.force)
+    if not (opts.dense or opts.bm25):
+        raise RaglineError("nothing to build: both dense and BM25 are off", "drop --no-dense or --no-bm25")
+    if opts.dense:
+        dense_mod.factory_string(opts.index_type, 1000, 8)  # unknown types fail before any work
+    fmt = detect_format(opts.source) if opts.fmt == "auto" else opts.fmt
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.building"
+    with atomic.exclusive_lock(out.parent / f".{out.name}.lock"):
+        t0 = time.perf_counter()
+        work.mkdir(exist_ok=True)
+        stats, fingerprint, n = _ingest(opts, work)
+        t_ingest = time.perf_counter() - t0
+        log(f"corpus: {stats.documents} documents -> {n} passages of <= {opts.passage_words} words"
+            + (f" ({stats.skipped} bad records skipped)" if stats.skipped else ""))
+        encoders = encoders if encoders is not None else (
+            BiEncoder.load(opts.encoder, opts.question_encoder, opts.max_seq_length) if opts.dense else None)
+        manifest = {
+            "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "ragline_version": ragline.__version__,
+            "name": out.name,
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "corpus": {"source": str(opts.source), "format": fmt, "fingerprint": fingerprint,
+                       "documents": stats.documents, "skipped": stats.skipped, "passages": n,
+                       "passage_words": opts.passage_words, "limit": opts.limit},
+            "encoder": None, "dense": None, "bm25": None,
+            "timing": {"ingest_seconds": round(t_ingest, 2)},
+        }
+        if opts.dense:
+            assert encoders is not None
+            p, q = encoders.passage, encoders.question
+            manifest["encoder"] = {
+                "dim": p.dim,
+                "passage": {**p.identity(), "source": opts.encoder},
+                "question": {**q.identity(), "source": opts.question_encoder or opts.encoder,
+                             "paired_with": q.paired_with},
+            }
+            mf.check_question_encoder({"name": out.name, **manifest}, q.dim, q.paired_with, q.name)
+            t1 = time.perf_counter()
+            _encode(opts, work, encoders, fingerprint, n, log)
+            manifest["timing"]["encode_seconds"] = round(time.perf_counter() - t1, 2)
+            manifest["dense"] = _build_dense(opts, work, n, p.dim, log)
+        else:
+            manifest["encoder"] = {"dim": 0, "passage": {"fingerprint": None, "name": None}}
+        if opts.bm25:
+            manifest["bm25"] = _build_bm25(work, log)
+        manifest["fingerprint"] = mf.index_fingerprint(manifest)
+        (work / STATE).unlink(missing_ok=True)
+        for stale in work.glob("*.new*"):
+            stale.unlink()
+        atomic.write_json(work / mf.MANIFEST, manifest)  # last: its presence marks a complete index
+        atomic.replace_dir(work, out)
+        log(f"index ready: {out} (fingerprint {manifest['fingerprint']}, {time.perf_counter() - t0:.1f} s)")
+        return out
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if mf.is_index_dir(out):
+        if not force:
+            raise RaglineError(f"index {out} already exists",
+                               "pass --force to replace it (it stays usable until the new one is complete) "
+                               "or choose another --out")
+        return
+    if out.is_file() or any(out.iterdir()):
+        raise RaglineError(f"{out} exists and is not a ragline index", "choose another --out; nothing was changed")
+    out.rmdir()  # an empty directory: take its place
+
+
+def _ingest(opts: BuildOptions, work: Path) -> tuple[ReadStats, str, int]:
+    """Write the passage store to ``work``; keep the previous one (and its embeddings) when identical."""
+    stats = ReadStats()
+    new = work / (mf.PASSAGES + ".new")
+    try:
+        with PassageStoreWriter(new) as w:
+            docs = read_corpus(opts.source, opts.fmt, skip_bad=opts.skip_bad, limit=opts.limit, stats=stats)
+            w.add_all(split_documents(docs, opts.passage_words))
+    except BaseException:
+        new.unlink(missing_ok=True)
+        if not any(work.iterdir()):
+            work.rmdir()  # nothing to resume: leave no trace
+        raise
+    state = _read_state(work)
+    if state.get("corpus_fingerprint") == w.fingerprint and (work / mf.PASSAGES).is_file():
+        new.unlink()
+    else:  # a different corpus (or a first run): start over
+        for name in (mf.EMBEDDINGS, STATE, mf.DENSE):
+            (work / name).unlink(missing_ok=True)
+        shutil.rmtree(work / mf.BM25, ignore_errors=True)
+        os.replace(new, work / mf.PASSAGES)
+        atomic.write_json(work / STATE, {"corpus_fingerprint": w.fingerprint, "passages": w.count})
+    return stats, w.fingerprint, w.count
+
+
+def _read_state(work: Path) -> dict:
+    try:
+        return json.loads((work / STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _encode(opts: BuildOptions, work: Path, encoders: BiEncoder, fingerprint: str, n: int,
+            log: Callable[[str], None]) -> None:
+    """Fill ``embeddings.npy`` (n, dim) chunk by chunk, resuming from the build state."""
+    p = encoders.passage
+    state = _read_state(work)
+    path = work / mf.EMBEDDINGS
+    key = {"encoder_fingerprint": p.fingerprint, "max_seq_length": p.max_seq_length}
+    done = state.get("encoded_rows", 0) if all(state.get(k) == v for k, v in key.items()) else 0
+    if done == 0 and _reuse_sibling_embeddings(opts, fingerprint, p.fingerprint, p.max_seq_length, path, log):
+        done = n
+    elif done and path.is_file():
+        log(f"resuming the encoding at passage {done} of {n}")
+    else:
+        done = 0
+    if done == 0 or not path.is_file():
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, p.dim)).flush()
+        done = 0
+    state.update(key, encoded_rows=done)
+    atomic.write_json(work / STATE, state)
+    if done >= n:
+        return
+    emb = np.load(path, mmap_mode="r+")
+    store = PassageStore(work / mf.PASSAGES)
+    with tqdm(total=n, initial=done, desc="encoding passages", unit="passage", disable=not opts.progress,
+              smoothing=0.1) as bar:
+        for lo, batch in store.iter_batches(opts.chunk_rows, start=done):
+            vecs = p.encode([encoder_text(x.title, x.text) for x in batch], batch_size=opts.batch_size)
+            emb[lo : lo + len(batch)] = vecs  # (chunk, dim)
+            emb.flush()
+            state["encoded_rows"] = lo + len(batch)
+            atomic.write_json(work / STATE, state)  # after the flush: a recorded row is on disk
+            bar.update(len(batch))
+    del emb
+
+
+def _reuse_sibling_embeddings(opts: BuildOptions, corpus_fp: str, encoder_fp: str, max_len: int, dst: Path,
+                              log: Callable[[str], None]) -> bool:
+    """Take the embeddings of a sibling index with the same corpus and passage encoder (hard link or copy)."""
+    for path, man in list_indexes(Path(opts.out).expanduser().resolve().parent):
+        enc = (man.get("encoder") or {}).get("passage") or {}
+        if (man.get("dense") and man["corpus"]["fingerprint"] == corpus_fp and enc.get("fingerprint") == encoder_fp
+                and enc.get("max_seq_length") == max_len and (path / mf.EMBEDDINGS).is_file()):
+            dst.unlink(missing_ok=True)
+            try:
+                os.link(path / mf.EMBEDDINGS, dst)
+            except OSError:
+                shutil.copyfile(path / mf.EMBEDDINGS, dst)
+            log(f"reusing the passage embeddings of {path.name} (same corpus and encoder)")
+            return True
+    return False
+
+
+def _build_dense(opts: BuildOptions, work: Path, n: int, dim: int, log: Callable[[str], None]) -> dict:
+    emb = np.load(work / mf.EMBEDDINGS, mmap_mode="r")
+    index, rep = dense_mod.build(emb, opts.index_type, hnsw_m=opts.hnsw_m, target_recall=opts.target_recall)
+    tmp = work / (mf.DENSE + ".new")
+    dense_mod.DenseIndex(index, opts.index_type).save(tmp)
+    os.replace(tmp, work / mf.DENSE)
+    info = {"type": rep.kind, "factory": rep.factory, "search_param": rep.search_param,
+            "search_value": rep.search_value, "recall_at_10_vs_exact": rep.recall_at_10,
+            "build_seconds": round(rep.seconds, 2), "bytes": (work / mf.DENSE).stat().st_size}
+    msg = f"dense index {rep.factory}: {info['bytes'] / 2**20:.1f} MiB, built in {rep.seconds:.1f} s"
+    if rep.recall_at_10 is not None:
+        msg += f"; recall@10 vs exact {rep.recall_at_10:.3f}"
+        if rep.search_param:
+            msg += f" at {rep.search_param}={rep.search_value}"
+        if rep.recall_at_10 < opts.target_recall:
+            msg += f" (below the {opts.target_recall} target even at the largest setting)"
+    log(msg)
+    return info
+
+
+def _build_bm25(work: Path, log: Callable[[str], None]) -> dict:
+    t0 = time.perf_counter()
+    store = PassageStore(work / mf.PASSAGES)
+    tmp = work / (mf.BM25 + ".new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    chunks = ([encoder_text(x.title, x.text) for x in batch] for _, batch in store.iter_batches(16384))
+    bm = BM25Index.build(chunks, tmp)
+    shutil.rmtree(work / mf.BM25, ignore_errors=True)
+    os.replace(tmp, work / mf.BM25)
+    size = sum(f.stat().st_size for f in (work / mf.BM25).iterdir())
+    secs = time.perf_counter() - t0
+    log(f"BM25 index: {size / 2**20:.1f} MiB, built in {secs:.1f} s")
+    return {**bm.params, "build_seconds": round(secs, 2), "bytes": size}

@@ -1,0 +1,86 @@
+"""Open a complete index directory and check that its parts agree with the manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragline.corpus.store import PassageStore
+from ragline.errors import RaglineError
+from ragline.index import manifest as mf
+from ragline.index.dense import DenseIndex
+from ragline.index.sparse import BM25Index
+
+
+@dataclass
+class IndexDir:
+    path: Path
+    manifest: dict[str, Any]
+    store: PassageStore
+    embeddings: np.ndarray | None = None  # memmap (n, dim) float32
+    dense: DenseIndex | None = None
+    bm25: BM25Index | None = None
+    modes: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def open(cls, path: str | Path) -> IndexDir:
+        path = Path(path).expanduser().resolve()
+        manifest = mf.read_manifest(path)
+        n = manifest["corpus"]["passages"]
+        store = PassageStore(path / mf.PASSAGES)
+        if len(store) != n:
+            raise _corrupt(path, f"{mf.PASSAGES} has {len(store)} passages, the manifest says {n}")
+        out = cls(path, manifest, store)
+        if manifest.get("dense"):
+            try:
+                out.embeddings = np.load(path / mf.EMBEDDINGS, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise _corrupt(path, f"cannot read {mf.EMBEDDINGS} ({e})") from None
+            if out.embeddings.shape != (n, manifest["encoder"]["dim"]):
+                raise _corrupt(path, f"{mf.EMBEDDINGS} has shape {out.embeddings.shape}")
+            d = manifest["dense"]
+            if not (path / mf.DENSE).is_file():
+                raise _corrupt(path, f"{mf.DENSE} is missing")
+            out.dense = DenseIndex.load(path / mf.DENSE, d["type"], d.get("search_param"), d.get("search_value"))
+            if out.dense.ntotal != n:
+                raise _corrupt(path, f"{mf.DENSE} holds {out.dense.ntotal} vectors, the manifest says {n}")
+        if manifest.get("bm25"):
+            out.bm25 = BM25Index.load(path / mf.BM25)
+            if out.bm25.ntotal != n:
+                raise _corrupt(path, f"the BM25 index holds {out.bm25.ntotal} passages, the manifest says {n}")
+        out.modes = tuple(m for m, ok in (("dense", out.dense), ("bm25", out.bm25),
+                                          ("hybrid", out.dense and out.bm25)) if ok)
+        return out
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+
+def _corrupt(path: Path, what: str) -> RaglineError:
+    return RaglineError(f"index {path} is damaged: {what}", f"rebuild it with `ragline index --out {path} --force`")
+
+
+def list_indexes(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Complete index directories directly under ``root`` (hidden build directories are skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and not p.name.startswith(".") and mf.is_index_dir(p):
+            try:
+                out.append((p, mf.read_manifest(p)))
+            except RaglineError:
+                continue
+    return out

@@ -1,0 +1,1 @@
+"""Models: the bundled weights (catalog) and the retriever's bi-encoder (encoders)."""

@@ -1,0 +1,141 @@
+"""Questions -> top-k passages with scores, over an index directory, in dense, BM25 or hybrid mode.
+
+The index in use can be swapped at run time (:meth:`Retriever.swap`, the paper's index hot-swapping):
+the new index is opened and checked against the question encoder first, then replaces the old one in a
+single reference assignment. A search already running keeps the index it started with, so no request
+fails or mixes two indexes.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ragline.errors import RaglineError
+from ragline.index import manifest as mf
+from ragline.index.directory import IndexDir
+from ragline.index.hybrid import BM25_WEIGHT, RRF_C, rrf_fuse
+from ragline.models.encoders import TextEncoder
+
+MODES = ("dense", "bm25", "hybrid")
+HYBRID_DEPTH = 100  # candidates taken from each ranking before fusion
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    row: int      # passage row in the index (FAISS id)
+    pid: str      # stable passage id "<doc id>#<chunk>"
+    doc_id: str
+    title: str
+    text: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """Raw batch result: ``rows`` and ``scores`` are (B, k); rows are -1 where fewer than k were found."""
+    rows: np.ndarray
+    scores: np.ndarray
+    index: IndexDir
+
+
+class Retriever:
+    def __init__(self, index: IndexDir | str | Path, question_encoder: TextEncoder | None = None, *,
+                 allow_encoder_mismatch: bool = False, bm25_weight: float = BM25_WEIGHT,
+                 rrf_c: float = RRF_C) -> None:
+        self.allow_encoder_mismatch = allow_encoder_mismatch
+        self.bm25_weight, self.rrf_c = bm25_weight, rrf_c  # hybrid fusion (index/hybrid.py)
+        index = index if isinstance(index, IndexDir) else IndexDir.open(index)
+        if question_encoder is None and index.dense is not None:
+            question_encoder = _load_question_encoder(index)
+        self.encoder = question_encoder
+        self._check(index)
+        self._index = index
+        self._swap_lock = threading.Lock()
+
+    @property
+    def index(self) -> IndexDir:
+        return self._index
+
+    def _check(self, index: IndexDir) -> None:
+        if index.dense is not None and self.encoder is not None:
+            mf.check_question_encoder(index.manifest, self.encoder.dim, self.encoder.paired_with,
+                                      self.encoder.name, self.allow_encoder_mismatch)
+
+    def swap(self, index: IndexDir | str | Path) -> IndexDir:
+        """Make ``index`` the one in use; returns the previous one. Fails (keeping the old) if it does not
+        match the question encoder."""
+        new = index if isinstance(index, IndexDir) else IndexDir.open(index)
+        self._check(new)
+        with self._swap_lock:
+            old, self._index = self._index, new
+        return old
+
+    def encode_questions(self, questions: list[str]) -> np.ndarray:
+        """q(x) for each question: float32 (B, dim)."""
+        if self.encoder is None:
+            raise RaglineError("this retriever has no question encoder", "open a dense index")
+        return self.encoder.encode(questions)
+
+    def retrieve(self, questions: list[str], k: int = 10, mode: str = "dense") -> Retrieved:
+        """Top-k rows and scores for each question, as arrays. Dense scores are q(x)·d(z); BM25 scores
+        are BM25; hybrid scores are reciprocal-rank-fusion scores."""
+        index = self._index  # one index for the whole call, whatever swap happens meanwhile
+        _validate(questions, k, mode, index)
+        if mode == "dense":
+            scores, rows = index.dense.search(self.encode_questions(questions), k)
+        elif mode == "bm25":
+            scores, rows = index.bm25.search(questions, k)
+        else:
+            depth = min(max(k, HYBRID_DEPTH), len(index))
+            _, dense_rows = index.dense.search(self.encode_questions(questions), depth)
+            _, bm25_rows = index.bm25.search(questions, depth)
+            scores, rows = rrf_fuse([dense_rows, bm25_rows], k, c=self.rrf_c, weights=(1.0, self.bm25_weight))
+        return Retrieved(rows=rows.astype(np.int64), scores=scores.astype(np.float32), index=index)
+
+    def search(self, questions: list[str], k: int = 10, mode: str = "dense") -> list[list[Hit]]:
+        """Ranked hits (id, title, text, score) for each question."""
+        res = self.retrieve(questions, k, mode)
+        valid = res.rows[res.rows >= 0]
+        passages = dict(zip(valid.tolist(), res.index.store.get(valid), strict=True))
+        out = []
+        for b in range(len(questions)):
+            hits = []
+            for rank, (row, score) in enumerate(zip(res.rows[b].tolist(), res.scores[b].tolist(), strict=True), 1):
+                if row < 0:
+                    break
+                p = passages[row]
+                hits.append(Hit(rank, row, p.pid, p.doc_id, p.title, p.text, float(score)))
+            out.append(hits)
+        return out
+
+
+def _load_question_encoder(index: IndexDir) -> TextEncoder:
+    q = index.manifest["encoder"]["question"]
+    try:
+        return TextEncoder(q["source"], max_seq_length=q["max_seq_length"])
+    except RaglineError as e:
+        raise RaglineError(f"cannot load the question encoder recorded in index {index.name} ({e.problem})",
+                           "pass --query-encoder with a compatible encoder") from None
+
+
+def _validate(questions: list[str], k: int, mode: str, index: IndexDir) -> None:
+    if mode not in MODES:
+        raise RaglineError(f"unknown retrieval mode {mode!r}", f"use one of {', '.join(MODES)}")
+    if mode not in index.modes:
+        raise RaglineError(f"index {index.name} cannot do {mode} retrieval (it has: {', '.join(index.modes)})",
+                           "choose another --mode or rebuild the index with both dense and BM25 parts")
+    if not questions:
+        raise RaglineError("no question given", "pass at least one question")
+    for i, q in enumerate(questions):
+        if not isinstance(q, str) or not q.strip():
+            raise RaglineError(f"question {i + 1} is empty", "give a non-empty question")
+    if not isinstance(k, int | np.integer) or k < 1:
+        raise RaglineError(f"k={k} is not a positive number", "use -k 1 or more")
+    if k > len(index):
+        raise RaglineError(f"k={k} is larger than index {index.name}, which holds {len(index)} passages",
+                           f"use -k {len(index)} or less")

