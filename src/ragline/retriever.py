@@ -81,18 +81,22 @@ class Retriever:
             raise RaglineError("this retriever has no question encoder", "open a dense index")
         return self.encoder.encode(questions)
 
-    def retrieve(self, questions: list[str], k: int = 10, mode: str = "dense") -> Retrieved:
+    def retrieve(self, questions: list[str], k: int = 10, mode: str = "dense",
+                 question_vectors: np.ndarray | None = None) -> Retrieved:
         """Top-k rows and scores for each question, as arrays. Dense scores are q(x)·d(z); BM25 scores
-        are BM25; hybrid scores are reciprocal-rank-fusion scores."""
+        are BM25; hybrid scores are reciprocal-rank-fusion scores. ``question_vectors`` (B, dim), if
+        given, are used as q(x) instead of encoding the questions."""
         index = self._index  # one index for the whole call, whatever swap happens meanwhile
         _validate(questions, k, mode, index)
+        if mode != "bm25" and question_vectors is None:
+            question_vectors = self.encode_questions(questions)  # (B, dim)
         if mode == "dense":
-            scores, rows = index.dense.search(self.encode_questions(questions), k)
+            scores, rows = index.dense.search(question_vectors, k)
         elif mode == "bm25":
             scores, rows = index.bm25.search(questions, k)
         else:
             depth = min(max(k, HYBRID_DEPTH), len(index))
-            _, dense_rows = index.dense.search(self.encode_questions(questions), depth)
+            _, dense_rows = index.dense.search(question_vectors, depth)
             _, bm25_rows = index.bm25.search(questions, depth)
             scores, rows = rrf_fuse([dense_rows, bm25_rows], k, c=self.rrf_c, weights=(1.0, self.bm25_weight))
         return Retrieved(rows=rows.astype(np.int64), scores=scores.astype(np.float32), index=index)

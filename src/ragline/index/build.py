@@ -218,16 +218,18 @@ def _build_dense(opts: BuildOptions, work: Path, n: int, dim: int, log: Callable
     emb = np.load(work / mf.EMBEDDINGS, mmap_mode="r")
     index, rep = dense_mod.build(emb, opts.index_type, hnsw_m=opts.hnsw_m, target_recall=opts.target_recall)
     tmp = work / (mf.DENSE + ".new")
-    dense_mod.DenseIndex(index, opts.index_type).save(tmp)
+    index.save(tmp)
     os.replace(tmp, work / mf.DENSE)
     info = {"type": rep.kind, "factory": rep.factory, "search_param": rep.search_param,
-            "search_value": rep.search_value, "recall_at_10_vs_exact": rep.recall_at_10,
+            "search_value": rep.search_value, "rerank": rep.rerank, "recall_at_10_vs_exact": rep.recall_at_10,
             "build_seconds": round(rep.seconds, 2), "bytes": (work / mf.DENSE).stat().st_size}
     msg = f"dense index {rep.factory}: {info['bytes'] / 2**20:.1f} MiB, built in {rep.seconds:.1f} s"
     if rep.recall_at_10 is not None:
         msg += f"; recall@10 vs exact {rep.recall_at_10:.3f}"
         if rep.search_param:
             msg += f" at {rep.search_param}={rep.search_value}"
+        if rep.rerank:
+            msg += f" with exact re-ranking of {rep.rerank}k candidates"
         if rep.recall_at_10 < opts.target_recall:
             msg += f" (below the {opts.target_recall} target even at the largest setting)"
     log(msg)

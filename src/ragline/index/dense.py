@@ -3,21 +3,32 @@
 Index types (``--index-type``):
   flat    exact inner product over float32 vectors (the default; exact MIPS)
   hnsw    HNSW graph over float32 vectors (the paper's choice); efSearch tuned on build
-  ivfpq   inverted lists + product quantisation (about 32x smaller); nprobe tuned on build
+  ivfpq   inverted lists + product quantisation (about 32x smaller in memory); nprobe tuned on build, and
+          the best ``RERANK x k`` candidates re-scored exactly from the stored embeddings (read on demand)
   sq8     8-bit scalar quantisation, exhaustive scan (4x smaller)
   ivfsq8  inverted lists + 8-bit scalar quantisation; nprobe tuned on build
 
-The approximate types measure recall@10 against exact search on build, using stored passage vectors as
-queries (each query's own passage removed from both result lists), and pick the smallest search parameter
-(efSearch / nprobe) that reaches the target recall.
+Approximate types measure recall@10 against exact search on build and pick the smallest search parameter
+(efSearch / nprobe) reaching the target on two query sets, reporting the lower recall: stored passage
+vectors (each query's own passage left out) and pseudo-questions, the same vectors plus isotropic noise of
+norm 1.7 (relative to the mean vector norm), whose similarity to their nearest passage (~0.5 with MiniLM) is
+a little below that of real questions (~0.6 on FanOutQA). Neither set is safe alone: on the bundled corpus
+passage vectors overstate HNSW recall for real questions (0.995 vs 0.94 at efSearch 16) while the noisy
+ones tracked it within 0.01-0.03 on the low side; on tightly clustered data the noisy ones overstate IVF-PQ
+recall for in-cluster queries.
+
+Search paths, chosen by measurement on this CPU (benchmarks/retrieval.py): a single query on the flat
+index is a BLAS matrix-vector product over FAISS's own vector array (bandwidth-bound, about 2x FAISS's
+single-query scan), one at a time: concurrent scans only compete for memory bandwidth; batches go to FAISS with its BLAS threshold lowered so that they become one matrix
+product. Single queries use one OpenMP thread, which is faster than two for them.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -27,8 +38,10 @@ from ragline.errors import RaglineError
 INDEX_TYPES = ("flat", "hnsw", "ivfpq", "sq8", "ivfsq8")
 _SEARCH_PARAM = {"hnsw": "efSearch", "ivfpq": "nprobe", "ivfsq8": "nprobe"}
 _HNSW_EF = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
+RERANK = {"ivfpq": 4}  # candidates per result re-scored exactly from the stored vectors
+TUNE_NOISE = 1.7
+TUNE_K = 10
 
-# Small batches are otherwise scanned query by query instead of as one matrix product (PERFORMANCE.md).
 faiss.cvar.distance_compute_blas_threshold = 20
 
 
@@ -58,11 +71,87 @@ class BuildReport:
     seconds: float
     search_param: str | None = None
     search_value: int | None = None
-    recall_at_10: float | None = None  # vs exact, measured on build
+    rerank: int = 0
+    recall_at_10: float | None = None  # vs exact, measured on build with the chosen settings
+
+
+class DenseIndex:
+    """A loaded FAISS index. ``search`` takes (B, d) queries and returns (scores, rows), each (B, k).
+
+    ``vectors`` (the stored float32 embeddings, may be a memmap) enables exact re-ranking for compressed
+    indexes; ``search_value`` is efSearch (for k = 10; scaled up for larger k) or nprobe.
+    """
+
+    def __init__(self, index: faiss.Index, kind: str, search_param: str | None = None,
+                 search_value: int | None = None, rerank: int = 0, vectors: np.ndarray | None = None,
+                 threads: int = 0) -> None:
+        self.index, self.kind = index, kind
+        self.search_param, self.search_value = search_param, search_value
+        self.rerank = rerank if vectors is not None else 0
+        self.vectors = vectors
+        self.threads = threads or faiss.omp_get_max_threads()
+        self._xb: np.ndarray | None = None
+        self._gemv_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path, kind: str, search_param: str | None = None, search_value: int | None = None,
+             rerank: int = 0, vectors: np.ndarray | None = None) -> DenseIndex:
+        return cls(faiss.read_index(str(path)), kind, search_param, search_value, rerank, vectors)
+
+    def save(self, path) -> None:
+        faiss.write_index(self.index, str(path))
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def _params(self, k: int) -> faiss.SearchParameters | None:
+        if not self.search_value:
+            return None
+        if self.search_param == "efSearch":  # tuned for k = 10: keep the same breadth per result
+            return faiss.SearchParametersHNSW(efSearch=max(self.search_value, self.search_value * k // TUNE_K, k))
+        return faiss.SearchParametersIVF(nprobe=self.search_value)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)  # (B, d)
+        if self.kind == "flat" and len(queries) == 1:
+            return self._gemv_top_k(queries[0], k)
+        faiss.omp_set_num_threads(1 if len(queries) == 1 else self.threads)
+        depth = min(self.ntotal, k * self.rerank) if self.rerank else k
+        scores, rows = self.index.search(queries, depth, params=self._params(k))  # (B, depth)
+        if self.rerank:
+            scores, rows = self._rerank(queries, rows, k)
+        return scores, rows  # (B, k); rows -1 where fewer than k were found
+
+    def _gemv_top_k(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._xb is None:  # zero-copy view of FAISS's vector array, (n, d)
+            self._xb = faiss.rev_swig_ptr(self.index.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
+        with self._gemv_lock:  # bandwidth-bound: concurrent scans only slow each other down (2x measured)
+            s = self._xb @ q  # (n,)
+        top = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
+        top = top[np.lexsort((top, -s[top]))]  # by score, then row, as FAISS orders ties
+        return s[top][None, :].astype(np.float32), top[None, :].astype(np.int64)
+
+    def _rerank(self, queries: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact q·d(z) for each query's candidates (read from the stored vectors), best k kept."""
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        rows = np.full((len(queries), k), -1, dtype=np.int64)
+        for b, (q, c) in enumerate(zip(queries, cand, strict=True)):
+            c = c[c >= 0]
+            order = np.sort(c)  # sorted reads from a memmap
+            exact = np.asarray(self.vectors[order], dtype=np.float32) @ q  # (depth,)
+            best = np.lexsort((order, -exact))[:k]
+            rows[b, : len(best)], scores[b, : len(best)] = order[best], exact[best]
+        scores[rows < 0] = 0.0
+        return scores, rows
 
 
 def build(embeddings: np.ndarray, kind: str, *, hnsw_m: int = 32, ef_construction: int = 80,
-          target_recall: float = 0.95, add_batch: int = 65536, seed: int = 0) -> tuple[faiss.Index, BuildReport]:
+          target_recall: float = 0.95, add_batch: int = 65536, seed: int = 0) -> tuple[DenseIndex, BuildReport]:
     """Build a ``kind`` index over ``embeddings`` (n, d) float32 (may be a memmap, read in slices)."""
     n, dim = embeddings.shape
     fs = factory_string(kind, n, dim, hnsw_m)
@@ -79,81 +168,67 @@ def build(embeddings: np.ndarray, kind: str, *, hnsw_m: int = 32, ef_constructio
         index.train(np.ascontiguousarray(embeddings[sample], dtype=np.float32))
     for lo in range(0, n, add_batch):
         index.add(np.ascontiguousarray(embeddings[lo : lo + add_batch], dtype=np.float32))
-    report = BuildReport(kind, fs, 0.0)
+    dense = DenseIndex(index, kind, _SEARCH_PARAM.get(kind), None, RERANK.get(kind, 0), embeddings)
+    report = BuildReport(kind, fs, 0.0, dense.search_param, rerank=dense.rerank)
     if kind != "flat":
-        report.recall_at_10, report.search_param, report.search_value = _tune(index, embeddings, kind, target_recall)
+        report.recall_at_10, report.search_value = _tune(dense, embeddings, target_recall)
+        dense.search_value = report.search_value
     report.seconds = time.perf_counter() - t0
-    return index, report
+    return dense, report
 
 
-def _tune(index: faiss.Index, embeddings: np.ndarray, kind: str, target: float,
-          n_queries: int = 500, k: int = 10, seed: int = 1) -> tuple[float, str | None, int | None]:
-    """Smallest efSearch/nprobe whose recall@k against exact search reaches ``target``; (recall, name, value)."""
-    n, _ = embeddings.shape
-    k = min(k, n - 1)
-    if k < 1:
-        return 1.0, _SEARCH_PARAM.get(kind), None
+def tuning_queries(embeddings: np.ndarray, n_queries: int = 500, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Two query sets for tuning, from ``n_queries`` random stored vectors: the vectors themselves (their
+    rows are returned, to be excluded from the results) and pseudo-questions, the same vectors plus
+    isotropic noise of norm TUNE_NOISE x their norm."""
     rng = np.random.default_rng(seed)
-    qrows = np.sort(rng.choice(n, size=min(n_queries, n), replace=False))
-    queries = np.ascontiguousarray(embeddings[qrows], dtype=np.float32)
+    rows = np.sort(rng.choice(len(embeddings), size=min(n_queries, len(embeddings)), replace=False))
+    x = np.asarray(embeddings[rows], dtype=np.float32)
+    scale = float(np.mean(np.linalg.norm(x, axis=1)))
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    g *= TUNE_NOISE * scale / np.linalg.norm(g, axis=1, keepdims=True)
+    q = x + g
+    noisy = np.ascontiguousarray(q * (scale / np.linalg.norm(q, axis=1, keepdims=True)), dtype=np.float32)
+    return rows, noisy
+
+
+def recall_against_exact(index: DenseIndex, embeddings: np.ndarray, queries: np.ndarray, k: int = TUNE_K,
+                         exclude: np.ndarray | None = None) -> float:
+    """Mean |top-k(index) ∩ top-k(exact)| / k over ``queries``; ``exclude`` (one row per query, e.g. the
+    query's own passage) is removed from both result lists first."""
     exact = faiss.IndexFlatIP(embeddings.shape[1])
-    for lo in range(0, n, 65536):
+    for lo in range(0, len(embeddings), 65536):
         exact.add(np.ascontiguousarray(embeddings[lo : lo + 65536], dtype=np.float32))
-    truth = _drop_self(exact.search(queries, k + 1)[1], qrows, k)
-    param = _SEARCH_PARAM.get(kind)
-    if param is None:
-        values = [None]
-    elif param == "efSearch":
-        values = [v for v in _HNSW_EF if v >= k] or [k]
+    extra = 0 if exclude is None else 1
+    k = min(k, len(embeddings) - extra)
+    if k < 1:
+        return 1.0
+    skip = exclude if exclude is not None else np.full(len(queries), -1)
+
+    def top(ids):
+        return [[i for i in row if i != s and i >= 0][:k] for row, s in zip(ids.tolist(), skip.tolist(), strict=True)]
+
+    truth, got = top(exact.search(queries, k + extra)[1]), top(index.search(queries, k + extra)[1])
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, got, strict=True)]))
+
+
+def _tune(dense: DenseIndex, embeddings: np.ndarray, target: float) -> tuple[float, int | None]:
+    """Smallest efSearch/nprobe whose recall@10 against exact search reaches ``target`` on both tuning
+    query sets (the lower of the two is reported): (recall, value)."""
+    rows, noisy = tuning_queries(embeddings)
+    stored = np.ascontiguousarray(embeddings[rows], dtype=np.float32)
+    if dense.search_param is None:
+        values: list[int | None] = [None]
+    elif dense.search_param == "efSearch":
+        values = list(_HNSW_EF)
     else:
-        nlist = faiss.extract_index_ivf(index).nlist
+        nlist = faiss.extract_index_ivf(dense.index).nlist
         values = sorted({min(2**i, nlist) for i in range(int(math.log2(nlist)) + 2)})
     recall = 0.0
     for v in values:
-        if v is not None:
-            faiss.ParameterSpace().set_index_parameter(index, param, v)
-        got = _drop_self(index.search(queries, k + 1)[1], qrows, k)
-        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, got, strict=True)]))
+        dense.search_value = v
+        recall = min(recall_against_exact(dense, embeddings, noisy),
+                     recall_against_exact(dense, embeddings, stored, exclude=rows))
         if recall >= target:
-            return recall, param, v
-    return recall, param, values[-1]
-
-
-def _drop_self(ids: np.ndarray, qrows: np.ndarray, k: int) -> list[list[int]]:
-    return [[int(i) for i in row if i != q and i >= 0][:k] for row, q in zip(ids, qrows, strict=True)]
-
-
-class DenseIndex:
-    """A loaded FAISS index. ``search`` takes (B, d) queries and returns (scores, rows), each (B, k)."""
-
-    def __init__(self, index: faiss.Index, kind: str, search_param: str | None = None,
-                 search_value: int | None = None, threads: int = 0) -> None:
-        self.index, self.kind = index, kind
-        self.threads = threads or faiss.omp_get_max_threads()
-        if search_param and search_value:
-            self.set_search_param(search_param, search_value)
-
-    @classmethod
-    def load(cls, path: Path, kind: str, search_param: str | None = None, search_value: int | None = None) -> DenseIndex:
-        return cls(faiss.read_index(str(path)), kind, search_param, search_value)
-
-    def save(self, path: Path) -> None:
-        faiss.write_index(self.index, str(path))
-
-    def set_search_param(self, name: str, value: int) -> None:
-        faiss.ParameterSpace().set_index_parameter(self.index, name, int(value))
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
-
-    @property
-    def dim(self) -> int:
-        return int(self.index.d)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = np.ascontiguousarray(queries, dtype=np.float32)  # (B, d)
-        # A single query runs faster on one OpenMP thread (PERFORMANCE.md); batches use them all.
-        faiss.omp_set_num_threads(1 if len(queries) == 1 else self.threads)
-        scores, rows = self.index.search(queries, k)  # (B, k) each; rows -1 where fewer than k found
-        return scores, rows
+            break
+    return recall, v  # the last value tried: the first to reach the target, or the largest

@@ -44,7 +44,8 @@ class IndexDir:
             d = manifest["dense"]
             if not (path / mf.DENSE).is_file():
                 raise _corrupt(path, f"{mf.DENSE} is missing")
-            out.dense = DenseIndex.load(path / mf.DENSE, d["type"], d.get("search_param"), d.get("search_value"))
+            out.dense = DenseIndex.load(path / mf.DENSE, d["type"], d.get("search_param"), d.get("search_value"),
+                                        d.get("rerank", 0), out.embeddings)
             if out.dense.ntotal != n:
                 raise _corrupt(path, f"{mf.DENSE} holds {out.dense.ntotal} vectors, the manifest says {n}")
         if manifest.get("bm25"):

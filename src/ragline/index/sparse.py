@@ -7,6 +7,7 @@ passages with score 0.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,8 +25,9 @@ def _tokenizer(language: str) -> Tokenizer:
 
 
 class BM25Index:
-    def __init__(self, retriever: bm25s.BM25, tokenizer: Tokenizer, params: dict) -> None:
+    def __init__(self, retriever: bm25s.BM25, tokenizer: Tokenizer, params: dict, threads: int = 0) -> None:
         self.retriever, self.tokenizer, self.params = retriever, tokenizer, params
+        self.threads = threads or os.cpu_count() or 1  # for batches; a single query runs on one thread
 
     @classmethod
     def build(cls, texts: Iterable[list[str]], out_dir: Path, *, k1: float = 1.5, b: float = 0.75,
@@ -57,8 +59,9 @@ class BM25Index:
     def ntotal(self) -> int:
         return int(self.params["documents"])
 
-    def search(self, queries: list[str], k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: list[str], k: int, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each (B, k); rows are -1 past the passages that share a term with the query."""
+        threads = threads or (1 if len(queries) == 1 else self.threads)
         ids = self.tokenizer.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
         scores = np.zeros((len(queries), k), dtype=np.float32)
         rows = np.full((len(queries), k), -1, dtype=np.int64)
