@@ -190,3 +190,17 @@ def test_cli_search_and_eval(small_index, tmp_path):
     assert "1 of 2 questions with gold pages" in err
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["n"] == 1 and m["metrics"]["dense"]["recall@5"] == 1.0 and set(m["metrics"]) == {"dense", "bm25", "hybrid"}
+
+
+def test_demo_builds_the_default_index_then_answers_with_sources(tmp_path):
+    env = {**os.environ, "RAGLINE_HOME": str(tmp_path / "home")}
+    proc = _cli("demo", "--limit", "30", env=env)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert "building the default index" in err and "index ready" in err
+    assert "Best passage (2001: A Space Odyssey)" in out and "[1] 2001: A Space Odyssey" in out
+    assert IndexDir.open(tmp_path / "home" / "indexes" / "wiki-leads").manifest["corpus"]["documents"] == 30
+    proc = _cli("demo", "Who wrote Candide?", "--limit", "30", env=env)  # second run: no build
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "building" not in err, err
+    assert "Sources:" in out

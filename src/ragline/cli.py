@@ -213,7 +213,9 @@ def indexes(root) -> None:
 @click.argument("question", required=False, default=DEMO_QUESTION)
 @click.option("-k", "k", default=5, show_default=True, type=int)
 @click.option("--mode", type=click.Choice(["dense", "bm25", "hybrid"]), default="hybrid", show_default=True)
-def demo(question, k, mode) -> None:
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Build the default index from the first N documents only (a quick look).")
+def demo(question, k, mode, limit) -> None:
     """The main job on the embedded default: build the bundled index if missing, then answer a question
     with its sources."""
     from ragline.index.build import BuildOptions, build_index
@@ -223,7 +225,7 @@ def demo(question, k, mode) -> None:
     if not is_index_dir(out):
         err_console.print(f"building the default index of the bundled Wikipedia leads at {out} "
                           "(a few minutes on 2 cores; interrupt and rerun to resume)")
-        build_index(BuildOptions(source="wiki-leads", out=out), log=lambda m: err_console.print(m))
+        build_index(BuildOptions(source="wiki-leads", out=out, limit=limit), log=lambda m: err_console.print(m))
     retriever = _open_retriever(out, None, False)
     hits = retriever.search([question], k=k, mode=mode)[0]
     console.print(f"[bold]Question:[/] {question}")
