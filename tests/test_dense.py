@@ -106,3 +106,11 @@ def test_save_load_keeps_search_results(tmp_path):
     index.save(tmp_path / "i.faiss")
     back = dense.DenseIndex.load(tmp_path / "i.faiss", "hnsw", rep.search_param, rep.search_value)
     np.testing.assert_array_equal(index.search(x[:20], 5)[1], back.search(x[:20], 5)[1])
+
+
+def test_streamed_exact_top_k_equals_brute_force():
+    x = _vectors(1000, d=16)
+    q = _vectors(7, d=16, seed=3)
+    expect, _ = _exact_top(q, x, 5)
+    np.testing.assert_array_equal(dense.exact_top_k(x, q, 5, chunk=64), expect)
+    np.testing.assert_array_equal(dense.exact_top_k(x[:3], q, 5, chunk=2), _exact_top(q, x[:3], 3)[0])

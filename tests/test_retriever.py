@@ -121,3 +121,22 @@ def test_swap_to_an_index_of_another_encoder_keeps_the_old_one(small_index, tmp_
     with pytest.raises(RaglineError, match="does not match index foreign"):
         r.swap(foreign)
     assert r.index.fingerprint == before
+
+
+def test_a_plain_hugging_face_encoder_folder_works(tmp_path):
+    """Any HF encoder folder (no sentence-transformers config) loads, with mean pooling."""
+    import torch
+
+    make_encoder_copy(tmp_path / "st", dim=32)
+    plain = tmp_path / "st-bert"  # the bare BertModel + tokenizer that make_encoder_copy wrapped
+    enc = TextEncoder(str(plain))
+    v = enc.encode(["a question", "another question"])
+    assert v.shape == (2, 32) and enc.dim == 32
+    from transformers import AutoModel, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(plain), AutoModel.from_pretrained(plain)
+    batch = tok(["a question"], return_tensors="pt")
+    with torch.no_grad():
+        h = model(**batch).last_hidden_state  # (1, T, 32)
+    mean = (h * batch["attention_mask"][..., None]).sum(1) / batch["attention_mask"].sum()
+    np.testing.assert_allclose(v[0], mean[0].numpy(), rtol=1e-4, atol=1e-5)

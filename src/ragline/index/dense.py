@@ -192,24 +192,32 @@ def tuning_queries(embeddings: np.ndarray, n_queries: int = 500, seed: int = 1) 
     return rows, noisy
 
 
-def recall_against_exact(index: DenseIndex, embeddings: np.ndarray, queries: np.ndarray, k: int = TUNE_K,
+def exact_top_k(embeddings: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65536) -> np.ndarray:
+    """Rows of the exact top-k inner products, (Q, k), streaming ``embeddings`` (may be a memmap) in
+    chunks so that a corpus larger than memory never has to be loaded whole."""
+    best_s = np.zeros((len(queries), 0), dtype=np.float32)  # (Q, <=k) running top-k
+    best_r = np.zeros((len(queries), 0), dtype=np.int64)
+    for lo in range(0, len(embeddings), chunk):
+        block = np.asarray(embeddings[lo : lo + chunk], dtype=np.float32)  # (c, d)
+        s = np.concatenate([best_s, queries @ block.T], axis=1)  # (Q, <=k + c)
+        r = np.concatenate([best_r, np.tile(np.arange(lo, lo + len(block)), (len(queries), 1))], axis=1)
+        keep = np.argpartition(-s, min(k, s.shape[1]) - 1, axis=1)[:, :k]  # (Q, k), unordered
+        best_s, best_r = np.take_along_axis(s, keep, 1), np.take_along_axis(r, keep, 1)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_r, order, 1)
+
+
+def recall_against_exact(index: DenseIndex, queries: np.ndarray, truth: np.ndarray, k: int = TUNE_K,
                          exclude: np.ndarray | None = None) -> float:
-    """Mean |top-k(index) ∩ top-k(exact)| / k over ``queries``; ``exclude`` (one row per query, e.g. the
-    query's own passage) is removed from both result lists first."""
-    exact = faiss.IndexFlatIP(embeddings.shape[1])
-    for lo in range(0, len(embeddings), 65536):
-        exact.add(np.ascontiguousarray(embeddings[lo : lo + 65536], dtype=np.float32))
-    extra = 0 if exclude is None else 1
-    k = min(k, len(embeddings) - extra)
-    if k < 1:
-        return 1.0
-    skip = exclude if exclude is not None else np.full(len(queries), -1)
+    """Mean |top-k(index) ∩ top-k(exact)| / k over ``queries``, ``truth`` being exact_top_k(.., k + 1);
+    ``exclude`` (one row per query, e.g. the query's own passage) is removed from both lists first."""
+    skip = exclude.tolist() if exclude is not None else [-1] * len(queries)
 
-    def top(ids):
-        return [[i for i in row if i != s and i >= 0][:k] for row, s in zip(ids.tolist(), skip.tolist(), strict=True)]
+    def top(ids: np.ndarray) -> list[list[int]]:
+        return [[i for i in row if i != s and i >= 0][:k] for row, s in zip(ids.tolist(), skip, strict=True)]
 
-    truth, got = top(exact.search(queries, k + extra)[1]), top(index.search(queries, k + extra)[1])
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, got, strict=True)]))
+    got = top(index.search(queries, truth.shape[1])[1])
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top(truth), got, strict=True)]))
 
 
 def _tune(dense: DenseIndex, embeddings: np.ndarray, target: float) -> tuple[float, int | None]:
@@ -217,6 +225,10 @@ def _tune(dense: DenseIndex, embeddings: np.ndarray, target: float) -> tuple[flo
     query sets (the lower of the two is reported): (recall, value)."""
     rows, noisy = tuning_queries(embeddings)
     stored = np.ascontiguousarray(embeddings[rows], dtype=np.float32)
+    k = min(TUNE_K, len(embeddings) - 1)
+    if k < 1:
+        return 1.0, None
+    truth_noisy, truth_stored = exact_top_k(embeddings, noisy, k + 1), exact_top_k(embeddings, stored, k + 1)
     if dense.search_param is None:
         values: list[int | None] = [None]
     elif dense.search_param == "efSearch":
@@ -227,8 +239,8 @@ def _tune(dense: DenseIndex, embeddings: np.ndarray, target: float) -> tuple[flo
     recall = 0.0
     for v in values:
         dense.search_value = v
-        recall = min(recall_against_exact(dense, embeddings, noisy),
-                     recall_against_exact(dense, embeddings, stored, exclude=rows))
+        recall = min(recall_against_exact(dense, noisy, truth_noisy, k),
+                     recall_against_exact(dense, stored, truth_stored, k, exclude=rows))
         if recall >= target:
             break
     return recall, v  # the last value tried: the first to reach the target, or the largest
