@@ -204,3 +204,13 @@ def test_demo_builds_the_default_index_then_answers_with_sources(tmp_path):
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0 and "building" not in err, err
     assert "Sources:" in out
+
+
+def test_bm25_only_index_needs_no_encoder(tmp_path):
+    out = tmp_path / "bm25-only"
+    _build(out, None, limit=30, dense=False)
+    r = Retriever(out)
+    assert r.encoder is None and r.index.modes == ("bm25",)
+    assert r.search(["Who directed 2001: A Space Odyssey?"], k=1, mode="bm25")[0][0].title == "2001: A Space Odyssey"
+    with pytest.raises(RaglineError, match="cannot do dense retrieval"):
+        r.search(["x"], k=1, mode="dense")
