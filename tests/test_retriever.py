@@ -140,3 +140,19 @@ def test_a_plain_hugging_face_encoder_folder_works(tmp_path):
         h = model(**batch).last_hidden_state  # (1, T, 32)
     mean = (h * batch["attention_mask"][..., None]).sum(1) / batch["attention_mask"].sum()
     np.testing.assert_allclose(v[0], mean[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_doc_scores_are_recomputed_with_gradient_to_the_question_encoder(small_index, encoders):
+    r = Retriever(small_index, encoders.question)
+    qs = [QUESTION, "Who wrote the novel about Huckleberry Finn?"]
+    res = r.retrieve(qs, k=4)
+    before = np.array(r.index.embeddings[res.rows.reshape(-1)])
+    model = encoders.question.model
+    model.zero_grad()
+    scores = r.doc_scores(encoders.question.embed(qs), res.rows)  # (B, K), differentiable
+    np.testing.assert_allclose(scores.detach().numpy(), res.scores, atol=1e-4)
+    scores.logsumexp(-1).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+    np.testing.assert_array_equal(np.array(r.index.embeddings[res.rows.reshape(-1)]), before)  # d(z) frozen
+    model.zero_grad()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
@@ -80,6 +81,17 @@ class Retriever:
         if self.encoder is None:
             raise RaglineError("this retriever has no question encoder", "open a dense index")
         return self.encoder.encode(questions)
+
+    def doc_scores(self, question_vectors: torch.Tensor, rows: np.ndarray,
+                   index: IndexDir | None = None) -> torch.Tensor:
+        """Retrieval scores q(x)·d(z) for the passages ``rows`` (B, K), with d(z) read from the index's
+        stored embeddings, so the gradient reaches the question encoder: (B, d) -> (B, K)."""
+        index = index or self._index
+        if index.embeddings is None:
+            raise RaglineError(f"index {index.name} has no passage embeddings", "use an index with a dense part")
+        d = torch.from_numpy(np.asarray(index.embeddings[rows.reshape(-1)], dtype=np.float32))
+        d = d.view(*rows.shape, -1)  # (B, K, d)
+        return torch.einsum("bd,bkd->bk", question_vectors.float(), d)
 
     def retrieve(self, questions: list[str], k: int = 10, mode: str = "dense",
                  question_vectors: np.ndarray | None = None) -> Retrieved:

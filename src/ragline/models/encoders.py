@@ -73,6 +73,11 @@ class TextEncoder:
         return {"name": self.name, "fingerprint": self.fingerprint, "dim": self.dim,
                 "max_seq_length": self.max_seq_length}
 
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """q(x) with gradient (for training the question encoder): float32 tensor (n, dim)."""
+        features = self.model.tokenize(texts)
+        return self.model(features)["sentence_embedding"]
+
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
         """Embed texts without gradient; returns float32 (n, dim). Sorted by length inside for speed."""

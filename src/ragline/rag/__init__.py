@@ -1,0 +1,1 @@
+"""RAG models: marginalisation over passages (marginal), decoding and the model itself."""
