@@ -42,7 +42,9 @@ def tiny():
     return tok, bart, dpr, rag_cfg
 
 
-def _batch(tok, bart):
+def _batch(tok, bart, same_length=False):
+    """Two questions with three passages each. ``same_length`` pads passage texts with filler words so that
+    every prompt has the same number of tokens (no padding in the batch)."""
     gen = Seq2SeqGenerator(bart, tok, "tiny-bart")
     questions = ["who directed 2001 a space odyssey", "who wrote candide"]
     passages = [[Passage("a#0", "a", "kubrick", "stanley kubrick directed 2001 a space odyssey"),
@@ -53,6 +55,12 @@ def _batch(tok, bart):
                  Passage("a#0", "a", "kubrick", "stanley kubrick directed 2001")]]
     answers = ["stanley kubrick", "voltaire"]
     doc_scores = torch.tensor([[3.0, 1.0, 0.5], [2.0, 0.1, -1.0]])
+    if same_length:
+        size = {(b, k): len(tok(gen.prompt(q, z))["input_ids"]) for b, (q, zs) in enumerate(zip(questions, passages, strict=True))
+                for k, z in enumerate(zs)}
+        longest = max(size.values())
+        passages = [[Passage(z.pid, z.doc_id, z.title, z.text + " the" * (longest - size[b, k])) for k, z in enumerate(zs)]
+                    for b, zs in enumerate(passages)]
     return gen, questions, passages, answers, doc_scores
 
 
@@ -107,3 +115,104 @@ def test_hugging_face_rag_sequence_quirk_on_one_token_targets(tiny):
     uniform = marginal.rag_sequence(scored.logprobs, torch.zeros_like(doc_scores), scored.target, scored.mask)
     torch.testing.assert_close(uniform.loss, out.loss, atol=1e-4, rtol=1e-5)  # HF: prior lost (log 1 = 0 each)
     assert not torch.allclose(ours.loss, out.loss, atol=1e-3)
+
+
+# Tiny random BARTs whose outputs are not degenerate (found by a search over seeds): init_std, seed, bonus on
+# the end token's final logit. They give answers that stop early, answers cut at the length limit, beams
+# that differ from greedy, and a one-token end-only candidate (HF's RAG-Sequence quirk).
+GENERATING = [(0.5, 0, 0.0), (0.5, 4, 4.0), (1.0, 4, 0.0)]
+
+
+def _generating_bart(tiny, std, seed, eos_bonus):
+    from transformers import BartForConditionalGeneration
+
+    _, bart, _, _ = tiny
+    cfg = bart.config.__class__(**{**bart.config.to_dict(), "init_std": std})
+    torch.manual_seed(seed)
+    model = BartForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        model.final_logits_bias[0, cfg.eos_token_id] += eos_bonus
+    return model
+
+
+def _hf_generate(variant, tiny, bart, beams, max_new, same_length=False):
+    from transformers import RagSequenceForGeneration, RagTokenForGeneration
+
+    tok, _, dpr, rag_cfg = tiny
+    rag_cfg.label_smoothing = 0.0
+    cls = RagSequenceForGeneration if variant == "sequence" else RagTokenForGeneration
+    hf = cls(config=rag_cfg, question_encoder=dpr, generator=bart).eval()
+    gen, questions, passages, answers, doc_scores = _batch(tok, bart, same_length)
+    ctx, _ = _hf_inputs(gen, questions, passages, answers)
+    with torch.no_grad():
+        out = hf.generate(context_input_ids=ctx["input_ids"], context_attention_mask=ctx["attention_mask"],
+                          doc_scores=doc_scores, n_docs=3, num_beams=beams, max_length=max_new + 1,
+                          min_length=0, no_repeat_ngram_size=0, forced_bos_token_id=None,
+                          forced_eos_token_id=None, length_penalty=1.0, early_stopping=False)
+    return gen, questions, passages, doc_scores, [_strip(s, gen.pad_id) for s in out]
+
+
+def _strip(seq, pad):
+    seq = seq.tolist()[1:]  # drop the decoder start token
+    while seq and seq[-1] == pad:
+        seq.pop()
+    return seq
+
+
+SEEN: dict[str, set] = {"tokens": set(), "lengths": set()}
+
+
+@pytest.mark.parametrize("model", GENERATING)
+@pytest.mark.parametrize("beams", [1, 4])
+def test_rag_token_generation_matches_hugging_face(tiny, model, beams):
+    from ragline.rag.decoding import rag_token_decode
+
+    bart = _generating_bart(tiny, *model)
+    gen, questions, passages, doc_scores, hf = _hf_generate("token", tiny, bart, beams, max_new=12)
+    ours = rag_token_decode(gen, questions, passages, marginal.doc_log_probs(doc_scores), beams=beams,
+                            max_new_tokens=12)
+    assert [d.tokens for d in ours] == hf
+    SEEN["tokens"].update(tuple(x) for x in hf)
+    SEEN["lengths"].update(len(x) for x in hf)
+
+
+@pytest.mark.parametrize("model", GENERATING)
+@pytest.mark.parametrize("beams", [1, 3])
+def test_rag_sequence_thorough_generation_matches_hugging_face(tiny, model, beams):
+    """Prompts of equal length: HF's RAG-Sequence generation ignores the passages' attention mask (see the
+    next test), so with padding in the batch it decodes other inputs than the passages."""
+    from ragline.rag.decoding import rag_sequence_decode
+
+    bart = _generating_bart(tiny, *model)
+    gen, questions, passages, doc_scores, hf = _hf_generate("sequence", tiny, bart, beams, max_new=12,
+                                                            same_length=True)
+    ours = rag_sequence_decode(gen, questions, passages, marginal.doc_log_probs(doc_scores), beams=beams,
+                               max_new_tokens=12, thorough=True)
+    assert [d.tokens for d in ours] == hf
+    SEEN["tokens"].update(tuple(x) for x in hf)
+    SEEN["lengths"].update(len(x) for x in hf)
+
+
+def test_hugging_face_rag_sequence_generation_ignores_the_passage_mask(tiny):
+    """HF's RagSequenceForGeneration.generate sets attention_mask=None before calling the generator, so
+    passages shorter than the longest attend to padding. ragline masks padding; its per-passage beams equal
+    the generator's own generate() with the mask, and HF's equal it without."""
+    from ragline.rag.decoding import RowStepper, greedy, stop_ids
+
+    bart = _generating_bart(tiny, 0.5, 0, 0.0)
+    gen, questions, passages, _, _ = _batch(tiny[0], bart)
+    enc = gen.tokenizer(gen.pair_prompts(questions, passages), padding=True, return_tensors="pt")
+    assert (enc["attention_mask"] == 0).any()  # the batch is padded
+    kw = dict(num_beams=1, max_length=13, min_length=0, no_repeat_ngram_size=0, forced_bos_token_id=None,
+              forced_eos_token_id=None)
+    with torch.no_grad():
+        masked = [_strip(s, gen.pad_id) for s in bart.generate(enc["input_ids"], attention_mask=enc["attention_mask"], **kw)]
+        unmasked = [_strip(s, gen.pad_id) for s in bart.generate(enc["input_ids"], **kw)]
+    ours = [h.tokens for h in greedy(RowStepper(gen, gen.pair_prompts(questions, passages), 6, 1, 1,
+                                                lambda logp: logp[:, :, 0]), 6, stop_ids(gen), 12)]
+    assert ours == masked and masked != unmasked
+
+
+def test_the_generation_comparisons_were_not_trivial():
+    """Runs after the comparisons above: they covered many different outputs of several lengths."""
+    assert len(SEEN["tokens"]) >= 8 and {1, 12} <= SEEN["lengths"] and len(SEEN["lengths"]) >= 4, SEEN

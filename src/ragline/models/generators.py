@@ -31,6 +31,15 @@ CLOSED_BOOK_SYSTEM_PROMPT = "Answer the question. Reply with the answer only, as
 
 
 @dataclass
+class DecodeState:
+    """Rows being decoded (one per question x passage x beam) and the model's cache for them."""
+    cache: object
+    attention_mask: torch.Tensor        # (N, L) decoder-only: prompt + generated; seq2seq: encoder mask
+    positions: torch.Tensor | None      # (N,) next position id (decoder-only)
+    encoder_hidden: torch.Tensor | None = None  # (N, S, H) seq2seq
+
+
+@dataclass
 class Scored:
     logprobs: torch.Tensor  # (B, K, T, V) log p_theta(y_t = v | x, z_k, y_<t)
     target: torch.Tensor    # (B, T) target token ids (pad_id where mask is False)
@@ -56,12 +65,60 @@ class Generator(ABC):
         """Token ids the model must produce for each answer, ending with its end-of-answer token."""
 
     @abstractmethod
-    def score(self, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]],
-              answers: Sequence[str]) -> Scored:
-        """Log-probabilities of ``answers[b]`` given ``questions[b]`` and each of ``passages[b]`` (K each)."""
+    def prompt(self, question: str, passage: Passage | None) -> str:
+        """The generator's input text for one (question, passage) pair."""
 
-    def _targets(self, answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self.target_ids(answers)
+    @abstractmethod
+    def _row_logits(self, prompts: list[str], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits of each target position for rows (prompt, target): (N, T, V)."""
+
+    @abstractmethod
+    def start(self, prompts: list[str]) -> tuple[DecodeState, torch.Tensor]:
+        """Read the prompts (N rows); return the decode state and next-token log-probs (N, V)."""
+
+    @abstractmethod
+    def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Continue rows ``parents`` (N',) of ``state`` (rows may repeat: beams share a prefix) with one token
+        each, ``tokens`` (N',); the state now holds N' rows. Returns next-token log-probs (N', V)."""
+
+    def pair_prompts(self, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]]) -> list[str]:
+        """Prompts of every (question, passage) pair, question-major: row b*K + k."""
+        _check_shapes(questions, passages, questions)
+        return [self.prompt(q, z) for q, zs in zip(questions, passages, strict=True) for z in zs]
+
+    def score(self, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]],
+              answers: Sequence[str] | Sequence[Sequence[int]]) -> Scored:
+        """Full-vocabulary log-probabilities of ``answers[b]`` (text or token ids) given ``questions[b]``
+        and each of ``passages[b]`` (K each): for training, where label smoothing needs all V."""
+        k = _check_shapes(questions, passages, answers)
+        target, mask = self._targets(answers)  # (B, T)
+        logits = self._row_logits(self.pair_prompts(questions, passages), target.repeat_interleave(k, 0),
+                                  mask.repeat_interleave(k, 0))  # (B*K, T, V)
+        logprobs = torch.log_softmax(logits.float(), -1)
+        return Scored(logprobs.view(len(questions), k, target.shape[1], -1), target, mask)
+
+    def target_logprobs(self, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]],
+                        answers: Sequence[str] | Sequence[Sequence[int]], rows_per_pass: int = 16
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """log p_theta(y_t | x, z_k, y_<t) of the answer tokens only, (B, K, T) (0 at padding), with target
+        and mask (B, T); computed ``rows_per_pass`` (question, passage) rows at a time, so the (rows, T, V)
+        logits stay small whatever the vocabulary."""
+        k = _check_shapes(questions, passages, answers)
+        target, mask = self._targets(answers)
+        prompts = self.pair_prompts(questions, passages)
+        rep_t, rep_m = target.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)  # (B*K, T)
+        out = []
+        for lo in range(0, len(prompts), rows_per_pass):
+            sl = slice(lo, lo + rows_per_pass)
+            logits = self._row_logits(prompts[sl], rep_t[sl], rep_m[sl]).float()  # (n, T, V)
+            picked = logits.gather(-1, rep_t[sl, :, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+            out.append(picked * rep_m[sl])
+        return torch.cat(out).view(len(questions), k, -1), target, mask
+
+    def _targets(self, answers: Sequence[str] | Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = [list(a) for a in answers] if answers and not isinstance(answers[0], str) else self.target_ids(answers)
+        if any(len(row) == 0 for row in ids):
+            raise RaglineError("an answer has no tokens", "give non-empty answers")
         t = max(map(len, ids))
         target = torch.full((len(ids), t), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(ids), t), dtype=torch.bool)
@@ -124,22 +181,31 @@ class CausalGenerator(Generator):
         enc = self.tokenizer(list(prompts), add_special_tokens=False, padding=True, return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
 
-    def score(self, questions, passages, answers) -> Scored:
-        k = _check_shapes(questions, passages, answers)
-        b = len(questions)
-        ids, attn = self.encode_prompts([self.prompt(q, z) for q, zs in zip(questions, passages, strict=True)
-                                         for z in zs])  # (B*K, L)
-        target, mask = self._targets(answers)  # (B, T)
+    def _row_logits(self, prompts: list[str], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ids, attn = self.encode_prompts(prompts)  # (N, L), left-padded
         t = target.shape[1]
-        rep_t = target.repeat_interleave(k, 0)  # (B*K, T)
-        rep_m = mask.repeat_interleave(k, 0)
-        full = torch.cat([ids, rep_t], 1)  # (B*K, L+T): [pads][prompt][answer][answer pads]
-        full_attn = torch.cat([attn, rep_m.long()], 1)
+        full = torch.cat([ids, target], 1)  # (N, L+T): [pads][prompt][answer][answer pads]
+        full_attn = torch.cat([attn, mask.long()], 1)
         positions = (full_attn.cumsum(1) - 1).clamp(min=0)
         out = self.model(input_ids=full, attention_mask=full_attn, position_ids=positions, logits_to_keep=t + 1)
-        logits = out.logits[:, :t]  # (B*K, T, V): position L-1+i predicts answer token i
-        logprobs = torch.log_softmax(logits.float(), -1)
-        return Scored(logprobs.view(b, k, t, -1), target, mask)
+        return out.logits[:, :t]  # (N, T, V): position L-1+i predicts answer token i
+
+    def start(self, prompts: list[str]) -> tuple[DecodeState, torch.Tensor]:
+        ids, attn = self.encode_prompts(prompts)  # (N, L)
+        positions = (attn.cumsum(1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)
+        state = DecodeState(out.past_key_values, attn, positions[:, -1] + 1)
+        return state, torch.log_softmax(out.logits[:, -1].float(), -1)
+
+    def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        state.cache.reorder_cache(parents)  # index_select per layer: rows follow their beams
+        attn = torch.cat([state.attention_mask[parents], torch.ones(len(parents), 1, dtype=torch.long)], 1)
+        pos = state.positions[parents]
+        out = self.model(input_ids=tokens[:, None], attention_mask=attn, position_ids=pos[:, None],
+                         past_key_values=state.cache, use_cache=True)
+        state.cache, state.attention_mask, state.positions = out.past_key_values, attn, pos + 1
+        return torch.log_softmax(out.logits[:, -1].float(), -1)  # (N', V)
 
 
 class Seq2SeqGenerator(Generator):
@@ -166,14 +232,29 @@ class Seq2SeqGenerator(Generator):
     def target_ids(self, answers: Sequence[str]) -> list[list[int]]:
         return [self.tokenizer(a.strip())["input_ids"] for a in answers]
 
-    def score(self, questions, passages, answers) -> Scored:
-        k = _check_shapes(questions, passages, answers)
-        enc = self.tokenizer([self.prompt(q, z) for q, zs in zip(questions, passages, strict=True) for z in zs],
-                             padding=True, truncation=True, max_length=self.max_source_length, return_tensors="pt")
-        target, mask = self._targets(answers)  # (B, T)
-        labels = target.masked_fill(~mask, -100).repeat_interleave(k, 0)  # (B*K, T)
-        decoder_inputs = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
-        logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                            decoder_input_ids=decoder_inputs).logits  # (B*K, T, V)
-        logprobs = torch.log_softmax(logits.float(), -1)
-        return Scored(logprobs.view(len(questions), k, target.shape[1], -1), target, mask)
+    def _encode(self, prompts: list[str]) -> dict:
+        return self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_source_length,
+                              return_tensors="pt")
+
+    def _row_logits(self, prompts: list[str], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        enc = self._encode(prompts)
+        decoder_inputs = self.model.prepare_decoder_input_ids_from_labels(labels=target.masked_fill(~mask, -100))
+        return self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                          decoder_input_ids=decoder_inputs).logits  # (N, T, V)
+
+    def start(self, prompts: list[str]) -> tuple[DecodeState, torch.Tensor]:
+        enc = self._encode(prompts)
+        hidden = self.model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])[0]
+        first = torch.full((len(prompts), 1), self.model.config.decoder_start_token_id, dtype=torch.long)
+        out = self.model(encoder_outputs=(hidden,), attention_mask=enc["attention_mask"], decoder_input_ids=first,
+                         use_cache=True)
+        state = DecodeState(out.past_key_values, enc["attention_mask"], None, hidden)
+        return state, torch.log_softmax(out.logits[:, -1].float(), -1)
+
+    def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        state.cache.reorder_cache(parents)
+        state.attention_mask, state.encoder_hidden = state.attention_mask[parents], state.encoder_hidden[parents]
+        out = self.model(encoder_outputs=(state.encoder_hidden,), attention_mask=state.attention_mask,
+                         decoder_input_ids=tokens[:, None], past_key_values=state.cache, use_cache=True)
+        state.cache = out.past_key_values
+        return torch.log_softmax(out.logits[:, -1].float(), -1)

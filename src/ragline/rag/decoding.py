@@ -1,0 +1,226 @@
+"""Decoding: RAG-Token greedy and beam search on the marginal; RAG-Sequence thorough and fast decoding.
+
+One search serves both models. It runs G independent *groups*, each with W beams, and asks a callback for
+the next-token log-probabilities of every beam, (G, W, V):
+
+* RAG-Token: a group is a question; each beam owns K generator rows (one per passage), and the callback
+  returns the marginal  log p'(y_t | x, y_<t) = logsumexp_k [log p_eta(z_k|x) + log p_theta(y_t | x, z_k, y_<t)]
+  (:func:`ragline.rag.marginal.marginalize`).
+* RAG-Sequence: a group is a (question, passage) pair with one row per beam: plain beam search on
+  p_theta(y | x, z). Thorough decoding then scores every candidate y of a question under every passage whose
+  beam did not produce it (one extra forward pass per missing pair) and returns
+  argmax_y  sum_z p_eta(z|x) p_theta(y|x,z);  fast decoding takes p_theta(y|x,z) = 0 for those pairs instead.
+
+Beam search follows Hugging Face transformers' (5.x) rules, so that both produce the same tokens: 2W
+candidates per step; a candidate ending in a stop token, or reaching the length limit, is finished if it
+ranks among the top W; finished scores are sum log-prob / length ** length_penalty; the search stops
+when no running beam can beat the worst of W finished hypotheses (HF's ``early_stopping=False``).
+All questions are decoded together: generator rows are (question x passage x beam), batched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ragline.corpus.passages import Passage
+from ragline.models.generators import Generator
+from ragline.rag.marginal import marginalize
+
+NEG = -1.0e9
+
+StepFn = Callable[[torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+# step(parents (G, W) or None, tokens (G, W) or None) -> log-probs (G, W, V) of the next token of each beam;
+# None, None on the first call (the prompts only).
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]   # generated tokens, ending with the stop token if the answer finished
+    logprob: float      # sum of the step log-probabilities (RAG-Token: marginal; RAG-Sequence: p_theta)
+    score: float        # logprob / len ** length_penalty (the beam's ranking score)
+
+
+def beam_search(step: StepFn, groups: int, beams: int, stop_ids: Sequence[int], max_new_tokens: int,
+                length_penalty: float = 1.0) -> list[list[Hypothesis]]:
+    """HF-compatible beam search over ``groups`` at once; the W finished hypotheses of each, best first."""
+    g_idx = torch.arange(groups)
+    stop = torch.tensor(list(stop_ids))
+    n_keep = max(2, 1 + len(stop_ids)) * beams
+    top_mask = torch.arange(n_keep) < beams  # (n_keep,)
+    run_scores = torch.full((groups, beams), NEG)
+    run_scores[:, 0] = 0.0  # the W beams start as copies: only the first is live
+    run_tokens = torch.zeros((groups, beams, 0), dtype=torch.long)
+    fin_scores = torch.full((groups, beams), NEG)
+    fin_logprob = torch.full((groups, beams), NEG)
+    fin_tokens = torch.zeros((groups, beams, 0), dtype=torch.long)
+    fin_done = torch.zeros((groups, beams), dtype=torch.bool)
+    improvable = torch.ones((groups, 1), dtype=torch.bool)
+    parents = tokens = None
+    for t in range(max_new_tokens):
+        logp = step(parents, tokens)  # (G, W, V)
+        vocab = logp.shape[-1]
+        acc = (logp + run_scores[:, :, None]).view(groups, -1)  # (G, W*V)
+        cand_scores, cand = torch.topk(acc, n_keep)  # (G, n_keep), best first
+        cand_parent, cand_token = cand // vocab, cand % vocab
+        cand_seq = torch.cat([run_tokens[g_idx[:, None], cand_parent], cand_token[..., None]], -1)  # (G, n_keep, t+1)
+        hits = torch.isin(cand_token, stop) | (t + 1 >= max_new_tokens)  # (G, n_keep)
+        # finished: top-W candidates that hit a stop, merged with those finished before
+        norm = cand_scores / ((t + 1) ** length_penalty)
+        norm = norm + (~improvable).float() * NEG + (~(hits & top_mask)).float() * NEG
+        pad = torch.zeros((groups, beams, 1), dtype=torch.long)
+        merged_tokens = torch.cat([torch.cat([fin_tokens, pad], -1), cand_seq], 1)
+        merged_scores = torch.cat([fin_scores, norm], 1)
+        merged_logprob = torch.cat([fin_logprob, cand_scores], 1)
+        merged_done = torch.cat([fin_done, hits & top_mask], 1)
+        keep = torch.topk(merged_scores, beams).indices
+        fin_tokens = merged_tokens[g_idx[:, None], keep]
+        fin_scores, fin_logprob = merged_scores.gather(1, keep), merged_logprob.gather(1, keep)
+        fin_done = merged_done.gather(1, keep)
+        # running: the best W candidates that did not stop
+        live = torch.topk(cand_scores + hits.float() * NEG, beams).indices  # (G, W)
+        run_scores = (cand_scores + hits.float() * NEG).gather(1, live)
+        run_tokens = cand_seq[g_idx[:, None], live]
+        parents, tokens = cand_parent.gather(1, live), cand_token.gather(1, live)
+        best_running = run_scores[:, :1] / ((t + 1) ** length_penalty)
+        worst_finished = torch.where(fin_done, fin_scores.min(1, keepdim=True).values, torch.full_like(fin_scores, NEG))
+        improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
+        if not improvable.any() or hits.all():
+            break
+    out = []
+    for g in range(groups):
+        hyps = []
+        for w in range(beams):
+            if fin_done[g, w]:
+                toks = fin_tokens[g, w].tolist()
+                n = next((i + 1 for i, x in enumerate(toks) if x in stop_ids), len(toks))
+                hyps.append(Hypothesis(toks[:n], float(fin_logprob[g, w]), float(fin_scores[g, w])))
+        out.append(hyps)
+    return out
+
+
+def greedy(step: StepFn, groups: int, stop_ids: Sequence[int], max_new_tokens: int) -> list[Hypothesis]:
+    """Argmax decoding of each group until a stop token or the length limit (HF greedy search)."""
+    stop = torch.tensor(list(stop_ids))
+    done = torch.zeros(groups, dtype=torch.bool)
+    seqs: list[list[int]] = [[] for _ in range(groups)]
+    logprob = torch.zeros(groups)
+    parents = torch.zeros((groups, 1), dtype=torch.long)
+    tokens = None
+    for _ in range(max_new_tokens):
+        logp = step(None if tokens is None else parents, tokens)[:, 0]  # (G, V)
+        lp, tok = logp.max(-1)
+        for g in torch.nonzero(~done).flatten().tolist():
+            seqs[g].append(int(tok[g]))
+        logprob = logprob + torch.where(done, torch.zeros_like(lp), lp)
+        done = done | torch.isin(tok, stop)
+        if done.all():
+            break
+        tokens = tok[:, None]
+    return [Hypothesis(s, float(lp), float(lp) / max(len(s), 1)) for s, lp in zip(seqs, logprob, strict=True)]
+
+
+class RowStepper:
+    """The step callback over generator rows: each beam of each group owns ``rows`` consecutive rows;
+    ``combine`` turns their log-probs (G, W, rows, V) into the beam's (G, W, V)."""
+
+    def __init__(self, generator: Generator, prompts: list[str], groups: int, rows: int, beams: int,
+                 combine: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.gen, self.groups, self.rows, self.beams, self.combine = generator, groups, rows, beams, combine
+        self.prompts, self.state, self.width = prompts, None, 1  # width: live beams per group in the rows
+
+    @torch.no_grad()
+    def __call__(self, parents: torch.Tensor | None, tokens: torch.Tensor | None) -> torch.Tensor:
+        if tokens is None:
+            self.state, logp = self.gen.start(self.prompts)  # (G*rows, V)
+        else:
+            g, w = parents.shape
+            if self.width == 1:  # right after the prompts every beam of a group is a copy of the one row
+                parents = torch.zeros_like(parents)
+            r = torch.arange(self.rows)
+            base = (torch.arange(g)[:, None] * self.width + parents) * self.rows  # (G, W) first row of parent
+            rows = (base[:, :, None] + r).reshape(-1)  # (G*W*rows,)
+            logp = self.gen.advance(self.state, rows, tokens[:, :, None].expand(-1, -1, self.rows).reshape(-1))
+            self.width = w
+        logp = self.combine(logp.view(self.groups, self.width, self.rows, -1))  # (G, width, V)
+        if self.width < self.beams:  # first step: the other beams are dead copies of the first
+            logp = logp.expand(-1, self.beams, -1) if self.width == 1 else logp
+        return logp
+
+
+def stop_ids(generator: Generator) -> list[int]:
+    ids = {getattr(generator, "end_id", None), generator.tokenizer.eos_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]
+    logprob: float                  # log p(y|x) under the model's own marginal
+    seq_logprobs: torch.Tensor | None = None  # (K,) RAG-Sequence: log p_theta(y|x,z_k) (-inf: not scored, fast)
+
+
+@torch.no_grad()
+def rag_token_decode(generator: Generator, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]],
+                     doc_logprobs: torch.Tensor, beams: int = 1, max_new_tokens: int = 32,
+                     length_penalty: float = 1.0) -> list[Decoded]:
+    """RAG-Token: greedy (beams=1) or beam search on the marginal next-token distribution."""
+    b, k = doc_logprobs.shape
+    beams_eff = max(beams, 1)
+
+    def combine(logp: torch.Tensor) -> torch.Tensor:  # (B, W, K, V) -> (B, W, V)
+        w = logp.shape[1]
+        doc = doc_logprobs[:, None, :].expand(-1, w, -1).reshape(b * w, k)
+        return marginalize(doc, logp.reshape(b * w, k, -1)).view(b, w, -1)
+
+    step = RowStepper(generator, generator.pair_prompts(questions, passages), b, k, beams_eff, combine)
+    stops = stop_ids(generator)
+    if beams <= 1:
+        return [Decoded(h.tokens, h.logprob) for h in greedy(step, b, stops, max_new_tokens)]
+    hyps = beam_search(step, b, beams, stops, max_new_tokens, length_penalty)
+    return [Decoded(h[0].tokens, h[0].logprob) for h in hyps]
+
+
+@torch.no_grad()
+def rag_sequence_decode(generator: Generator, questions: Sequence[str],
+                        passages: Sequence[Sequence[Passage | None]], doc_logprobs: torch.Tensor,
+                        beams: int = 4, max_new_tokens: int = 32, thorough: bool = True,
+                        length_penalty: float = 1.0) -> list[Decoded]:
+    """RAG-Sequence: beam search per passage (all questions and passages at once), then the answer that
+    maximises sum_z p_eta(z|x) p_theta(y|x,z) over the union of the beams' hypotheses."""
+    b, k = doc_logprobs.shape
+    groups = b * k
+    step = RowStepper(generator, generator.pair_prompts(questions, passages), groups, 1, beams,
+                      lambda logp: logp[:, :, 0])  # (G, W, 1, V) -> (G, W, V)
+    stops = stop_ids(generator)
+    if beams <= 1:
+        per_pair = [[h] for h in greedy(step, groups, stops, max_new_tokens)]
+    else:
+        per_pair = beam_search(step, groups, beams, stops, max_new_tokens, length_penalty)
+    # candidates per question: the union of its passages' hypotheses, with the scores the beams computed
+    cands: list[dict[tuple[int, ...], dict[int, float]]] = [{} for _ in range(b)]
+    for g, hyps in enumerate(per_pair):
+        q, z = divmod(g, k)
+        for h in hyps:
+            cands[q].setdefault(tuple(h.tokens), {})[z] = h.logprob
+    if thorough:  # one more forward pass for every (y, z) pair whose beam did not produce y
+        missing = [(q, y) for q in range(b) for y, seen in cands[q].items() if len(seen) < k]
+        for lo in range(0, len(missing), 8):
+            chunk = missing[lo : lo + 8]
+            lp, _, _ = generator.target_logprobs([questions[q] for q, _ in chunk], [passages[q] for q, _ in chunk],
+                                                 [list(y) for _, y in chunk])
+            for (q, y), row in zip(chunk, lp.sum(-1), strict=True):  # row: (K,) log p_theta(y|x,z_k)
+                for z in range(k):
+                    cands[q][y].setdefault(z, float(row[z]))
+    out = []
+    for q in range(b):
+        best = None
+        for y, seen in cands[q].items():
+            seq = torch.tensor([seen.get(z, float("-inf")) for z in range(k)])  # (K,)
+            ll = float(marginalize(doc_logprobs[q : q + 1], seq[None])[0])
+            if best is None or ll > best.logprob:
+                best = Decoded(list(y), ll, seq)
+        out.append(best)
+    return out

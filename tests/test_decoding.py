@@ -1,0 +1,77 @@
+"""Decoding checks beyond the HF comparison: fast vs thorough, plain beam search vs HF generate, and the
+bundled causal generator decoding with its KV cache."""
+
+import pytest
+import torch
+from test_hf_reference import _batch, _generating_bart, _strip, tiny  # noqa: F401 - fixture
+
+from ragline.corpus.passages import Passage
+from ragline.rag import marginal
+from ragline.rag.decoding import RowStepper, beam_search, rag_sequence_decode, rag_token_decode, stop_ids
+
+
+@pytest.mark.parametrize("model", [(0.5, 0, 0.0), (1.0, 4, 0.0)])
+def test_fast_equals_thorough_when_every_beam_holds_the_same_hypotheses(tiny, model):  # noqa: F811
+    bart = _generating_bart(tiny, *model)
+    gen, questions, passages, _, doc_scores = _batch(tiny[0], bart)
+    same = [[zs[0]] * 3 for zs in passages]  # one passage three times: identical beams
+    doc = marginal.doc_log_probs(doc_scores)
+    fast = rag_sequence_decode(gen, questions, same, doc, beams=3, max_new_tokens=10, thorough=False)
+    thorough = rag_sequence_decode(gen, questions, same, doc, beams=3, max_new_tokens=10, thorough=True)
+    assert [d.tokens for d in fast] == [d.tokens for d in thorough]
+    for f, t in zip(fast, thorough, strict=True):
+        assert f.logprob == pytest.approx(t.logprob, abs=1e-5)
+    # with different passages fast decoding drops the unscored pairs: never a higher likelihood
+    fast = rag_sequence_decode(gen, questions, passages, doc, beams=3, max_new_tokens=10, thorough=False)
+    thorough = rag_sequence_decode(gen, questions, passages, doc, beams=3, max_new_tokens=10, thorough=True)
+    assert all(t.logprob >= f.logprob - 1e-5 for f, t in zip(fast, thorough, strict=True))
+
+
+@pytest.mark.parametrize("model", [(0.5, 0, 0.0), (0.5, 4, 4.0), (1.0, 4, 0.0)])
+def test_plain_beam_search_equals_hugging_face_generate(tiny, model):  # noqa: F811
+    bart = _generating_bart(tiny, *model)
+    gen, questions, passages, _, _ = _batch(tiny[0], bart)
+    prompts = gen.pair_prompts(questions, passages)
+    enc = gen.tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hf = bart.generate(enc["input_ids"], attention_mask=enc["attention_mask"], num_beams=4,
+                           num_return_sequences=4, max_length=11, min_length=0, no_repeat_ngram_size=0,
+                           forced_bos_token_id=None, forced_eos_token_id=None, length_penalty=1.0,
+                           early_stopping=False, output_scores=True, return_dict_in_generate=True)
+    step = RowStepper(gen, prompts, len(prompts), 1, 4, lambda logp: logp[:, :, 0])
+    ours = beam_search(step, len(prompts), 4, stop_ids(gen), 10)
+    assert [[h.tokens for h in hs] for hs in ours] == [[_strip(s, gen.pad_id) for s in hf.sequences[i * 4 : i * 4 + 4]]
+                                                       for i in range(len(prompts))]
+    torch.testing.assert_close(torch.tensor([h.score for hs in ours for h in hs]), hf.sequences_scores,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_rag_token_with_one_passage_is_plain_decoding(tiny):  # noqa: F811
+    bart = _generating_bart(tiny, 1.0, 4, 0.0)
+    gen, questions, passages, _, _ = _batch(tiny[0], bart)
+    one = [[zs[0]] for zs in passages]
+    rag = rag_token_decode(gen, questions, one, torch.zeros(2, 1), beams=4, max_new_tokens=10)
+    seq = rag_sequence_decode(gen, questions, one, torch.zeros(2, 1), beams=4, max_new_tokens=10)
+    assert [d.tokens for d in rag] == [d.tokens for d in seq]
+
+
+def test_causal_generator_decodes_an_answer_from_the_passage():
+    from ragline.models.generators import CausalGenerator
+
+    smol = CausalGenerator.load("smollm2")
+    paris = Passage("Paris#0", "Paris", "Paris", "Paris is the capital and largest city of France.")
+    rome = Passage("Rome#0", "Rome", "Rome", "Rome is the capital city of Italy.")
+    questions = ["What is the capital of France?", "What is the capital of Italy?"]
+    passages = [[paris, rome], [rome, paris]]
+    doc = torch.log_softmax(torch.tensor([[2.0, 0.0], [2.0, 0.0]]), -1)
+    for decoded in (rag_token_decode(smol, questions, passages, doc, beams=1, max_new_tokens=24),
+                    rag_token_decode(smol, questions, passages, doc, beams=3, max_new_tokens=12),
+                    rag_sequence_decode(smol, questions, passages, doc, beams=2, max_new_tokens=12)):
+        texts = [smol.tokenizer.decode(d.tokens, skip_special_tokens=True) for d in decoded]
+        assert "Paris" in texts[0] and "Rome" in texts[1], texts
+    greedy_answers = rag_token_decode(smol, questions, passages, doc, beams=1, max_new_tokens=24)
+    assert all(d.tokens[-1] in stop_ids(smol) for d in greedy_answers)  # finished, not cut
+    # the cached incremental path gives the same log-likelihood as a scoring pass
+    d = rag_token_decode(smol, questions[:1], passages[:1], doc[:1], beams=1, max_new_tokens=12)[0]
+    lp, target, mask = smol.target_logprobs(questions[:1], passages[:1], [d.tokens])
+    assert marginal.marginalize(doc[:1], lp).sum().item() == pytest.approx(d.logprob, abs=1e-3)
