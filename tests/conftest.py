@@ -14,6 +14,11 @@ SLICE_DOCS = 150  # documents of the bundled corpus in the shared test index
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Indexes go to a fresh folder; converted generator weights stay in the user's cache (converting
+    them takes ~20 s a model and they are read-only once written)."""
+    from ragline import paths
+
+    os.environ.setdefault("RAGLINE_MODELS", str(paths.models_dir()))
     os.environ["RAGLINE_HOME"] = str(tmp_path_factory.mktemp("ragline-home"))
 
 

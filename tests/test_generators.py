@@ -18,7 +18,7 @@ def smol():
 def test_bundled_generator_is_cached_as_a_plain_hf_folder(smol):
     from ragline import paths
 
-    folder = paths.home() / "models" / "smollm2"
+    folder = paths.models_dir() / "smollm2"
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
     assert "quantization_config" not in (folder / "config.json").read_text()
     assert smol.end_id == smol.tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -148,6 +148,53 @@ def _print_hits(question: str, hits, mode: str) -> None:
         console.print(table)
 
 
+@cli.command()
+@click.argument("questions", nargs=-1, required=True)
+@_index_option
+@click.option("--model", "model_name", type=click.Choice(["rag-sequence", "rag-token", "closed-book"]),
+              default="rag-sequence", show_default=True)
+@click.option("--decoding", type=click.Choice(["thorough", "fast", "beam", "greedy"]), default=None,
+              help="rag-sequence: thorough (default) or fast; rag-token / closed-book: beam (default) or greedy.")
+@click.option("-k", "k", default=5, show_default=True, type=int, help="Passages to marginalise over.")
+@click.option("--beams", default=4, show_default=True, type=click.IntRange(1, 64))
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--generator", default="qwen2.5-0.5b", show_default=True,
+              help="Bundled name (qwen2.5-0.5b, smollm2) or a Hugging Face causal LM folder.")
+@click.option("--mode", type=click.Choice(["dense", "bm25", "hybrid"]), default="dense", show_default=True)
+@_retrieval_options
+@click.option("--json", "as_json", is_flag=True, help="Print the full answer structure as JSON lines.")
+def ask(questions, index_dir, model_name, decoding, k, beams, max_new_tokens, generator, mode, query_encoder,
+        allow_encoder_mismatch, bm25_weight, rrf_c, as_json) -> None:
+    """Answer each QUESTION with RAG and print the answer with its cited passages."""
+    from ragline.models.generators import CausalGenerator
+    from ragline.rag.model import RagModel
+
+    retriever = None
+    if model_name != "closed-book":
+        retriever = _open_retriever(index_dir, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c)
+    rag = RagModel(retriever, CausalGenerator.load(generator), k=k, mode=mode)
+    for a in rag.answer(list(questions), model=model_name, decoding=decoding, beams=beams,
+                        max_new_tokens=max_new_tokens):
+        if as_json:
+            print(json.dumps(a.to_dict(), ensure_ascii=False))
+        else:
+            _print_answer(a)
+
+
+def _print_answer(a) -> None:
+    console.print(f"[bold]Question:[/] {a.question}")
+    console.print(f"[bold green]Answer:[/] {a.text}  [dim]({a.model}, {a.decoding}, log p = {a.logprob:.2f})[/]")
+    if not a.sources:
+        return
+    console.print("[bold]Sources[/] (prior p(z|x) -> posterior p(z|x,y)):")
+    for s in sorted(a.sources, key=lambda s: -s.posterior):
+        snippet = s.text if len(s.text) <= 160 else s.text[:157] + "..."
+        console.print(f"  [{s.rank}] [bold]{s.title}[/] {s.prior:.2f} -> [bold]{s.posterior:.2f}[/]  [dim]{snippet}[/]")
+    if a.token_sources:
+        console.print("[bold]Tokens[/] (most likely source): " + " ".join(
+            f"{tok.strip() or repr(tok)}[{max(range(len(p)), key=p.__getitem__) + 1}]" for tok, p in a.token_sources))
+
+
 @cli.command("eval-retrieval")
 @_index_option
 @click.option("--questions", default="fanoutqa-dev", show_default=True,
@@ -213,13 +260,19 @@ def indexes(root) -> None:
 @click.argument("question", required=False, default=DEMO_QUESTION)
 @click.option("-k", "k", default=5, show_default=True, type=int)
 @click.option("--mode", type=click.Choice(["dense", "bm25", "hybrid"]), default="hybrid", show_default=True)
+@click.option("--model", "model_name", type=click.Choice(["rag-sequence", "rag-token"]), default="rag-sequence",
+              show_default=True)
+@click.option("--generator", default="qwen2.5-0.5b", show_default=True,
+              help="Bundled name (qwen2.5-0.5b, smollm2) or a Hugging Face causal LM folder.")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Build the default index from the first N documents only (a quick look).")
-def demo(question, k, mode, limit) -> None:
+def demo(question, k, mode, model_name, generator, limit) -> None:
     """The main job on the embedded default: build the bundled index if missing, then answer a question
-    with its sources."""
+    with RAG and print the answer with its sources."""
     from ragline.index.build import BuildOptions, build_index
     from ragline.index.manifest import is_index_dir
+    from ragline.models.generators import CausalGenerator
+    from ragline.rag.model import RagModel
 
     out = paths.default_index_dir()
     if not is_index_dir(out):
@@ -227,14 +280,7 @@ def demo(question, k, mode, limit) -> None:
                           "(a few minutes on 2 cores; interrupt and rerun to resume)")
         build_index(BuildOptions(source="wiki-leads", out=out, limit=limit), log=lambda m: err_console.print(m))
     retriever = _open_retriever(out, None, False)
-    hits = retriever.search([question], k=k, mode=mode)[0]
-    console.print(f"[bold]Question:[/] {question}")
-    if not hits:
-        console.print("no passage matches")
-        return
-    top = hits[0]
-    console.print(f"[bold]Best passage[/] ({top.title}): {top.text}")
-    console.print("[bold]Sources:[/]")
-    for h in hits:
-        console.print(f"  [{h.rank}] {h.title} ({h.pid}, score {h.score:.4f})")
-    console.print("[dim]Generated answers (RAG-Sequence / RAG-Token) come with `ragline ask` (not built yet).[/]")
+    err_console.print(f"loading the generator {generator} (the first use converts the bundled weights once)")
+    rag = RagModel(retriever, CausalGenerator.load(generator), k=k, mode=mode)
+    for a in rag.answer([question], model=model_name):
+        _print_answer(a)

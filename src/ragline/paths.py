@@ -1,6 +1,7 @@
 """Where ragline keeps per-user state: default indexes and model caches.
 
-``RAGLINE_HOME`` overrides the default ``~/.cache/ragline``.
+``RAGLINE_HOME`` overrides the default ``~/.cache/ragline``; ``RAGLINE_MODELS`` overrides where converted
+model weights are kept (default ``<RAGLINE_HOME>/models``).
 """
 
 import os
@@ -18,3 +19,9 @@ def home() -> Path:
 def default_index_dir() -> Path:
     """The index the CLI uses when ``--index`` is not given: the bundled Wikipedia leads."""
     return home() / "indexes" / "wiki-leads"
+
+
+def models_dir() -> Path:
+    """Converted (dequantised) bundled generators, one folder each."""
+    root = os.environ.get("RAGLINE_MODELS")
+    return Path(root).expanduser() if root else home() / "models"

@@ -2,7 +2,7 @@
 
 No model hub is contacted; an unknown name is treated as a local path to a sentence-transformers or
 Hugging Face model directory. Generators ship as quantised GGUF files: the first use dequantises one into
-an ordinary float32 Hugging Face folder under ``<RAGLINE_HOME>/models/`` (written to a temporary folder,
+an ordinary float32 Hugging Face folder under ``paths.models_dir()`` (written to a temporary folder,
 then renamed), which every later run loads in about a second.
 """
 
@@ -79,7 +79,7 @@ def generator_path(name_or_path: str) -> tuple[str, Path]:
                                "nor a model folder", "pass a bundled name or the path of a Hugging Face model")
         return str(path.resolve()), path
     spec = _GENERATORS[name_or_path]
-    cache = paths.home() / "models" / name_or_path
+    cache = paths.models_dir() / name_or_path
     if (cache / "config.json").is_file():
         return spec.name, cache
     with exclusive_lock(cache.parent / f".{name_or_path}.lock"):

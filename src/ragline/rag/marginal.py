@@ -39,12 +39,24 @@ def gather_targets(logprobs: torch.Tensor, target: torch.Tensor, mask: torch.Ten
     return logprobs.gather(-1, idx).squeeze(-1) * mask[:, None, :]
 
 
+def sequence_posterior(doc_logprobs: torch.Tensor, seq_logprobs: torch.Tensor) -> torch.Tensor:
+    """RAG-Sequence p(z_k | x, y) = softmax_k [log p_eta(z_k|x) + log p_theta(y | x, z_k)]: (B, K)."""
+    return torch.softmax(doc_logprobs + seq_logprobs, dim=-1)
+
+
+def token_posterior(doc_logprobs: torch.Tensor, token_logprobs: torch.Tensor) -> torch.Tensor:
+    """RAG-Token p(z_k | x, y_<t, y_t) for each target token: each token draws its own passage with prior
+    p_eta, so its posterior is softmax_k [log p_eta(z_k|x) + log p_theta(y_t | x, z_k, y_<t)].
+    (B, K), (B, K, T) -> (B, T, K)."""
+    return torch.softmax(doc_logprobs[:, :, None] + token_logprobs, dim=1).transpose(1, 2)
+
+
 @dataclass
 class Likelihood:
     loglik: torch.Tensor     # (B,) log p(y|x)
     loss: torch.Tensor       # (B,) label-smoothed negative log-likelihood (= -loglik when eps = 0)
     posterior: torch.Tensor  # (B, K) p(z|x,y) for RAG-Sequence; for RAG-Token the mean over tokens
-    token_posterior: torch.Tensor | None = None  # (B, T, K) RAG-Token: p(z | x, y_<=t) per target token
+    token_posterior: torch.Tensor | None = None  # (B, T, K) RAG-Token: p(z | x, y_<t, y_t) per target token
 
 
 def rag_sequence(logprobs: torch.Tensor, doc_logprobs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
@@ -53,14 +65,13 @@ def rag_sequence(logprobs: torch.Tensor, doc_logprobs: torch.Tensor, target: tor
     maskf = mask.to(logprobs.dtype)
     seq = gather_targets(logprobs, target, maskf).sum(-1)  # (B, K) log p_theta(y | x, z_k)
     loglik = marginalize(doc_logprobs, seq)  # (B,)
-    joint = doc_logprobs + seq  # (B, K) log p(z_k, y | x)
     loss = -loglik
     if eps:
         v = logprobs.shape[-1]
         smooth_seq = (logprobs.sum(-1) * maskf[:, None, :]).sum(-1)  # (B, K)
         smooth = marginalize(v * doc_logprobs, smooth_seq)  # HF adds doc log-probs to all V entries once
         loss = (1 - eps) * loss - eps / v * smooth
-    return Likelihood(loglik, loss, torch.softmax(joint, dim=-1))
+    return Likelihood(loglik, loss, sequence_posterior(doc_logprobs, seq))
 
 
 def rag_token(logprobs: torch.Tensor, doc_logprobs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
@@ -70,8 +81,7 @@ def rag_token(logprobs: torch.Tensor, doc_logprobs: torch.Tensor, target: torch.
     tok = gather_targets(logprobs, target, maskf)  # (B, K, T)
     per_token = marginalize(doc_logprobs, tok)  # (B, T) log p'(y_t | x, y_<t)
     loglik = (per_token * maskf).sum(-1)  # (B,)
-    # p(z_k | x, y_<=t) for token t: the passage's share of the marginal at that token
-    token_post = torch.softmax(doc_logprobs[:, :, None] + tok, dim=1).transpose(1, 2)  # (B, T, K)
+    token_post = token_posterior(doc_logprobs, tok)  # (B, T, K)
     loss = -loglik
     if eps:
         v = logprobs.shape[-1]

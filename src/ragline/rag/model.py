@@ -1,0 +1,135 @@
+"""RagModel: retriever + generator. Answers questions with RAG-Sequence, RAG-Token or closed book, and
+says where each answer came from; computes the training likelihood with gradient to the question encoder.
+
+Output per question (:class:`Answer`): the answer and log p(y|x) under the chosen model; the top-k passages
+with their prior p_eta(z|x) and posterior p(z|x,y); for RAG-Token the posterior of every answer token
+(which passage produced which words).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ragline.corpus.passages import Passage
+from ragline.errors import RaglineError
+from ragline.models.generators import Generator
+from ragline.rag import marginal
+from ragline.rag.decoding import Decoded, rag_sequence_decode, rag_token_decode, stop_ids
+from ragline.retriever import Retriever
+
+MODELS = ("rag-sequence", "rag-token", "closed-book")
+DECODINGS = {"rag-sequence": ("thorough", "fast"), "rag-token": ("beam", "greedy"),
+             "closed-book": ("beam", "greedy")}
+
+
+@dataclass
+class Source:
+    rank: int
+    pid: str
+    title: str
+    text: str
+    score: float      # q(x)·d(z)
+    prior: float      # p_eta(z|x)
+    posterior: float  # p(z|x,y)
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str
+    logprob: float                     # log p(y|x) under the model used
+    model: str
+    decoding: str
+    tokens: list[int] = field(repr=False)
+    sources: list[Source] = field(default_factory=list)
+    token_sources: list[tuple[str, list[float]]] | None = None  # RAG-Token: (token text, p(z_k|x,y_<t,y_t))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RagModel:
+    def __init__(self, retriever: Retriever | None, generator: Generator, k: int = 5, mode: str = "dense") -> None:
+        self.retriever, self.generator, self.k, self.mode = retriever, generator, k, mode
+
+    def retrieve(self, questions: Sequence[str], k: int, grad: bool = False
+                 ) -> tuple[list[list[Passage]], torch.Tensor]:
+        """Top-k passages per question and their retrieval scores q(x)·d(z), (B, K): with ``grad`` the
+        scores are recomputed from the stored d(z) with gradient to the question encoder."""
+        if self.retriever is None:
+            raise RaglineError("this model has no retriever", "open it with an index, or use --model closed-book")
+        res = self.retriever.retrieve(list(questions), k=k, mode=self.mode)
+        if (res.rows < 0).any():
+            raise RaglineError(f"fewer than k={k} passages matched a question ({self.mode} retrieval)",
+                               "use dense or hybrid retrieval, or a smaller -k")
+        passages = [res.index.store.get(row) for row in res.rows]
+        if res.index.embeddings is None:  # BM25-only index: no q(x)·d(z); a uniform prior
+            return passages, torch.zeros(res.rows.shape)
+        enc = self.retriever.encoder
+        q = enc.embed(list(questions)) if grad else torch.from_numpy(self.retriever.encode_questions(list(questions)))
+        return passages, self.retriever.doc_scores(q, res.rows, res.index)
+
+    def likelihood(self, questions: Sequence[str], answers: Sequence[str], model: str = "rag-sequence",
+                   k: int | None = None, eps: float = 0.0) -> marginal.Likelihood:
+        """Marginal likelihood of ``answers`` with gradient to the generator and the question encoder."""
+        _check_model(model, None)
+        if model == "closed-book":
+            passages, scores = [[None]] * len(questions), torch.zeros(len(questions), 1)
+        else:
+            passages, scores = self.retrieve(questions, k or self.k, grad=True)
+        s = self.generator.score(questions, passages, answers)
+        fn = marginal.rag_token if model == "rag-token" else marginal.rag_sequence
+        return fn(s.logprobs, marginal.doc_log_probs(scores), s.target, s.mask, eps=eps)
+
+    @torch.no_grad()
+    def answer(self, questions: Sequence[str], model: str = "rag-sequence", decoding: str | None = None,
+               k: int | None = None, beams: int = 4, max_new_tokens: int = 32) -> list[Answer]:
+        _check_model(model, None)
+        decoding = decoding or DECODINGS[model][0]
+        _check_model(model, decoding)
+        k = k or self.k
+        if model == "closed-book":
+            passages, scores = [[None] for _ in questions], torch.zeros(len(questions), 1)
+        else:
+            passages, scores = self.retrieve(questions, k)
+        doc = marginal.doc_log_probs(scores)  # (B, K)
+        if model == "rag-sequence":
+            decoded = rag_sequence_decode(self.generator, questions, passages, doc, beams=beams,
+                                          max_new_tokens=max_new_tokens, thorough=decoding == "thorough")
+        else:
+            decoded = rag_token_decode(self.generator, questions, passages, doc,
+                                       beams=1 if decoding == "greedy" else beams, max_new_tokens=max_new_tokens)
+        return [self._explain(q, d, zs, scores[b], doc[b], model, decoding)
+                for b, (q, d, zs) in enumerate(zip(questions, decoded, passages, strict=True))]
+
+    def _explain(self, question: str, d: Decoded, passages: list[Passage | None], scores: torch.Tensor,
+                 doc: torch.Tensor, model: str, decoding: str) -> Answer:
+        stops = set(stop_ids(self.generator))
+        content = [t for t in d.tokens if t not in stops]
+        text = self.generator.tokenizer.decode(content, skip_special_tokens=True).strip()
+        ans = Answer(question, text, d.logprob, model, decoding, d.tokens)
+        if passages[0] is None:
+            return ans
+        if model == "rag-sequence":
+            posterior = marginal.sequence_posterior(doc[None], d.seq_logprobs[None])[0]
+        else:  # RAG-Token: p(z | x, y_<t, y_t) per token, and its mean over the answer's tokens
+            lp, _, _ = self.generator.target_logprobs([question], [passages], [d.tokens])  # (1, K, T)
+            per_token = marginal.token_posterior(doc[None], lp)[0]  # (T, K)
+            keep = [i for i, t in enumerate(d.tokens) if t not in stops]
+            ans.token_sources = [(self.generator.tokenizer.decode([d.tokens[i]]), per_token[i].tolist()) for i in keep]
+            posterior = per_token[keep].mean(0) if keep else per_token.mean(0)
+        prior = doc.exp()
+        ans.sources = [Source(i + 1, z.pid, z.title, z.text, float(scores[i]), float(prior[i]), float(posterior[i]))
+                       for i, z in enumerate(passages)]
+        return ans
+
+
+def _check_model(model: str, decoding: str | None) -> None:
+    if model not in MODELS:
+        raise RaglineError(f"unknown model {model!r}", f"use one of {', '.join(MODELS)}")
+    if decoding is not None and decoding not in DECODINGS[model]:
+        raise RaglineError(f"{model} has no {decoding!r} decoding", f"use --decoding {' or '.join(DECODINGS[model])}")
+
