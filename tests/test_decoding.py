@@ -75,3 +75,36 @@ def test_causal_generator_decodes_an_answer_from_the_passage():
     d = rag_token_decode(smol, questions[:1], passages[:1], doc[:1], beams=1, max_new_tokens=12)[0]
     lp, target, mask = smol.target_logprobs(questions[:1], passages[:1], [d.tokens])
     assert marginal.marginalize(doc[:1], lp).sum().item() == pytest.approx(d.logprob, abs=1e-3)
+
+
+def _continuation_equals_full_scoring(gen, questions, passages, answers):
+    prompts = gen.pair_prompts(questions, passages)
+    state, first = gen.start(prompts)
+    k = len(passages[0])
+    ids = gen.target_ids(answers)
+    t = max(map(len, ids))
+    pairs = [(q, z) for q in range(len(questions)) for z in range(k)]
+    targets = torch.tensor([ids[q] + [gen.pad_id] * (t - len(ids[q])) for q, _ in pairs])
+    mask = torch.tensor([[i < len(ids[q]) for i in range(t)] for q, _ in pairs])
+    with torch.no_grad():
+        cached = gen.continuation_logprobs(state, first, torch.tensor([q * k + z for q, z in pairs]), targets, mask)
+        full, _, _ = gen.target_logprobs(questions, passages, answers)  # (B, K, T)
+        again = gen.continuation_logprobs(state, first, torch.tensor([0]), targets[:1], mask[:1])
+    torch.testing.assert_close(cached, full.sum(-1).reshape(-1), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(again, cached[:1], atol=2e-4, rtol=1e-4)  # the prefill state was not consumed
+
+
+def test_cached_continuation_scoring_equals_a_full_pass_seq2seq(tiny):  # noqa: F811
+    bart = _generating_bart(tiny, 0.5, 0, 0.0)
+    gen, questions, passages, answers, _ = _batch(tiny[0], bart)
+    _continuation_equals_full_scoring(gen, questions, passages, answers)
+
+
+def test_cached_continuation_scoring_equals_a_full_pass_causal():
+    from ragline.models.generators import CausalGenerator
+
+    smol = CausalGenerator.load("smollm2")
+    paris = Passage("Paris#0", "Paris", "Paris", "Paris is the capital and largest city of France.")
+    rome = Passage("Rome#0", "Rome", "Rome", "Rome, the Eternal City, is the capital city of Italy.")
+    _continuation_equals_full_scoring(smol, ["What is the capital of France?", "Which city is Italy's capital?"],
+                                      [[paris, rome], [rome, paris]], ["Paris", "Rome, the Eternal City"])

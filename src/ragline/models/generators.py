@@ -81,6 +81,47 @@ class Generator(ABC):
         """Continue rows ``parents`` (N',) of ``state`` (rows may repeat: beams share a prefix) with one token
         each, ``tokens`` (N',); the state now holds N' rows. Returns next-token log-probs (N', V)."""
 
+    def fork(self, state: DecodeState, rows: torch.Tensor) -> DecodeState:
+        """An independent state holding copies of rows ``rows`` (N',) of ``state`` (which is left as is)."""
+        import copy
+
+        if hasattr(state.cache, "self_attention_cache"):  # encoder-decoder: fork both halves
+            cache = copy.copy(state.cache)
+            cache.self_attention_cache = self._fork_cache(state.cache.self_attention_cache)
+            cache.cross_attention_cache = self._fork_cache(state.cache.cross_attention_cache)
+            cache.is_updated = dict(state.cache.is_updated)
+        else:
+            cache = self._fork_cache(state.cache)
+        cache.reorder_cache(rows)  # index_select: new tensors, the original cache is untouched
+        return DecodeState(cache, state.attention_mask[rows],
+                           None if state.positions is None else state.positions[rows],
+                           None if state.encoder_hidden is None else state.encoder_hidden[rows])
+
+    @staticmethod
+    def _fork_cache(cache):
+        import copy
+
+        out = copy.copy(cache)
+        out.layers = [copy.copy(layer) for layer in cache.layers]
+        return out
+
+    @abstractmethod
+    def _extend(self, state: DecodeState, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` (N, T) after each row's cached prefix (padding where ``mask`` is False);
+        returns the logits after each fed token, (N, T, V). The state is consumed."""
+
+    def continuation_logprobs(self, state: DecodeState, first: torch.Tensor, rows: torch.Tensor,
+                              targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """log p_theta(y | prefix) for continuations ``targets`` (N, T) of the cached prefixes ``rows`` of a
+        prefill ``state`` whose next-token log-probs were ``first`` (rows, V): (N,). Only the targets' own
+        tokens are computed; the prompts are read from the cache."""
+        lp = first[rows].gather(1, targets[:, :1]).squeeze(1)  # (N,) first target token
+        if targets.shape[1] > 1:
+            logits = self._extend(self.fork(state, rows), targets[:, :-1], mask[:, :-1]).float()  # (N, T-1, V)
+            step = logits.gather(-1, targets[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+            lp = lp + (step * mask[:, 1:]).sum(-1)
+        return lp
+
     def pair_prompts(self, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]]) -> list[str]:
         """Prompts of every (question, passage) pair, question-major: row b*K + k."""
         _check_shapes(questions, passages, questions)
@@ -198,6 +239,12 @@ class CausalGenerator(Generator):
         state = DecodeState(out.past_key_values, attn, positions[:, -1] + 1)
         return state, torch.log_softmax(out.logits[:, -1].float(), -1)
 
+    def _extend(self, state: DecodeState, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        attn = torch.cat([state.attention_mask, mask.long()], 1)
+        pos = state.positions[:, None] + torch.arange(tokens.shape[1])  # (N, T)
+        return self.model(input_ids=tokens, attention_mask=attn, position_ids=pos, past_key_values=state.cache,
+                          use_cache=True).logits
+
     def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         state.cache.reorder_cache(parents)  # index_select per layer: rows follow their beams
         attn = torch.cat([state.attention_mask[parents], torch.ones(len(parents), 1, dtype=torch.long)], 1)
@@ -250,6 +297,11 @@ class Seq2SeqGenerator(Generator):
                          use_cache=True)
         state = DecodeState(out.past_key_values, enc["attention_mask"], None, hidden)
         return state, torch.log_softmax(out.logits[:, -1].float(), -1)
+
+    def _extend(self, state: DecodeState, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(encoder_outputs=(state.encoder_hidden,), attention_mask=state.attention_mask,
+                          decoder_input_ids=tokens, decoder_attention_mask=None, past_key_values=state.cache,
+                          use_cache=True).logits  # padding comes after the real tokens: causal, so harmless
 
     def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         state.cache.reorder_cache(parents)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ragline.corpus.passages import Passage
-from ragline.models.generators import Generator
+from ragline.models.generators import DecodeState, Generator
 from ragline.rag.marginal import marginalize
 
 NEG = -1.0e9
@@ -127,14 +127,18 @@ class RowStepper:
     ``combine`` turns their log-probs (G, W, rows, V) into the beam's (G, W, V)."""
 
     def __init__(self, generator: Generator, prompts: list[str], groups: int, rows: int, beams: int,
-                 combine: Callable[[torch.Tensor], torch.Tensor]) -> None:
+                 combine: Callable[[torch.Tensor], torch.Tensor], keep_prefill: bool = False) -> None:
         self.gen, self.groups, self.rows, self.beams, self.combine = generator, groups, rows, beams, combine
         self.prompts, self.state, self.width = prompts, None, 1  # width: live beams per group in the rows
+        self.keep_prefill = keep_prefill
+        self.prefill: tuple[DecodeState, torch.Tensor] | None = None  # the prompts' cache, next-token log-probs
 
     @torch.no_grad()
     def __call__(self, parents: torch.Tensor | None, tokens: torch.Tensor | None) -> torch.Tensor:
         if tokens is None:
             self.state, logp = self.gen.start(self.prompts)  # (G*rows, V)
+            if self.keep_prefill:  # a copy that the beams' reordering leaves alone
+                self.prefill = (self.gen.fork(self.state, torch.arange(len(self.prompts))), logp)
         else:
             g, w = parents.shape
             if self.width == 1:  # right after the prompts every beam of a group is a copy of the one row
@@ -193,7 +197,7 @@ def rag_sequence_decode(generator: Generator, questions: Sequence[str],
     b, k = doc_logprobs.shape
     groups = b * k
     step = RowStepper(generator, generator.pair_prompts(questions, passages), groups, 1, beams,
-                      lambda logp: logp[:, :, 0])  # (G, W, 1, V) -> (G, W, V)
+                      lambda logp: logp[:, :, 0], keep_prefill=thorough)  # (G, W, 1, V) -> (G, W, V)
     stops = stop_ids(generator)
     if beams <= 1:
         per_pair = [[h] for h in greedy(step, groups, stops, max_new_tokens)]
@@ -205,15 +209,18 @@ def rag_sequence_decode(generator: Generator, questions: Sequence[str],
         q, z = divmod(g, k)
         for h in hyps:
             cands[q].setdefault(tuple(h.tokens), {})[z] = h.logprob
-    if thorough:  # one more forward pass for every (y, z) pair whose beam did not produce y
-        missing = [(q, y) for q in range(b) for y, seen in cands[q].items() if len(seen) < k]
-        for lo in range(0, len(missing), 8):
-            chunk = missing[lo : lo + 8]
-            lp, _, _ = generator.target_logprobs([questions[q] for q, _ in chunk], [passages[q] for q, _ in chunk],
-                                                 [list(y) for _, y in chunk])
-            for (q, y), row in zip(chunk, lp.sum(-1), strict=True):  # row: (K,) log p_theta(y|x,z_k)
-                for z in range(k):
-                    cands[q][y].setdefault(z, float(row[z]))
+    if thorough:  # one more pass for every (y, z) pair whose beam did not produce y, over z's cached prompt
+        state, first = step.prefill
+        missing = [(q, y, z) for q in range(b) for y, seen in cands[q].items() for z in range(k) if z not in seen]
+        for lo in range(0, len(missing), 16):
+            chunk = missing[lo : lo + 16]
+            t = max(len(y) for _, y, _ in chunk)
+            targets = torch.tensor([list(y) + [generator.pad_id] * (t - len(y)) for _, y, _ in chunk])  # (n, T)
+            mask = torch.tensor([[i < len(y) for i in range(t)] for _, y, _ in chunk])
+            rows = torch.tensor([q * k + z for q, _, z in chunk])
+            lp = generator.continuation_logprobs(state, first, rows, targets, mask)  # (n,)
+            for (q, y, z), v in zip(chunk, lp.tolist(), strict=True):
+                cands[q][y][z] = v
     out = []
     for q in range(b):
         best = None

@@ -86,7 +86,10 @@ class RagModel:
 
     @torch.no_grad()
     def answer(self, questions: Sequence[str], model: str = "rag-sequence", decoding: str | None = None,
-               k: int | None = None, beams: int = 4, max_new_tokens: int = 32) -> list[Answer]:
+               k: int | None = None, beams: int = 4, max_new_tokens: int = 32,
+               length_penalty: float = 1.0) -> list[Answer]:
+        """Decode an answer per question. ``length_penalty`` ranks finished beams by
+        log p / len ** length_penalty (1.0, HF's default, favours longer answers; 0.0 ranks by log p)."""
         _check_model(model, None)
         decoding = decoding or DECODINGS[model][0]
         _check_model(model, decoding)
@@ -98,10 +101,12 @@ class RagModel:
         doc = marginal.doc_log_probs(scores)  # (B, K)
         if model == "rag-sequence":
             decoded = rag_sequence_decode(self.generator, questions, passages, doc, beams=beams,
-                                          max_new_tokens=max_new_tokens, thorough=decoding == "thorough")
+                                          max_new_tokens=max_new_tokens, thorough=decoding == "thorough",
+                                          length_penalty=length_penalty)
         else:
             decoded = rag_token_decode(self.generator, questions, passages, doc,
-                                       beams=1 if decoding == "greedy" else beams, max_new_tokens=max_new_tokens)
+                                       beams=1 if decoding == "greedy" else beams, max_new_tokens=max_new_tokens,
+                                       length_penalty=length_penalty)
         return [self._explain(q, d, zs, scores[b], doc[b], model, decoding)
                 for b, (q, d, zs) in enumerate(zip(questions, decoded, passages, strict=True))]
 

@@ -1,0 +1,102 @@
+"""Answer quality on the FanOutQA dev sub-questions whose answer is in the bundled corpus.
+
+Questions: dev split (top-level ids 0-7, none shared with the held-out half) whose gold page is a bundled
+lead and whose answer string (normalised) occurs in that page's passages. Systems, each at the given k:
+
+  closed-book          the generator alone
+  single-passage       the top-1 passage pasted into the prompt (what most RAG toolkits do; = RAG at k=1)
+  rag-token            beam search on the marginal over k passages
+  rag-seq-thorough     per-passage beams, every (answer, passage) pair scored
+  rag-seq-fast         per-passage beams, unscored pairs count as probability 0
+
+Prints exact match, token F1 (SQuAD normalisation, max over gold answers) and seconds per question.
+
+    python3 benchmarks/answers.py [--generator qwen2.5-0.5b] [--limit N] [--ks 1,5,10] [--beams 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ragline import paths
+from ragline.evaluate.datasets import load_fanoutqa
+from ragline.evaluate.metrics import exact_match, normalise, token_f1
+from ragline.index.directory import IndexDir
+from ragline.models.generators import CausalGenerator
+from ragline.rag.model import RagModel
+from ragline.retriever import Retriever
+
+
+def answerable(index: IndexDir):
+    """Dev questions whose normalised answer occurs in the normalised text of their gold page."""
+    titles = index.store.table.column("title").to_pylist()
+    texts = index.store.table.column("text").to_pylist()
+    page: dict[str, list[str]] = {}
+    for t, x in zip(titles, texts, strict=True):
+        page.setdefault(t, []).append(x)
+    out = []
+    for q in load_fanoutqa("dev", set(page)):
+        body = normalise(" ".join(page[q.gold_titles[0]]))
+        if any(normalise(a) and f" {normalise(a)} " in f" {body} " for a in q.answers):
+            out.append(q)
+    return out
+
+
+def run(rag: RagModel, questions, model: str, decoding: str, k: int, beams: int, batch: int, max_new: int,
+        length_penalty: float):
+    em = f1 = 0.0
+    preds = []
+    t0 = time.perf_counter()
+    for lo in range(0, len(questions), batch):
+        qs = questions[lo : lo + batch]
+        for q, a in zip(qs, rag.answer([x.question for x in qs], model=model, decoding=decoding, k=k,
+                                       beams=beams, max_new_tokens=max_new, length_penalty=length_penalty),
+                      strict=True):
+            em += exact_match(a.text, q.answers)
+            f1 += token_f1(a.text, q.answers)
+            preds.append({"id": q.id, "question": q.question, "gold": list(q.answers), "answer": a.text})
+    n = len(questions)
+    return em / n, f1 / n, (time.perf_counter() - t0) / n, preds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--index", type=Path, default=paths.default_index_dir())
+    ap.add_argument("--generator", default="qwen2.5-0.5b")
+    ap.add_argument("--limit", type=int, default=None, help="first N questions only")
+    ap.add_argument("--ks", default="1,5,10")
+    ap.add_argument("--beams", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4, help="questions decoded together")
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--length-penalty", type=float, default=1.0, help="beam ranking: log p / len ** this")
+    ap.add_argument("--systems", default="closed-book,single-passage,rag-token,rag-seq-thorough,rag-seq-fast")
+    ap.add_argument("--predictions", type=Path, default=None, help="write every prediction as JSON lines")
+    args = ap.parse_args()
+
+    index = IndexDir.open(args.index)
+    questions = answerable(index)[: args.limit]
+    rag = RagModel(Retriever(index), CausalGenerator.load(args.generator), mode="dense")
+    print(f"{len(questions)} dev questions with the answer in the corpus; generator {rag.generator.name}; "
+          f"beams {args.beams}, length penalty {args.length_penalty}; dense retrieval over {index.name}")
+    systems = {"closed-book": ("closed-book", "greedy", [1]), "single-passage": ("rag-token", "greedy", [1]),
+               "rag-token": ("rag-token", "beam", None), "rag-seq-thorough": ("rag-sequence", "thorough", None),
+               "rag-seq-fast": ("rag-sequence", "fast", None)}
+    ks = [int(k) for k in args.ks.split(",")]
+    print("| system | k | EM | F1 | s/question |\n|---|---|---|---|---|", flush=True)
+    out = []
+    for name in args.systems.split(","):
+        model, decoding, fixed_ks = systems[name]
+        for k in fixed_ks or ks:
+            em, f1, secs, preds = run(rag, questions, model, decoding, k, args.beams, args.batch, args.max_new_tokens,
+                                      args.length_penalty)
+            print(f"| {name} | {k if name != 'closed-book' else '-'} | {em:.3f} | {f1:.3f} | {secs:.1f} |", flush=True)
+            out.extend({"system": name, "k": k, **p} for p in preds)
+    if args.predictions:
+        args.predictions.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in out))
+
+
+if __name__ == "__main__":
+    main()
