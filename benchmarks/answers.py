@@ -72,15 +72,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="questions decoded together")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--length-penalty", type=float, default=1.0, help="beam ranking: log p / len ** this")
+    ap.add_argument("--prior-scale", type=float, default=20.0, help="p_eta(z|x) = softmax(scale * q·d)")
     ap.add_argument("--systems", default="closed-book,single-passage,rag-token,rag-seq-thorough,rag-seq-fast")
     ap.add_argument("--predictions", type=Path, default=None, help="write every prediction as JSON lines")
     args = ap.parse_args()
 
     index = IndexDir.open(args.index)
     questions = answerable(index)[: args.limit]
-    rag = RagModel(Retriever(index), CausalGenerator.load(args.generator), mode="dense")
+    rag = RagModel(Retriever(index), CausalGenerator.load(args.generator), mode="dense", prior_scale=args.prior_scale)
     print(f"{len(questions)} dev questions with the answer in the corpus; generator {rag.generator.name}; "
-          f"beams {args.beams}, length penalty {args.length_penalty}; dense retrieval over {index.name}")
+          f"beams {args.beams}, length penalty {args.length_penalty}, prior scale {args.prior_scale}; "
+          f"dense retrieval over {index.name}")
     systems = {"closed-book": ("closed-book", "greedy", [1]), "single-passage": ("rag-token", "greedy", [1]),
                "rag-token": ("rag-token", "beam", None), "rag-seq-thorough": ("rag-sequence", "thorough", None),
                "rag-seq-fast": ("rag-sequence", "fast", None)}

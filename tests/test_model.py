@@ -67,3 +67,12 @@ def test_likelihood_trains_generator_and_question_encoder(rag, model):
     enc.zero_grad()
     assert lik.posterior[0, 0] > 0.5  # the answer is attributed to the Kubrick passage
     assert torch.isfinite(lik.loglik).all() and lik.loglik.item() < 0
+
+
+def test_prior_is_the_scaled_softmax_of_the_retrieval_scores(rag):
+    (a,) = rag.answer([Q], model="rag-token", decoding="greedy", max_new_tokens=4)
+    scores = torch.tensor([s.score for s in a.sources])
+    expect = torch.softmax(rag.prior_scale * scores, 0)
+    assert [s.prior for s in a.sources] == pytest.approx(expect.tolist(), abs=1e-5)
+    flat = torch.softmax(scores, 0)  # scale 1: cosines in [-1, 1] keep the best passage under half the prior
+    assert flat.max() < 0.5 < a.sources[0].prior

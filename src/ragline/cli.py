@@ -161,10 +161,14 @@ def _print_hits(question: str, hits, mode: str) -> None:
 @click.option("--generator", default="qwen2.5-0.5b", show_default=True,
               help="Bundled name (qwen2.5-0.5b, smollm2) or a Hugging Face causal LM folder.")
 @click.option("--mode", type=click.Choice(["dense", "bm25", "hybrid"]), default="dense", show_default=True)
+@click.option("--prior-scale", default=20.0, show_default=True, type=float,
+              help="p(z|x) = softmax(scale * q·d): 20 suits unit-normalised encoders such as MiniLM, 1 suits DPR.")
+@click.option("--length-penalty", default=1.0, show_default=True, type=float,
+              help="Beam ranking: log p / length ** this (0 ranks by log p, favouring short answers).")
 @_retrieval_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full answer structure as JSON lines.")
-def ask(questions, index_dir, model_name, decoding, k, beams, max_new_tokens, generator, mode, query_encoder,
-        allow_encoder_mismatch, bm25_weight, rrf_c, as_json) -> None:
+def ask(questions, index_dir, model_name, decoding, k, beams, max_new_tokens, generator, mode, prior_scale,
+        length_penalty, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, as_json) -> None:
     """Answer each QUESTION with RAG and print the answer with its cited passages."""
     from ragline.models.generators import CausalGenerator
     from ragline.rag.model import RagModel
@@ -172,9 +176,9 @@ def ask(questions, index_dir, model_name, decoding, k, beams, max_new_tokens, ge
     retriever = None
     if model_name != "closed-book":
         retriever = _open_retriever(index_dir, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c)
-    rag = RagModel(retriever, CausalGenerator.load(generator), k=k, mode=mode)
+    rag = RagModel(retriever, CausalGenerator.load(generator), k=k, mode=mode, prior_scale=prior_scale)
     for a in rag.answer(list(questions), model=model_name, decoding=decoding, beams=beams,
-                        max_new_tokens=max_new_tokens):
+                        max_new_tokens=max_new_tokens, length_penalty=length_penalty):
         if as_json:
             print(json.dumps(a.to_dict(), ensure_ascii=False))
         else:

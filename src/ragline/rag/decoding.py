@@ -149,8 +149,8 @@ class RowStepper:
             logp = self.gen.advance(self.state, rows, tokens[:, :, None].expand(-1, -1, self.rows).reshape(-1))
             self.width = w
         logp = self.combine(logp.view(self.groups, self.width, self.rows, -1))  # (G, width, V)
-        if self.width < self.beams:  # first step: the other beams are dead copies of the first
-            logp = logp.expand(-1, self.beams, -1) if self.width == 1 else logp
+        if self.width == 1 < self.beams:  # first step: the other beams are dead copies of the first
+            logp = logp.expand(-1, self.beams, -1)
         return logp
 
 

@@ -51,9 +51,20 @@ class Answer:
         return asdict(self)
 
 
+PRIOR_SCALE = 20.0
+
+
 class RagModel:
-    def __init__(self, retriever: Retriever | None, generator: Generator, k: int = 5, mode: str = "dense") -> None:
+    """``prior_scale`` s sets p_eta(z|x) = softmax_k(s · q(x)·d(z)). DPR's unnormalised inner products need
+    s = 1 (the paper); all-MiniLM-L6-v2 gives cosines in [-1, 1] and was trained contrastively with scale 20,
+    so softmax(20 · cos) is its own distribution over passages, while s = 1 leaves the prior nearly uniform
+    over the top k (0.18-0.28 for five passages in practice) and lets unrelated passages vote as much as
+    the right one."""
+
+    def __init__(self, retriever: Retriever | None, generator: Generator, k: int = 5, mode: str = "dense",
+                 prior_scale: float = PRIOR_SCALE) -> None:
         self.retriever, self.generator, self.k, self.mode = retriever, generator, k, mode
+        self.prior_scale = prior_scale
 
     def retrieve(self, questions: Sequence[str], k: int, grad: bool = False
                  ) -> tuple[list[list[Passage]], torch.Tensor]:
@@ -82,7 +93,7 @@ class RagModel:
             passages, scores = self.retrieve(questions, k or self.k, grad=True)
         s = self.generator.score(questions, passages, answers)
         fn = marginal.rag_token if model == "rag-token" else marginal.rag_sequence
-        return fn(s.logprobs, marginal.doc_log_probs(scores), s.target, s.mask, eps=eps)
+        return fn(s.logprobs, marginal.doc_log_probs(self.prior_scale * scores), s.target, s.mask, eps=eps)
 
     @torch.no_grad()
     def answer(self, questions: Sequence[str], model: str = "rag-sequence", decoding: str | None = None,
@@ -98,7 +109,7 @@ class RagModel:
             passages, scores = [[None] for _ in questions], torch.zeros(len(questions), 1)
         else:
             passages, scores = self.retrieve(questions, k)
-        doc = marginal.doc_log_probs(scores)  # (B, K)
+        doc = marginal.doc_log_probs(self.prior_scale * scores)  # (B, K) log p_eta(z|x)
         if model == "rag-sequence":
             decoded = rag_sequence_decode(self.generator, questions, passages, doc, beams=beams,
                                           max_new_tokens=max_new_tokens, thorough=decoding == "thorough",
