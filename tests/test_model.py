@@ -76,3 +76,31 @@ def test_prior_is_the_scaled_softmax_of_the_retrieval_scores(rag):
     assert [s.prior for s in a.sources] == pytest.approx(expect.tolist(), abs=1e-5)
     flat = torch.softmax(scores, 0)  # scale 1: cosines in [-1, 1] keep the best passage under half the prior
     assert flat.max() < 0.5 < a.sources[0].prior
+
+
+@pytest.mark.parametrize("model, decoding", [("rag-sequence", "thorough"), ("rag-token", "beam")])
+def test_n_best_alternatives(rag, model, decoding):
+    (a,) = rag.answer([Q], model=model, decoding=decoding, beams=3, n_best=3, max_new_tokens=12)
+    assert 1 < len(a.alternatives) <= 3
+    assert a.alternatives[0] == (a.text, pytest.approx(a.logprob))
+    assert len({t for t, _ in a.alternatives}) == len(a.alternatives)
+    if model == "rag-sequence":  # ranked by the marginal log p(y|x)
+        assert [lp for _, lp in a.alternatives] == sorted((lp for _, lp in a.alternatives), reverse=True)
+
+
+def test_cli_ask_prints_json_and_rejects_a_wrong_decoding(small_index):
+    import json
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "ragline", "ask", Q, "--index", str(small_index), "--generator", "smollm2", "-k", "2"]
+    ok = subprocess.run([*base, "--model", "rag-token", "--decoding", "greedy", "--json", "--max-new-tokens", "24"],
+                        capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0, ok.stderr
+    a = json.loads(ok.stdout.splitlines()[0])
+    assert "Kub" in a["text"] and len(a["sources"]) == 2 and a["token_sources"]
+    bad = subprocess.run([*base, "--model", "rag-token", "--decoding", "thorough"], capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == ("error: rag-token has no 'thorough' decoding; "
+                                                   "use --decoding beam or greedy")

@@ -165,10 +165,12 @@ def _print_hits(question: str, hits, mode: str) -> None:
               help="p(z|x) = softmax(scale * q·d): 20 suits unit-normalised encoders such as MiniLM, 1 suits DPR.")
 @click.option("--length-penalty", default=1.0, show_default=True, type=float,
               help="Beam ranking: log p / length ** this (0 ranks by log p, favouring short answers).")
+@click.option("--n-best", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Also print the next best answers (beam decodings).")
 @_retrieval_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full answer structure as JSON lines.")
 def ask(questions, index_dir, model_name, decoding, k, beams, max_new_tokens, generator, mode, prior_scale,
-        length_penalty, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, as_json) -> None:
+        length_penalty, n_best, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, as_json) -> None:
     """Answer each QUESTION with RAG and print the answer with its cited passages."""
     from ragline.models.generators import CausalGenerator
     from ragline.rag.model import RagModel
@@ -178,7 +180,7 @@ def ask(questions, index_dir, model_name, decoding, k, beams, max_new_tokens, ge
         retriever = _open_retriever(index_dir, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c)
     rag = RagModel(retriever, CausalGenerator.load(generator), k=k, mode=mode, prior_scale=prior_scale)
     for a in rag.answer(list(questions), model=model_name, decoding=decoding, beams=beams,
-                        max_new_tokens=max_new_tokens, length_penalty=length_penalty):
+                        max_new_tokens=max_new_tokens, length_penalty=length_penalty, n_best=n_best):
         if as_json:
             print(json.dumps(a.to_dict(), ensure_ascii=False))
         else:
@@ -188,6 +190,8 @@ def ask(questions, index_dir, model_name, decoding, k, beams, max_new_tokens, ge
 def _print_answer(a) -> None:
     console.print(f"[bold]Question:[/] {a.question}")
     console.print(f"[bold green]Answer:[/] {a.text}  [dim]({a.model}, {a.decoding}, log p = {a.logprob:.2f})[/]")
+    for i, (text, lp) in enumerate(a.alternatives[1:], 2):
+        console.print(f"  [dim]#{i}: {text}  (log p = {lp:.2f})[/]")
     if not a.sources:
         return
     console.print("[bold]Sources[/] (prior p(z|x) -> posterior p(z|x,y)):")

@@ -21,7 +21,7 @@ All questions are decoded together: generator rows are (question x passage x bea
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -164,13 +164,15 @@ class Decoded:
     tokens: list[int]
     logprob: float                  # log p(y|x) under the model's own marginal
     seq_logprobs: torch.Tensor | None = None  # (K,) RAG-Sequence: log p_theta(y|x,z_k) (-inf: not scored, fast)
+    alternatives: list[tuple[list[int], float]] = field(default_factory=list)  # n-best (tokens, log p), best first
 
 
 @torch.no_grad()
 def rag_token_decode(generator: Generator, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]],
                      doc_logprobs: torch.Tensor, beams: int = 1, max_new_tokens: int = 32,
-                     length_penalty: float = 1.0) -> list[Decoded]:
-    """RAG-Token: greedy (beams=1) or beam search on the marginal next-token distribution."""
+                     length_penalty: float = 1.0, n_best: int = 1) -> list[Decoded]:
+    """RAG-Token: greedy (beams=1) or beam search on the marginal next-token distribution; with beams, the
+    ``n_best`` (<= beams) finished hypotheses in beam order are kept as alternatives."""
     b, k = doc_logprobs.shape
     beams_eff = max(beams, 1)
 
@@ -182,18 +184,21 @@ def rag_token_decode(generator: Generator, questions: Sequence[str], passages: S
     step = RowStepper(generator, generator.pair_prompts(questions, passages), b, k, beams_eff, combine)
     stops = stop_ids(generator)
     if beams <= 1:
-        return [Decoded(h.tokens, h.logprob) for h in greedy(step, b, stops, max_new_tokens)]
+        return [Decoded(h.tokens, h.logprob, alternatives=[(h.tokens, h.logprob)])
+                for h in greedy(step, b, stops, max_new_tokens)]
     hyps = beam_search(step, b, beams, stops, max_new_tokens, length_penalty)
-    return [Decoded(h[0].tokens, h[0].logprob) for h in hyps]
+    return [Decoded(h[0].tokens, h[0].logprob, alternatives=[(x.tokens, x.logprob) for x in h[:n_best]])
+            for h in hyps]
 
 
 @torch.no_grad()
 def rag_sequence_decode(generator: Generator, questions: Sequence[str],
                         passages: Sequence[Sequence[Passage | None]], doc_logprobs: torch.Tensor,
                         beams: int = 4, max_new_tokens: int = 32, thorough: bool = True,
-                        length_penalty: float = 1.0) -> list[Decoded]:
+                        length_penalty: float = 1.0, n_best: int = 1) -> list[Decoded]:
     """RAG-Sequence: beam search per passage (all questions and passages at once), then the answer that
-    maximises sum_z p_eta(z|x) p_theta(y|x,z) over the union of the beams' hypotheses."""
+    maximises sum_z p_eta(z|x) p_theta(y|x,z) over the union of the beams' hypotheses; the ``n_best`` best
+    candidates by that marginal are kept as alternatives."""
     b, k = doc_logprobs.shape
     groups = b * k
     step = RowStepper(generator, generator.pair_prompts(questions, passages), groups, 1, beams,
@@ -223,11 +228,11 @@ def rag_sequence_decode(generator: Generator, questions: Sequence[str],
                 cands[q][y][z] = v
     out = []
     for q in range(b):
-        best = None
+        ranked = []
         for y, seen in cands[q].items():
             seq = torch.tensor([seen.get(z, float("-inf")) for z in range(k)])  # (K,)
-            ll = float(marginalize(doc_logprobs[q : q + 1], seq[None])[0])
-            if best is None or ll > best.logprob:
-                best = Decoded(list(y), ll, seq)
-        out.append(best)
+            ranked.append((float(marginalize(doc_logprobs[q : q + 1], seq[None])[0]), list(y), seq))
+        ranked.sort(key=lambda r: -r[0])
+        ll, y, seq = ranked[0]
+        out.append(Decoded(y, ll, seq, alternatives=[(t, v) for v, t, _ in ranked[:n_best]]))
     return out

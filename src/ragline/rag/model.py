@@ -46,6 +46,7 @@ class Answer:
     tokens: list[int] = field(repr=False)
     sources: list[Source] = field(default_factory=list)
     token_sources: list[tuple[str, list[float]]] | None = None  # RAG-Token: (token text, p(z_k|x,y_<t,y_t))
+    alternatives: list[tuple[str, float]] = field(default_factory=list)  # n-best (text, log p), best first
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,7 +99,7 @@ class RagModel:
     @torch.no_grad()
     def answer(self, questions: Sequence[str], model: str = "rag-sequence", decoding: str | None = None,
                k: int | None = None, beams: int = 4, max_new_tokens: int = 32,
-               length_penalty: float = 1.0) -> list[Answer]:
+               length_penalty: float = 1.0, n_best: int = 1) -> list[Answer]:
         """Decode an answer per question. ``length_penalty`` ranks finished beams by
         log p / len ** length_penalty (1.0, HF's default, favours longer answers; 0.0 ranks by log p)."""
         _check_model(model, None)
@@ -113,20 +114,23 @@ class RagModel:
         if model == "rag-sequence":
             decoded = rag_sequence_decode(self.generator, questions, passages, doc, beams=beams,
                                           max_new_tokens=max_new_tokens, thorough=decoding == "thorough",
-                                          length_penalty=length_penalty)
+                                          length_penalty=length_penalty, n_best=n_best)
         else:
             decoded = rag_token_decode(self.generator, questions, passages, doc,
                                        beams=1 if decoding == "greedy" else beams, max_new_tokens=max_new_tokens,
-                                       length_penalty=length_penalty)
+                                       length_penalty=length_penalty, n_best=n_best)
         return [self._explain(q, d, zs, scores[b], doc[b], model, decoding)
                 for b, (q, d, zs) in enumerate(zip(questions, decoded, passages, strict=True))]
 
+    def _text(self, tokens: list[int]) -> str:
+        stops = set(stop_ids(self.generator))
+        return self.generator.tokenizer.decode([t for t in tokens if t not in stops], skip_special_tokens=True).strip()
+
     def _explain(self, question: str, d: Decoded, passages: list[Passage | None], scores: torch.Tensor,
                  doc: torch.Tensor, model: str, decoding: str) -> Answer:
+        ans = Answer(question, self._text(d.tokens), d.logprob, model, decoding, d.tokens,
+                     alternatives=[(self._text(t), lp) for t, lp in d.alternatives])
         stops = set(stop_ids(self.generator))
-        content = [t for t in d.tokens if t not in stops]
-        text = self.generator.tokenizer.decode(content, skip_special_tokens=True).strip()
-        ans = Answer(question, text, d.logprob, model, decoding, d.tokens)
         if passages[0] is None:
             return ans
         if model == "rag-sequence":
