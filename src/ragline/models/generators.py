@@ -24,7 +24,7 @@ import torch
 
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
-from ragline.models.catalog import generator_path
+from ragline.models.catalog import DEFAULT_GENERATOR, generator_path
 
 SYSTEM_PROMPT = "Answer the question using the passage. Reply with the answer only, as briefly as possible."
 CLOSED_BOOK_SYSTEM_PROMPT = "Answer the question. Reply with the answer only, as briefly as possible."
@@ -192,7 +192,7 @@ class CausalGenerator(Generator):
         self.end_id = int(end if isinstance(end, int) and end != tokenizer.unk_token_id else tokenizer.eos_token_id)
 
     @classmethod
-    def load(cls, name_or_path: str = "smollm2", dtype: torch.dtype = torch.float32) -> CausalGenerator:
+    def load(cls, name_or_path: str = DEFAULT_GENERATOR, dtype: torch.dtype = torch.float32) -> CausalGenerator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         name, path = generator_path(name_or_path)

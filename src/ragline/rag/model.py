@@ -130,7 +130,6 @@ class RagModel:
                  doc: torch.Tensor, model: str, decoding: str) -> Answer:
         ans = Answer(question, self._text(d.tokens), d.logprob, model, decoding, d.tokens,
                      alternatives=[(self._text(t), lp) for t, lp in d.alternatives])
-        stops = set(stop_ids(self.generator))
         if passages[0] is None:
             return ans
         if model == "rag-sequence":
@@ -138,6 +137,7 @@ class RagModel:
         else:  # RAG-Token: p(z | x, y_<t, y_t) per token, and its mean over the answer's tokens
             lp, _, _ = self.generator.target_logprobs([question], [passages], [d.tokens])  # (1, K, T)
             per_token = marginal.token_posterior(doc[None], lp)[0]  # (T, K)
+            stops = set(stop_ids(self.generator))
             keep = [i for i, t in enumerate(d.tokens) if t not in stops]
             ans.token_sources = [(self.generator.tokenizer.decode([d.tokens[i]]), per_token[i].tolist()) for i in keep]
             posterior = per_token[keep].mean(0) if keep else per_token.mean(0)
