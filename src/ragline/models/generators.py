@@ -15,6 +15,7 @@ A passage of ``None`` gives the closed-book prompt (the question alone).
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,8 +84,6 @@ class Generator(ABC):
 
     def fork(self, state: DecodeState, rows: torch.Tensor) -> DecodeState:
         """An independent state holding copies of rows ``rows`` (N',) of ``state`` (which is left as is)."""
-        import copy
-
         if hasattr(state.cache, "self_attention_cache"):  # encoder-decoder: fork both halves
             cache = copy.copy(state.cache)
             cache.self_attention_cache = self._fork_cache(state.cache.self_attention_cache)
@@ -99,8 +98,6 @@ class Generator(ABC):
 
     @staticmethod
     def _fork_cache(cache):
-        import copy
-
         out = copy.copy(cache)
         out.layers = [copy.copy(layer) for layer in cache.layers]
         return out
@@ -124,7 +121,7 @@ class Generator(ABC):
 
     def pair_prompts(self, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]]) -> list[str]:
         """Prompts of every (question, passage) pair, question-major: row b*K + k."""
-        _check_shapes(questions, passages, questions)
+        _check_shapes(questions, passages)
         return [self.prompt(q, z) for q, zs in zip(questions, passages, strict=True) for z in zs]
 
     def score(self, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]],
@@ -169,8 +166,8 @@ class Generator(ABC):
         return target, mask  # (B, T) each
 
 
-def _check_shapes(questions: Sequence[str], passages: Sequence[Sequence], answers: Sequence[str]) -> int:
-    if not (len(questions) == len(passages) == len(answers)) or not questions:
+def _check_shapes(questions: Sequence[str], passages: Sequence[Sequence], answers: Sequence | None = None) -> int:
+    if not (len(questions) == len(passages) == len(questions if answers is None else answers)) or not questions:
         raise RaglineError("questions, passages and answers must be non-empty lists of one length",
                            "pass one passage list and one answer per question")
     k = len(passages[0])
