@@ -108,3 +108,45 @@ def test_cached_continuation_scoring_equals_a_full_pass_causal():
     rome = Passage("Rome#0", "Rome", "Rome", "Rome, the Eternal City, is the capital city of Italy.")
     _continuation_equals_full_scoring(smol, ["What is the capital of France?", "Which city is Italy's capital?"],
                                       [[paris, rome], [rome, paris]], ["Paris", "Rome, the Eternal City"])
+
+
+
+PRUNED: list[tuple[int, int]] = []  # (pairs scored, pairs an exhaustive thorough decoding scores)
+
+
+@pytest.mark.parametrize("model", [(0.5, 0, 0.0), (0.5, 4, 4.0), (1.0, 4, 0.0)])
+@pytest.mark.parametrize("n_best", [1, 3])
+def test_thorough_decoding_prunes_pairs_but_equals_scoring_every_pair(tiny, model, n_best):  # noqa: F811
+    """Thorough decoding skips (y, z) pairs whose upper bound cannot reach the n best; its answers and their
+    scores must equal brute force: every candidate of the beams scored under every passage."""
+    bart = _generating_bart(tiny, *model)
+    gen, questions, passages, _, doc_scores = _batch(tiny[0], bart)
+    doc = marginal.doc_log_probs(doc_scores)
+    k = len(passages[0])
+    scored = []
+    original = gen.continuation_logprobs
+    gen.continuation_logprobs = lambda state, first, rows, *a: scored.append(len(rows)) or original(state, first, rows, *a)
+    thorough = rag_sequence_decode(gen, questions, passages, doc, beams=3, max_new_tokens=10, n_best=n_best)
+    gen.continuation_logprobs = original
+    exhaustive = 0
+    for q, got in enumerate(thorough):
+        # each passage's own beam hypotheses: decoding with that passage alone runs the same beam search
+        beams = [{tuple(y) for y, _ in rag_sequence_decode(gen, questions[q : q + 1], [[z]], doc[q : q + 1, :1],
+                                                            beams=3, max_new_tokens=10, thorough=False,
+                                                            n_best=3)[0].alternatives} for z in passages[q]]
+        cands = sorted(set().union(*beams))
+        exhaustive += sum(k - sum(y in b for b in beams) for y in cands)
+        lp, _, _ = gen.target_logprobs([questions[q]] * len(cands), [passages[q]] * len(cands),
+                                       [list(y) for y in cands])  # (C, K, T)
+        exact = marginal.marginalize(doc[q].expand(len(cands), -1), lp.sum(-1)).detach()  # (C,)
+        order = sorted(range(len(cands)), key=lambda c: -float(exact[c]))[:n_best]
+        assert [tuple(y) for y, _ in got.alternatives] == [cands[c] for c in order]
+        torch.testing.assert_close(torch.tensor([v for _, v in got.alternatives]), exact[order], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.seq_logprobs, lp[order[0]].sum(-1), atol=1e-4, rtol=1e-4)
+    assert sum(scored) <= exhaustive
+    PRUNED.append((sum(scored), exhaustive))
+
+
+def test_the_pruning_comparisons_skipped_pairs():
+    """Runs after the test above: the bound did skip work in some of its cases (else it tested nothing)."""
+    assert len(PRUNED) == 6 and any(s < e for s, e in PRUNED), PRUNED

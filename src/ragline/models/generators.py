@@ -38,6 +38,7 @@ class DecodeState:
     attention_mask: torch.Tensor        # (N, L) decoder-only: prompt + generated; seq2seq: encoder mask
     positions: torch.Tensor | None      # (N,) next position id (decoder-only)
     encoder_hidden: torch.Tensor | None = None  # (N, S, H) seq2seq
+    source_rows: torch.Tensor | None = None     # (N,) seq2seq: the prompt each row reads (its encoder states)
 
 
 @dataclass
@@ -94,7 +95,8 @@ class Generator(ABC):
         cache.reorder_cache(rows)  # index_select: new tensors, the original cache is untouched
         return DecodeState(cache, state.attention_mask[rows],
                            None if state.positions is None else state.positions[rows],
-                           None if state.encoder_hidden is None else state.encoder_hidden[rows])
+                           None if state.encoder_hidden is None else state.encoder_hidden[rows],
+                           None if state.source_rows is None else state.source_rows[rows])
 
     @staticmethod
     def _fork_cache(cache):
@@ -292,7 +294,7 @@ class Seq2SeqGenerator(Generator):
         first = torch.full((len(prompts), 1), self.model.config.decoder_start_token_id, dtype=torch.long)
         out = self.model(encoder_outputs=(hidden,), attention_mask=enc["attention_mask"], decoder_input_ids=first,
                          use_cache=True)
-        state = DecodeState(out.past_key_values, enc["attention_mask"], None, hidden)
+        state = DecodeState(out.past_key_values, enc["attention_mask"], None, hidden, torch.arange(len(prompts)))
         return state, torch.log_softmax(out.logits[:, -1].float(), -1)
 
     def _extend(self, state: DecodeState, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -301,8 +303,16 @@ class Seq2SeqGenerator(Generator):
                           use_cache=True).logits  # padding comes after the real tokens: causal, so harmless
 
     def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        state.cache.reorder_cache(parents)
-        state.attention_mask, state.encoder_hidden = state.attention_mask[parents], state.encoder_hidden[parents]
+        """The encoder side (cross-attention keys and values, encoder states and mask) depends only on the
+        prompt a row reads. Beams keep their rows' prompts from step to step (a beam's parent reads the same
+        passage), so after the first step only the decoder's self-attention cache is reordered: the far
+        larger cross-attention cache (rows x source length) is not copied at every step as in HF."""
+        sources = state.source_rows[parents]  # (N',)
+        state.cache.self_attention_cache.reorder_cache(parents)
+        if not torch.equal(sources, state.source_rows):
+            state.cache.cross_attention_cache.reorder_cache(parents)
+            state.attention_mask, state.encoder_hidden = state.attention_mask[parents], state.encoder_hidden[parents]
+            state.source_rows = sources
         out = self.model(encoder_outputs=(state.encoder_hidden,), attention_mask=state.attention_mask,
                          decoder_input_ids=tokens[:, None], past_key_values=state.cache, use_cache=True)
         state.cache = out.past_key_values

@@ -20,6 +20,7 @@ All questions are decoded together: generator rows are (question x passage x bea
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from ragline.models.generators import DecodeState, Generator
 from ragline.rag.marginal import marginalize
 
 NEG = -1.0e9
+SCORING_LOGITS = 2**24  # thorough decoding scores missing pairs in passes of at most this many logits (64 MB)
 
 StepFn = Callable[[torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 # step(parents (G, W) or None, tokens (G, W) or None) -> log-probs (G, W, V) of the next token of each beam;
@@ -154,6 +156,66 @@ class RowStepper:
         return logp
 
 
+def _token_budget_chunks(items: list[tuple[int, tuple[int, ...], int]], budget: int
+                         ) -> list[list[tuple[int, tuple[int, ...], int]]]:
+    """Consecutive runs of (question, tokens, passage) items whose padded size, rows x longest, stays
+    within ``budget`` tokens (a run holds at least one item)."""
+    chunks: list[list] = []
+    for item in items:
+        if chunks and (len(chunks[-1]) + 1) * max(len(chunks[-1][-1][1]), len(item[1])) <= max(budget, 1):
+            chunks[-1].append(item)
+        else:
+            chunks.append([item])
+    return chunks
+
+
+def _logsumexp(xs: Sequence[float]) -> float:
+    top = max(xs)
+    return top if top == float("-inf") else top + math.log(sum(math.exp(x - top) for x in xs))
+
+
+def _score_missing_pairs(generator: Generator, cands: list[dict[tuple[int, ...], dict[int, float]]],
+                         doc_logprobs: torch.Tensor, state: DecodeState, first: torch.Tensor, n_best: int) -> None:
+    """Thorough decoding's extra passes, fill ``cands[q][y][z] = log p_theta(y|x_q,z)`` where needed.
+
+    Branch and bound, exact: a candidate y of question x with passages M not yet scored has marginal
+
+        log p(y|x) <= log( sum_{z not in M} p_eta(z|x) p_theta(y|x,z) + sum_{z in M} p_eta(z|x) p_theta(y_1|x,z) )
+
+    because p_theta(y|x,z) <= p_theta(y_1|x,z), which the prefill already holds (``first``, (B*K, V)).
+    Rounds score the candidates of highest bound first (1, 2, 4, ... per question, all questions in one
+    batch); a candidate whose bound is below its question's ``n_best``-th best fully scored marginal cannot be
+    among the answers and is never scored. The answers and their scores equal scoring every pair."""
+    k = doc_logprobs.shape[1]
+    doc = doc_logprobs.tolist()
+
+    def bound(q: int, y: tuple[int, ...], seen: dict[int, float]) -> float:
+        return _logsumexp([doc[q][z] + (seen[z] if z in seen else float(first[q * k + z, y[0]]))
+                           for z in range(k)])
+
+    per_round = 1
+    while True:
+        todo = []
+        for q, cq in enumerate(cands):
+            done = sorted((_logsumexp([doc[q][z] + v for z, v in seen.items()])
+                           for seen in cq.values() if len(seen) == k), reverse=True)
+            bar = done[n_best - 1] - 1e-4 if len(done) >= n_best else float("-inf")  # margin: float32 rounding
+            open_ = sorted(((bound(q, y, seen), y) for y, seen in cq.items() if len(seen) < k), reverse=True)
+            todo += [(q, y, z) for ub, y in open_[:per_round] if ub >= bar for z in range(k) if z not in cq[y]]
+        if not todo:
+            return
+        todo.sort(key=lambda m: len(m[1]))  # similar lengths share a pass: little padding
+        for chunk in _token_budget_chunks(todo, SCORING_LOGITS // generator.vocab_size):
+            t = max(len(y) for _, y, _ in chunk)
+            targets = torch.tensor([list(y) + [generator.pad_id] * (t - len(y)) for _, y, _ in chunk])  # (n, T)
+            mask = torch.tensor([[i < len(y) for i in range(t)] for _, y, _ in chunk])
+            rows = torch.tensor([q * k + z for q, _, z in chunk])
+            lp = generator.continuation_logprobs(state, first, rows, targets, mask)  # (n,)
+            for (q, y, z), v in zip(chunk, lp.tolist(), strict=True):
+                cands[q][y][z] = v
+        per_round *= 2
+
+
 def stop_ids(generator: Generator) -> list[int]:
     ids = {getattr(generator, "end_id", None), generator.tokenizer.eos_token_id}
     return sorted(i for i in ids if i is not None)
@@ -214,18 +276,9 @@ def rag_sequence_decode(generator: Generator, questions: Sequence[str],
         q, z = divmod(g, k)
         for h in hyps:
             cands[q].setdefault(tuple(h.tokens), {})[z] = h.logprob
-    if thorough:  # one more pass for every (y, z) pair whose beam did not produce y, over z's cached prompt
+    if thorough:  # score the (y, z) pairs whose beam did not produce y, over z's cached prompt
         state, first = step.prefill
-        missing = [(q, y, z) for q in range(b) for y, seen in cands[q].items() for z in range(k) if z not in seen]
-        for lo in range(0, len(missing), 16):
-            chunk = missing[lo : lo + 16]
-            t = max(len(y) for _, y, _ in chunk)
-            targets = torch.tensor([list(y) + [generator.pad_id] * (t - len(y)) for _, y, _ in chunk])  # (n, T)
-            mask = torch.tensor([[i < len(y) for i in range(t)] for _, y, _ in chunk])
-            rows = torch.tensor([q * k + z for q, _, z in chunk])
-            lp = generator.continuation_logprobs(state, first, rows, targets, mask)  # (n,)
-            for (q, y, z), v in zip(chunk, lp.tolist(), strict=True):
-                cands[q][y][z] = v
+        _score_missing_pairs(generator, cands, doc_logprobs, state, first, n_best)
     out = []
     for q in range(b):
         ranked = []
