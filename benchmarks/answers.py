@@ -6,6 +6,7 @@ lead and whose answer string (normalised) occurs in that page's passages. System
   closed-book          the generator alone
   single-passage       the top-1 passage pasted into the prompt (what most RAG toolkits do; = RAG at k=1)
   rag-token            beam search on the marginal over k passages
+  rag-token-greedy     greedy decoding on the marginal over k passages
   rag-seq-thorough     per-passage beams, every (answer, passage) pair scored
   rag-seq-fast         per-passage beams, unscored pairs count as probability 0
 
@@ -84,7 +85,8 @@ def main() -> None:
           f"beams {args.beams}, length penalty {args.length_penalty}, prior scale {args.prior_scale}; "
           f"dense retrieval over {index.name}")
     systems = {"closed-book": ("closed-book", "greedy", [1]), "single-passage": ("rag-token", "greedy", [1]),
-               "rag-token": ("rag-token", "beam", None), "rag-seq-thorough": ("rag-sequence", "thorough", None),
+               "rag-token": ("rag-token", "beam", None), "rag-token-greedy": ("rag-token", "greedy", None),
+               "rag-seq-thorough": ("rag-sequence", "thorough", None),
                "rag-seq-fast": ("rag-sequence", "fast", None)}
     ks = [int(k) for k in args.ks.split(",")]
     print("| system | k | EM | F1 | s/question |\n|---|---|---|---|---|", flush=True)

@@ -243,6 +243,98 @@ def eval_retrieval(index_dir, questions, modes, ks, query_encoder, allow_encoder
                                            "metrics": rows})
 
 
+def _eval_options(f):
+    f = click.option("--generator", default=DEFAULT_GENERATOR, show_default=True,
+                     help="Bundled name (qwen2.5-0.5b, smollm2) or a Hugging Face causal LM folder.")(f)
+    f = click.option("--beams", default=4, show_default=True, type=click.IntRange(1, 64))(f)
+    f = click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1, 1024))(f)
+    f = click.option("--length-penalty", default=0.0, show_default=True, type=float,
+                     help="Beam ranking: log p / length ** this.")(f)
+    f = click.option("--prior-scale", default=20.0, show_default=True, type=float,
+                     help="p(z|x) = softmax(scale * q·d).")(f)
+    f = click.option("--limit", type=click.IntRange(1), default=None, help="The first N questions only.")(f)
+    f = click.option("--batch", default=4, show_default=True, type=click.IntRange(1, 256),
+                     help="Questions decoded together.")(f)
+    return f
+
+
+@cli.command("eval")
+@click.option("--task", default="fanoutqa-dev", show_default=True,
+              help="'fanoutqa-dev' (bundled dev split) or a task file (KILT, JSONL, DPR .qa.csv, TriviaQA, "
+                   "WebQuestions, CuratedTrec, FEVER, MS-MARCO, Jeopardy .source).")
+@click.option("--format", "fmt", default=None, help="Task file format (default: detected from the file).")
+@_index_option
+@click.option("--model", "model_name", type=click.Choice(["rag-sequence", "rag-token", "closed-book"]),
+              default="rag-sequence", show_default=True)
+@click.option("--decoding", type=click.Choice(["thorough", "fast", "beam", "greedy"]), default=None,
+              help="rag-sequence: thorough (default) or fast; rag-token / closed-book: beam (default) or greedy.")
+@click.option("-k", "k", default=5, show_default=True, type=click.IntRange(1, 100))
+@click.option("--mode", type=click.Choice(["dense", "bm25", "hybrid"]), default="dense", show_default=True)
+@_eval_options
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Run directory (rerun with the same settings to resume).")
+@click.option("--skip-bad", is_flag=True, help="Skip malformed task records (listed in the report) instead of failing.")
+def eval_cmd(task, fmt, index_dir, model_name, decoding, k, mode, generator, beams, max_new_tokens, length_penalty,
+             prior_scale, limit, batch, out, skip_bad) -> None:
+    """Answer a task's questions into a run directory: KILT-format predictions and a report."""
+    from ragline.evaluate.harness import EvalConfig, run_eval
+    from ragline.evaluate.report import markdown
+    from ragline.rag.model import _check_model
+
+    _check_model(model_name, decoding)
+    cfg = EvalConfig(task=task, format=fmt, index=str(index_dir) if index_dir else None, model=model_name,
+                     decoding=decoding, k=1 if model_name == "closed-book" else k, mode=mode, generator=generator,
+                     beams=beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+                     prior_scale=prior_scale, limit=limit, batch=batch)
+    report = run_eval(cfg, Path(out), skip_bad=skip_bad, log=lambda m: err_console.print(m))
+    console.print(markdown(report))
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--png", type=click.Path(path_type=Path), default=None, help="Also draw the metrics as a bar chart.")
+def compare(runs, png) -> None:
+    """Put finished eval runs side by side."""
+    from ragline.evaluate.report import compare as compare_runs
+
+    console.print(compare_runs(list(runs), png))
+
+
+REPORT_GRID = [("closed-book", "greedy", "dense", None)] + [
+    (model, decoding, "dense", k) for k in (1, 5, 10)
+    for model, decoding in (("rag-token", "greedy"), ("rag-sequence", "fast"), ("rag-sequence", "thorough"))
+] + [("rag-sequence", "thorough", mode, 5) for mode in ("bm25", "hybrid")]
+
+
+@cli.command()
+@_index_option
+@_eval_options
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/fanoutqa-dev"), show_default=True)
+@click.option("--task", default="fanoutqa-dev", show_default=True, help="The task every run answers.")
+def report(index_dir, generator, beams, max_new_tokens, length_penalty, prior_scale, limit, batch, out, task) -> None:
+    """The comparison report: closed book, RAG-Token, RAG-Sequence fast and thorough at k = 1, 5, 10, and
+    BM25 / dense / hybrid retrieval, each a resumable run under OUT, then OUT/README.md and OUT/comparison.png."""
+    from ragline.evaluate.harness import EvalConfig, run_eval
+    from ragline.evaluate.report import compare as compare_runs
+
+    out = Path(out)
+    runs = []
+    for i, (model, decoding, mode, k) in enumerate(REPORT_GRID, 1):
+        name = model if k is None else f"{model}-{decoding}-{mode}-k{k}"
+        err_console.print(f"[bold]run {i}/{len(REPORT_GRID)}: {name}[/]")
+        cfg = EvalConfig(task=task, index=str(index_dir) if index_dir else None, model=model, decoding=decoding,
+                         k=k or 1, mode=mode, generator=generator, beams=beams, max_new_tokens=max_new_tokens,
+                         length_penalty=length_penalty, prior_scale=prior_scale, limit=limit, batch=batch)
+        run_eval(cfg, out / name, log=lambda m: err_console.print(m))
+        runs.append(out / name)
+    from ragline import atomic
+
+    table = compare_runs(runs, out / "comparison.png")
+    atomic.write_bytes(out / "README.md", (f"# ragline report: {task}\n\nOne run per row (`ragline report`); "
+                                           f"metrics as KILT defines them.\n\n{table}").encode())
+    console.print(table)
+
+
 @cli.command()
 @click.option("--root", type=click.Path(path_type=Path), default=None, help="Folder holding index directories.")
 def indexes(root) -> None:
