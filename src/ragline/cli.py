@@ -169,12 +169,22 @@ def _print_hits(question: str, hits, mode: str) -> None:
 @click.option("--n-best", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Also print the next best answers (beam decodings).")
 @_retrieval_options
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+              help="A finished `ragline train rag` run: use its trained generator and question encoder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full answer structure as JSON lines.")
 def ask(questions, index_dir, model_name, decoding, k, beams, max_new_tokens, generator, mode, prior_scale,
-        length_penalty, n_best, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, as_json) -> None:
+        length_penalty, n_best, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, run_dir, as_json) -> None:
     """Answer each QUESTION with RAG and print the answer with its cited passages."""
     from ragline.models.generators import CausalGenerator
     from ragline.rag.model import RagModel
+
+    if run_dir is not None:
+        from ragline.train.rag import load_trained
+
+        trained = load_trained(run_dir)
+        generator = str(trained["generator"])
+        query_encoder = str(trained["question_encoder"]) if trained["question_encoder"] else query_encoder
+        index_dir = index_dir or (Path(trained["index"]) if trained.get("index") else None)
 
     retriever = None
     if model_name != "closed-book":
@@ -333,6 +343,69 @@ def report(index_dir, generator, beams, max_new_tokens, length_penalty, prior_sc
     atomic.write_bytes(out / "README.md", (f"# ragline report: {task}\n\nOne run per row (`ragline report`); "
                                            f"metrics as KILT defines them.\n\n{table}").encode())
     console.print(table)
+
+
+@cli.group()
+def train() -> None:
+    """Training: end-to-end RAG fine-tuning."""
+
+
+@train.command("rag")
+@click.option("--train", "train_spec", default="fanoutqa-dev", show_default=True,
+              help="Training examples: JSONL (question, answers, optional positive) or KILT, or 'fanoutqa-dev'.")
+@_index_option
+@click.option("--generator", default="smollm2", show_default=True, help="Bundled name or a causal LM folder.")
+@click.option("--model", "model_name", type=click.Choice(["rag-sequence", "rag-token"]), default="rag-sequence",
+              show_default=True)
+@click.option("-k", "k", default=5, show_default=True, type=click.IntRange(1, 50))
+@click.option("--generator-training", type=click.Choice(["full", "lora", "frozen"]), default="full", show_default=True)
+@click.option("--lora-r", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--lora-alpha", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--freeze-question-encoder", is_flag=True, help="Train the generator only.")
+@click.option("--lr", default=3e-5, show_default=True, type=float, help="Generator learning rate.")
+@click.option("--question-encoder-lr", default=1e-5, show_default=True, type=float)
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--accumulation", default=1, show_default=True, type=click.IntRange(1), help="Micro-batches per step.")
+@click.option("--steps", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(0))
+@click.option("--clip", default=1.0, show_default=True, type=float, help="Gradient clipping (global norm).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--prior-scale", default=20.0, show_default=True, type=float)
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--val-limit", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--eval-every", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--save-every", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Run directory (rerun the same command to resume after an interruption).")
+def train_rag(train_spec, index_dir, generator, model_name, k, generator_training, lora_r, lora_alpha,
+              freeze_question_encoder, lr, question_encoder_lr, batch_size, accumulation, steps, warmup, clip, seed,
+              precision, label_smoothing, prior_scale, val_fraction, val_limit, eval_every, save_every, out) -> None:
+    """Fine-tune the question encoder and the generator on the marginal likelihood (index frozen)."""
+    from ragline.train.rag import RagTrainConfig, RagTrainer
+
+    cfg = RagTrainConfig(train=train_spec, index=str(index_dir) if index_dir else None, generator=generator,
+                         model=model_name, k=k, generator_training=generator_training, lora_r=lora_r,
+                         lora_alpha=lora_alpha, train_question_encoder=not freeze_question_encoder, lr=lr,
+                         question_encoder_lr=question_encoder_lr, batch_size=batch_size, accumulation=accumulation,
+                         steps=steps, warmup=warmup, clip=clip, seed=seed, precision=precision,
+                         label_smoothing=label_smoothing, prior_scale=prior_scale, val_fraction=val_fraction,
+                         val_limit=val_limit, eval_every=eval_every, save_every=save_every)
+    result = RagTrainer(cfg, Path(out), log=lambda m: err_console.print(m)).run_training()
+    console.print(f"trained {result['steps']} steps (last loss {result['last_loss']:.4f}); models in {result['final']}; "
+                  f"use them with `ragline ask --run {out} ...`")
+
+
+@train.command("fanoutqa-dev")
+@click.argument("out", type=click.Path(path_type=Path))
+def train_fanoutqa(out) -> None:
+    """Write the FanOutQA dev split (top-level ids 0-7 only) as a JSONL training file."""
+    from ragline.train.data import read_examples, write_examples
+
+    examples = read_examples("fanoutqa-dev")
+    write_examples(Path(out), examples)
+    console.print(f"wrote {len(examples)} examples to {out}")
 
 
 @cli.command()

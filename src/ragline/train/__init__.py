@@ -1,0 +1,1 @@
+"""Training: end-to-end RAG fine-tuning (query encoder + generator, index frozen)."""

@@ -1,0 +1,299 @@
+"""``ragline train rag``: end-to-end RAG fine-tuning, as in the paper.
+
+Minimises the marginal negative log-likelihood  -log p(y|x)  (RAG-Sequence or RAG-Token,
+:mod:`ragline.rag.marginal`) of each example's first gold answer, with no supervision of which passage is
+relevant. The passage encoder and the index stay frozen: the top-k passages are searched with the current
+question encoder, and p_eta(z|x) = softmax(s · q(x)·d(z)) is recomputed from the stored d(z), so the gradient
+reaches the question encoder through the prior and the generator through p_theta(y|x,z).
+
+Trained parts: the generator fully, through LoRA adapters (peft), or not at all; the question encoder or not.
+AdamW (one learning rate per part), linear warm-up then linear decay, gradient accumulation, gradient clipping
+(global norm), a seed, fp32 or bf16 autocast. Models run without dropout (eval mode), so a step is a
+deterministic function of the weights and the batch, and a resumed run equals an uninterrupted one.
+The batch of step s is fixed by the seed and s alone (a per-epoch permutation), never by what ran before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ragline import atomic
+from ragline.errors import RaglineError
+from ragline.models.encoders import PAIRING_FILE, TextEncoder
+from ragline.models.generators import Generator
+from ragline.train.data import Example, read_examples, split_validation
+from ragline.train.run import RunDir, seed_everything
+
+GENERATOR_TRAINING = ("full", "lora", "frozen")
+
+
+@dataclass
+class RagTrainConfig:
+    train: str = "fanoutqa-dev"        # training file (JSONL / KILT) or 'fanoutqa-dev'
+    index: str | None = None            # a dense index (default: the bundled one)
+    generator: str = "smollm2"
+    model: str = "rag-sequence"         # rag-sequence | rag-token
+    k: int = 5
+    generator_training: str = "full"    # full | lora | frozen
+    lora_r: int = 8
+    lora_alpha: int = 16
+    train_question_encoder: bool = True
+    lr: float = 3e-5                    # generator
+    question_encoder_lr: float = 1e-5
+    batch_size: int = 4
+    accumulation: int = 1
+    steps: int = 100
+    warmup: int = 10
+    clip: float = 1.0
+    seed: int = 0
+    precision: str = "fp32"             # fp32 | bf16 (autocast, where the CPU has bf16 instructions)
+    label_smoothing: float = 0.0
+    prior_scale: float = 20.0
+    val_fraction: float = 0.1
+    val_limit: int | None = 64          # validation examples scored at each evaluation
+    eval_every: int = 20
+    save_every: int = 20
+
+
+def check_config(cfg: RagTrainConfig) -> None:
+    if cfg.model not in ("rag-sequence", "rag-token"):
+        raise RaglineError(f"cannot train model {cfg.model!r}", "use --model rag-sequence or rag-token")
+    if cfg.generator_training not in GENERATOR_TRAINING:
+        raise RaglineError(f"unknown generator training {cfg.generator_training!r}",
+                           f"use one of {', '.join(GENERATOR_TRAINING)}")
+    if cfg.generator_training == "frozen" and not cfg.train_question_encoder:
+        raise RaglineError("nothing to train: generator frozen and question encoder frozen",
+                           "train the generator (--generator-training full|lora) or the question encoder")
+    for name in ("k", "batch_size", "accumulation", "steps", "eval_every", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise RaglineError(f"{name} must be at least 1", f"pass a positive --{name.replace('_', '-')}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise RaglineError(f"unknown precision {cfg.precision!r}", "use --precision fp32 or bf16")
+    if cfg.precision == "bf16" and not _cpu_has_bf16():
+        raise RaglineError("this CPU has no bf16 instructions (AVX512-BF16 / AMX)", "use --precision fp32")
+
+
+def _cpu_has_bf16() -> bool:
+    cpu = torch.backends.cpu
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+                or "AVX512_BF16" in str(getattr(cpu, "get_cpu_capability", lambda: "")()))
+
+
+def batch_indices(step: int, micro: int, cfg: RagTrainConfig, n: int) -> list[int]:
+    """Example indices of micro-batch ``micro`` of ``step``: consecutive slices of per-epoch permutations
+    drawn from (seed, epoch)."""
+    start = (step * cfg.accumulation + micro) * cfg.batch_size
+    out = []
+    for i in range(start, start + cfg.batch_size):
+        epoch, pos = divmod(i, n)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        out.append(int(torch.randperm(n, generator=g)[pos]))
+    return out
+
+
+def lr_factor(step: int, cfg: RagTrainConfig) -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``steps``."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
+
+
+def _apply_generator_training(gen: Generator, cfg: RagTrainConfig) -> None:
+    if cfg.generator_training == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        names = {n.rsplit(".", 1)[-1] for n, _ in gen.model.named_modules()}
+        targets = [t for t in ("q_proj", "k_proj", "v_proj", "o_proj") if t in names] or \
+                  [t for t in ("query", "key", "value", "c_attn") if t in names]
+        if not targets:
+            raise RaglineError(f"no attention projections found in {gen.name} for LoRA",
+                               "use --generator-training full or frozen")
+        gen.model = get_peft_model(gen.model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                         target_modules=targets))
+    for name, p in gen.model.named_parameters():
+        p.requires_grad_(cfg.generator_training == "full" or (cfg.generator_training == "lora" and "lora_" in name))
+    gen.model.eval()
+
+
+def _trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _identity(gen: Generator, enc: TextEncoder, cfg: RagTrainConfig) -> dict:
+    h = hashlib.blake2b(digest_size=12)
+    for part, mod in (("generator", gen.model), ("question_encoder", enc.model)):
+        for n, p in _trainable(mod).items():
+            h.update(f"{part}:{n}:{tuple(p.shape)};".encode())
+    return {"generator": gen.name, "generator_training": cfg.generator_training, "question_encoder": enc.name,
+            "train_question_encoder": cfg.train_question_encoder, "trainable": h.hexdigest()}
+
+
+class RagTrainer:
+    """One training run: ``run()`` trains (or resumes) to ``cfg.steps`` and exports the models."""
+
+    def __init__(self, cfg: RagTrainConfig, out: Path, generator: Generator | None = None,
+                 question_encoder: TextEncoder | None = None, progress: bool = True,
+                 log: Callable[[str], None] = print) -> None:
+        from ragline import paths
+        from ragline.models.generators import CausalGenerator
+        from ragline.rag.model import RagModel
+        from ragline.retriever import Retriever
+
+        check_config(cfg)
+        self.cfg, self.progress, self.log = cfg, progress, log
+        self.examples = read_examples(cfg.train)
+        self.train_set, self.val_set = split_validation(self.examples, cfg.val_fraction)
+        self.val_set = self.val_set[: cfg.val_limit]
+        self.run = RunDir(out)
+        self.run.prepare(asdict(cfg))
+        seed_everything(cfg.seed)
+        retriever = Retriever(cfg.index or paths.default_index_dir(), question_encoder)
+        if retriever.encoder is None:
+            raise RaglineError(f"index {retriever.index.name} has no dense part",
+                               "RAG training needs p(z|x) from passage embeddings: use a dense or hybrid index")
+        self.passage_fingerprint = retriever.index.manifest["encoder"]["passage"]["fingerprint"]
+        gen = generator or CausalGenerator.load(cfg.generator)
+        _apply_generator_training(gen, cfg)
+        enc = retriever.encoder
+        enc.model.eval()
+        for p in enc.model.parameters():
+            p.requires_grad_(cfg.train_question_encoder)
+        self.rag = RagModel(retriever, gen, k=cfg.k, mode="dense", prior_scale=cfg.prior_scale)
+        self.gen, self.enc = gen, enc
+        groups = []
+        if _trainable(gen.model):
+            groups.append({"params": list(_trainable(gen.model).values()), "lr": cfg.lr})
+        if cfg.train_question_encoder:
+            groups.append({"params": list(_trainable(enc.model).values()), "lr": cfg.question_encoder_lr})
+        self.params = [p for g in groups for p in g["params"]]
+        self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.identity = _identity(gen, enc, cfg)
+
+    def _state(self) -> dict:
+        return {"identity": self.identity, "generator": {n: p.detach().clone() for n, p in _trainable(self.gen.model).items()},
+                "question_encoder": {n: p.detach().clone() for n, p in _trainable(self.enc.model).items()},
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def _restore(self, state: dict) -> None:
+        with torch.no_grad():
+            for part, mod in (("generator", self.gen.model), ("question_encoder", self.enc.model)):
+                params = _trainable(mod)
+                for n, t in state[part].items():
+                    params[n].copy_(t)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+    def loss(self, batch: list[Example], grad: bool) -> torch.Tensor:
+        """Mean marginal NLL of the batch's first gold answers."""
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.precision == "bf16" else nullcontext()
+        with ctx, torch.set_grad_enabled(grad):
+            ll = self.rag.likelihood([e.question for e in batch], [e.answer for e in batch], model=self.cfg.model,
+                                     k=self.cfg.k, eps=self.cfg.label_smoothing)
+        return ll.loss.float().mean()
+
+    def validation_loss(self) -> float | None:
+        if not self.val_set:
+            return None
+        total = 0.0
+        for lo in range(0, len(self.val_set), self.cfg.batch_size):
+            batch = self.val_set[lo : lo + self.cfg.batch_size]
+            total += float(self.loss(batch, grad=False)) * len(batch)
+        return total / len(self.val_set)
+
+    def run_training(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        state = self.run.load(self.identity)
+        start = 0
+        if state is not None:
+            self._restore(state)
+            start = state["step"]
+            self.run.truncate_metrics(start)
+            self.log(f"resuming {self.run.path} at step {start} of {cfg.steps}")
+        else:
+            self.log(f"training on {len(self.train_set)} examples ({len(self.val_set)} held back for validation)")
+            val = self.validation_loss()
+            if val is not None:
+                self.run.log([(0, "validation", "loss", val)])
+        last_loss = math.nan
+        with tqdm(total=cfg.steps, initial=start, disable=not self.progress, unit="step") as bar:
+            for step in range(start, cfg.steps):
+                t0 = time.perf_counter()
+                self.opt.zero_grad(set_to_none=True)
+                total = 0.0
+                for micro in range(cfg.accumulation):
+                    batch = [self.train_set[i] for i in batch_indices(step, micro, cfg, len(self.train_set))]
+                    loss = self.loss(batch, grad=True) / cfg.accumulation
+                    loss.backward()
+                    total += float(loss.detach())
+                norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
+                lr = self.opt.param_groups[0]["lr"]
+                self.opt.step()
+                self.sched.step()
+                done = step + 1
+                rate = 1.0 / (time.perf_counter() - t0)
+                rows = [(done, "train", "loss", total), (done, "train", "lr", lr),
+                        (done, "train", "grad_norm", float(norm)), (done, "train", "steps_per_s", rate)]
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    val = self.validation_loss()
+                    if val is not None:
+                        rows.append((done, "validation", "loss", val))
+                self.run.log(rows)
+                last_loss = total
+                bar.set_postfix(loss=f"{total:.3f}", steps_s=f"{rate:.2f}")
+                bar.update(1)
+                if done % cfg.save_every == 0 or done == cfg.steps:
+                    self.run.save(done, self._state())
+        self.run.plot()
+        final = self.export()
+        return {"steps": cfg.steps, "last_loss": last_loss, "final": str(final)}
+
+    def export(self) -> Path:
+        """RUN/final: the generator (LoRA merged) and the question encoder, as model folders, and
+        run.json naming them; written beside and renamed into place."""
+        final = self.run.path / "final"
+        tmp = self.run.path / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        model = self.gen.model
+        if self.cfg.generator_training == "lora":
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(tmp / "generator")
+        self.gen.tokenizer.save_pretrained(tmp / "generator")
+        info = {"generator": "generator", "question_encoder": None, "model": self.cfg.model, "k": self.cfg.k,
+                "prior_scale": self.cfg.prior_scale, "index": self.cfg.index}
+        if self.cfg.train_question_encoder:
+            self.enc.model.save(str(tmp / "question_encoder"))
+            (tmp / "question_encoder" / PAIRING_FILE).write_text(json.dumps({"paired_with": self.passage_fingerprint}))
+            info["question_encoder"] = "question_encoder"
+        (tmp / "run.json").write_text(json.dumps(info, indent=2))
+        atomic.replace_dir(tmp, final)
+        return final
+
+
+def load_trained(run: Path) -> dict:
+    """Paths of a finished run's models: {'generator': Path, 'question_encoder': Path | None, ...}."""
+    info_path = Path(run) / "final" / "run.json"
+    if not info_path.is_file():
+        raise RaglineError(f"{run} holds no finished training run (final/run.json is missing)",
+                           "finish it (rerun `ragline train rag` with the same --out) or pass another run")
+    info = json.loads(info_path.read_text())
+    base = info_path.parent
+    info["generator"] = base / info["generator"]
+    info["question_encoder"] = base / info["question_encoder"] if info["question_encoder"] else None
+    return info
