@@ -397,6 +397,43 @@ def train_rag(train_spec, index_dir, generator, model_name, k, generator_trainin
                   f"use them with `ragline ask --run {out} ...`")
 
 
+@train.command("retriever")
+@click.option("--train", "train_spec", default="fanoutqa-dev", show_default=True,
+              help="Pairs: JSONL with question and positive (page titles or passage ids), KILT, or 'fanoutqa-dev'.")
+@_index_option
+@click.option("--train-passage-encoder", is_flag=True,
+              help="Also train the passage encoder; the corpus is then re-encoded into a new index.")
+@click.option("--new-index", type=click.Path(path_type=Path), default=None,
+              help="Where the re-encoded index goes (default OUT/index).")
+@click.option("--hard-negatives", default=1, show_default=True, type=click.IntRange(0, 16),
+              help="BM25 hard negatives per question, besides the in-batch negatives.")
+@click.option("--scale", default=20.0, show_default=True, type=float, help="Score scale s in softmax(s q·d).")
+@click.option("--lr", default=2e-5, show_default=True, type=float)
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--accumulation", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--steps", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--eval-every", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--save-every", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory (rerun to resume).")
+def train_retriever(train_spec, index_dir, train_passage_encoder, new_index, hard_negatives, scale, lr, batch_size,
+                    accumulation, steps, warmup, seed, val_fraction, eval_every, save_every, out) -> None:
+    """DPR training of the question (and optionally passage) encoder with in-batch + BM25 hard negatives."""
+    from ragline.train.retriever import RetrieverTrainConfig, RetrieverTrainer
+
+    cfg = RetrieverTrainConfig(train=train_spec, index=str(index_dir) if index_dir else None,
+                               train_passage_encoder=train_passage_encoder,
+                               new_index=str(new_index) if new_index else None, hard_negatives=hard_negatives,
+                               scale=scale, lr=lr, batch_size=batch_size, accumulation=accumulation, steps=steps,
+                               warmup=warmup, seed=seed, val_fraction=val_fraction, eval_every=eval_every,
+                               save_every=save_every)
+    result = RetrieverTrainer(cfg, Path(out), log=lambda m: err_console.print(m)).run_training()
+    console.print(f"trained {result['steps']} steps (last loss {result['last_loss']:.4f}); encoders in "
+                  f"{result['final']}; search with `ragline search --query-encoder {result['final']}/question_encoder`")
+
+
 @train.command("fanoutqa-dev")
 @click.argument("out", type=click.Path(path_type=Path))
 def train_fanoutqa(out) -> None:

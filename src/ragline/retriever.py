@@ -67,13 +67,16 @@ class Retriever:
             mf.check_question_encoder(index.manifest, self.encoder.dim, self.encoder.paired_with,
                                       self.encoder.name, self.allow_encoder_mismatch)
 
-    def swap(self, index: IndexDir | str | Path) -> IndexDir:
-        """Make ``index`` the one in use; returns the previous one. Fails (keeping the old) if it does not
-        match the question encoder."""
+    def swap(self, index: IndexDir | str | Path, question_encoder: TextEncoder | None = None) -> IndexDir:
+        """Make ``index`` the one in use, with ``question_encoder`` if given (an index re-encoded by a newly
+        trained passage encoder comes with its own question encoder); returns the previous index. Fails
+        (keeping the old pair) if the index does not match the question encoder."""
         new = index if isinstance(index, IndexDir) else IndexDir.open(index)
-        self._check(new)
+        enc = question_encoder or self.encoder
+        if new.dense is not None and enc is not None:
+            mf.check_question_encoder(new.manifest, enc.dim, enc.paired_with, enc.name, self.allow_encoder_mismatch)
         with self._swap_lock:
-            old, self._index = self._index, new
+            old, self._index, self.encoder = self._index, new, enc
         return old
 
     def encode_questions(self, questions: list[str]) -> np.ndarray:
@@ -98,10 +101,13 @@ class Retriever:
         """Top-k rows and scores for each question, as arrays. Dense scores are q(x)·d(z); BM25 scores
         are BM25; hybrid scores are reciprocal-rank-fusion scores. ``question_vectors`` (B, dim), if
         given, are used as q(x) instead of encoding the questions."""
-        index = self._index  # one index for the whole call, whatever swap happens meanwhile
+        with self._swap_lock:  # one (index, encoder) pair for the whole call, whatever swap happens meanwhile
+            index, encoder = self._index, self.encoder
         _validate(questions, k, mode, index)
         if mode != "bm25" and question_vectors is None:
-            question_vectors = self.encode_questions(questions)  # (B, dim)
+            if encoder is None:
+                raise RaglineError("this retriever has no question encoder", "open a dense index")
+            question_vectors = encoder.encode(questions)  # (B, dim)
         if mode == "dense":
             scores, rows = index.dense.search(question_vectors, k)
         elif mode == "bm25":

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -32,6 +30,7 @@ from ragline.errors import RaglineError
 from ragline.models.encoders import PAIRING_FILE, TextEncoder
 from ragline.models.generators import Generator
 from ragline.train.data import Example, read_examples, split_validation
+from ragline.train.loop import Trainer, trainable
 from ragline.train.run import RunDir, seed_everything
 
 GENERATOR_TRAINING = ("full", "lora", "frozen")
@@ -90,25 +89,6 @@ def _cpu_has_bf16() -> bool:
                 or "AVX512_BF16" in str(getattr(cpu, "get_cpu_capability", lambda: "")()))
 
 
-def batch_indices(step: int, micro: int, cfg: RagTrainConfig, n: int) -> list[int]:
-    """Example indices of micro-batch ``micro`` of ``step``: consecutive slices of per-epoch permutations
-    drawn from (seed, epoch)."""
-    start = (step * cfg.accumulation + micro) * cfg.batch_size
-    out = []
-    for i in range(start, start + cfg.batch_size):
-        epoch, pos = divmod(i, n)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        out.append(int(torch.randperm(n, generator=g)[pos]))
-    return out
-
-
-def lr_factor(step: int, cfg: RagTrainConfig) -> float:
-    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``steps``."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
-
-
 def _apply_generator_training(gen: Generator, cfg: RagTrainConfig) -> None:
     if cfg.generator_training == "lora":
         from peft import LoraConfig, get_peft_model
@@ -126,21 +106,17 @@ def _apply_generator_training(gen: Generator, cfg: RagTrainConfig) -> None:
     gen.model.eval()
 
 
-def _trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in module.named_parameters() if p.requires_grad}
-
-
 def _identity(gen: Generator, enc: TextEncoder, cfg: RagTrainConfig) -> dict:
     h = hashlib.blake2b(digest_size=12)
     for part, mod in (("generator", gen.model), ("question_encoder", enc.model)):
-        for n, p in _trainable(mod).items():
+        for n, p in trainable(mod).items():
             h.update(f"{part}:{n}:{tuple(p.shape)};".encode())
     return {"generator": gen.name, "generator_training": cfg.generator_training, "question_encoder": enc.name,
             "train_question_encoder": cfg.train_question_encoder, "trainable": h.hexdigest()}
 
 
-class RagTrainer:
-    """One training run: ``run()`` trains (or resumes) to ``cfg.steps`` and exports the models."""
+class RagTrainer(Trainer):
+    """One training run: ``run_training()`` trains (or resumes) to ``cfg.steps`` and exports the models."""
 
     def __init__(self, cfg: RagTrainConfig, out: Path, generator: Generator | None = None,
                  question_encoder: TextEncoder | None = None, progress: bool = True,
@@ -171,29 +147,8 @@ class RagTrainer:
             p.requires_grad_(cfg.train_question_encoder)
         self.rag = RagModel(retriever, gen, k=cfg.k, mode="dense", prior_scale=cfg.prior_scale)
         self.gen, self.enc = gen, enc
-        groups = []
-        if _trainable(gen.model):
-            groups.append({"params": list(_trainable(gen.model).values()), "lr": cfg.lr})
-        if cfg.train_question_encoder:
-            groups.append({"params": list(_trainable(enc.model).values()), "lr": cfg.question_encoder_lr})
-        self.params = [p for g in groups for p in g["params"]]
-        self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
-        self.identity = _identity(gen, enc, cfg)
-
-    def _state(self) -> dict:
-        return {"identity": self.identity, "generator": {n: p.detach().clone() for n, p in _trainable(self.gen.model).items()},
-                "question_encoder": {n: p.detach().clone() for n, p in _trainable(self.enc.model).items()},
-                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
-
-    def _restore(self, state: dict) -> None:
-        with torch.no_grad():
-            for part, mod in (("generator", self.gen.model), ("question_encoder", self.enc.model)):
-                params = _trainable(mod)
-                for n, t in state[part].items():
-                    params[n].copy_(t)
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
+        self.parts = {"generator": (gen.model, cfg.lr), "question_encoder": (enc.model, cfg.question_encoder_lr)}
+        self.setup_optimiser(_identity(gen, enc, cfg))
 
     def loss(self, batch: list[Example], grad: bool) -> torch.Tensor:
         """Mean marginal NLL of the batch's first gold answers."""
@@ -203,63 +158,15 @@ class RagTrainer:
                                      k=self.cfg.k, eps=self.cfg.label_smoothing)
         return ll.loss.float().mean()
 
-    def validation_loss(self) -> float | None:
+    def validate(self) -> dict[str, float]:
+        """Marginal NLL on the held-back examples."""
         if not self.val_set:
-            return None
+            return {}
         total = 0.0
         for lo in range(0, len(self.val_set), self.cfg.batch_size):
             batch = self.val_set[lo : lo + self.cfg.batch_size]
             total += float(self.loss(batch, grad=False)) * len(batch)
-        return total / len(self.val_set)
-
-    def run_training(self) -> dict:
-        from tqdm import tqdm
-
-        cfg = self.cfg
-        state = self.run.load(self.identity)
-        start = 0
-        if state is not None:
-            self._restore(state)
-            start = state["step"]
-            self.run.truncate_metrics(start)
-            self.log(f"resuming {self.run.path} at step {start} of {cfg.steps}")
-        else:
-            self.log(f"training on {len(self.train_set)} examples ({len(self.val_set)} held back for validation)")
-            val = self.validation_loss()
-            if val is not None:
-                self.run.log([(0, "validation", "loss", val)])
-        last_loss = math.nan
-        with tqdm(total=cfg.steps, initial=start, disable=not self.progress, unit="step") as bar:
-            for step in range(start, cfg.steps):
-                t0 = time.perf_counter()
-                self.opt.zero_grad(set_to_none=True)
-                total = 0.0
-                for micro in range(cfg.accumulation):
-                    batch = [self.train_set[i] for i in batch_indices(step, micro, cfg, len(self.train_set))]
-                    loss = self.loss(batch, grad=True) / cfg.accumulation
-                    loss.backward()
-                    total += float(loss.detach())
-                norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
-                lr = self.opt.param_groups[0]["lr"]
-                self.opt.step()
-                self.sched.step()
-                done = step + 1
-                rate = 1.0 / (time.perf_counter() - t0)
-                rows = [(done, "train", "loss", total), (done, "train", "lr", lr),
-                        (done, "train", "grad_norm", float(norm)), (done, "train", "steps_per_s", rate)]
-                if done % cfg.eval_every == 0 or done == cfg.steps:
-                    val = self.validation_loss()
-                    if val is not None:
-                        rows.append((done, "validation", "loss", val))
-                self.run.log(rows)
-                last_loss = total
-                bar.set_postfix(loss=f"{total:.3f}", steps_s=f"{rate:.2f}")
-                bar.update(1)
-                if done % cfg.save_every == 0 or done == cfg.steps:
-                    self.run.save(done, self._state())
-        self.run.plot()
-        final = self.export()
-        return {"steps": cfg.steps, "last_loss": last_loss, "final": str(final)}
+        return {"loss": total / len(self.val_set)}
 
     def export(self) -> Path:
         """RUN/final: the generator (LoRA merged) and the question encoder, as model folders, and
