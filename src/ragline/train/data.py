@@ -17,7 +17,7 @@ from pathlib import Path
 from ragline import atomic
 from ragline.errors import RaglineError
 from ragline.evaluate.datasets import load_fanoutqa
-from ragline.evaluate.tasks import load_task
+from ragline.evaluate.tasks import detect_format, load_task
 
 
 @dataclass(frozen=True)
@@ -43,21 +43,9 @@ def read_examples(spec: str, skip_bad: bool = False) -> list[Example]:
     path = Path(spec)
     if path.is_file() and path.stat().st_size == 0:
         raise RaglineError(f"training file {path} is empty", "give one JSON example per line")
-    fmt = "kilt" if path.suffix == ".jsonl" and _looks_kilt(path) else "jsonl"
+    fmt = "kilt" if path.is_file() and path.suffix == ".jsonl" and detect_format(path) == "kilt" else "jsonl"
     task = load_task(path, fmt, skip_bad)
     return [Example(q.id, q.question, q.answers, q.gold_titles) for q in task.questions]
-
-
-def _looks_kilt(path: Path) -> bool:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    return False
-                return isinstance(rec, dict) and "input" in rec and "output" in rec
-    return False
 
 
 def write_examples(path: Path, examples: list[Example]) -> None:

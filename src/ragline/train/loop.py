@@ -13,6 +13,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,28 @@ import torch
 
 from ragline.errors import RaglineError
 from ragline.train.run import RunDir
+
+
+@dataclass
+class LoopConfig:
+    """Settings every training run has."""
+    train: str = "fanoutqa-dev"        # training file (JSONL / KILT) or 'fanoutqa-dev'
+    index: str | None = None            # index directory (default: the bundled one)
+    batch_size: int = 4
+    accumulation: int = 1               # micro-batches per optimiser step
+    steps: int = 100
+    warmup: int = 10
+    clip: float = 1.0                   # gradient clipping, global norm
+    seed: int = 0
+    val_fraction: float = 0.1           # held back from the training data for validation
+    val_limit: int | None = 64          # validation examples scored at each evaluation
+    eval_every: int = 20
+    save_every: int = 20
+
+    def check(self) -> None:
+        for name in ("batch_size", "accumulation", "steps", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise RaglineError(f"{name} must be at least 1", f"pass a positive --{name.replace('_', '-')}")
 
 
 def batch_indices(step: int, micro: int, batch_size: int, accumulation: int, seed: int, n: int) -> list[int]:

@@ -30,16 +30,14 @@ from ragline.errors import RaglineError
 from ragline.models.encoders import PAIRING_FILE, TextEncoder
 from ragline.models.generators import Generator
 from ragline.train.data import Example, read_examples, split_validation
-from ragline.train.loop import Trainer, trainable
+from ragline.train.loop import LoopConfig, Trainer, trainable
 from ragline.train.run import RunDir, seed_everything
 
 GENERATOR_TRAINING = ("full", "lora", "frozen")
 
 
 @dataclass
-class RagTrainConfig:
-    train: str = "fanoutqa-dev"        # training file (JSONL / KILT) or 'fanoutqa-dev'
-    index: str | None = None            # a dense index (default: the bundled one)
+class RagTrainConfig(LoopConfig):
     generator: str = "smollm2"
     model: str = "rag-sequence"         # rag-sequence | rag-token
     k: int = 5
@@ -49,19 +47,9 @@ class RagTrainConfig:
     train_question_encoder: bool = True
     lr: float = 3e-5                    # generator
     question_encoder_lr: float = 1e-5
-    batch_size: int = 4
-    accumulation: int = 1
-    steps: int = 100
-    warmup: int = 10
-    clip: float = 1.0
-    seed: int = 0
     precision: str = "fp32"             # fp32 | bf16 (autocast, where the CPU has bf16 instructions)
     label_smoothing: float = 0.0
     prior_scale: float = 20.0
-    val_fraction: float = 0.1
-    val_limit: int | None = 64          # validation examples scored at each evaluation
-    eval_every: int = 20
-    save_every: int = 20
 
 
 def check_config(cfg: RagTrainConfig) -> None:
@@ -73,9 +61,9 @@ def check_config(cfg: RagTrainConfig) -> None:
     if cfg.generator_training == "frozen" and not cfg.train_question_encoder:
         raise RaglineError("nothing to train: generator frozen and question encoder frozen",
                            "train the generator (--generator-training full|lora) or the question encoder")
-    for name in ("k", "batch_size", "accumulation", "steps", "eval_every", "save_every"):
-        if getattr(cfg, name) < 1:
-            raise RaglineError(f"{name} must be at least 1", f"pass a positive --{name.replace('_', '-')}")
+    cfg.check()
+    if cfg.k < 1:
+        raise RaglineError("k must be at least 1", "pass a positive -k")
     if cfg.precision not in ("fp32", "bf16"):
         raise RaglineError(f"unknown precision {cfg.precision!r}", "use --precision fp32 or bf16")
     if cfg.precision == "bf16" and not _cpu_has_bf16():

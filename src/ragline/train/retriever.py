@@ -31,28 +31,18 @@ from ragline.errors import RaglineError
 from ragline.index.directory import IndexDir
 from ragline.models.encoders import PAIRING_FILE, TextEncoder
 from ragline.train.data import Example, read_examples, split_validation
-from ragline.train.loop import Trainer, trainable
+from ragline.train.loop import LoopConfig, Trainer, trainable
 from ragline.train.run import RunDir, seed_everything
 
 
 @dataclass
-class RetrieverTrainConfig:
-    train: str = "fanoutqa-dev"
-    index: str | None = None
+class RetrieverTrainConfig(LoopConfig):
+    batch_size: int = 16
+    val_limit: int | None = 256
     train_passage_encoder: bool = False
     hard_negatives: int = 1
     scale: float = 20.0
     lr: float = 2e-5
-    batch_size: int = 16
-    accumulation: int = 1
-    steps: int = 100
-    warmup: int = 10
-    clip: float = 1.0
-    seed: int = 0
-    val_fraction: float = 0.1
-    val_limit: int | None = 256
-    eval_every: int = 20
-    save_every: int = 20
     new_index: str | None = None       # with a trained passage encoder: where the re-encoded index goes
 
 
@@ -114,9 +104,7 @@ class RetrieverTrainer(Trainer):
                  log: Callable[[str], None] = print) -> None:
         from ragline import paths
 
-        for name in ("batch_size", "accumulation", "steps", "eval_every", "save_every"):
-            if getattr(cfg, name) < 1:
-                raise RaglineError(f"{name} must be at least 1", f"pass a positive --{name.replace('_', '-')}")
+        cfg.check()
         if cfg.batch_size < 2 and cfg.hard_negatives < 1:
             raise RaglineError("a batch of 1 without hard negatives has no negative passage",
                                "use --batch-size 2 or more, or --hard-negatives 1 or more")
