@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 SLICE_DOCS = 150  # documents of the bundled corpus in the shared test index
 
@@ -79,3 +80,20 @@ def make_encoder_copy(dst: Path, noise: float = 0.0, dim: int | None = None) -> 
     word = models.Transformer(str(bert_dir), max_seq_length=64)
     SentenceTransformer(modules=[word, models.Pooling(dim), models.Normalize()], device="cpu").save(str(dst))
     return dst
+
+
+def tiny_generator():
+    """A randomly initialised two-layer Llama with SmolLM2's tokenizer: a causal generator that is quick to run
+    and to train (its answers are noise)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from ragline.models.catalog import generator_path
+    from ragline.models.generators import CausalGenerator
+
+    _, smol = generator_path("smollm2")
+    tok = AutoTokenizer.from_pretrained(str(smol))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return CausalGenerator(LlamaForCausalLM(cfg).eval(), tok, "tiny-llama")

@@ -6,26 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import tiny_generator, write_jsonl
 
 from ragline.errors import RaglineError
 from ragline.models.encoders import weights_fingerprint
 from ragline.train.rag import RagTrainConfig, RagTrainer, load_trained
-
-
-def tiny_generator():
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from ragline.models.catalog import generator_path
-    from ragline.models.generators import CausalGenerator
-
-    _, smol = generator_path("smollm2")
-    tok = AutoTokenizer.from_pretrained(str(smol))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    return CausalGenerator(LlamaForCausalLM(cfg).eval(), tok, "tiny-llama")
 
 
 @pytest.fixture(scope="module")

@@ -345,6 +345,39 @@ def report(index_dir, generator, beams, max_new_tokens, length_penalty, prior_sc
     console.print(table)
 
 
+@cli.command()
+@_index_option
+@click.option("--generator", default=DEFAULT_GENERATOR, show_default=True,
+              help="Bundled name (qwen2.5-0.5b, smollm2) or a Hugging Face causal LM folder.")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+              help="Serve the models of a finished `ragline train rag` run.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 64),
+              help="Questions arriving together with the same settings are decoded in one batch of at most this.")
+@click.option("--prior-scale", default=20.0, show_default=True, type=float)
+def serve(index_dir, generator, run_dir, host, port, max_batch, prior_scale) -> None:
+    """Serve the HTTP API (POST /ask, /ask/stream, /search; GET /passages/ID, /indexes, /health)."""
+    import uvicorn
+
+    from ragline.models.generators import CausalGenerator
+    from ragline.rag.model import RagModel
+    from ragline.serve.app import create_app
+
+    query_encoder = None
+    if run_dir is not None:
+        from ragline.train.rag import load_trained
+
+        trained = load_trained(run_dir)
+        generator = str(trained["generator"])
+        query_encoder = str(trained["question_encoder"]) if trained["question_encoder"] else None
+    retriever = _open_retriever(index_dir, query_encoder, False)
+    err_console.print(f"loading the generator {generator}")
+    rag = RagModel(retriever, CausalGenerator.load(generator), prior_scale=prior_scale)
+    err_console.print(f"serving index {retriever.index.name} on http://{host}:{port} (API schema at /docs)")
+    uvicorn.run(create_app(rag, max_batch=max_batch), host=host, port=port, log_level="warning")
+
+
 @cli.group()
 def train() -> None:
     """Training: end-to-end RAG fine-tuning."""

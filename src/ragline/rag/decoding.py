@@ -34,6 +34,7 @@ NEG = -1.0e9
 SCORING_LOGITS = 2**24  # thorough decoding scores missing pairs in passes of at most this many logits (64 MB)
 
 StepFn = Callable[[torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+OnStep = Callable[[list[list[int]]], None]  # after each step: the best running tokens of every group
 # step(parents (G, W) or None, tokens (G, W) or None) -> log-probs (G, W, V) of the next token of each beam;
 # None, None on the first call (the prompts only).
 
@@ -46,7 +47,7 @@ class Hypothesis:
 
 
 def beam_search(step: StepFn, groups: int, beams: int, stop_ids: Sequence[int], max_new_tokens: int,
-                length_penalty: float = 1.0) -> list[list[Hypothesis]]:
+                length_penalty: float = 1.0, on_step: OnStep | None = None) -> list[list[Hypothesis]]:
     """HF-compatible beam search over ``groups`` at once; the W finished hypotheses of each, best first."""
     g_idx = torch.arange(groups)
     stop = torch.tensor(list(stop_ids))
@@ -86,6 +87,8 @@ def beam_search(step: StepFn, groups: int, beams: int, stop_ids: Sequence[int], 
         run_scores = (cand_scores + hits.float() * NEG).gather(1, live)
         run_tokens = cand_seq[g_idx[:, None], live]
         parents, tokens = cand_parent.gather(1, live), cand_token.gather(1, live)
+        if on_step is not None:
+            on_step(run_tokens[:, 0].tolist())
         best_running = run_scores[:, :1] / ((t + 1) ** length_penalty)
         worst_finished = torch.where(fin_done, fin_scores.min(1, keepdim=True).values, torch.full_like(fin_scores, NEG))
         improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
@@ -103,7 +106,8 @@ def beam_search(step: StepFn, groups: int, beams: int, stop_ids: Sequence[int], 
     return out
 
 
-def greedy(step: StepFn, groups: int, stop_ids: Sequence[int], max_new_tokens: int) -> list[Hypothesis]:
+def greedy(step: StepFn, groups: int, stop_ids: Sequence[int], max_new_tokens: int,
+           on_step: OnStep | None = None) -> list[Hypothesis]:
     """Argmax decoding of each group until a stop token or the length limit (HF greedy search)."""
     stop = torch.tensor(list(stop_ids))
     done = torch.zeros(groups, dtype=torch.bool)
@@ -118,6 +122,8 @@ def greedy(step: StepFn, groups: int, stop_ids: Sequence[int], max_new_tokens: i
             seqs[g].append(int(tok[g]))
         logprob = logprob + torch.where(done, torch.zeros_like(lp), lp)
         done = done | torch.isin(tok, stop)
+        if on_step is not None:
+            on_step([list(x) for x in seqs])
         if done.all():
             break
         tokens = tok[:, None]
@@ -232,9 +238,10 @@ class Decoded:
 @torch.no_grad()
 def rag_token_decode(generator: Generator, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]],
                      doc_logprobs: torch.Tensor, beams: int = 1, max_new_tokens: int = 32,
-                     length_penalty: float = 1.0, n_best: int = 1) -> list[Decoded]:
+                     length_penalty: float = 1.0, n_best: int = 1, on_step: OnStep | None = None) -> list[Decoded]:
     """RAG-Token: greedy (beams=1) or beam search on the marginal next-token distribution; with beams, the
-    ``n_best`` (<= beams) finished hypotheses in beam order are kept as alternatives."""
+    ``n_best`` (<= beams) finished hypotheses in beam order are kept as alternatives. ``on_step`` receives
+    each question's best running tokens after every step (for streaming)."""
     b, k = doc_logprobs.shape
     beams_eff = max(beams, 1)
 
@@ -247,8 +254,8 @@ def rag_token_decode(generator: Generator, questions: Sequence[str], passages: S
     stops = stop_ids(generator)
     if beams <= 1:
         return [Decoded(h.tokens, h.logprob, alternatives=[(h.tokens, h.logprob)])
-                for h in greedy(step, b, stops, max_new_tokens)]
-    hyps = beam_search(step, b, beams, stops, max_new_tokens, length_penalty)
+                for h in greedy(step, b, stops, max_new_tokens, on_step)]
+    hyps = beam_search(step, b, beams, stops, max_new_tokens, length_penalty, on_step)
     return [Decoded(h[0].tokens, h[0].logprob, alternatives=[(x.tokens, x.logprob) for x in h[:n_best]])
             for h in hyps]
 
@@ -257,19 +264,21 @@ def rag_token_decode(generator: Generator, questions: Sequence[str], passages: S
 def rag_sequence_decode(generator: Generator, questions: Sequence[str],
                         passages: Sequence[Sequence[Passage | None]], doc_logprobs: torch.Tensor,
                         beams: int = 4, max_new_tokens: int = 32, thorough: bool = True,
-                        length_penalty: float = 1.0, n_best: int = 1) -> list[Decoded]:
+                        length_penalty: float = 1.0, n_best: int = 1, on_step: OnStep | None = None) -> list[Decoded]:
     """RAG-Sequence: beam search per passage (all questions and passages at once), then the answer that
     maximises sum_z p_eta(z|x) p_theta(y|x,z) over the union of the beams' hypotheses; the ``n_best`` best
-    candidates by that marginal are kept as alternatives."""
+    candidates by that marginal are kept as alternatives. ``on_step`` receives, after every step, each
+    question's best running tokens under its first (most likely) passage."""
     b, k = doc_logprobs.shape
     groups = b * k
     step = RowStepper(generator, generator.pair_prompts(questions, passages), groups, 1, beams,
                       lambda logp: logp[:, :, 0], keep_prefill=thorough)  # (G, W, 1, V) -> (G, W, V)
     stops = stop_ids(generator)
+    on_first = None if on_step is None else (lambda best: on_step(best[::k]))  # group q*k: passage 1 of q
     if beams <= 1:
-        per_pair = [[h] for h in greedy(step, groups, stops, max_new_tokens)]
+        per_pair = [[h] for h in greedy(step, groups, stops, max_new_tokens, on_first)]
     else:
-        per_pair = beam_search(step, groups, beams, stops, max_new_tokens, length_penalty)
+        per_pair = beam_search(step, groups, beams, stops, max_new_tokens, length_penalty, on_first)
     # candidates per question: the union of its passages' hypotheses, with the scores the beams computed
     cands: list[dict[tuple[int, ...], dict[int, float]]] = [{} for _ in range(b)]
     for g, hyps in enumerate(per_pair):

@@ -8,7 +8,7 @@ with their prior p_eta(z|x) and posterior p(z|x,y); for RAG-Token the posterior 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -99,9 +99,11 @@ class RagModel:
     @torch.no_grad()
     def answer(self, questions: Sequence[str], model: str = "rag-sequence", decoding: str | None = None,
                k: int | None = None, beams: int = 4, max_new_tokens: int = 32,
-               length_penalty: float = 1.0, n_best: int = 1) -> list[Answer]:
+               length_penalty: float = 1.0, n_best: int = 1,
+               on_step: Callable[[list[str]], None] | None = None) -> list[Answer]:
         """Decode an answer per question. ``length_penalty`` ranks finished beams by
-        log p / len ** length_penalty (1.0, HF's default, favours longer answers; 0.0 ranks by log p)."""
+        log p / len ** length_penalty (1.0, HF's default, favours longer answers; 0.0 ranks by log p).
+        ``on_step`` receives each question's best answer text so far after every decoding step."""
         _check_model(model, None)
         decoding = decoding or DECODINGS[model][0]
         _check_model(model, decoding)
@@ -111,14 +113,15 @@ class RagModel:
         else:
             passages, scores = self.retrieve(questions, k)
         doc = marginal.doc_log_probs(self.prior_scale * scores)  # (B, K) log p_eta(z|x)
+        texts = None if on_step is None else (lambda best: on_step([self._text(t) for t in best]))
         if model == "rag-sequence":
             decoded = rag_sequence_decode(self.generator, questions, passages, doc, beams=beams,
                                           max_new_tokens=max_new_tokens, thorough=decoding == "thorough",
-                                          length_penalty=length_penalty, n_best=n_best)
+                                          length_penalty=length_penalty, n_best=n_best, on_step=texts)
         else:
             decoded = rag_token_decode(self.generator, questions, passages, doc,
                                        beams=1 if decoding == "greedy" else beams, max_new_tokens=max_new_tokens,
-                                       length_penalty=length_penalty, n_best=n_best)
+                                       length_penalty=length_penalty, n_best=n_best, on_step=texts)
         return [self._explain(q, d, zs, scores[b], doc[b], model, decoding)
                 for b, (q, d, zs) in enumerate(zip(questions, decoded, passages, strict=True))]
 

@@ -1,0 +1,178 @@
+"""``ragline serve``: the HTTP API.
+
+    POST /ask              answer, log p, passages with p(z|x) and posterior, RAG-Token per-token sources
+    POST /ask/stream       the same as server-sent events: `passages`, then one `partial` per decoding step (the
+                           best answer text so far: with greedy decoding it only grows, with beams it may be
+                           rewritten), then `answer` (the full structure), then `done`
+    POST /search           ranked passages
+    GET  /passages/{pid}   one passage by id (``Title#n``)
+    GET  /indexes          the index directories beside the active one
+    POST /indexes/active   hot-swap to another index: requests in flight finish on the old one
+    GET  /health           status, active index, generator
+
+Bad requests get a 4xx with ``{"error": ..., "fix": ...}``: 422 for invalid fields (empty question, k out of
+range, unknown model), 404 for an unknown index or passage, 400 for other refusals. Model calls go through
+one worker thread (:mod:`ragline.serve.worker`), which batches questions that arrive together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field, field_validator
+
+from ragline.errors import RaglineError
+from ragline.index.directory import IndexDir, list_indexes
+from ragline.rag.model import DECODINGS, RagModel
+from ragline.serve.worker import ModelWorker, Settings
+
+MAX_QUESTION_CHARS = 1000
+MAX_K = 20
+MAX_NEW_TOKENS = 128
+
+
+class Question(BaseModel):
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
+    k: int = Field(5, ge=1, le=MAX_K)
+    mode: Literal["dense", "bm25", "hybrid"] = "dense"
+
+    @field_validator("question")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the question is empty")
+        return v.strip()
+
+
+class AskRequest(Question):
+    model: Literal["rag-sequence", "rag-token", "closed-book"] = "rag-sequence"
+    decoding: Literal["thorough", "fast", "beam", "greedy"] | None = None
+    beams: int = Field(4, ge=1, le=8)
+    max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS)
+
+    def settings(self) -> Settings:
+        if self.decoding is not None and self.decoding not in DECODINGS[self.model]:
+            raise RaglineError(f"{self.model} has no {self.decoding!r} decoding",
+                               f"use decoding {' or '.join(DECODINGS[self.model])}")
+        return Settings(self.model, self.decoding, 1 if self.model == "closed-book" else self.k, self.mode,
+                        self.beams, self.max_new_tokens)
+
+
+class SwapRequest(BaseModel):
+    name: str = Field(min_length=1)
+
+
+class NotFound(RaglineError):
+    pass
+
+
+def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8) -> FastAPI:
+    """The API over ``rag`` (its retriever's index is the active one; ``index_root`` holds the others)."""
+    app = FastAPI(title="ragline", version="1", description="Retrieval-Augmented Generation with cited passages.")
+    worker = ModelWorker(rag, max_batch=max_batch)
+    root = Path(index_root) if index_root else rag.retriever.index.path.parent
+    pid_rows: dict[str, dict[str, int]] = {}  # index path -> pid -> row
+    lock = threading.Lock()
+    app.state.worker = worker
+
+    def retriever():
+        if rag.retriever is None:
+            raise RaglineError("this server has no index", "start it with --index")
+        return rag.retriever
+
+    @app.exception_handler(RaglineError)
+    async def _ragline_error(request: Request, e: RaglineError) -> JSONResponse:
+        return JSONResponse({"error": e.problem, "fix": e.fix}, status_code=404 if isinstance(e, NotFound) else 400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors())
+        return JSONResponse({"error": problems, "fix": "see the request schema at /docs"}, status_code=422)
+
+    @app.get("/health")
+    def health() -> dict:
+        ix = rag.retriever.index if rag.retriever else None
+        return {"status": "ok", "generator": rag.generator.name,
+                "index": None if ix is None else {"name": ix.name, "fingerprint": ix.fingerprint, "passages": len(ix),
+                                                  "modes": list(ix.modes)}}
+
+    @app.post("/search")
+    def search(req: Question) -> dict:
+        hits = retriever().search([req.question], k=req.k, mode=req.mode)[0]
+        return {"question": req.question, "hits": [h.__dict__ for h in hits]}
+
+    @app.get("/passages/{pid:path}")
+    def passage(pid: str) -> dict:
+        ix = retriever().index
+        with lock:
+            rows = pid_rows.get(str(ix.path))
+            if rows is None:
+                rows = {p: i for i, p in enumerate(ix.store.table.column("pid").to_pylist())}
+                pid_rows[str(ix.path)] = rows
+        if pid not in rows:
+            raise NotFound(f"no passage {pid!r} in index {ix.name}", "use a pid from /search (Title#n)")
+        return ix.store.get([rows[pid]])[0].__dict__
+
+    @app.get("/indexes")
+    def indexes() -> dict:
+        active = rag.retriever.index.path.resolve() if rag.retriever else None
+        return {"root": str(root), "indexes": [
+            {"name": p.name, "fingerprint": m["fingerprint"], "passages": m["corpus"]["passages"],
+             "dense": (m.get("dense") or {}).get("factory"), "bm25": bool(m.get("bm25")),
+             "active": p.resolve() == active} for p, m in list_indexes(root)]}
+
+    @app.post("/indexes/active")
+    def swap(req: SwapRequest) -> dict:
+        path = root / req.name
+        if "/" in req.name or not (path / "manifest.json").is_file():
+            raise NotFound(f"no index {req.name!r} under {root}", "pick a name from GET /indexes")
+        old = retriever().swap(IndexDir.open(path))
+        return {"active": req.name, "previous": old.name}
+
+    @app.post("/ask")
+    async def ask(req: AskRequest) -> dict:
+        future = worker.submit(req.question, req.settings())
+        return (await asyncio.wrap_future(future)).to_dict()
+
+    @app.post("/ask/stream")
+    async def ask_stream(req: AskRequest) -> StreamingResponse:
+        settings = req.settings()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_step(text: str) -> None:  # after every decoding step, from the worker thread
+            loop.call_soon_threadsafe(events.put_nowait, ("partial", {"text": text}))
+
+        passages = [] if settings.model == "closed-book" else \
+            [h.__dict__ for h in retriever().search([req.question], k=settings.k, mode=settings.mode)[0]]
+        future = worker.submit(req.question, settings, on_step=on_step)
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, ("end", f)))
+
+        async def stream():
+            yield _sse("passages", {"passages": passages})
+            while True:
+                kind, data = await events.get()
+                if kind == "partial":
+                    yield _sse("partial", data)
+                    continue
+                try:
+                    yield _sse("answer", data.result().to_dict())
+                except RaglineError as e:
+                    yield _sse("error", {"error": e.problem, "fix": e.fix})
+                yield _sse("done", {})
+                return
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"

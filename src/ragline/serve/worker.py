@@ -1,0 +1,96 @@
+"""The model worker: one thread owns the RAG model, so model calls never run concurrently, and questions that
+arrive together with the same settings are decoded in one batch.
+
+Requests wait in a queue. The worker takes the first, then keeps taking requests with the same settings
+(model, decoding, k, retrieval mode, beams, max tokens) that arrive within ``window`` seconds, up to
+``max_batch``, and answers them with one ``RagModel.answer`` call. A streaming request runs alone, with a
+callback that receives the best answer text after every decoding step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from ragline.rag.model import RagModel
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    decoding: str | None
+    k: int
+    mode: str
+    beams: int
+    max_new_tokens: int
+
+
+@dataclass
+class Job:
+    question: str
+    settings: Settings
+    future: Future = field(default_factory=Future)
+    on_step: Callable[[str], None] | None = None  # streaming: best text so far
+
+
+class ModelWorker:
+    def __init__(self, rag: RagModel, max_batch: int = 8, window: float = 0.01) -> None:
+        self.rag, self.max_batch, self.window = rag, max_batch, window
+        self.queue: queue.Queue[Job] = queue.Queue()
+        self.batches: list[int] = []  # sizes of the batches decoded so far (for tests and metrics)
+        self._pending: deque[Job] = deque()
+        self._thread = threading.Thread(target=self._loop, name="ragline-model", daemon=True)
+        self._thread.start()
+
+    def submit(self, question: str, settings: Settings, on_step: Callable[[str], None] | None = None) -> Future:
+        job = Job(question, settings, on_step=on_step)
+        self.queue.put(job)
+        return job.future
+
+    def _next(self, timeout: float | None) -> Job | None:
+        if self._pending:
+            return self._pending.popleft()
+        try:
+            return self.queue.get(timeout=timeout) if timeout is None or timeout > 0 else self.queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _loop(self) -> None:
+        while True:
+            job = self._next(None)
+            batch = [job]
+            if job.on_step is None:
+                deadline = time.monotonic() + self.window
+                while len(batch) < self.max_batch:
+                    nxt = self._next(deadline - time.monotonic())
+                    if nxt is None:
+                        break
+                    if nxt.on_step is None and nxt.settings == job.settings:
+                        batch.append(nxt)
+                    else:
+                        self._pending.append(nxt)
+                        break
+            self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        s = batch[0].settings
+        self.batches.append(len(batch))
+        stream = batch[0].on_step
+        self.rag.mode = s.mode  # only this thread uses the model
+        try:
+            answers: list[Any] = self.rag.answer(
+                [j.question for j in batch], model=s.model, decoding=s.decoding, k=s.k, beams=s.beams,
+                max_new_tokens=s.max_new_tokens, length_penalty=0.0,
+                on_step=None if stream is None else (lambda texts: stream(texts[0])))
+        except Exception as e:  # noqa: BLE001 - every waiting request gets the error
+            for j in batch:
+                j.future.set_exception(e)
+            return
+        for j, a in zip(batch, answers, strict=True):
+            j.future.set_result(a)
