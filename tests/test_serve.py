@@ -58,6 +58,8 @@ def test_health_search_passages_and_indexes(server):
     names = {x["name"]: x for x in client.get("/indexes").json()["indexes"]}
     assert set(names) == {"a", "b"} and sum(x["active"] for x in names.values()) == 1
     assert client.get("/openapi.json").json()["paths"]["/ask"]
+    page = client.get("/")
+    assert page.status_code == 200 and "/ask/stream" in page.text and "http" not in page.text.split("<script>")[1]
 
 
 def test_ask_returns_the_answer_with_its_sources(server):

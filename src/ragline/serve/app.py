@@ -9,6 +9,8 @@
     GET  /indexes          the index directories beside the active one
     POST /indexes/active   hot-swap to another index: requests in flight finish on the old one
     GET  /health           status, active index, generator
+    GET  /                 the web page: question box, streamed answer, ranked passages with their weights,
+                           RAG-Token answer tokens coloured by the passage that produced them (no CDN)
 
 Bad requests get a 4xx with ``{"error": ..., "fix": ...}``: 422 for invalid fields (empty question, k out of
 range, unknown model), 404 for an unknown index or passage, 400 for other refusals. Model calls go through
@@ -25,7 +27,7 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
 from ragline.errors import RaglineError
@@ -95,6 +97,12 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors())
         return JSONResponse({"error": problems, "fix": "see the request schema at /docs"}, status_code=422)
+
+    page = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index_page() -> str:
+        return page
 
     @app.get("/health")
     def health() -> dict:
