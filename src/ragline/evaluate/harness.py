@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ragline import atomic
+from ragline import runconfig
 from ragline.errors import RaglineError
 from ragline.evaluate.datasets import load_fanoutqa
 from ragline.evaluate.scoring import score_run
@@ -88,21 +88,6 @@ def _prediction(qid: str, question: str, answer: Any, seconds: float) -> dict:
             "meta": {"logprob": answer.logprob, "seconds": seconds}}
 
 
-def prepare_run(cfg: EvalConfig, out: Path) -> None:
-    """Create ``out`` with ``cfg``, or check that it holds the same configuration (resume)."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "config.json"
-    want = asdict(cfg)
-    if path.exists():
-        have = json.loads(path.read_text())
-        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k) and k != "batch")
-        if diff:
-            raise RaglineError(f"run directory {out} holds a run with other settings ({', '.join(diff)})",
-                               "resume with the same settings, or pass a new --out")
-    else:
-        atomic.write_json(path, want)
-
-
 def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool = True,
              log: Callable[[str], None] = print) -> dict:
     """Answer the task's questions not yet in ``out``, then write and return the report."""
@@ -114,7 +99,7 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
     from ragline.rag.model import RagModel
     from ragline.retriever import Retriever
 
-    prepare_run(cfg, out)
+    runconfig.prepare(out, asdict(cfg), ignore=("batch",))  # the batch size does not change answers
     index = None
     if cfg.model != "closed-book" or cfg.task in BUNDLED_TASKS:
         index = IndexDir.open(cfg.index or paths.default_index_dir())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import errno
 import io
-import json
 import os
 import random
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ragline import atomic
+from ragline import atomic, runconfig
 from ragline.errors import RaglineError
 
 KEEP = 2
@@ -36,18 +35,10 @@ class RunDir:
         self.path = Path(path)
         self.ckpt_dir = self.path / "checkpoints"
 
-    def prepare(self, config: dict, ignore: tuple[str, ...] = ()) -> None:
+    def prepare(self, config: dict) -> None:
         """Create the run with ``config``, or check that it holds the same settings (resume)."""
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        path = self.path / "config.json"
-        if path.exists():
-            have = json.loads(path.read_text())
-            diff = sorted(k for k in set(config) | set(have) if config.get(k) != have.get(k) and k not in ignore)
-            if diff:
-                raise RaglineError(f"run directory {self.path} holds a run with other settings ({', '.join(diff)})",
-                                   "resume with the same settings, or pass a new --out")
-        else:
-            atomic.write_json(path, config)
+        runconfig.prepare(self.path, config)
+        self.ckpt_dir.mkdir(exist_ok=True)
 
     # --- checkpoints -----------------------------------------------------------------------------------
 

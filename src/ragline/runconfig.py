@@ -1,0 +1,24 @@
+"""The settings file of a run directory (an eval run, a training run): written once, then checked on resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ragline import atomic
+from ragline.errors import RaglineError
+
+
+def prepare(run: Path, config: dict, ignore: tuple[str, ...] = ()) -> None:
+    """Create ``run`` with ``run/config.json`` = ``config``, or, when it exists, check that it holds the same
+    settings (apart from ``ignore``): a rerun resumes, a run with other settings is refused."""
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / "config.json"
+    if not path.exists():
+        atomic.write_json(path, config)
+        return
+    have = json.loads(path.read_text())
+    diff = sorted(k for k in set(config) | set(have) if config.get(k) != have.get(k) and k not in ignore)
+    if diff:
+        raise RaglineError(f"run directory {run} holds a run with other settings ({', '.join(diff)})",
+                           "resume with the same settings, or pass a new --out")
