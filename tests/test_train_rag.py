@@ -145,3 +145,19 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, train
     monkeypatch.setattr(atomic, "write_bytes", real)
     resumed = _trainer(_cfg(train_file, small_index), tmp_path / "run")
     assert resumed.run.load(resumed.identity)["step"] == 3
+
+
+def test_bf16_autocast_trains_where_the_cpu_has_bf16(tmp_path, train_file, small_index):
+    from ragline.train.rag import _cpu_has_bf16
+
+    cfg = _cfg(train_file, small_index, steps=2, precision="bf16")
+    if not _cpu_has_bf16():
+        with pytest.raises(RaglineError, match="no bf16 instructions"):
+            _trainer(cfg, tmp_path / "run")
+        pytest.skip("this CPU has no bf16 instructions: checked that bf16 is refused with a message instead")
+    tr = _trainer(cfg, tmp_path / "run")
+    before = [p.detach().clone() for p in tr.params]
+    tr.run_training()
+    losses = [r["value"] for r in tr.run.read_metrics() if r["split"] == "train" and r["name"] == "loss"]
+    assert len(losses) == 2 and all(0 < v < float("inf") for v in losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.params, strict=True))
