@@ -23,27 +23,12 @@ import time
 from pathlib import Path
 
 from ragline import paths
-from ragline.evaluate.datasets import load_fanoutqa
-from ragline.evaluate.metrics import exact_match, normalise, token_f1
+from ragline.evaluate.harness import dev_questions
+from ragline.evaluate.metrics import exact_match, token_f1
 from ragline.index.directory import IndexDir
 from ragline.models.generators import CausalGenerator
 from ragline.rag.model import RagModel
 from ragline.retriever import Retriever
-
-
-def answerable(index: IndexDir):
-    """Dev questions whose normalised answer occurs in the normalised text of their gold page."""
-    titles = index.store.table.column("title").to_pylist()
-    texts = index.store.table.column("text").to_pylist()
-    page: dict[str, list[str]] = {}
-    for t, x in zip(titles, texts, strict=True):
-        page.setdefault(t, []).append(x)
-    out = []
-    for q in load_fanoutqa("dev", set(page)):
-        body = normalise(" ".join(page[q.gold_titles[0]]))
-        if any(normalise(a) and f" {normalise(a)} " in f" {body} " for a in q.answers):
-            out.append(q)
-    return out
 
 
 def run(rag: RagModel, questions, model: str, decoding: str, k: int, beams: int, batch: int, max_new: int,
@@ -79,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
 
     index = IndexDir.open(args.index)
-    questions = answerable(index)[: args.limit]
+    questions = dev_questions(index, answerable_only=True)[: args.limit]
     rag = RagModel(Retriever(index), CausalGenerator.load(args.generator), mode="dense", prior_scale=args.prior_scale)
     print(f"{len(questions)} dev questions with the answer in the corpus; generator {rag.generator.name}; "
           f"beams {args.beams}, length penalty {args.length_penalty}, prior scale {args.prior_scale}; "

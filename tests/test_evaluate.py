@@ -54,3 +54,24 @@ def test_question_files_jsonl_and_kilt(tmp_path):
     f.write_text('{"question": ""}\n')
     with pytest.raises(RaglineError, match="q.jsonl:1"):
         load_questions(f)
+
+
+def test_answerable_keeps_questions_whose_answer_is_in_their_gold_page():
+    from ragline.evaluate.datasets import Question, answerable
+
+    pages = {"Turkey": ["Turkey's capital is Ankara.", "Istanbul is its largest city."], "Italy": ["Rome, Italy."]}
+    qs = [Question("1", "Capital of Turkey?", ("Ankara",), ("Turkey",)),
+          Question("2", "Largest city of Turkey?", ("The Istanbul",), ("Turkey",)),  # normalised: article dropped
+          Question("3", "Capital of Italy?", ("Rome",), ("Turkey",)),                # answer in another page only
+          Question("4", "Area of Italy?", ("301,340 km2",), ("Italy",))]
+    assert [q.id for q in answerable(qs, pages)] == ["1", "2"]
+
+
+def test_bundled_answerable_task_is_a_subset(small_index):
+    from ragline.evaluate.harness import EvalConfig, load_eval_task
+    from ragline.index.directory import IndexDir
+
+    ix = IndexDir.open(small_index)
+    every = load_eval_task(EvalConfig(task="fanoutqa-dev"), lambda: ix).questions
+    some = load_eval_task(EvalConfig(task="fanoutqa-dev-answerable"), lambda: ix).questions
+    assert set(q.id for q in some) <= set(q.id for q in every) and len(some) < len(every)

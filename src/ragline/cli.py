@@ -270,7 +270,7 @@ def _eval_options(f):
 
 @cli.command("eval")
 @click.option("--task", default="fanoutqa-dev", show_default=True,
-              help="'fanoutqa-dev' (bundled dev split) or a task file (KILT, JSONL, DPR .qa.csv, TriviaQA, "
+              help="'fanoutqa-dev' or 'fanoutqa-dev-answerable' (bundled dev split) or a task file (KILT, JSONL, DPR .qa.csv, TriviaQA, "
                    "WebQuestions, CuratedTrec, FEVER, MS-MARCO, Jeopardy .source).")
 @click.option("--format", "fmt", default=None, help="Task file format (default: detected from the file).")
 @_index_option
@@ -320,7 +320,8 @@ REPORT_GRID = [("closed-book", "greedy", "dense", None)] + [
 @_index_option
 @_eval_options
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/fanoutqa-dev"), show_default=True)
-@click.option("--task", default="fanoutqa-dev", show_default=True, help="The task every run answers.")
+@click.option("--task", default="fanoutqa-dev", show_default=True,
+              help="The task every run answers ('fanoutqa-dev-answerable': the 35 answerable dev questions).")
 def report(index_dir, generator, beams, max_new_tokens, length_penalty, prior_scale, limit, batch, out, task) -> None:
     """The comparison report: closed book, RAG-Token, RAG-Sequence fast and thorough at k = 1, 5, 10, and
     BM25 / dense / hybrid retrieval, each a resumable run under OUT, then OUT/README.md and OUT/comparison.png."""

@@ -121,3 +121,16 @@ def load_questions(path: str | Path) -> list[Question]:
     if not out:
         raise RaglineError(f"question file {path} is empty", "give one JSON question per line")
     return out
+
+
+def answerable(questions: list[Question], pages: dict[str, list[str]]) -> list[Question]:
+    """The questions whose normalised answer string occurs in the normalised text of their gold page
+    (``pages``: title -> passage texts): those a reader of the corpus can answer word for word."""
+    from ragline.evaluate.metrics import normalise
+
+    out = []
+    for q in questions:
+        body = f" {normalise(' '.join(t for title in q.gold_titles for t in pages.get(title, [])))} "
+        if any(normalise(a) and f" {normalise(a)} " in body for a in q.answers):
+            out.append(q)
+    return out

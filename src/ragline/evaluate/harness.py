@@ -21,16 +21,17 @@ from typing import Any
 
 from ragline import runconfig
 from ragline.errors import RaglineError
-from ragline.evaluate.datasets import load_fanoutqa
+from ragline.evaluate.datasets import Question, answerable, load_fanoutqa
 from ragline.evaluate.scoring import score_run
 from ragline.evaluate.tasks import Task, load_task
+from ragline.index.directory import IndexDir
 
-BUNDLED_TASKS = ("fanoutqa-dev",)
+BUNDLED_TASKS = ("fanoutqa-dev", "fanoutqa-dev-answerable")
 
 
 @dataclass
 class EvalConfig:
-    task: str = "fanoutqa-dev"          # a task file or 'fanoutqa-dev' (the bundled dev split)
+    task: str = "fanoutqa-dev"          # a task file, 'fanoutqa-dev' or 'fanoutqa-dev-answerable' (bundled)
     format: str | None = None           # task file format (default: detected)
     index: str | None = None            # index directory (default: the bundled index)
     model: str = "rag-sequence"         # closed-book | rag-token | rag-sequence
@@ -46,14 +47,28 @@ class EvalConfig:
     batch: int = 4
 
 
-def load_eval_task(cfg: EvalConfig, titles: Callable[[], set[str]], skip_bad: bool = False) -> Task:
-    """The task's questions (the first ``limit``); the bundled FanOutQA dev split keeps the sub-questions
-    whose evidence page is in the index (``titles``)."""
-    if cfg.task == "fanoutqa-dev":
-        task = Task("fanoutqa-dev", "fanoutqa", "qa", load_fanoutqa("dev", titles()))
+def dev_questions(index: IndexDir, answerable_only: bool = False) -> list[Question]:
+    """FanOutQA dev sub-questions whose gold page is in ``index``; with ``answerable_only``, those whose
+    answer string occurs in that page's passages."""
+    titles = index.store.table.column("title").to_pylist()
+    pages: dict[str, list[str]] = {}
+    for t, x in zip(titles, index.store.table.column("text").to_pylist(), strict=True):
+        pages.setdefault(t, []).append(x)
+    questions = load_fanoutqa("dev", set(pages))
+    return answerable(questions, pages) if answerable_only else questions
+
+
+def load_eval_task(cfg: EvalConfig, index: Callable[[], IndexDir], skip_bad: bool = False) -> Task:
+    """The task's questions (the first ``limit``). The bundled FanOutQA dev split keeps the sub-questions
+    whose evidence page is in the index; ``fanoutqa-dev-answerable`` only those whose answer string occurs
+    in that page's passages (the ones the corpus can answer word for word)."""
+    if cfg.task in BUNDLED_TASKS:
+        questions = dev_questions(index(), answerable_only=cfg.task == "fanoutqa-dev-answerable")
+        task = Task(cfg.task, "fanoutqa", "qa", questions)
     elif cfg.task.startswith("fanoutqa-"):
         raise RaglineError(f"unknown bundled task {cfg.task!r}",
-                           "use fanoutqa-dev (the held-out half is for final evaluation only) or a task file")
+                           "use fanoutqa-dev or fanoutqa-dev-answerable (the held-out half is for final "
+                           "evaluation only) or a task file")
     else:
         task = load_task(cfg.task, cfg.format, skip_bad)
     task.questions = task.questions[: cfg.limit]
@@ -103,7 +118,7 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
     index = None
     if cfg.model != "closed-book" or cfg.task in BUNDLED_TASKS:
         index = IndexDir.open(cfg.index or paths.default_index_dir())
-    task = load_eval_task(cfg, lambda: set(index.store.table.column("title").to_pylist()), skip_bad)
+    task = load_eval_task(cfg, lambda: index, skip_bad)
     for msg in task.skipped:
         log(f"skipped {msg}")
     preds_path = out / "predictions.jsonl"
