@@ -73,6 +73,13 @@ class TextEncoder:
         return {"name": self.name, "fingerprint": self.fingerprint, "dim": self.dim,
                 "max_seq_length": self.max_seq_length}
 
+    def save(self, path: Path, paired_with: str | None = None) -> None:
+        """Write the encoder as a sentence-transformers folder; ``paired_with`` (a passage encoder's
+        fingerprint) makes it a question encoder for indexes built with that passage encoder."""
+        self.model.save(str(path))
+        if paired_with is not None:
+            (Path(path) / PAIRING_FILE).write_text(json.dumps({"paired_with": paired_with}))
+
     def embed(self, texts: list[str]) -> torch.Tensor:
         """q(x) with gradient (for training the question encoder): float32 tensor (n, dim)."""
         features = self.model.tokenize(texts)

@@ -158,8 +158,8 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
         def on_step(text: str) -> None:  # after every decoding step, from the worker thread
             loop.call_soon_threadsafe(events.put_nowait, ("partial", {"text": text}))
 
-        passages = [] if settings.model == "closed-book" else \
-            [h.__dict__ for h in retriever().search([req.question], k=settings.k, mode=settings.mode)[0]]
+        passages = [] if settings.model == "closed-book" else [h.__dict__ for h in (await asyncio.to_thread(
+            retriever().search, [req.question], settings.k, settings.mode))[0]]  # off the event loop
         future = worker.submit(req.question, settings, on_step=on_step)
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, ("end", f)))
 

@@ -9,6 +9,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from abc import ABC, abstractmethod
@@ -81,6 +82,15 @@ class Trainer(ABC):
     parts: dict[str, tuple[torch.nn.Module, float]]
     log: Callable[[str], None]
     progress: bool
+
+    def trainable_signature(self) -> str:
+        """A hash of the trained parameters' names and shapes, part by part: a checkpoint of another
+        training setup does not match it."""
+        h = hashlib.blake2b(digest_size=12)
+        for part, (m, _) in self.parts.items():
+            for n, p in trainable(m).items():
+                h.update(f"{part}:{n}:{tuple(p.shape)};".encode())
+        return h.hexdigest()
 
     def setup_optimiser(self, identity: dict) -> None:
         groups = [{"params": list(trainable(m).values()), "lr": lr} for m, lr in self.parts.values() if trainable(m)]

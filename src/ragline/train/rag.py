@@ -15,9 +15,8 @@ The batch of step s is fixed by the seed and s alone (a per-epoch permutation), 
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
-import shutil
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -25,12 +24,11 @@ from pathlib import Path
 
 import torch
 
-from ragline import atomic
 from ragline.errors import RaglineError
-from ragline.models.encoders import PAIRING_FILE, TextEncoder
+from ragline.models.encoders import TextEncoder
 from ragline.models.generators import Generator
 from ragline.train.data import Example, read_examples, split_validation
-from ragline.train.loop import LoopConfig, Trainer, trainable
+from ragline.train.loop import LoopConfig, Trainer
 from ragline.train.run import RunDir, seed_everything
 
 GENERATOR_TRAINING = ("full", "lora", "frozen")
@@ -94,15 +92,6 @@ def _apply_generator_training(gen: Generator, cfg: RagTrainConfig) -> None:
     gen.model.eval()
 
 
-def _identity(gen: Generator, enc: TextEncoder, cfg: RagTrainConfig) -> dict:
-    h = hashlib.blake2b(digest_size=12)
-    for part, mod in (("generator", gen.model), ("question_encoder", enc.model)):
-        for n, p in trainable(mod).items():
-            h.update(f"{part}:{n}:{tuple(p.shape)};".encode())
-    return {"generator": gen.name, "generator_training": cfg.generator_training, "question_encoder": enc.name,
-            "train_question_encoder": cfg.train_question_encoder, "trainable": h.hexdigest()}
-
-
 class RagTrainer(Trainer):
     """One training run: ``run_training()`` trains (or resumes) to ``cfg.steps`` and exports the models."""
 
@@ -136,7 +125,9 @@ class RagTrainer(Trainer):
         self.rag = RagModel(retriever, gen, k=cfg.k, mode="dense", prior_scale=cfg.prior_scale)
         self.gen, self.enc = gen, enc
         self.parts = {"generator": (gen.model, cfg.lr), "question_encoder": (enc.model, cfg.question_encoder_lr)}
-        self.setup_optimiser(_identity(gen, enc, cfg))
+        self.setup_optimiser({"generator": gen.name, "generator_training": cfg.generator_training,
+                              "question_encoder": enc.name, "train_question_encoder": cfg.train_question_encoder,
+                              "trainable": self.trainable_signature()})
 
     def loss(self, batch: list[Example], grad: bool) -> torch.Tensor:
         """Mean marginal NLL of the batch's first gold answers."""
@@ -157,28 +148,20 @@ class RagTrainer(Trainer):
         return {"loss": total / len(self.val_set)}
 
     def export(self) -> Path:
-        """RUN/final: the generator (LoRA merged) and the question encoder, as model folders, and
-        run.json naming them; written beside and renamed into place."""
-        final = self.run.path / "final"
-        tmp = self.run.path / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        model = self.gen.model
-        if self.cfg.generator_training == "lora":
-            import copy
-
-            model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(tmp / "generator")
-        self.gen.tokenizer.save_pretrained(tmp / "generator")
-        info = {"generator": "generator", "question_encoder": None, "model": self.cfg.model, "k": self.cfg.k,
-                "prior_scale": self.cfg.prior_scale, "index": self.cfg.index}
-        if self.cfg.train_question_encoder:
-            self.enc.model.save(str(tmp / "question_encoder"))
-            (tmp / "question_encoder" / PAIRING_FILE).write_text(json.dumps({"paired_with": self.passage_fingerprint}))
-            info["question_encoder"] = "question_encoder"
-        (tmp / "run.json").write_text(json.dumps(info, indent=2))
-        atomic.replace_dir(tmp, final)
-        return final
+        """RUN/final: the generator (LoRA merged) and the question encoder, as model folders, and run.json
+        naming them."""
+        def fill(tmp: Path) -> dict:
+            model = self.gen.model
+            if self.cfg.generator_training == "lora":
+                model = copy.deepcopy(model).merge_and_unload()
+            model.save_pretrained(tmp / "generator")
+            self.gen.tokenizer.save_pretrained(tmp / "generator")
+            if self.cfg.train_question_encoder:
+                self.enc.save(tmp / "question_encoder", paired_with=self.passage_fingerprint)
+            return {"generator": "generator", "model": self.cfg.model, "k": self.cfg.k,
+                    "prior_scale": self.cfg.prior_scale, "index": self.cfg.index,
+                    "question_encoder": "question_encoder" if self.cfg.train_question_encoder else None}
+        return self.run.write_final(fill)
 
 
 def load_trained(run: Path) -> dict:

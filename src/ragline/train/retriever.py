@@ -15,9 +15,6 @@ the passage encoder trained too, the corpus is re-encoded into a new index direc
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,9 +26,9 @@ from ragline import atomic
 from ragline.corpus.passages import encoder_text
 from ragline.errors import RaglineError
 from ragline.index.directory import IndexDir
-from ragline.models.encoders import PAIRING_FILE, TextEncoder
+from ragline.models.encoders import TextEncoder
 from ragline.train.data import Example, read_examples, split_validation
-from ragline.train.loop import LoopConfig, Trainer, trainable
+from ragline.train.loop import LoopConfig, Trainer
 from ragline.train.run import RunDir, seed_everything
 
 
@@ -138,12 +135,9 @@ class RetrieverTrainer(Trainer):
                                        max_seq_length=enc_info["passage"]["max_seq_length"])
             self.passage.model.eval()
             self.parts["passage_encoder"] = (self.passage.model, cfg.lr)
-        h = hashlib.blake2b(digest_size=12)
-        for part, (m, _) in self.parts.items():
-            for n, p in trainable(m).items():
-                h.update(f"{part}:{n}:{tuple(p.shape)};".encode())
         self.setup_optimiser({"question_encoder": self.question.name, "index": self.index.fingerprint,
-                              "train_passage_encoder": cfg.train_passage_encoder, "trainable": h.hexdigest()})
+                              "train_passage_encoder": cfg.train_passage_encoder,
+                              "trainable": self.trainable_signature()})
 
     def _passage_vectors(self, rows: list[int], grad: bool) -> torch.Tensor:
         if self.passage is None:
@@ -185,22 +179,18 @@ class RetrieverTrainer(Trainer):
         from ragline.index.build import BuildOptions, build_index
         from ragline.models.encoders import BiEncoder
 
-        final = self.run.path / "final"
-        tmp = self.run.path / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        self.question._fingerprint = None
         info: dict = {"question_encoder": "question_encoder", "index": str(self.index.path)}
-        self.question.model.save(str(tmp / "question_encoder"))
-        paired = self.passage_fingerprint
-        if self.passage is not None:
-            self.passage._fingerprint = None
-            self.passage.model.save(str(tmp / "passage_encoder"))
-            paired = TextEncoder(str(tmp / "passage_encoder")).fingerprint
-            info["passage_encoder"] = "passage_encoder"
-        (tmp / "question_encoder" / PAIRING_FILE).write_text(json.dumps({"paired_with": paired}))
-        (tmp / "run.json").write_text(json.dumps(info, indent=2))
-        atomic.replace_dir(tmp, final)
+
+        def fill(tmp: Path) -> dict:
+            paired = self.passage_fingerprint
+            if self.passage is not None:
+                self.passage.save(tmp / "passage_encoder")
+                paired = TextEncoder(str(tmp / "passage_encoder")).fingerprint  # as the new index will record it
+                info["passage_encoder"] = "passage_encoder"
+            self.question.save(tmp / "question_encoder", paired_with=paired)
+            return info
+
+        final = self.run.write_final(fill)
         if self.passage is not None:
             m = self.index.manifest
             new = Path(self.cfg.new_index) if self.cfg.new_index else self.run.path / "index"

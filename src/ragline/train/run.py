@@ -16,8 +16,11 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import json
 import os
 import random
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +88,19 @@ class RunDir:
                                "resume it with the settings it was made with, or start a new --out")
         set_rng_state(state["rng"])
         return state
+
+    # --- the trained models ----------------------------------------------------------------------------
+
+    def write_final(self, fill: Callable[[Path], dict]) -> Path:
+        """RUN/final, written whole or not at all: ``fill`` saves the models into a fresh folder and returns
+        what run.json records; the folder is then renamed into place."""
+        final, tmp = self.path / "final", self.path / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        info = fill(tmp)
+        (tmp / "run.json").write_text(json.dumps(info, indent=2))
+        atomic.replace_dir(tmp, final)
+        return final
 
     # --- metrics ---------------------------------------------------------------------------------------
 
