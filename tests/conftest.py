@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
 SLICE_DOCS = 150  # documents of the bundled corpus in the shared test index
 
@@ -83,17 +84,33 @@ def make_encoder_copy(dst: Path, noise: float = 0.0, dim: int | None = None) -> 
 
 
 def tiny_generator():
-    """A randomly initialised two-layer Llama with SmolLM2's tokenizer: a causal generator that is quick to run
-    and to train (its answers are noise)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A randomly initialised two-layer Llama with SmolLM2's tokenizer (``ragline.models.tiny``)."""
+    from ragline.models.tiny import tiny_causal
 
-    from ragline.models.catalog import generator_path
-    from ragline.models.generators import CausalGenerator
+    return tiny_causal()
 
-    _, smol = generator_path("smollm2")
-    tok = AutoTokenizer.from_pretrained(str(smol))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    return CausalGenerator(LlamaForCausalLM(cfg).eval(), tok, "tiny-llama")
+
+@contextmanager
+def running_server(app) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields the base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,13 +9,12 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from conftest import tiny_generator
+from conftest import running_server, tiny_generator
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, small_index):
-    import uvicorn
-
+def served(tmp_path_factory, small_index):
+    """The app over two copies of the small index ('a' active, 'b') with the tiny generator."""
     from ragline.rag.model import RagModel
     from ragline.retriever import Retriever
     from ragline.serve.app import create_app
@@ -24,22 +22,13 @@ def server(tmp_path_factory, small_index):
     root = tmp_path_factory.mktemp("served")
     for name in ("a", "b"):
         shutil.copytree(small_index, root / name)
-    rag = RagModel(Retriever(root / "a"), tiny_generator(), k=3)
-    app = create_app(rag, root)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-        yield client, app
-    srv.should_exit = True
-    thread.join(timeout=10)
+    return create_app(RagModel(Retriever(root / "a"), tiny_generator(), k=3), root)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    with running_server(served) as url, httpx.Client(base_url=url, timeout=120) as client:
+        yield client, served
 
 
 ASK = {"question": "Who wrote Candide?", "model": "rag-token", "decoding": "greedy", "k": 3, "max_new_tokens": 6}
@@ -112,6 +101,9 @@ def test_streaming_sends_passages_then_tokens_then_the_answer(server, model, dec
     kinds = [k for k, _ in events]
     assert kinds[0] == "passages" and kinds[-2:] == ["answer", "done"] and "partial" in kinds
     assert set(kinds[1:-2]) == {"partial"} and len(events[0][1]["passages"]) == 3
+    streamed, final = events[0][1]["passages"], events[-2][1]["sources"]  # the passages decoded, prior known
+    assert [(x["pid"], x["prior"]) for x in streamed] == [(x["pid"], x["prior"]) for x in final]
+    assert all(x["posterior"] is None for x in streamed)
     if decoding == "greedy":  # one event per decoded token; the text only grows and ends as the answer
         partials = [d["text"] for k, d in events if k == "partial"]
         assert len(partials) == len(events[-2][1]["tokens"])
@@ -123,11 +115,35 @@ def test_questions_arriving_together_are_decoded_in_one_batch(server):
     client, app = server
     questions = [f"What is page number {i}?" for i in range(6)]
     alone = [client.post("/ask", json={**ASK, "question": q}).json()["text"] for q in questions]
-    before = len(app.state.worker.batches)
+    before = client.get("/health").json()["decoded"]
     with ThreadPoolExecutor(6) as pool:
         together = list(pool.map(lambda q: client.post("/ask", json={**ASK, "question": q}).json()["text"], questions))
     assert together == alone  # batching changes nothing in the answers
-    assert max(app.state.worker.batches[before:]) > 1
+    after = client.get("/health").json()["decoded"]
+    assert after["questions"] - before["questions"] == 6 and after["batches"] - before["batches"] < 6
+
+
+def test_streams_arriving_together_are_decoded_in_one_batch_each_with_its_own_events(server):
+    client, _ = server
+    questions = [f"Which river flows through city {i}?" for i in range(4)]
+
+    def stream(q):
+        with client.stream("POST", "/ask/stream", json={**ASK, "question": q}) as r:
+            return _events(r.read().decode())
+
+    alone = {q: stream(q) for q in questions}
+    before = client.get("/health").json()["decoded"]
+    with ThreadPoolExecutor(4) as pool:
+        together = dict(zip(questions, pool.map(stream, questions), strict=True))
+    after = client.get("/health").json()["decoded"]
+    assert after["batches"] - before["batches"] < 4
+    def shape(events):  # (event, passage ids or text) with the priors rounded: batching the encoder moves floats
+        return [(kind, [(x["pid"], round(x["prior"], 3)) for x in d["passages"]] if kind == "passages"
+                 else d.get("text")) for kind, d in events]
+
+    for q in questions:  # each stream gets its own question's passages, steps and answer, as when alone
+        assert together[q][-2][1]["question"] == q
+        assert shape(together[q]) == shape(alone[q])
 
 
 def test_hot_swap_under_load_fails_no_request(server):

@@ -33,7 +33,7 @@ class Source:
     text: str
     score: float      # q(x)·d(z)
     prior: float      # p_eta(z|x)
-    posterior: float  # p(z|x,y)
+    posterior: float | None  # p(z|x,y); None before the answer is decoded (the streaming 'passages' event)
 
 
 @dataclass
@@ -100,10 +100,12 @@ class RagModel:
     def answer(self, questions: Sequence[str], model: str = "rag-sequence", decoding: str | None = None,
                k: int | None = None, beams: int = 4, max_new_tokens: int = 32,
                length_penalty: float = 1.0, n_best: int = 1,
-               on_step: Callable[[list[str]], None] | None = None) -> list[Answer]:
+               on_step: Callable[[list[str]], None] | None = None,
+               on_passages: Callable[[list[list[Source]]], None] | None = None) -> list[Answer]:
         """Decode an answer per question. ``length_penalty`` ranks finished beams by
         log p / len ** length_penalty (1.0, HF's default, favours longer answers; 0.0 ranks by log p).
-        ``on_step`` receives each question's best answer text so far after every decoding step."""
+        ``on_passages`` receives each question's retrieved passages with their prior (posterior None) before
+        decoding starts; ``on_step`` each question's best answer text so far after every decoding step."""
         _check_model(model, None)
         decoding = decoding or DECODINGS[model][0]
         _check_model(model, decoding)
@@ -113,6 +115,8 @@ class RagModel:
         else:
             passages, scores = self.retrieve(questions, k)
         doc = marginal.doc_log_probs(self.prior_scale * scores)  # (B, K) log p_eta(z|x)
+        if on_passages is not None:
+            on_passages([_sources(zs, scores[b], doc[b]) for b, zs in enumerate(passages)])
         texts = None if on_step is None else (lambda best: on_step([self._text(t) for t in best]))
         if model == "rag-sequence":
             decoded = rag_sequence_decode(self.generator, questions, passages, doc, beams=beams,
@@ -144,10 +148,18 @@ class RagModel:
             keep = [i for i, t in enumerate(d.tokens) if t not in stops]
             ans.token_sources = [(self.generator.tokenizer.decode([d.tokens[i]]), per_token[i].tolist()) for i in keep]
             posterior = per_token[keep].mean(0) if keep else per_token.mean(0)
-        prior = doc.exp()
-        ans.sources = [Source(i + 1, z.pid, z.title, z.text, float(scores[i]), float(prior[i]), float(posterior[i]))
-                       for i, z in enumerate(passages)]
+        ans.sources = _sources(passages, scores, doc, posterior)
         return ans
+
+
+def _sources(passages: list[Passage | None], scores: torch.Tensor, doc: torch.Tensor,
+             posterior: torch.Tensor | None = None) -> list[Source]:
+    """One question's passages as :class:`Source` rows; ``doc`` (K,) is log p_eta(z|x), ``posterior`` (K,)."""
+    if passages[0] is None:  # closed book
+        return []
+    prior = doc.exp()
+    return [Source(i + 1, z.pid, z.title, z.text, float(scores[i]), float(prior[i]),
+                   None if posterior is None else float(posterior[i])) for i, z in enumerate(passages)]
 
 
 def _check_model(model: str, decoding: str | None) -> None:

@@ -8,7 +8,7 @@
     GET  /passages/{pid}   one passage by id (``Title#n``)
     GET  /indexes          the index directories beside the active one
     POST /indexes/active   hot-swap to another index: requests in flight finish on the old one
-    GET  /health           status, active index, generator
+    GET  /health           status, active index, generator, questions and batches decoded so far
     GET  /                 the web page: question box, streamed answer, ranked passages with their weights,
                            RAG-Token answer tokens coloured by the passage that produced them (no CDN)
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -107,9 +108,11 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
     @app.get("/health")
     def health() -> dict:
         ix = rag.retriever.index if rag.retriever else None
+        w = app.state.worker
         return {"status": "ok", "generator": rag.generator.name,
                 "index": None if ix is None else {"name": ix.name, "fingerprint": ix.fingerprint, "passages": len(ix),
-                                                  "modes": list(ix.modes)}}
+                                                  "modes": list(ix.modes)},
+                "decoded": {"batches": w.batch_count, "questions": w.question_count}}
 
     @app.post("/search")
     def search(req: Question) -> dict:
@@ -155,20 +158,20 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
+        def on_passages(sources: list) -> None:  # once retrieved, from the worker thread
+            loop.call_soon_threadsafe(events.put_nowait, ("passages", {"passages": [asdict(x) for x in sources]}))
+
         def on_step(text: str) -> None:  # after every decoding step, from the worker thread
             loop.call_soon_threadsafe(events.put_nowait, ("partial", {"text": text}))
 
-        passages = [] if settings.model == "closed-book" else [h.__dict__ for h in (await asyncio.to_thread(
-            retriever().search, [req.question], settings.k, settings.mode))[0]]  # off the event loop
-        future = worker.submit(req.question, settings, on_step=on_step)
+        future = worker.submit(req.question, settings, on_step=on_step, on_passages=on_passages)
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, ("end", f)))
 
         async def stream():
-            yield _sse("passages", {"passages": passages})
             while True:
                 kind, data = await events.get()
-                if kind == "partial":
-                    yield _sse("partial", data)
+                if kind != "end":
+                    yield _sse(kind, data)
                     continue
                 try:
                     yield _sse("answer", data.result().to_dict())

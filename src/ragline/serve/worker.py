@@ -3,8 +3,9 @@ arrive together with the same settings are decoded in one batch.
 
 Requests wait in a queue. The worker takes the first, then keeps taking requests with the same settings
 (model, decoding, k, retrieval mode, beams, max tokens) that arrive within ``window`` seconds, up to
-``max_batch``, and answers them with one ``RagModel.answer`` call. A streaming request runs alone, with a
-callback that receives the best answer text after every decoding step.
+``max_batch``, and answers them with one ``RagModel.answer`` call (one retrieval, one decoding). Streaming
+requests batch like the others: each gets its own passages as soon as they are retrieved, and its own best
+answer text after every decoding step.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragline.rag.model import RagModel
+from ragline.rag.model import RagModel, Source
 
 
 @dataclass(frozen=True)
@@ -37,19 +38,22 @@ class Job:
     settings: Settings
     future: Future = field(default_factory=Future)
     on_step: Callable[[str], None] | None = None  # streaming: best text so far
+    on_passages: Callable[[list[Source]], None] | None = None  # streaming: the retrieved passages
 
 
 class ModelWorker:
     def __init__(self, rag: RagModel, max_batch: int = 8, window: float = 0.01) -> None:
         self.rag, self.max_batch, self.window = rag, max_batch, window
         self.queue: queue.Queue[Job] = queue.Queue()
-        self.batches: list[int] = []  # sizes of the batches decoded so far (for tests and metrics)
+        self.batches: deque[int] = deque(maxlen=4096)  # sizes of the latest batches (tests, /health)
+        self.batch_count = self.question_count = 0  # since the start
         self._pending: deque[Job] = deque()
         self._thread = threading.Thread(target=self._loop, name="ragline-model", daemon=True)
         self._thread.start()
 
-    def submit(self, question: str, settings: Settings, on_step: Callable[[str], None] | None = None) -> Future:
-        job = Job(question, settings, on_step=on_step)
+    def submit(self, question: str, settings: Settings, on_step: Callable[[str], None] | None = None,
+               on_passages: Callable[[list[Source]], None] | None = None) -> Future:
+        job = Job(question, settings, on_step=on_step, on_passages=on_passages)
         self.queue.put(job)
         return job.future
 
@@ -65,29 +69,41 @@ class ModelWorker:
         while True:
             job = self._next(None)
             batch = [job]
-            if job.on_step is None:
-                deadline = time.monotonic() + self.window
-                while len(batch) < self.max_batch:
-                    nxt = self._next(deadline - time.monotonic())
-                    if nxt is None:
-                        break
-                    if nxt.on_step is None and nxt.settings == job.settings:
-                        batch.append(nxt)
-                    else:
-                        self._pending.append(nxt)
-                        break
+            deadline = time.monotonic() + self.window
+            while len(batch) < self.max_batch:
+                nxt = self._next(deadline - time.monotonic())
+                if nxt is None:
+                    break
+                if nxt.settings == job.settings:
+                    batch.append(nxt)
+                else:
+                    self._pending.append(nxt)
+                    break
             self._run(batch)
 
     def _run(self, batch: list[Job]) -> None:
         s = batch[0].settings
         self.batches.append(len(batch))
-        stream = batch[0].on_step
+        self.batch_count += 1
+        self.question_count += len(batch)
+        streams = [j for j in batch if j.on_step is not None]
+
+        def on_step(texts: list[str]) -> None:
+            for j, text in zip(batch, texts, strict=True):
+                if j.on_step is not None:
+                    j.on_step(text)
+
+        def on_passages(sources: list[list[Source]]) -> None:
+            for j, srcs in zip(batch, sources, strict=True):
+                if j.on_passages is not None:
+                    j.on_passages(srcs)
+
         self.rag.mode = s.mode  # only this thread uses the model
         try:
             answers: list[Any] = self.rag.answer(
                 [j.question for j in batch], model=s.model, decoding=s.decoding, k=s.k, beams=s.beams,
                 max_new_tokens=s.max_new_tokens, length_penalty=0.0,
-                on_step=None if stream is None else (lambda texts: stream(texts[0])))
+                on_step=on_step if streams else None, on_passages=on_passages if streams else None)
         except Exception as e:  # noqa: BLE001 - every waiting request gets the error
             for j in batch:
                 j.future.set_exception(e)
