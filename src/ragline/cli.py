@@ -68,11 +68,10 @@ def _resolve_index(index_dir: Path | None) -> Path:
 
 def _open_retriever(index_dir: Path | None, query_encoder: str | None, allow_mismatch: bool,
                     bm25_weight: float = 0.3, rrf_c: float = 20.0):
-    from ragline.index.directory import IndexDir
     from ragline.models.encoders import TextEncoder
-    from ragline.retriever import Retriever
+    from ragline.retriever import Retriever, open_index
 
-    index = IndexDir.open(_resolve_index(index_dir))
+    index = open_index(_resolve_index(index_dir))
     enc = None
     if query_encoder:
         enc = TextEncoder(query_encoder, max_seq_length=index.manifest["encoder"]["question"]["max_seq_length"])
@@ -102,9 +101,17 @@ def _open_retriever(index_dir: Path | None, query_encoder: str | None, allow_mis
 @click.option("--limit", type=click.IntRange(1), default=None, help="Index only the first N documents.")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed records (reported) instead of failing.")
 @click.option("--force", is_flag=True, help="Replace an existing index (atomically, once the new one is complete).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Build a sharded index on Ray: on the cluster at ADDRESS ('auto' finds a running one), or on a "
+                   "local Ray when no address is given. Every node must see --out.")
+@click.option("--shards", default=2, show_default=True, type=click.IntRange(1), help="Shards of a --ray build.")
+@click.option("--encode-actors", default=None, type=click.IntRange(1),
+              help="Encoder actors of a --ray build (default: one per CPU of the cluster).")
 def index(source, out, fmt, index_type, encoder, query_encoder, passage_words, max_seq_length, batch_size,
-          chunk_rows, target_recall, no_bm25, no_dense, limit, skip_bad, force) -> None:
-    """Build an index: passages, dense (FAISS) and BM25. Resumes after an interruption."""
+          chunk_rows, target_recall, no_bm25, no_dense, limit, skip_bad, force, ray_address, shards,
+          encode_actors) -> None:
+    """Build an index: passages, dense (FAISS) and BM25. Resumes after an interruption. With --ray, a
+    sharded index: Ray Data encodes the shards in parallel, and Ray actors serve them at query time."""
     from ragline.index.build import BuildOptions, build_index
 
     opts = BuildOptions(source=source, out=out or paths.default_index_dir(), fmt=fmt, index_type=index_type,
@@ -112,7 +119,13 @@ def index(source, out, fmt, index_type, encoder, query_encoder, passage_words, m
                         passage_words=passage_words, batch_size=batch_size, chunk_rows=chunk_rows,
                         bm25=not no_bm25, dense=not no_dense, force=force, skip_bad=skip_bad, limit=limit,
                         target_recall=target_recall)
-    build_index(opts, log=lambda m: err_console.print(m))
+    if ray_address is None:
+        build_index(opts, log=lambda m: err_console.print(m))
+        return
+    from ragline.scale.build import build_sharded
+
+    build_sharded(opts, shards, address=None if ray_address == "local" else ray_address, actors=encode_actors,
+                  log=lambda m: err_console.print(m))
 
 
 @cli.command()

@@ -50,7 +50,7 @@ class Retriever:
                  rrf_c: float = RRF_C) -> None:
         self.allow_encoder_mismatch = allow_encoder_mismatch
         self.bm25_weight, self.rrf_c = bm25_weight, rrf_c  # hybrid fusion (index/hybrid.py)
-        index = index if isinstance(index, IndexDir) else IndexDir.open(index)
+        index = open_index(index) if isinstance(index, str | Path) else index
         if question_encoder is None and index.dense is not None:
             question_encoder = _load_question_encoder(index)
         self.encoder = question_encoder
@@ -71,7 +71,7 @@ class Retriever:
         """Make ``index`` the one in use, with ``question_encoder`` if given (an index re-encoded by a newly
         trained passage encoder comes with its own question encoder); returns the previous index. Fails
         (keeping the old pair) if the index does not match the question encoder."""
-        new = index if isinstance(index, IndexDir) else IndexDir.open(index)
+        new = open_index(index) if isinstance(index, str | Path) else index
         enc = question_encoder or self.encoder
         if new.dense is not None and enc is not None:
             mf.check_question_encoder(new.manifest, enc.dim, enc.paired_with, enc.name, self.allow_encoder_mismatch)
@@ -134,6 +134,14 @@ class Retriever:
                 hits.append(Hit(rank, row, p.pid, p.doc_id, p.title, p.text, float(score)))
             out.append(hits)
         return out
+
+
+def open_index(path: str | Path) -> IndexDir:
+    """An index directory: a single index, or a sharded one (``ragline index --ray``) whose shards Ray actors
+    serve behind the same interface (:class:`ragline.scale.sharded.ShardedIndex`)."""
+    from ragline.scale.sharded import ShardedIndex, is_sharded
+
+    return ShardedIndex.open(path) if is_sharded(Path(path)) else IndexDir.open(path)  # type: ignore[return-value]
 
 
 def _load_question_encoder(index: IndexDir) -> TextEncoder:

@@ -76,6 +76,7 @@ class PassageStore:
         self.table = pa.ipc.open_file(self._source).read_all()  # zero-copy over the mapping
         if self.table.schema != SCHEMA:
             raise RaglineError(f"{self.path} is not a ragline passage store", "rebuild the index")
+        self._rows: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -87,6 +88,12 @@ class PassageStore:
             raise IndexError(f"passage rows out of range 0..{len(self) - 1}")
         sub = self.table.take(pa.array(rows)).to_pydict()
         return [Passage(*vals) for vals in zip(*(sub[n] for n in SCHEMA.names), strict=True)]
+
+    def row_of(self, pid: str) -> int | None:
+        """The row of passage ``pid``, or None (a pid -> row map is built on the first call)."""
+        if self._rows is None:
+            self._rows = {p: i for i, p in enumerate(self.table.column("pid").to_pylist())}
+        return self._rows.get(pid)
 
     def column(self, name: str, rows: Sequence[int] | np.ndarray) -> list[str]:
         return self.table.column(name).take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()

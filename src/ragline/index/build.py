@@ -29,7 +29,7 @@ from ragline.errors import RaglineError
 from ragline.index import dense as dense_mod
 from ragline.index import manifest as mf
 from ragline.index.directory import list_indexes
-from ragline.index.sparse import BM25Index
+from ragline.index.sparse import BM25Index, BM25Stats
 from ragline.models.encoders import BiEncoder
 
 STATE = "build-state.json"
@@ -61,7 +61,7 @@ def build_index(opts: BuildOptions, encoders: BiEncoder | None = None,
                 log: Callable[[str], None] = print) -> Path:
     """Build (or resume building) the index described by ``opts``; returns the finished directory."""
     out = Path(opts.out).expanduser().resolve()
-    _check_target(out, opts.force)
+    check_target(out, opts.force)
     if not (opts.dense or opts.bm25):
         raise RaglineError("nothing to build: both dense and BM25 are off", "drop --no-dense or --no-bm25")
     if opts.dense:
@@ -72,51 +72,62 @@ def build_index(opts: BuildOptions, encoders: BiEncoder | None = None,
     with atomic.exclusive_lock(out.parent / f".{out.name}.lock"):
         t0 = time.perf_counter()
         work.mkdir(exist_ok=True)
-        stats, fingerprint, n = _ingest(opts, work)
+        stats, fingerprint, n = ingest(opts, work)
         t_ingest = time.perf_counter() - t0
         log(f"corpus: {stats.documents} documents -> {n} passages of <= {opts.passage_words} words"
             + (f" ({stats.skipped} bad records skipped)" if stats.skipped else ""))
         encoders = encoders if encoders is not None else (
             BiEncoder.load(opts.encoder, opts.question_encoder, opts.max_seq_length) if opts.dense else None)
-        manifest = {
-            "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "ragline_version": ragline.__version__,
-            "name": out.name,
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "corpus": {"source": str(opts.source), "format": fmt, "fingerprint": fingerprint,
-                       "documents": stats.documents, "skipped": stats.skipped, "passages": n,
-                       "passage_words": opts.passage_words, "limit": opts.limit},
-            "encoder": None, "dense": None, "bm25": None,
-            "timing": {"ingest_seconds": round(t_ingest, 2)},
-        }
+        manifest = new_manifest(out.name, {
+            "source": str(opts.source), "format": fmt, "fingerprint": fingerprint, "documents": stats.documents,
+            "skipped": stats.skipped, "passages": n, "passage_words": opts.passage_words, "limit": opts.limit})
+        manifest["timing"] = {"ingest_seconds": round(t_ingest, 2)}
         if opts.dense:
             assert encoders is not None
-            p, q = encoders.passage, encoders.question
-            manifest["encoder"] = {
-                "dim": p.dim,
-                "passage": {**p.identity(), "source": opts.encoder},
-                "question": {**q.identity(), "source": opts.question_encoder or opts.encoder,
-                             "paired_with": q.paired_with},
-            }
-            mf.check_question_encoder({"name": out.name, **manifest}, q.dim, q.paired_with, q.name)
+            manifest["encoder"] = encoder_entry(opts, encoders, out.name)
             t1 = time.perf_counter()
             _encode(opts, work, encoders, fingerprint, n, log)
             manifest["timing"]["encode_seconds"] = round(time.perf_counter() - t1, 2)
-            manifest["dense"] = _build_dense(opts, work, n, p.dim, log)
-        else:
-            manifest["encoder"] = {"dim": 0, "passage": {"fingerprint": None, "name": None}}
-        if opts.bm25:
-            manifest["bm25"] = _build_bm25(work, log)
-        manifest["fingerprint"] = mf.index_fingerprint(manifest)
-        (work / STATE).unlink(missing_ok=True)
-        for stale in work.glob("*.new*"):
-            stale.unlink()
-        atomic.write_json(work / mf.MANIFEST, manifest)  # last: its presence marks a complete index
-        atomic.replace_dir(work, out)
+        finish_index(opts, work, out, manifest, log)
         log(f"index ready: {out} (fingerprint {manifest['fingerprint']}, {time.perf_counter() - t0:.1f} s)")
         return out
 
 
-def _check_target(out: Path, force: bool) -> None:
+def new_manifest(name: str, corpus: dict) -> dict:
+    """A manifest with its corpus entry; ``encoder``, ``dense`` and ``bm25`` are filled as parts are built."""
+    return {"format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "ragline_version": ragline.__version__,
+            "name": name, "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "corpus": corpus,
+            "encoder": {"dim": 0, "passage": {"fingerprint": None, "name": None}}, "dense": None, "bm25": None}
+
+
+def encoder_entry(opts: BuildOptions, encoders: BiEncoder, name: str) -> dict:
+    """The manifest's ``encoder`` entry (checked against the question encoder before anything is encoded)."""
+    p, q = encoders.passage, encoders.question
+    entry = {"dim": p.dim, "passage": {**p.identity(), "source": opts.encoder},
+             "question": {**q.identity(), "source": opts.question_encoder or opts.encoder,
+                          "paired_with": q.paired_with}}
+    mf.check_question_encoder({"name": name, "encoder": entry}, q.dim, q.paired_with, q.name)
+    return entry
+
+
+def finish_index(opts: BuildOptions, work: Path, out: Path, manifest: dict, log: Callable[[str], None],
+                 bm25_stats: BM25Stats | None = None) -> None:
+    """From a build directory holding the passages (and, for a dense index, all embeddings): build the FAISS
+    and BM25 parts, write the manifest last and move the directory onto ``out`` in one step."""
+    n = manifest["corpus"]["passages"]
+    if opts.dense:
+        manifest["dense"] = _build_dense(opts, work, n, manifest["encoder"]["dim"], log)
+    if opts.bm25:
+        manifest["bm25"] = _build_bm25(work, log, bm25_stats)
+    manifest["fingerprint"] = mf.index_fingerprint(manifest)
+    (work / STATE).unlink(missing_ok=True)
+    for stale in work.glob("*.new*"):
+        stale.unlink()
+    atomic.write_json(work / mf.MANIFEST, manifest)  # last: its presence marks a complete index
+    atomic.replace_dir(work, out)
+
+
+def check_target(out: Path, force: bool) -> None:
     if not out.exists():
         return
     if mf.is_index_dir(out):
@@ -130,7 +141,7 @@ def _check_target(out: Path, force: bool) -> None:
     out.rmdir()  # an empty directory: take its place
 
 
-def _ingest(opts: BuildOptions, work: Path) -> tuple[ReadStats, str, int]:
+def ingest(opts: BuildOptions, work: Path) -> tuple[ReadStats, str, int]:
     """Write the passage store to ``work``; keep the previous one (and its embeddings) when identical."""
     stats = ReadStats()
     new = work / (mf.PASSAGES + ".new")
@@ -236,13 +247,13 @@ def _build_dense(opts: BuildOptions, work: Path, n: int, dim: int, log: Callable
     return info
 
 
-def _build_bm25(work: Path, log: Callable[[str], None]) -> dict:
+def _build_bm25(work: Path, log: Callable[[str], None], corpus_stats: BM25Stats | None = None) -> dict:
     t0 = time.perf_counter()
     store = PassageStore(work / mf.PASSAGES)
     tmp = work / (mf.BM25 + ".new")
     shutil.rmtree(tmp, ignore_errors=True)
     chunks = ([encoder_text(x.title, x.text) for x in batch] for _, batch in store.iter_batches(16384))
-    bm = BM25Index.build(chunks, tmp)
+    bm = BM25Index.build(chunks, tmp, corpus_stats=corpus_stats)
     shutil.rmtree(work / mf.BM25, ignore_errors=True)
     os.replace(tmp, work / mf.BM25)
     size = sum(f.stat().st_size for f in (work / mf.BM25).iterdir())

@@ -73,7 +73,10 @@ def _corrupt(path: Path, what: str) -> RaglineError:
 
 
 def list_indexes(root: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """Complete index directories directly under ``root`` (hidden build directories are skipped)."""
+    """Complete index directories, single or sharded, directly under ``root`` (hidden build directories are
+    skipped)."""
+    from ragline.scale.sharded import is_sharded, read_sharded_manifest
+
     root = Path(root)
     if not root.is_dir():
         return []
@@ -81,7 +84,7 @@ def list_indexes(root: Path) -> list[tuple[Path, dict[str, Any]]]:
     for p in sorted(root.iterdir()):
         if p.is_dir() and not p.name.startswith(".") and mf.is_index_dir(p):
             try:
-                out.append((p, mf.read_manifest(p)))
+                out.append((p, read_sharded_manifest(p) if is_sharded(p) else mf.read_manifest(p)))
             except RaglineError:
                 continue
     return out

@@ -7,18 +7,30 @@ way a query takes about 0.05 ms on the bundled corpus and nothing is compiled.
 
 Only passages sharing a term with the query are hits: a query that keeps no known term after tokenisation
 returns no hits (rows -1), rather than k arbitrary passages with score 0.
+
+A shard of a larger corpus is built with the whole corpus's statistics (:class:`BM25Stats`: passage count,
+mean length, document frequency of every term), so that its scores are those a single index over the whole
+corpus would give and top-k lists of shards merge exactly (Lucene BM25)::
+
+    score(q, d) = sum_{t in q} log(1 + (N - df_t + 0.5) / (df_t + 0.5))
+                  * tf_{t,d} / (tf_{t,d} + k1 (1 - b + b |d| / avgdl))
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bm25s
 import numpy as np
+import scipy.sparse as sp
 import Stemmer
 from bm25s.tokenization import Tokenizer
+
+from ragline.errors import RaglineError
 
 PARAMS_FILE = "ragline_bm25.json"
 
@@ -28,24 +40,86 @@ def _tokenizer(language: str) -> Tokenizer:
     return Tokenizer(lower=True, stopwords="en", stemmer=stemmer.stemWord if stemmer else None)
 
 
+@dataclass
+class BM25Stats:
+    """Corpus statistics BM25 scores depend on: passages, total length in tokens, passages per term."""
+    passages: int = 0
+    tokens: int = 0
+    df: Counter = field(default_factory=Counter)
+
+    def __add__(self, other: BM25Stats) -> BM25Stats:
+        return BM25Stats(self.passages + other.passages, self.tokens + other.tokens, self.df + other.df)
+
+    @classmethod
+    def of(cls, texts: Iterable[list[str]], stemmer: str = "english") -> BM25Stats:
+        """The statistics of texts (given as successive chunks), tokenised as :meth:`BM25Index.build` does."""
+        tok, out = _tokenizer(stemmer), cls()
+        for chunk in texts:
+            for words in tok.tokenize(chunk, update_vocab=True, return_as="string", show_progress=False):
+                out.passages += 1
+                out.tokens += len(words)
+                out.df.update(set(words))
+        return out
+
+
+class _CorpusStatsBM25(bm25s.BM25):
+    """bm25s.BM25 whose idf and average length come from :class:`BM25Stats` of a whole corpus rather than
+    from the passages indexed (a shard); the score matrix still covers the shard's passages only."""
+
+    def __init__(self, stats: BM25Stats, vocab: dict[str, int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._stats, self._vocab = stats, vocab
+
+    def build_index_from_ids(self, unique_token_ids, corpus_token_ids, show_progress=True, leave_progress=False):
+        from bm25s.scoring import (
+            _build_idf_array,
+            _build_scores_and_indices_for_matrix,
+            _calculate_doc_freqs,
+            _select_idf_scorer,
+        )
+
+        st, n_docs = self._stats, len(corpus_token_ids)
+        self.nonoccurrence_array = None  # only BM25L and BM25+ have one
+        token_of = {i: t for t, i in self._vocab.items()}
+        corpus_df = {i: st.df.get(token_of.get(i, ""), 0) for i in unique_token_ids}
+        idf = _build_idf_array(corpus_df, st.passages, _select_idf_scorer(self.idf_method), self.dtype)
+        shard_df = _calculate_doc_freqs(corpus_token_ids, unique_token_ids, show_progress=False)  # sizes the arrays
+        data, doc_idx, vocab_idx = _build_scores_and_indices_for_matrix(
+            corpus_token_ids=corpus_token_ids, idf_array=idf, avg_doc_len=st.tokens / max(st.passages, 1),
+            doc_frequencies=shard_df,
+            k1=self.k1, b=self.b, delta=self.delta, show_progress=False, leave_progress=False, dtype=self.dtype,
+            int_dtype=self.int_dtype, method=self.method, nonoccurrence_array=None)
+        m = sp.csc_matrix((data, (doc_idx, vocab_idx)), shape=(n_docs, len(unique_token_ids)), dtype=self.dtype)
+        return {"data": m.data, "indices": m.indices, "indptr": m.indptr, "num_docs": n_docs}
+
+
 class BM25Index:
     def __init__(self, retriever: bm25s.BM25, tokenizer: Tokenizer, params: dict) -> None:
         self.retriever, self.tokenizer, self.params = retriever, tokenizer, params
 
     @classmethod
     def build(cls, texts: Iterable[list[str]], out_dir: Path, *, k1: float = 1.5, b: float = 0.75,
-              method: str = "lucene", stemmer: str = "english") -> BM25Index:
-        """Index texts (given as successive chunks) and save to ``out_dir``."""
+              method: str = "lucene", stemmer: str = "english", corpus_stats: BM25Stats | None = None) -> BM25Index:
+        """Index texts (given as successive chunks) and save to ``out_dir``. With ``corpus_stats`` (of a
+        corpus these texts are a shard of), scores are those of an index over that whole corpus."""
         tok = _tokenizer(stemmer)
         ids: list[list[int]] = []
         for chunk in texts:  # chunks keep the tokenizer's working set small
             ids.extend(tok.tokenize(chunk, update_vocab=True, return_as="ids", show_progress=False))
-        retriever = bm25s.BM25(k1=k1, b=b, method=method)
+        if corpus_stats is None:
+            retriever = bm25s.BM25(k1=k1, b=b, method=method)
+        elif method in ("lucene", "robertson", "atire"):
+            retriever = _CorpusStatsBM25(corpus_stats, tok.get_vocab_dict(), k1=k1, b=b, method=method)
+        else:
+            raise RaglineError(f"BM25 method {method!r} cannot use whole-corpus statistics",
+                               "use the lucene, robertson or atire method for a sharded index")
         retriever.index(bm25s.tokenization.Tokenized(ids=ids, vocab=tok.get_vocab_dict()), show_progress=False)
         out_dir.mkdir(parents=True, exist_ok=True)
         retriever.save(str(out_dir), show_progress=False)
         tok.save_vocab(str(out_dir))
         params = {"k1": k1, "b": b, "method": method, "stemmer": stemmer, "stopwords": "en", "documents": len(ids)}
+        if corpus_stats is not None:
+            params["corpus_passages"] = corpus_stats.passages
         (out_dir / PARAMS_FILE).write_text(json.dumps(params, indent=2))
         return cls(retriever, tok, params)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -32,8 +31,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
 from ragline.errors import RaglineError
-from ragline.index.directory import IndexDir, list_indexes
+from ragline.index.directory import list_indexes
 from ragline.rag.model import DECODINGS, RagModel
+from ragline.retriever import open_index
 from ragline.serve.worker import ModelWorker, Settings
 
 MAX_QUESTION_CHARS = 1000
@@ -81,8 +81,6 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
     app = FastAPI(title="ragline", version="1", description="Retrieval-Augmented Generation with cited passages.")
     worker = ModelWorker(rag, max_batch=max_batch)
     root = Path(index_root) if index_root else rag.retriever.index.path.parent
-    pid_rows: dict[str, dict[str, int]] = {}  # index path -> pid -> row
-    lock = threading.Lock()
     app.state.worker = worker
 
     def retriever():
@@ -122,14 +120,10 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
     @app.get("/passages/{pid:path}")
     def passage(pid: str) -> dict:
         ix = retriever().index
-        with lock:
-            rows = pid_rows.get(str(ix.path))
-            if rows is None:
-                rows = {p: i for i, p in enumerate(ix.store.table.column("pid").to_pylist())}
-                pid_rows[str(ix.path)] = rows
-        if pid not in rows:
+        row = ix.store.row_of(pid)
+        if row is None:
             raise NotFound(f"no passage {pid!r} in index {ix.name}", "use a pid from /search (Title#n)")
-        return ix.store.get([rows[pid]])[0].__dict__
+        return ix.store.get([row])[0].__dict__
 
     @app.get("/indexes")
     def indexes() -> dict:
@@ -144,7 +138,7 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
         path = root / req.name
         if "/" in req.name or not (path / "manifest.json").is_file():
             raise NotFound(f"no index {req.name!r} under {root}", "pick a name from GET /indexes")
-        old = retriever().swap(IndexDir.open(path))
+        old = retriever().swap(open_index(path))
         return {"active": req.name, "previous": old.name}
 
     @app.post("/ask")

@@ -1,0 +1,35 @@
+"""Connecting to Ray: a running cluster at an address, or a local one started on this machine."""
+
+from __future__ import annotations
+
+import os
+
+from ragline.errors import RaglineError
+
+
+def ray_module():
+    try:
+        import ray
+    except ImportError:
+        raise RaglineError("Ray is not installed", "pip install 'ray[data]' (or pip install -e '.[scale]')") from None
+    return ray
+
+
+def connect(address: str | None = None, num_cpus: int | None = None):
+    """Join the cluster at ``address`` ('auto' finds the local one; RAY_ADDRESS is read when unset), or start
+    a local Ray with ``num_cpus``; a session already connected is kept. Returns the ``ray`` module."""
+    ray = ray_module()
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError) as e:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise RaglineError(f"cannot start or join {where} ({e})",
+                           "check the address (`ray status` on the head node) or leave it out to run locally"
+                           ) from None
+    return ray

@@ -1,0 +1,242 @@
+"""A sharded index served by Ray actors, with the interface of a single :class:`~ragline.index.directory.IndexDir`.
+
+Layout (written by :mod:`ragline.scale.build`)::
+
+    NAME/manifest.json        format "ragline-sharded-index": corpus, encoder, dense and BM25 settings, and
+                              the shards with their first global row ("offset") and passage count
+    NAME/shards/shard-0000/   a complete single index over rows [offset, offset + passages)
+    ...
+
+Global row = shard offset + the shard's own row, so rows, passage ids and scores are those of one index
+over the whole corpus. Each shard is opened by one :class:`ShardServer` actor. A query fans out to every
+shard and the per-shard top k are merged exactly (:mod:`ragline.scale.merge`); BM25 shards are built with
+the whole corpus's statistics, so their scores merge exactly too, and hybrid retrieval fuses the merged dense
+and BM25 rankings as it does for one index.
+
+Faults: actors restart when their process dies (``max_restarts``) and Ray retries the call in flight
+(``max_task_retries``). A shard that is missing on disk, or whose actor cannot come back, is an error naming
+the shard; a query never answers from a smaller corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragline.corpus.passages import Passage
+from ragline.errors import RaglineError
+from ragline.index import manifest as mf
+from ragline.scale.cluster import connect
+from ragline.scale.merge import merge_top_k
+
+FORMAT = "ragline-sharded-index"
+FORMAT_VERSION = 1
+SHARDS = "shards"
+RESTARTS = 4  # actor restarts (and retries of the call in flight) before a shard counts as lost
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:04d}"
+
+
+def is_sharded(path: Path) -> bool:
+    try:
+        return json.loads((Path(path) / mf.MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def read_sharded_manifest(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        manifest = json.loads((path / mf.MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise RaglineError(f"cannot read the manifest of sharded index {path} ({e})",
+                           "rebuild it with `ragline index --ray`") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise RaglineError(f"{path} is not a sharded ragline index of format version {FORMAT_VERSION}",
+                           "rebuild it with this version's `ragline index --ray`")
+    for s in manifest["shards"]:
+        if not mf.is_index_dir(path / SHARDS / s["name"]):
+            raise RaglineError(f"shard {s['name']} of index {path.name} is missing ({path / SHARDS / s['name']})",
+                               "restore the shard's directory, or rebuild with the same `ragline index --ray` "
+                               "command and --force (finished shards are rebuilt too)")
+    return manifest
+
+
+class ShardServer:
+    """One shard's index in a Ray actor: search, and passages and embeddings by row, in global rows."""
+
+    def __init__(self, path: str, offset: int, fingerprint: str) -> None:
+        from ragline.index.directory import IndexDir
+
+        self.index = IndexDir.open(path)
+        if self.index.fingerprint != fingerprint:
+            raise RaglineError(f"shard {path} has fingerprint {self.index.fingerprint}, the manifest says "
+                               f"{fingerprint}", "rebuild the sharded index")
+        self.offset = offset
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def dense(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._global(*self.index.dense.search(queries, min(k, len(self.index))))
+
+    def bm25(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._global(*self.index.bm25.search(queries, min(k, len(self.index))))
+
+    def _global(self, scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return scores, np.where(rows >= 0, rows + self.offset, -1)
+
+    def passages(self, rows: np.ndarray) -> list[Passage]:
+        return self.index.store.get(np.asarray(rows) - self.offset)
+
+    def embeddings(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.index.embeddings[np.asarray(rows) - self.offset], dtype=np.float32)
+
+    def find(self, pid: str) -> int:
+        row = self.index.store.row_of(pid)
+        return -1 if row is None else row + self.offset
+
+
+class ShardedIndex:
+    """A sharded index opened on Ray; quacks like :class:`~ragline.index.directory.IndexDir`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], actors: list) -> None:
+        self.path, self.manifest, self.actors = path, manifest, actors
+        self.offsets = np.array([s["offset"] for s in manifest["shards"]], dtype=np.int64)
+        self.store = ShardedStore(self)
+        self.dense = ShardedSearch(self, "dense") if manifest.get("dense") else None
+        self.bm25 = ShardedSearch(self, "bm25") if manifest.get("bm25") else None
+        self.embeddings = ShardedEmbeddings(self) if manifest.get("dense") else None
+        self.modes = tuple(m for m, ok in (("dense", self.dense), ("bm25", self.bm25),
+                                           ("hybrid", self.dense and self.bm25)) if ok)
+
+    @classmethod
+    def open(cls, path: str | Path, address: str | None = None) -> ShardedIndex:
+        path = Path(path).expanduser().resolve()
+        manifest = read_sharded_manifest(path)
+        ray = connect(address)
+        server = ray.remote(max_restarts=RESTARTS, max_task_retries=RESTARTS, num_cpus=0)(ShardServer)
+        actors = [server.remote(str(path / SHARDS / s["name"]), s["offset"], s["fingerprint"])
+                  for s in manifest["shards"]]
+        index = cls(path, manifest, actors)
+        index.call("pid", [()] * len(actors))  # every shard opened, or a clear error now
+        return index
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def __len__(self) -> int:
+        return int(self.manifest["corpus"]["passages"])
+
+    def call(self, method: str, args: list[tuple], shards: list[int] | None = None) -> list:
+        """Call ``method`` on the given shards (all by default) with one argument tuple each; every answer or
+        an error naming the shard that failed."""
+        import ray
+
+        shards = list(range(len(self.actors))) if shards is None else shards
+        refs = [getattr(self.actors[i], method).remote(*a) for i, a in zip(shards, args, strict=True)]
+        try:
+            return ray.get(refs)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            bad = next((i for i, r in zip(shards, refs, strict=True) if _failed(r)), shards[0])
+            raise RaglineError(f"shard {self.manifest['shards'][bad]['name']} of index {self.name} is unavailable "
+                               f"after {RESTARTS} restarts ({type(e).__name__})",
+                               "check the shard's files and the Ray cluster (`ray status`), then reopen the index"
+                               ) from None
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(getattr(e, "cause", None), RaglineError) else None
+            if cause is not None:
+                raise cause from None
+            raise
+
+    def shard_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.offsets, rows, side="right") - 1
+
+    def by_shard(self, rows: np.ndarray) -> dict[int, np.ndarray]:
+        """Positions in ``rows`` grouped by the shard that holds them."""
+        shard = self.shard_of(rows)
+        return {int(i): np.flatnonzero(shard == i) for i in np.unique(shard)}
+
+
+def _failed(ref) -> bool:
+    import ray
+
+    try:
+        ray.get(ref)
+        return False
+    except Exception:  # noqa: BLE001 - any failure marks the shard
+        return True
+
+
+class ShardedSearch:
+    """``search`` of one kind (dense or BM25) over every shard, merged exactly."""
+
+    def __init__(self, index: ShardedIndex, kind: str) -> None:
+        self.index, self.kind = index, kind
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.index)
+
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, global rows), each (B, k), as one index over the whole corpus would give."""
+        parts = self.index.call(self.kind, [(queries, k)] * len(self.index.actors))
+        return merge_top_k(parts, k)
+
+
+class ShardedStore:
+    """Passages by global row, fetched from the shards that hold them."""
+
+    def __init__(self, index: ShardedIndex) -> None:
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def get(self, rows) -> list[Passage]:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"passage rows out of range 0..{len(self) - 1}")
+        groups = self.index.by_shard(rows)
+        got = self.index.call("passages", [(rows[pos],) for pos in groups.values()], list(groups))
+        out: list[Passage | None] = [None] * len(rows)
+        for pos, passages in zip(groups.values(), got, strict=True):
+            for i, p in zip(pos.tolist(), passages, strict=True):
+                out[i] = p
+        return out  # type: ignore[return-value]
+
+    def row_of(self, pid: str) -> int | None:
+        found = [r for r in self.index.call("find", [(pid,)] * len(self.index.actors)) if r >= 0]
+        return found[0] if found else None
+
+
+class ShardedEmbeddings:
+    """d(z) by global row (``embeddings[rows]``), fetched from the shards: what RAG needs for p_eta(z|x)."""
+
+    def __init__(self, index: ShardedIndex) -> None:
+        self.index = index
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.index), int(self.index.manifest["encoder"]["dim"])
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        flat = rows.reshape(-1)
+        groups = self.index.by_shard(flat)
+        got = self.index.call("embeddings", [(flat[pos],) for pos in groups.values()], list(groups))
+        out = np.empty((len(flat), self.shape[1]), dtype=np.float32)  # (n, dim)
+        for pos, vecs in zip(groups.values(), got, strict=True):
+            out[pos] = vecs
+        return out.reshape(*rows.shape, -1)

@@ -1,0 +1,173 @@
+"""Scale-out on Ray: a sharded index built on a local Ray (2 CPUs) over the same slice as the shared single
+index gives the same results in every mode; a shard actor killed mid-run is survived; an interrupted build
+resumes with its finished shards kept; a missing shard is a clear error."""
+
+import shutil
+import threading
+
+import numpy as np
+import pytest
+from conftest import SLICE_DOCS, tiny_generator
+
+from ragline.errors import RaglineError
+from ragline.index.sparse import BM25Index, BM25Stats
+from ragline.scale.merge import merge_top_k
+
+QUESTIONS = ["Roman emperor architecture", "Which river flows through Baghdad?", "painter of the Mona Lisa",
+             "Gothic cathedral in France", "ancient Greek temple columns", "Who built the pyramids?"]
+
+
+def test_merge_of_shard_top_k_equals_the_global_top_k():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(4, 60)).astype(np.float32)
+    scores[:, 10] = scores[:, 40]  # a tie across shards: the lower row wins, as in one index
+    cuts = [0, 25, 45, 60]
+    for k in (1, 5, 30):
+        parts = []
+        for lo, hi in zip(cuts, cuts[1:], strict=False):
+            kk = min(k, hi - lo)
+            local = np.argsort(-scores[:, lo:hi], axis=1, kind="stable")[:, :kk]
+            parts.append((np.take_along_axis(scores[:, lo:hi], local, 1), local + lo))
+        parts.append((np.zeros((4, 3), np.float32), np.full((4, 3), -1)))  # a shard with no hits
+        s, r = merge_top_k(parts, k)
+        want = np.lexsort((np.tile(np.arange(60), (4, 1)), -scores), axis=1)[:, :k]
+        assert np.array_equal(r, want) and np.allclose(s, np.take_along_axis(scores, want, 1))
+    s, r = merge_top_k([(np.array([[2.0]]), np.array([[7]]))], 3)  # fewer hits than k: -1 after them
+    assert r.tolist() == [[7, -1, -1]] and s.tolist() == [[2.0, 0.0, 0.0]]
+
+
+def test_bm25_shards_with_corpus_statistics_score_as_one_index(tmp_path, wiki_docs):
+    from ragline.corpus.passages import encoder_text, split_documents
+    from ragline.corpus.readers import Document
+
+    texts = [encoder_text(p.title, p.text)
+             for p in split_documents([Document(d["id"], d["title"], d["text"]) for d in wiki_docs], 100)]
+    whole = BM25Index.build([texts], tmp_path / "whole")
+    cuts = [0, 70, 71, len(texts)]  # uneven, one shard of a single passage
+    stats = BM25Stats()
+    for lo, hi in zip(cuts, cuts[1:], strict=False):
+        stats = stats + BM25Stats.of([texts[lo:hi]])
+    assert stats.passages == len(texts)
+    shards = [BM25Index.build([texts[lo:hi]], tmp_path / f"s{i}", corpus_stats=stats)
+              for i, (lo, hi) in enumerate(zip(cuts, cuts[1:], strict=False))]
+    assert all(x.ntotal == hi - lo for x, lo, hi in zip(shards, cuts, cuts[1:], strict=False))
+    parts = []
+    for i, lo in enumerate(cuts[:-1]):
+        s, r = BM25Index.load(tmp_path / f"s{i}").search(QUESTIONS, 10)  # as saved
+        parts.append((s, np.where(r >= 0, r + lo, -1)))
+    s, r = merge_top_k(parts, 10)
+    ws, wr = whole.search(QUESTIONS, 10)
+    assert np.array_equal(r, wr) and np.allclose(s, ws, rtol=1e-6)
+    plain = BM25Index.build([texts[:70]], tmp_path / "plain").search(QUESTIONS, 10)[0]
+    assert not np.allclose(plain, parts[0][0], rtol=1e-6)  # without the statistics the scores differ
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from ragline.scale.cluster import connect
+
+    ray = connect(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, ray_local):
+    """The shared slice built in 3 shards, interrupted after its first finished shard and resumed; returns
+    (index path, the build logs of both runs, inode of the first finished shard's embeddings then and now)."""
+    from ragline.index.build import BuildOptions
+    from ragline.scale.build import build_sharded
+
+    out = tmp_path_factory.mktemp("sharded") / "wiki-slice-3"
+    opts = BuildOptions(source="wiki-leads", out=out, limit=SLICE_DOCS, progress=False)
+    first, second, kept = [], [], {}
+
+    def stop(name):
+        kept[name] = (out.parent / f".{out.name}.building" / "shards" / name / "embeddings.npy").stat().st_ino
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_sharded(opts, shards=3, log=first.append, after_shard=stop)
+    assert not out.exists()  # nothing half-built in place
+    build_sharded(opts, shards=3, log=second.append)
+    (name, inode), = kept.items()
+    return out, first, second, name, inode
+
+
+def test_interrupted_build_resumes_keeping_finished_shards(sharded):
+    out, first, second, name, inode = sharded
+    assert f"{name}: complete, kept" in second
+    assert (out / "shards" / name / "embeddings.npy").stat().st_ino == inode  # not rebuilt
+    assert any("sharded index ready" in m for m in second)
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-0000", "shard-0001", "shard-0002"]
+
+
+def test_sharded_results_equal_the_single_index(sharded, small_index):
+    from ragline.retriever import Retriever
+
+    single, many = Retriever(small_index), Retriever(sharded[0])
+    assert len(many.index) == len(single.index) and many.index.modes == single.index.modes
+    for mode in ("dense", "bm25", "hybrid"):
+        for k in (1, 5, 25):
+            a, b = single.retrieve(QUESTIONS, k, mode), many.retrieve(QUESTIONS, k, mode)
+            assert np.array_equal(a.rows, b.rows), (mode, k)
+            assert np.allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6), (mode, k)
+    hits_a, hits_b = single.search(QUESTIONS[:2], 5, "hybrid"), many.search(QUESTIONS[:2], 5, "hybrid")
+    assert [[h.pid for h in q] for q in hits_a] == [[h.pid for h in q] for q in hits_b]
+    rows = np.array([[0, len(single.index) - 1], [3, 70]])
+    assert np.allclose(single.index.embeddings[rows.reshape(-1)], many.index.embeddings[rows].reshape(4, -1))
+    pid = hits_a[0][0].pid
+    assert many.index.store.row_of(pid) == single.index.store.row_of(pid) and many.index.store.row_of("x#9") is None
+
+
+def test_rag_answers_through_the_sharded_index_as_through_one(sharded, small_index):
+    from ragline.rag.model import RagModel
+    from ragline.retriever import Retriever
+
+    gen = tiny_generator()
+    for model in ("rag-token", "rag-sequence"):
+        a = RagModel(Retriever(small_index), gen, k=3).answer(QUESTIONS[:2], model=model, max_new_tokens=4)
+        b = RagModel(Retriever(sharded[0]), gen, k=3).answer(QUESTIONS[:2], model=model, max_new_tokens=4)
+        assert [x.text for x in a] == [x.text for x in b]
+        assert [[s.pid for s in x.sources] for x in a] == [[s.pid for s in x.sources] for x in b]
+        assert np.allclose([s.prior for x in a for s in x.sources], [s.prior for x in b for s in x.sources],
+                           atol=1e-5)
+
+
+def test_a_shard_actor_killed_mid_run_is_restarted_and_the_query_retried(sharded, small_index, ray_local):
+    from ragline.retriever import Retriever
+
+    ray = ray_local
+    many = Retriever(sharded[0])
+    want = Retriever(small_index).retrieve(QUESTIONS, 5, "hybrid").rows
+    before = ray.get(many.index.actors[1].pid.remote())
+    results, errors = [], []
+
+    def load():
+        try:
+            for _ in range(40):
+                results.append(many.retrieve(QUESTIONS, 5, "hybrid").rows)
+        except Exception as e:  # noqa: BLE001 - the test reports any failure
+            errors.append(e)
+
+    t = threading.Thread(target=load)
+    t.start()
+    while len(results) < 3:
+        t.join(0.05)
+    ray.kill(many.index.actors[1], no_restart=False)  # the process dies; Ray restarts it
+    t.join()
+    assert errors == [] and len(results) == 40 and all(np.array_equal(r, want) for r in results)
+    assert ray.get(many.index.actors[1].pid.remote()) != before  # a new process serves the shard
+
+
+def test_a_missing_shard_is_a_clear_error_never_a_smaller_corpus(sharded, tmp_path, ray_local):
+    from ragline.index.directory import list_indexes
+    from ragline.retriever import Retriever
+
+    copy = tmp_path / "broken"
+    shutil.copytree(sharded[0], copy)
+    shutil.rmtree(copy / "shards" / "shard-0001")
+    with pytest.raises(RaglineError) as e:
+        Retriever(copy)
+    assert "shard shard-0001" in e.value.problem and "missing" in e.value.problem and e.value.fix
+    assert [p.name for p, _ in list_indexes(sharded[0].parent)] == [sharded[0].name]  # listed like any index
