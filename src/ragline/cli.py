@@ -508,7 +508,8 @@ def indexes(root) -> None:
         table.add_column(c)
     for path, m in found:
         dense = m.get("dense") or {}
-        table.add_row(path.name, m["fingerprint"], str(m["corpus"]["passages"]), dense.get("factory", "-"),
+        name = path.name + (f" ({len(m['shards'])} shards, Ray)" if m.get("shards") else "")
+        table.add_row(name, m["fingerprint"], str(m["corpus"]["passages"]), dense.get("factory", "-"),
                       "yes" if m.get("bm25") else "no", str((m["encoder"].get("passage") or {}).get("name")),
                       m["created_at"])
     console.print(table)

@@ -60,15 +60,7 @@ class BuildOptions:
 def build_index(opts: BuildOptions, encoders: BiEncoder | None = None,
                 log: Callable[[str], None] = print) -> Path:
     """Build (or resume building) the index described by ``opts``; returns the finished directory."""
-    out = Path(opts.out).expanduser().resolve()
-    check_target(out, opts.force)
-    if not (opts.dense or opts.bm25):
-        raise RaglineError("nothing to build: both dense and BM25 are off", "drop --no-dense or --no-bm25")
-    if opts.dense:
-        dense_mod.factory_string(opts.index_type, 1000, 8)  # unknown types fail before any work
-    fmt = detect_format(opts.source) if opts.fmt == "auto" else opts.fmt
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}.building"
+    out, work, fmt = prepare_build(opts)
     with atomic.exclusive_lock(out.parent / f".{out.name}.lock"):
         t0 = time.perf_counter()
         work.mkdir(exist_ok=True)
@@ -91,6 +83,19 @@ def build_index(opts: BuildOptions, encoders: BiEncoder | None = None,
         finish_index(opts, work, out, manifest, log)
         log(f"index ready: {out} (fingerprint {manifest['fingerprint']}, {time.perf_counter() - t0:.1f} s)")
         return out
+
+
+def prepare_build(opts: BuildOptions) -> tuple[Path, Path, str]:
+    """Check the options and the target before any work: (index directory, build directory, corpus format)."""
+    out = Path(opts.out).expanduser().resolve()
+    check_target(out, opts.force)
+    if not (opts.dense or opts.bm25):
+        raise RaglineError("nothing to build: both dense and BM25 are off", "drop --no-dense or --no-bm25")
+    if opts.dense:
+        dense_mod.factory_string(opts.index_type, 1000, 8)  # unknown types fail before any work
+    fmt = detect_format(opts.source) if opts.fmt == "auto" else opts.fmt
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out, out.parent / f".{out.name}.building", fmt
 
 
 def new_manifest(name: str, corpus: dict) -> dict:

@@ -52,8 +52,7 @@ class IndexDir:
             out.bm25 = BM25Index.load(path / mf.BM25)
             if out.bm25.ntotal != n:
                 raise _corrupt(path, f"the BM25 index holds {out.bm25.ntotal} passages, the manifest says {n}")
-        out.modes = tuple(m for m, ok in (("dense", out.dense), ("bm25", out.bm25),
-                                          ("hybrid", out.dense and out.bm25)) if ok)
+        out.modes = search_modes(out.dense, out.bm25)
         return out
 
     @property
@@ -66,6 +65,11 @@ class IndexDir:
 
     def __len__(self) -> int:
         return len(self.store)
+
+
+def search_modes(dense: object | None, bm25: object | None) -> tuple[str, ...]:
+    """The retrieval modes an index with these parts can serve."""
+    return tuple(m for m, ok in (("dense", dense), ("bm25", bm25), ("hybrid", dense and bm25)) if ok)
 
 
 def _corrupt(path: Path, what: str) -> RaglineError:

@@ -32,12 +32,10 @@ import numpy as np
 import ragline
 from ragline import atomic
 from ragline.corpus.passages import encoder_text
-from ragline.corpus.readers import detect_format
 from ragline.corpus.store import PassageStore, PassageStoreWriter
 from ragline.errors import RaglineError
-from ragline.index import dense as dense_mod
 from ragline.index import manifest as mf
-from ragline.index.build import BuildOptions, check_target, encoder_entry, finish_index, ingest, new_manifest
+from ragline.index.build import BuildOptions, encoder_entry, finish_index, ingest, new_manifest, prepare_build
 from ragline.index.sparse import BM25Stats
 from ragline.models.encoders import BiEncoder
 from ragline.scale.cluster import connect
@@ -59,17 +57,9 @@ def build_sharded(opts: BuildOptions, shards: int, address: str | None = None, a
     """Build (or resume) the sharded index described by ``opts`` on the Ray cluster at ``address`` (a local
     one with ``num_cpus`` when None); ``actors`` encoder actors (default: one per CPU of the cluster).
     ``after_shard`` is called with each shard's name once it is complete. Returns the index directory."""
-    out = Path(opts.out).expanduser().resolve()
     if shards < 1:
         raise RaglineError(f"--shards {shards} is not a positive number", "use --shards 1 or more")
-    check_target(out, opts.force)
-    if not (opts.dense or opts.bm25):
-        raise RaglineError("nothing to build: both dense and BM25 are off", "drop --no-dense or --no-bm25")
-    if opts.dense:
-        dense_mod.factory_string(opts.index_type, 1000, 8)
-    fmt = detect_format(opts.source) if opts.fmt == "auto" else opts.fmt
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}.building"
+    out, work, fmt = prepare_build(opts)
     with atomic.exclusive_lock(out.parent / f".{out.name}.lock"):
         t0 = time.perf_counter()
         work.mkdir(exist_ok=True)

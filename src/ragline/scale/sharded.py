@@ -30,6 +30,7 @@ import numpy as np
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
+from ragline.index.directory import IndexDir, search_modes
 from ragline.scale.cluster import connect
 from ragline.scale.merge import merge_top_k
 
@@ -72,8 +73,6 @@ class ShardServer:
     """One shard's index in a Ray actor: search, and passages and embeddings by row, in global rows."""
 
     def __init__(self, path: str, offset: int, fingerprint: str) -> None:
-        from ragline.index.directory import IndexDir
-
         self.index = IndexDir.open(path)
         if self.index.fingerprint != fingerprint:
             raise RaglineError(f"shard {path} has fingerprint {self.index.fingerprint}, the manifest says "
@@ -113,8 +112,7 @@ class ShardedIndex:
         self.dense = ShardedSearch(self, "dense") if manifest.get("dense") else None
         self.bm25 = ShardedSearch(self, "bm25") if manifest.get("bm25") else None
         self.embeddings = ShardedEmbeddings(self) if manifest.get("dense") else None
-        self.modes = tuple(m for m, ok in (("dense", self.dense), ("bm25", self.bm25),
-                                           ("hybrid", self.dense and self.bm25)) if ok)
+        self.modes = search_modes(self.dense, self.bm25)
 
     @classmethod
     def open(cls, path: str | Path, address: str | None = None) -> ShardedIndex:
@@ -128,13 +126,8 @@ class ShardedIndex:
         index.call("pid", [()] * len(actors))  # every shard opened, or a clear error now
         return index
 
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
-
-    @property
-    def name(self) -> str:
-        return self.path.name
+    fingerprint = IndexDir.fingerprint
+    name = IndexDir.name
 
     def __len__(self) -> int:
         return int(self.manifest["corpus"]["passages"])
