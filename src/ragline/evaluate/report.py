@@ -52,18 +52,20 @@ def _chart(labels: list[str], reports: Sequence[dict], title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     cols = [c for c in CHARTED if any(c in r["metrics"] for r in reports)]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(cols) * max(1, len(reports)) ** 0.5 + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.9 * len(cols) * max(1, len(reports)) ** 0.5 + 2)), 4.2))
     width = 0.8 / max(len(reports), 1)
+    colours = plt.get_cmap("tab20" if len(reports) > 10 else "tab10")  # one colour per run
     for i, (label, r) in enumerate(zip(labels, reports, strict=True)):
         xs = [j + (i - (len(reports) - 1) / 2) * width for j in range(len(cols))]
-        ax.bar(xs, [r["metrics"].get(c, 0.0) for c in cols], width, label=label)
+        ax.bar(xs, [r["metrics"].get(c, 0.0) for c in cols], width, label=label, color=colours(i))
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
     ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2 if len(reports) > 3 else 1,
+              frameon=False)  # below the axes: never over the bars
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 

@@ -19,8 +19,9 @@ recall for in-cluster queries.
 
 Search paths, chosen by measurement on this CPU (benchmarks/retrieval.py): a single query on the flat
 index is a BLAS matrix-vector product over FAISS's own vector array (bandwidth-bound, about 2x FAISS's
-single-query scan), one at a time: concurrent scans only compete for memory bandwidth; batches go to FAISS with its BLAS threshold lowered so that they become one matrix
-product. Single queries use one OpenMP thread, which is faster than two for them.
+single-query scan), one at a time: concurrent scans only compete for memory bandwidth; batches go to FAISS
+with its BLAS threshold lowered so that they become one matrix product. Single queries use one thread
+(FAISS's OpenMP, numpy's BLAS), which is faster than two for them once a question encoder shares the cores.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import faiss
@@ -130,7 +133,7 @@ class DenseIndex:
     def _gemv_top_k(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._xb is None:  # zero-copy view of FAISS's vector array, (n, d)
             self._xb = faiss.rev_swig_ptr(self.index.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
-        with self._gemv_lock:  # bandwidth-bound: concurrent scans only slow each other down (2x measured)
+        with self._gemv_lock, _numpy_blas_threads(1):  # bandwidth-bound: concurrent scans only slow each other
             s = self._xb @ q  # (n,)
         top = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
         top = top[np.lexsort((top, -s[top]))]  # by score, then row, as FAISS orders ties
@@ -148,6 +151,36 @@ class DenseIndex:
             rows[b, : len(best)], scores[b, : len(best)] = order[best], exact[best]
         scores[rows < 0] = 0.0
         return scores, rows
+
+
+@contextmanager
+def _numpy_blas_threads(n: int) -> Iterator[None]:
+    """numpy's BLAS limited to ``n`` threads. The single-query scan runs right after the question encoder,
+    whose torch OpenMP threads keep spinning for a while; numpy's own BLAS threads then fight them for the
+    cores: 50 ms instead of 1 ms per query on 2 cores (measured with benchmarks/scale.py). One thread scans
+    the bundled index in about 1.3 ms and leaves the cores to torch's spinning threads."""
+    libs = _numpy_blas()
+    before = [lib.num_threads for lib in libs]
+    for lib in libs:
+        lib.set_num_threads(n)
+    try:
+        yield
+    finally:
+        for lib, k in zip(libs, before, strict=True):
+            lib.set_num_threads(k)
+
+
+_NUMPY_BLAS: list | None = None
+
+
+def _numpy_blas() -> list:
+    global _NUMPY_BLAS
+    if _NUMPY_BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _NUMPY_BLAS = [lib for lib in ThreadpoolController().lib_controllers
+                       if lib.user_api == "blas" and "numpy" in str(lib.filepath)]
+    return _NUMPY_BLAS
 
 
 def build(embeddings: np.ndarray, kind: str, *, hnsw_m: int = 32, ef_construction: int = 80,
