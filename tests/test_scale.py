@@ -2,12 +2,13 @@
 index gives the same results in every mode; a shard actor killed mid-run is survived; an interrupted build
 resumes with its finished shards kept; a missing shard is a clear error."""
 
+import json
 import shutil
 import threading
 
 import numpy as np
 import pytest
-from conftest import SLICE_DOCS, tiny_generator
+from conftest import SLICE_DOCS, tiny_generator, write_jsonl
 
 from ragline.errors import RaglineError
 from ragline.index.sparse import BM25Index, BM25Stats
@@ -171,3 +172,41 @@ def test_a_missing_shard_is_a_clear_error_never_a_smaller_corpus(sharded, tmp_pa
         Retriever(copy)
     assert "shard shard-0001" in e.value.problem and "missing" in e.value.problem and e.value.fix
     assert [p.name for p, _ in list_indexes(sharded[0].parent)] == [sharded[0].name]  # listed like any index
+
+
+def test_a_jsonl_corpus_is_read_in_parallel_shards_and_searches_as_one_index(tmp_path, wiki_docs, small_index,
+                                                                            ray_local):
+    from ragline.index.build import BuildOptions
+    from ragline.retriever import Retriever
+    from ragline.scale.build import build_sharded
+
+    src = write_jsonl(tmp_path / "corpus.jsonl", wiki_docs)  # the shared slice's documents, as a file
+    logs = []
+    out = build_sharded(BuildOptions(source=str(src), out=tmp_path / "from-jsonl", progress=False), shards=3,
+                        log=logs.append)
+    assert any("150 documents" in m and "read in 3 parallel shards" in m for m in logs)
+    single, many = Retriever(small_index), Retriever(out)
+    for mode in ("dense", "bm25"):
+        a, b = single.retrieve(QUESTIONS, 10, mode), many.retrieve(QUESTIONS, 10, mode)
+        assert np.array_equal(a.rows, b.rows) and np.allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+    assert many.index.store.get([0, len(many.index) - 1]) == single.index.store.get([0, len(single.index) - 1])
+
+
+def test_bad_lines_in_a_parallel_read_are_reported_with_their_file_line(tmp_path, wiki_docs, ray_local):
+    from ragline.index.build import BuildOptions
+    from ragline.scale.build import build_sharded
+
+    lines = [json.dumps(d) for d in wiki_docs[:40]]
+    lines[30] = "{not json"
+    src = tmp_path / "bad.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    opts = BuildOptions(source=str(src), out=tmp_path / "bad", dense=False, progress=False)
+    with pytest.raises(RaglineError) as e:
+        build_sharded(opts, shards=3, log=lambda m: None)
+    assert f"{src}:31: not valid JSON" in e.value.problem and "--skip-bad" in e.value.fix
+    assert not (tmp_path / "bad").exists()
+    lines[30] = json.dumps(wiki_docs[2])  # the same id as line 3, in another shard
+    src.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RaglineError) as e:
+        build_sharded(opts, shards=3, log=lambda m: None)
+    assert "1 document ids appear more than once" in e.value.problem

@@ -112,11 +112,25 @@ def _bad(stats: ReadStats, skip_bad: bool, problem: str, fix: str) -> None:
         stats.problems.append(problem)
 
 
-def _json_lines(path: Path, skip_bad: bool, stats: ReadStats) -> Iterator[tuple[int, dict]]:
+@dataclass(frozen=True)
+class Span:
+    """Lines of a file from byte ``start`` (a line start) to ``end``, the first being line ``first_line``."""
+    start: int = 0
+    end: int | None = None
+    first_line: int = 1
+
+
+def _json_lines(path: Path, skip_bad: bool, stats: ReadStats, span: Span = Span()) -> Iterator[tuple[int, dict]]:
     if not Path(path).is_file():
         raise RaglineError(f"corpus file {path} does not exist", "check the path")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        f.seek(span.start)
+        pos = span.start
+        for n, raw in enumerate(f, span.first_line):
+            if span.end is not None and pos >= span.end:
+                return
+            pos += len(raw)
+            line = raw.decode("utf-8")
             if not line.strip():
                 _bad(stats, skip_bad, f"{path}:{n}: empty line", "remove empty lines")
                 continue
@@ -133,9 +147,20 @@ def _json_lines(path: Path, skip_bad: bool, stats: ReadStats) -> Iterator[tuple[
             yield n, rec
 
 
-def _read_jsonl(path: str | Path, skip_bad: bool, stats: ReadStats) -> Iterator[Document]:
+def read_span(path: str | Path, fmt: str, span: Span, *, skip_bad: bool = False,
+              stats: ReadStats | None = None) -> Iterator[Document]:
+    """The documents of one span of a JSONL or KILT file (parallel reading; the caller checks that ids are
+    unique across spans)."""
+    stats = stats if stats is not None else ReadStats()
+    reader = {"jsonl": _read_jsonl, "kilt": _read_kilt}[fmt]
+    for doc in reader(path, skip_bad, stats, span):
+        stats.documents += 1
+        yield doc
+
+
+def _read_jsonl(path: str | Path, skip_bad: bool, stats: ReadStats, span: Span = Span()) -> Iterator[Document]:
     """JSONL with ``text`` (required), ``title`` and ``id`` (default: ``line-N``)."""
-    for n, rec in _json_lines(Path(path), skip_bad, stats):
+    for n, rec in _json_lines(Path(path), skip_bad, stats, span):
         text = rec.get("text")
         if not isinstance(text, str) or not text.strip():
             what = "has no \"text\" field" if "text" not in rec else "has an empty or non-string \"text\""
@@ -152,13 +177,13 @@ def _read_jsonl(path: str | Path, skip_bad: bool, stats: ReadStats) -> Iterator[
 _KILT_MARKUP = re.compile(r"^(BULLET::::-?\s*|Section::::)")
 
 
-def _read_kilt(path: str | Path, skip_bad: bool, stats: ReadStats) -> Iterator[Document]:
+def _read_kilt(path: str | Path, skip_bad: bool, stats: ReadStats, span: Span = Span()) -> Iterator[Document]:
     """KILT knowledge source: ``wikipedia_id``, ``wikipedia_title``, ``text`` as a list of paragraphs.
 
     The first paragraph repeats the title and ``Section::::`` paragraphs are headings: both are dropped,
     as DPR/KILT preprocessing does; ``BULLET::::`` markers are stripped.
     """
-    for n, rec in _json_lines(Path(path), skip_bad, stats):
+    for n, rec in _json_lines(Path(path), skip_bad, stats, span):
         paras, wid, title = rec.get("text"), rec.get("wikipedia_id"), rec.get("wikipedia_title", "")
         if wid is None or not isinstance(paras, list) or not all(isinstance(p, str) for p in paras):
             _bad(stats, skip_bad, f"{path}:{n}: not a KILT knowledge-source record "

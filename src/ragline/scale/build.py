@@ -3,8 +3,10 @@
 Steps, all under the hidden build directory ``.NAME.building`` that becomes ``NAME`` in one rename at the
 end (as a single index does, :mod:`ragline.index.build`):
 
-1. The driver reads the corpus into passages (the same readers and splitting as a single index) and cuts
-   them into ``shards`` contiguous ranges, one passage store per shard.
+1. The corpus in shards. A JSONL or KILT file is read in parallel: one Ray task per byte range of the file
+   parses its lines and writes its shard's passage store (:mod:`ragline.scale.read`; the same parsing,
+   errors and passage splitting as a single index). Other sources (a folder of text files, the bundled
+   corpus, or any source with ``--limit``) are read by the driver and cut into ``shards`` equal ranges.
 2. BM25 statistics of the whole corpus: one Ray task per shard counts its terms; the driver adds them up.
 3. Per shard: Ray Data encodes its passages (``map_batches`` over an actor pool, each actor holding the
    passage encoder, one CPU and one torch thread each); a Ray task then builds the shard's FAISS index and its
@@ -32,6 +34,7 @@ import numpy as np
 import ragline
 from ragline import atomic
 from ragline.corpus.passages import encoder_text
+from ragline.corpus.readers import ReadStats
 from ragline.corpus.store import PassageStore, PassageStoreWriter
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
@@ -63,14 +66,20 @@ def build_sharded(opts: BuildOptions, shards: int, address: str | None = None, a
     with atomic.exclusive_lock(out.parent / f".{out.name}.lock"):
         t0 = time.perf_counter()
         work.mkdir(exist_ok=True)
-        stats, fingerprint, n = ingest(opts, work)
-        log(f"corpus: {stats.documents} documents -> {n} passages, in {shards} shards")
-        if shards > n:
-            raise RaglineError(f"{shards} shards for {n} passages", f"use --shards {n} or fewer")
         encoders = BiEncoder.load(opts.encoder, opts.question_encoder, opts.max_seq_length) if opts.dense else None
         encoder = encoder_entry(opts, encoders, out.name) if encoders is not None else None
-        state = _plan(opts, work, fingerprint, shards, encoder, log)
         ray = connect(address, num_cpus)
+        if fmt in ("jsonl", "kilt") and opts.limit is None:  # one file of lines: read in parallel
+            state = _plan_parallel(ray, opts, work, fmt, shards, encoder, log)
+            stats = ReadStats(state["corpus"]["documents"], state["corpus"]["skipped"])
+            fingerprint, n = state["corpus"]["fingerprint"], state["corpus"]["passages"]
+            log(f"corpus: {stats.documents} documents -> {n} passages, read in {shards} parallel shards")
+        else:
+            stats, fingerprint, n = ingest(opts, work)
+            log(f"corpus: {stats.documents} documents -> {n} passages, in {shards} shards")
+            if shards > n:
+                raise RaglineError(f"{shards} shards for {n} passages", f"use --shards {n} or fewer")
+            state = _plan(opts, work, fingerprint, shards, encoder, log)
         actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
         bm25_stats = _corpus_stats(ray, work, state) if opts.bm25 else None
         timing = {"ingest_seconds": round(time.perf_counter() - t0, 2), "encode_seconds": 0.0}
@@ -133,20 +142,10 @@ def build_sharded(opts: BuildOptions, shards: int, address: str | None = None, a
 def _plan(opts: BuildOptions, work: Path, fingerprint: str, shards: int, encoder: dict | None,
           log: Callable[[str], None]) -> dict:
     """The shards' ranges and passage stores; kept from an earlier run when nothing that shapes them changed."""
-    key = {"corpus_fingerprint": fingerprint, "shards": shards, "passage_words": opts.passage_words,
-           "encoder": None if encoder is None else encoder["passage"]["fingerprint"],
-           "max_seq_length": opts.max_seq_length, "index_type": opts.index_type, "dense": opts.dense,
-           "bm25": opts.bm25, "hnsw_m": opts.hnsw_m, "target_recall": opts.target_recall}
-    try:
-        state = json.loads((work / STATE).read_text())
-    except (OSError, ValueError):
-        state = {}
-    if state.get("key") == key:
+    key = _key(opts, shards, encoder, corpus_fingerprint=fingerprint)
+    state = _kept_state(work, key, log)
+    if state is not None:
         return state
-    if (work / SHARDS).exists():
-        log("the corpus or the settings changed since the interrupted build: starting the shards over")
-    shutil.rmtree(work / SHARDS, ignore_errors=True)
-    (work / STATS).unlink(missing_ok=True)
     store = PassageStore(work / mf.PASSAGES)
     state = {"key": key, "shards": []}
     for i, (lo, hi) in enumerate(shard_ranges(len(store), shards)):
@@ -159,6 +158,55 @@ def _plan(opts: BuildOptions, work: Path, fingerprint: str, shards: int, encoder
                     break
         state["shards"].append({"name": shard_name(i), "offset": lo, "passages": hi - lo,
                                 "fingerprint": w.fingerprint})
+    atomic.write_json(work / STATE, state)
+    return state
+
+
+def _key(opts: BuildOptions, shards: int, encoder: dict | None, **corpus) -> dict:
+    """What shapes the shards: an earlier run's shards are kept only when this is unchanged."""
+    return {**corpus, "shards": shards, "passage_words": opts.passage_words,
+            "encoder": None if encoder is None else encoder["passage"]["fingerprint"],
+            "max_seq_length": opts.max_seq_length, "index_type": opts.index_type, "dense": opts.dense,
+            "bm25": opts.bm25, "hnsw_m": opts.hnsw_m, "target_recall": opts.target_recall}
+
+
+def _kept_state(work: Path, key: dict, log: Callable[[str], None]) -> dict | None:
+    """The recorded state of an interrupted build with this key, or None after clearing its shards."""
+    try:
+        state = json.loads((work / STATE).read_text())
+    except (OSError, ValueError):
+        state = {}
+    if state.get("key") == key:
+        return state
+    if (work / SHARDS).exists():
+        log("the corpus or the settings changed since the interrupted build: starting the shards over")
+    shutil.rmtree(work / SHARDS, ignore_errors=True)
+    (work / STATS).unlink(missing_ok=True)
+    return None
+
+
+def _plan_parallel(ray, opts: BuildOptions, work: Path, fmt: str, shards: int, encoder: dict | None,
+                   log: Callable[[str], None]) -> dict:
+    """Shards read straight from byte ranges of the corpus file by Ray tasks (:mod:`ragline.scale.read`)."""
+    from ragline.scale.read import read_in_shards
+
+    source = Path(opts.source).expanduser().resolve()
+    st = source.stat()
+    key = _key(opts, shards, encoder, source=str(source), size=st.st_size, mtime_ns=st.st_mtime_ns, format=fmt,
+               skip_bad=opts.skip_bad)
+    state = _kept_state(work, key, log)
+    if state is not None:
+        return state
+    parts = [work / SHARDS / f".{shard_name(i)}.building" for i in range(shards)]
+    results = read_in_shards(ray, source, fmt, parts, opts.passage_words, opts.skip_bad)
+    offsets = np.concatenate([[0], np.cumsum([r["passages"] for r in results])[:-1]]).astype(int).tolist()
+    fingerprint = hashlib.blake2b("".join(r["fingerprint"] for r in results).encode(), digest_size=16).hexdigest()
+    state = {"key": key, "corpus": {"fingerprint": fingerprint, "passages": sum(r["passages"] for r in results),
+                                    "documents": sum(r["documents"] for r in results),
+                                    "skipped": sum(r["skipped"] for r in results)},
+             "shards": [{"name": shard_name(i), "offset": off, "passages": r["passages"],
+                         "fingerprint": r["fingerprint"]} for i, (off, r) in enumerate(zip(offsets, results,
+                                                                                             strict=True))]}
     atomic.write_json(work / STATE, state)
     return state
 
