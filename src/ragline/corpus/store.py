@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ragline.corpus.passages import Passage
+from ragline.corpus.passages import Passage, encoder_text
 from ragline.errors import RaglineError
 
 SCHEMA = pa.schema([("pid", pa.string()), ("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())])
@@ -97,6 +97,11 @@ class PassageStore:
 
     def column(self, name: str, rows: Sequence[int] | np.ndarray) -> list[str]:
         return self.table.column(name).take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
+
+    def text_chunks(self, batch_rows: int = 16384) -> Iterator[list[str]]:
+        """Every passage as the encoders and BM25 see it (title and text), in chunks of ``batch_rows``."""
+        for _, batch in self.iter_batches(batch_rows):
+            yield [encoder_text(x.title, x.text) for x in batch]
 
     def iter_batches(self, batch_rows: int = 4096, start: int = 0) -> Iterator[tuple[int, list[Passage]]]:
         """(first row, passages) for consecutive slices of the store from ``start``."""

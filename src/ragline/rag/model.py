@@ -77,7 +77,8 @@ class RagModel:
         if (res.rows < 0).any():
             raise RaglineError(f"fewer than k={k} passages matched a question ({self.mode} retrieval)",
                                "use dense or hybrid retrieval, or a smaller -k")
-        passages = [res.index.store.get(row) for row in res.rows]
+        flat = res.index.store.get(res.rows.reshape(-1))  # one fetch for the batch: (B * K) passages
+        passages = [flat[b * k : (b + 1) * k] for b in range(len(res.rows))]
         if res.index.embeddings is None:  # BM25-only index: no q(x)·d(z); a uniform prior
             return passages, torch.zeros(res.rows.shape)
         enc = self.retriever.encoder

@@ -212,8 +212,7 @@ def _plan_parallel(ray, opts: BuildOptions, work: Path, fmt: str, shards: int, e
 
 
 def _shard_stats(path: str) -> BM25Stats:
-    store = PassageStore(Path(path))
-    return BM25Stats.of([encoder_text(x.title, x.text) for x in batch] for _, batch in store.iter_batches(16384))
+    return BM25Stats.of(PassageStore(Path(path)).text_chunks())
 
 
 def _corpus_stats(ray, work: Path, state: dict) -> BM25Stats:

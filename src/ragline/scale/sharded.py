@@ -153,13 +153,13 @@ class ShardedIndex:
                 raise cause from None
             raise
 
-    def shard_of(self, rows: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.offsets, rows, side="right") - 1
-
-    def by_shard(self, rows: np.ndarray) -> dict[int, np.ndarray]:
-        """Positions in ``rows`` grouped by the shard that holds them."""
-        shard = self.shard_of(rows)
-        return {int(i): np.flatnonzero(shard == i) for i in np.unique(shard)}
+    def fetch(self, method: str, rows: np.ndarray) -> list[tuple[np.ndarray, Any]]:
+        """Call ``method`` with its rows on each shard holding some of ``rows`` (1-D, global); (positions in
+        ``rows``, that shard's answer) pairs."""
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        groups = [np.flatnonzero(shard == i) for i in np.unique(shard).tolist()]
+        got = self.call(method, [(rows[pos],) for pos in groups], np.unique(shard).tolist())
+        return list(zip(groups, got, strict=True))
 
 
 def _failed(ref) -> bool:
@@ -201,10 +201,8 @@ class ShardedStore:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"passage rows out of range 0..{len(self) - 1}")
-        groups = self.index.by_shard(rows)
-        got = self.index.call("passages", [(rows[pos],) for pos in groups.values()], list(groups))
         out: list[Passage | None] = [None] * len(rows)
-        for pos, passages in zip(groups.values(), got, strict=True):
+        for pos, passages in self.index.fetch("passages", rows):
             for i, p in zip(pos.tolist(), passages, strict=True):
                 out[i] = p
         return out  # type: ignore[return-value]
@@ -227,9 +225,7 @@ class ShardedEmbeddings:
     def __getitem__(self, rows) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         flat = rows.reshape(-1)
-        groups = self.index.by_shard(flat)
-        got = self.index.call("embeddings", [(flat[pos],) for pos in groups.values()], list(groups))
         out = np.empty((len(flat), self.shape[1]), dtype=np.float32)  # (n, dim)
-        for pos, vecs in zip(groups.values(), got, strict=True):
+        for pos, vecs in self.index.fetch("embeddings", flat):
             out[pos] = vecs
         return out.reshape(*rows.shape, -1)
