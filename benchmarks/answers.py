@@ -1,16 +1,6 @@
 """Answer quality on the FanOutQA dev sub-questions whose answer is in the bundled corpus.
 
-Questions: dev split (top-level ids 0-7, none shared with the held-out half) whose gold page is a bundled
-lead and whose answer string (normalised) occurs in that page's passages. Systems, each at the given k:
-
-  closed-book          the generator alone
-  single-passage       the top-1 passage pasted into the prompt (what most RAG toolkits do; = RAG at k=1)
-  rag-token            beam search on the marginal over k passages
-  rag-token-greedy     greedy decoding on the marginal over k passages
-  rag-seq-thorough     per-passage beams, every (answer, passage) pair scored
-  rag-seq-fast         per-passage beams, unscored pairs count as probability 0
-
-Prints exact match, token F1 (SQuAD normalisation, max over gold answers) and seconds per question.
+How it measures and what it prints: docs/benchmarks.md (answers.py).
 
     python3 benchmarks/answers.py [--generator qwen2.5-0.5b] [--limit N] [--ks 1,5,10] [--beams 4]
 """
@@ -23,12 +13,13 @@ import time
 from pathlib import Path
 
 from ragline import paths
-from ragline.evaluate.harness import dev_questions
 from ragline.evaluate.metrics import exact_match, token_f1
 from ragline.index.directory import IndexDir
 from ragline.models.generators import CausalGenerator
+from ragline.questions import dev_questions
 from ragline.rag.model import RagModel
 from ragline.retriever import Retriever
+from ragline.vocab import DEFAULT_PRIOR_SCALE
 
 
 def run(rag: RagModel, questions, model: str, decoding: str, k: int, beams: int, batch: int, max_new: int,
@@ -58,13 +49,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="questions decoded together")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--length-penalty", type=float, default=1.0, help="beam ranking: log p / len ** this")
-    ap.add_argument("--prior-scale", type=float, default=20.0, help="p_eta(z|x) = softmax(scale * q·d)")
+    ap.add_argument("--prior-scale", type=float, default=DEFAULT_PRIOR_SCALE, help="p_eta(z|x) = softmax(scale * q·d)")
     ap.add_argument("--systems", default="closed-book,single-passage,rag-token,rag-seq-thorough,rag-seq-fast")
     ap.add_argument("--predictions", type=Path, default=None, help="write every prediction as JSON lines")
     args = ap.parse_args()
 
     index = IndexDir.open(args.index)
-    questions = dev_questions(index, answerable_only=True)[: args.limit]
+    store = index.store
+    questions = dev_questions(store.values("title"), store.values("text"), answerable_only=True)[: args.limit]
     rag = RagModel(Retriever(index), CausalGenerator.load(args.generator), mode="dense", prior_scale=args.prior_scale)
     print(f"{len(questions)} dev questions with the answer in the corpus; generator {rag.generator.name}; "
           f"beams {args.beams}, length penalty {args.length_penalty}, prior scale {args.prior_scale}; "

@@ -1,20 +1,6 @@
 """Decoding speed and memory: ragline's RAG decoders against Hugging Face transformers' RAG classes.
 
-Both decode the same FanOutQA dev questions with the same k retrieved passages (dense retrieval over the
-bundled index, prior = softmax(20 q·d)) on the same tiny randomly initialised BART generator, built here
-with a word-level vocabulary of the bundled corpus (random weights: only speed is measured; an end-token
-bias makes the answers stop at varied lengths, as real short answers do). Systems and modes:
-
-  rag-token greedy      ragline rag_token_decode(beams=1)  vs  RagTokenForGeneration.generate(num_beams=1)
-  rag-token beam        ragline rag_token_decode(beams=B)  vs  RagTokenForGeneration.generate(num_beams=B)
-  rag-sequence thorough ragline rag_sequence_decode        vs  RagSequenceForGeneration.generate(num_beams=B)
-  rag-sequence fast     ragline rag_sequence_decode(thorough=False); HF has no fast decoding
-
-Each (system, mode, batch) runs in its own process: a first pass over the questions records the peak
-resident memory above the process's size before decoding (a sampling thread reads /proc/self/statm), then
-the best of ``--repeats`` timed passes gives answers per second. "same ids" is the fraction of questions on
-which ragline's answer tokens equal HF's (HF's RAG-Sequence generation ignores the passages' padding mask,
-so with prompts of different lengths it decodes slightly different inputs; see tests/test_hf_reference.py).
+How it measures and what it prints: docs/benchmarks.md (decoding.py).
 
     python3 benchmarks/decoding.py [--index DIR] [--questions 32] [--k 5] [--beams 4] [--batches 1,8]
 """
@@ -34,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ragline.vocab import DEFAULT_PRIOR_SCALE
+
 MODES = [("rag-token", "greedy"), ("rag-token", "beam"), ("rag-sequence", "thorough"), ("rag-sequence", "fast")]
 
 
@@ -44,17 +32,17 @@ def build_workload(args: argparse.Namespace, work: Path) -> None:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
 
-    from ragline.evaluate.datasets import load_fanoutqa
     from ragline.index.directory import IndexDir
+    from ragline.questions import load_fanoutqa
     from ragline.retriever import Retriever
 
     index = IndexDir.open(args.index)
     retriever = Retriever(index)
-    titles = set(index.store.table.column("title").to_pylist())
+    titles = set(index.store.values("title"))
     questions = [q.question for q in load_fanoutqa("dev", titles)[: args.questions]]
     res = retriever.retrieve(questions, k=args.k, mode="dense")
-    q = torch.from_numpy(retriever.encode_questions(questions))
-    scores = (20.0 * retriever.doc_scores(q, res.rows, index)).tolist()
+    q = torch.from_numpy(res.question_vectors)
+    scores = (DEFAULT_PRIOR_SCALE * retriever.doc_scores(q, res.rows, index)).tolist()
     passages = [[vars(p) for p in index.store.get(row)] for row in res.rows]
     (work / "workload.json").write_text(json.dumps({"questions": questions, "passages": passages,
                                                     "doc_scores": scores}))
@@ -226,7 +214,8 @@ def main() -> None:
         work = Path(tmp)
         build_workload(args, work)
         n_params = sum(p.numel() for p in
-                       __import__("transformers").BartForConditionalGeneration.from_pretrained(work / "bart").parameters())
+                       __import__("transformers").BartForConditionalGeneration
+                       .from_pretrained(work / "bart").parameters())
         print(f"{args.questions} FanOutQA dev questions, k={args.k}, {args.beams} beams, at most "
               f"{args.max_new_tokens} new tokens; tiny BART d_model {args.d_model}, {args.layers}+{args.layers} "
               f"layers, vocab {args.vocab} ({n_params / 1e6:.1f}M parameters); torch threads 2\n")
@@ -243,7 +232,8 @@ def main() -> None:
                     print(f"| {model} | {mode} | {batch} | {ours['answers_per_s']:.1f} | - | - | "
                           f"{ours['peak_mb']:.0f} | - | - | {length:.1f} |", flush=True)
                     continue
-                same = sum(a == b for a, b in zip(ours["answers"], theirs["answers"], strict=True)) / len(ours["answers"])
+                pairs = zip(ours["answers"], theirs["answers"], strict=True)
+                same = sum(a == b for a, b in pairs) / len(ours["answers"])
                 print(f"| {model} | {mode} | {batch} | {ours['answers_per_s']:.1f} | {theirs['answers_per_s']:.1f} | "
                       f"{ours['answers_per_s'] / theirs['answers_per_s']:.2f}x | {ours['peak_mb']:.0f} | "
                       f"{theirs['peak_mb']:.0f} | {same:.2f} | {length:.1f} |", flush=True)

@@ -1,11 +1,6 @@
 """Retrieval benchmark on the bundled corpus (English Wikipedia leads) and FanOutQA dev sub-questions.
 
-Prints one table: per index type its build time and size, queries per second at k=10 (one query at a
-time and in one batch, with 1 and 2 threads), its speed relative to exact search measured in the same
-run, and recall@k on the dev split. Exact search is also compared to the machine's memory bandwidth: bytes
-of index scanned per second over a copy bandwidth measured in the same run (STREAM convention: a copy of N
-bytes moves 2N). The bundled index (12k x 384 float32 = 19 MB) fits in the CPU caches, so a second exact
-row scans a 200k-vector index made of the real vectors plus noise, which must stream from memory.
+How it measures and what it prints: docs/benchmarks.md (retrieval.py).
 
     python3 benchmarks/retrieval.py [--workdir DIR] [--limit N] [--types flat,hnsw,...]
 """
@@ -21,12 +16,13 @@ import faiss
 import numpy as np
 
 from ragline import paths
-from ragline.evaluate.runner import evaluate_retrieval, load_eval_questions
+from ragline.evaluate.retrieval import evaluate_retrieval, load_retrieval_questions
 from ragline.index.build import BuildOptions, build_index
-from ragline.index.dense import INDEX_TYPES, DenseIndex
+from ragline.index.dense import DenseIndex
 from ragline.index.directory import IndexDir
 from ragline.models.encoders import BiEncoder
 from ragline.retriever import Retriever
+from ragline.vocab import INDEX_TYPES
 
 K = 10
 KS = (1, 5, 20, 100)
@@ -118,7 +114,7 @@ def main() -> None:
                                      bm25=(kind == "flat")), encoders=encoders)
         built[kind] = IndexDir.open(out)
     flat = built["flat"]
-    questions, note = load_eval_questions("fanoutqa-dev", flat)
+    questions, note = load_retrieval_questions("fanoutqa-dev", flat)
     print(note)
     texts = [q.question for q in questions]
     qvec = encoders.question.encode(texts)  # (Q, d)
@@ -150,7 +146,8 @@ def main() -> None:
         rec = evaluate_retrieval(r, questions, KS, mode)
         sp = speeds(lambda i, mode=mode: r.retrieve(texts[i : i + 1], K, mode, qvec[i : i + 1]),
                     lambda mode=mode: r.retrieve(texts, K, mode, qvec), n, all_threads)
-        row = {"index": "bm25 (bm25s scores, numpy top-k)" if mode == "bm25" else "hybrid (flat + bm25, weighted RRF)", **sp, **rec}
+        label = "bm25 (bm25s scores, numpy top-k)" if mode == "bm25" else "hybrid (flat + bm25, weighted RRF)"
+        row = {"index": label, **sp, **rec}
         if mode == "bm25":
             row.update(build_s=flat.manifest["bm25"]["build_seconds"], mib=flat.manifest["bm25"]["bytes"] / 2**20)
         rows.append(row)

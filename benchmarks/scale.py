@@ -1,15 +1,6 @@
 """Scale-out on Ray: encoding and search throughput of sharded indexes (1, 2 and 4 shards) against the local
-path, and the per-query cost of the fan-out.
 
-Builds, over the first ``--docs`` documents of the bundled corpus (flat dense index, MiniLM, BM25):
-  local       ragline index (one process, torch on every core)
-  ray N       ragline index --ray --shards N on a local Ray with every core (one encoder actor per core)
-then answers ``--queries`` FanOutQA dev questions with each, one question at a time (latency) and in batches
-of 32 (throughput), in dense, BM25 and hybrid mode. Every shard lives in its own Ray actor, as on a cluster.
-
-Prints passages encoded per second (encoding alone, and the whole build with Ray's start-up), queries per
-second, the ratio against the local path measured in the same run, and the fan-out overhead: the sharded
-index's mean latency per single query minus the local index's.
+How it measures and what it prints: docs/benchmarks.md (scale.py).
 
     python3 benchmarks/scale.py [--docs 3000] [--shards 1,2,4] [--queries 200] [--json FILE]
 """
@@ -26,7 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("dense", "bm25", "hybrid")
+from ragline import vocab
+
+MODES = vocab.MODES
 
 
 def time_search(retriever, questions: list[str], mode: str, batch: int, k: int = 10) -> tuple[float, float]:
@@ -50,8 +43,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from ragline.evaluate.datasets import load_fanoutqa
     from ragline.index.build import BuildOptions, build_index
+    from ragline.questions import load_fanoutqa
     from ragline.retriever import Retriever
     from ragline.scale.build import build_sharded
     from ragline.scale.cluster import connect

@@ -1,19 +1,6 @@
 """Serving under load: a bounded load test of `ragline serve` on loopback with the tiny generator.
 
-The server runs in its own process (``python -m ragline serve`` over a slice of the bundled corpus, with the
-tiny random two-layer Llama of ``ragline.models.tiny``: the model is cheap, so what is measured is the
-serving stack: HTTP, validation, retrieval, the batching worker and decoding overhead). This process sends
-``--requests`` requests per workload from ``--concurrency`` client threads (each with its own keep-alive
-connection) and then from one thread, with FanOutQA dev questions in turn. Workloads:
-
-  search              POST /search, dense, k=5
-  ask rag-token       POST /ask, RAG-Token greedy, k=5, 16 new tokens
-  ask rag-sequence    POST /ask, RAG-Sequence thorough (2 beams), k=5, 16 new tokens
-  stream rag-token    POST /ask/stream, RAG-Token greedy: p50 of the time to the first token too
-
-Prints, per workload and concurrency: requests/s, p50/p95 latency, errors (any non-200 answer, error event or
-failed connection; the target is zero), mean questions per decoded batch (from /health), and the throughput
-ratio against the same workload sent one request at a time (the peer measured in the same run).
+How it measures and what it prints: docs/benchmarks.md (serving.py).
 
     python3 benchmarks/serving.py [--index DIR] [--requests 200] [--concurrency 8] [--docs 300]
 """
@@ -133,9 +120,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="Also write the rows here.")
     args = ap.parse_args()
 
-    from ragline.evaluate.datasets import load_fanoutqa
     from ragline.index.build import BuildOptions, build_index
     from ragline.models.tiny import save_tiny_causal
+    from ragline.questions import load_fanoutqa
 
     work = Path(tempfile.mkdtemp(prefix="ragline-serving-"))
     index = args.index

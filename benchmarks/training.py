@@ -1,15 +1,6 @@
 """Training on the FanOutQA dev split: what RAG fine-tuning and retriever training gain, and what they cost.
 
-Data: the dev sub-questions (top-level ids 0-7; never the held-out half) whose gold page is in the index.
-A fixed fifth of them (by a hash of the id) is held back for validation; training never sees it. Phases,
-each in its own process (seconds per step and the process's peak resident memory are its own):
-
-  rag-smollm2      ragline train rag: SmolLM2-135M fully fine-tuned with the question encoder, RAG-Sequence
-  rag-qwen-lora    the same with Qwen2.5-0.5B through LoRA adapters (r=8) on the attention projections
-  retriever        ragline train retriever: the MiniLM question encoder, in-batch + 1 BM25 hard negative
-
-Prints, per phase: exact match / F1 on the validation part before and after (RAG-Sequence thorough, k as
-trained), or page recall@k before and after (retriever), seconds per step and peak memory.
+How it measures and what it prints: docs/benchmarks.md (training.py).
 
     python3 benchmarks/training.py [--index DIR] [--steps 60] [--qwen-steps 20] [--phases rag-smollm2,...]
 """
@@ -27,11 +18,11 @@ from pathlib import Path
 
 
 def in_corpus_examples(index_dir: Path, work: Path) -> Path:
-    from ragline.evaluate.datasets import load_fanoutqa
     from ragline.index.directory import IndexDir
+    from ragline.questions import load_fanoutqa
     from ragline.train.data import Example, write_examples
 
-    titles = set(IndexDir.open(index_dir).store.table.column("title").to_pylist())
+    titles = set(IndexDir.open(index_dir).store.values("title"))
     examples = [Example(q.id, q.question, q.answers, q.gold_titles) for q in load_fanoutqa("dev", titles)]
     path = work / "fanoutqa-dev-in-corpus.jsonl"
     write_examples(path, examples)
@@ -137,7 +128,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--phase", phase, "--work", str(work), "--index", str(args.index),
                    "--steps", str(args.steps), "--qwen-steps", str(args.qwen_steps), "-k", str(args.k),
                    "--retriever-steps", str(args.retriever_steps), "--val-limit", str(args.val_limit)]
-            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
             if phase == "retriever":
                 b, a = r["before"], r["after"]
                 fmt = lambda m: " / ".join(f"{m[k]:.3f}" for k in ("recall@1", "recall@5", "recall@20"))  # noqa: E731

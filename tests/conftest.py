@@ -53,6 +53,38 @@ def small_index(tmp_path_factory: pytest.TempPathFactory, encoders) -> Path:
                        encoders=encoders, log=lambda m: None)
 
 
+@pytest.fixture(scope="session")
+def ray_local():
+    from ragline.scale.cluster import connect
+
+    ray = connect(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sharded(tmp_path_factory, ray_local):
+    """The shared slice built in 3 shards, interrupted after its first finished shard and resumed; returns
+    (index path, the build logs of both runs, inode of the first finished shard's embeddings then and now)."""
+    from ragline.index.build import BuildOptions
+    from ragline.scale.build import build_sharded
+
+    out = tmp_path_factory.mktemp("sharded") / "wiki-slice-3"
+    opts = BuildOptions(source="wiki-leads", out=out, limit=SLICE_DOCS, progress=False)
+    first, second, kept = [], [], {}
+
+    def stop(name):
+        kept[name] = (out.parent / f".{out.name}.building" / "shards" / name / "embeddings.npy").stat().st_ino
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_sharded(opts, shards=3, log=first.append, after_shard=stop)
+    assert not out.exists()  # nothing half-built in place
+    build_sharded(opts, shards=3, log=second.append)
+    (name, inode), = kept.items()
+    return out, first, second, name, inode
+
+
 def make_encoder_copy(dst: Path, noise: float = 0.0, dim: int | None = None) -> Path:
     """A sentence-transformers encoder folder built in the test: MiniLM with perturbed weights, or (with
     ``dim``) a tiny randomly initialised BERT of that output size using MiniLM's tokenizer."""

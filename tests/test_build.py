@@ -14,7 +14,8 @@ from conftest import write_jsonl
 
 from ragline.errors import RaglineError
 from ragline.index.build import STATE, BuildOptions, build_index
-from ragline.index.directory import IndexDir, list_indexes
+from ragline.index.directory import IndexDir
+from ragline.index.registry import list_indexes
 from ragline.retriever import Retriever
 
 

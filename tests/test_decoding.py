@@ -125,7 +125,8 @@ def test_thorough_decoding_prunes_pairs_but_equals_scoring_every_pair(tiny, mode
     k = len(passages[0])
     scored = []
     original = gen.continuation_logprobs
-    gen.continuation_logprobs = lambda state, first, rows, *a: scored.append(len(rows)) or original(state, first, rows, *a)
+    gen.continuation_logprobs = \
+        lambda state, first, rows, *a: scored.append(len(rows)) or original(state, first, rows, *a)
     thorough = rag_sequence_decode(gen, questions, passages, doc, beams=3, max_new_tokens=10, n_best=n_best)
     gen.continuation_logprobs = original
     exhaustive = 0

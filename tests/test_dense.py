@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ragline.errors import RaglineError
-from ragline.index import dense
+from ragline.index import dense_build as dense
 
 
 def _vectors(n=3000, d=32, seed=0):

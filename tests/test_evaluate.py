@@ -3,20 +3,23 @@ import json
 import pytest
 
 from ragline.errors import RaglineError
-from ragline.evaluate.datasets import load_fanoutqa, load_questions
-from ragline.evaluate.retrieval import mean_metrics, question_metrics
+from ragline.evaluate.scoring import retrieval_metrics
+from ragline.questions import Page, load_fanoutqa, load_task
 
 
 def test_page_metrics_by_hand():
-    ranked = ["A", "B", "A", "C", "D"]  # titles of the ranked passages
-    m = question_metrics(ranked, ["C", "A"], ks=[1, 2, 4])
-    assert m["recall@1"] == 0.5 and m["precision@1"] == 1.0
-    assert m["recall@2"] == 0.5 and m["precision@2"] == 0.5
-    assert m["recall@4"] == 1.0 and m["precision@4"] == 2 / 3
-    assert m["r_precision"] == 0.5  # distinct pages A, B, C, D: top-2 = A, B
-    assert mean_metrics([{"x": 1.0}, {"x": 0.0}]) == {"x": 0.5}
-    with pytest.raises(ValueError):
-        question_metrics(ranked, [], [1])
+    ranked = [Page(title=t) for t in ["A", "B", "A", "C", "D"]]  # titles of the ranked passages
+    # one evidence set {C, A}; distinct pages A, B, C, D. KILT's rank: A puts the set's point down, B is False,
+    # C completes the set, whose point leaves A's place and is appended as True: [False, True, False]
+    m = retrieval_metrics(ranked, [(Page(title="C"), Page(title="A"))], ks=[1, 2, 3, 4])
+    assert m["r_precision"] == 0.5  # top-2 pages A, B hold one of the two gold pages
+    assert (m["recall@1"], m["recall@2"], m["recall@3"]) == (0.0, 1.0, 1.0)
+    assert m["precision@3"] == 1 / 3 and m["precision@4"] == 1 / 4 and m["success_rate@3"] == 1.0
+    # two evidence sets {C} and {A}: each page is a set of its own
+    m = retrieval_metrics(ranked, [(Page(title="C"),), (Page(title="A"),)], ks=[1, 3])
+    assert (m["recall@1"], m["recall@3"], m["precision@3"], m["r_precision"]) == (0.5, 1.0, 2 / 3, 1.0)
+    assert retrieval_metrics(ranked, [], ks=[1]) == {"r_precision": 0.0, "precision@1": 0.0, "recall@1": 0.0,
+                                                     "success_rate@1": 0.0}
 
 
 def test_fanoutqa_dev_split_only_has_ids_0_to_7():
@@ -44,31 +47,39 @@ def test_fanoutqa_filtered_to_corpus_titles():
 
 def test_question_files_jsonl_and_kilt(tmp_path):
     f = tmp_path / "q.jsonl"
-    f.write_text(json.dumps({"question": "Who?", "answers": ["Ann", 3], "gold_titles": ["Ann"]}) + "\n\n"
-                 + json.dumps({"id": "k1", "input": "Where?", "output": [
-                     {"answer": "Rome", "provenance": [{"title": "Rome"}, {"title": "Italy"}]},
-                     {"answer": "Roma", "provenance": [{"title": "Rome"}]}]}) + "\n")
-    a, b = load_questions(f)
+    f.write_text(json.dumps({"question": "Who?", "answers": ["Ann", 3, " "], "gold_titles": ["Ann", "Ann"]}) + "\n\n"
+                 + json.dumps({"question": "Where?", "positive": "Rome"}) + "\n")
+    a, b = load_task(f, require_answers=False).questions
     assert (a.id, a.question, a.answers, a.gold_titles) == ("line-1", "Who?", ("Ann", "3"), ("Ann",))
-    assert (b.id, b.answers, b.gold_titles) == ("k1", ("Rome", "Roma"), ("Rome", "Italy"))
+    assert a.provenance == ((Page(title="Ann"),),)  # a duplicate gold title is one page, not two
+    assert (b.answers, b.gold_titles) == ((), ("Rome",))
+    k = tmp_path / "k.jsonl"
+    k.write_text(json.dumps({"id": "k1", "input": "Where?", "output": [
+        {"answer": "Rome", "provenance": [{"title": "Rome"}, {"title": "Italy"}]},
+        {"answer": "Roma", "provenance": [{"title": "Rome"}]}, {"answer": "  "}]}) + "\n")
+    (c,) = load_task(k).questions
+    assert (c.id, c.answers, c.gold_titles) == ("k1", ("Rome", "Roma"), ("Rome", "Italy"))  # blank answer dropped
     f.write_text('{"question": ""}\n')
     with pytest.raises(RaglineError, match="q.jsonl:1"):
-        load_questions(f)
+        load_task(f)
+    f.write_text('{"question": "Who?", "answers": ["x"]}\n')
+    with pytest.raises(RaglineError, match="q.jsonl:1: no gold page"):
+        load_task(f, require_pages=True)
 
 
 def test_answerable_keeps_questions_whose_answer_is_in_their_gold_page():
-    from ragline.evaluate.datasets import Question, answerable
+    from ragline.questions import answerable, titled
 
     pages = {"Turkey": ["Turkey's capital is Ankara.", "Istanbul is its largest city."], "Italy": ["Rome, Italy."]}
-    qs = [Question("1", "Capital of Turkey?", ("Ankara",), ("Turkey",)),
-          Question("2", "Largest city of Turkey?", ("The Istanbul",), ("Turkey",)),  # normalised: article dropped
-          Question("3", "Capital of Italy?", ("Rome",), ("Turkey",)),                # answer in another page only
-          Question("4", "Area of Italy?", ("301,340 km2",), ("Italy",))]
+    qs = [titled("1", "Capital of Turkey?", ("Ankara",), ("Turkey",)),
+          titled("2", "Largest city of Turkey?", ("The Istanbul",), ("Turkey",)),  # normalised: article dropped
+          titled("3", "Capital of Italy?", ("Rome",), ("Turkey",)),                # answer in another page only
+          titled("4", "Area of Italy?", ("301,340 km2",), ("Italy",))]
     assert [q.id for q in answerable(qs, pages)] == ["1", "2"]
 
 
 def test_bundled_answerable_task_is_a_subset(small_index):
-    from ragline.evaluate.harness import EvalConfig, load_eval_task
+    from ragline.evaluate.answers import EvalConfig, load_eval_task
     from ragline.index.directory import IndexDir
 
     ix = IndexDir.open(small_index)

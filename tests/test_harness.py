@@ -9,7 +9,7 @@ import pytest
 from conftest import write_jsonl
 
 from ragline.errors import RaglineError
-from ragline.evaluate.harness import EvalConfig, run_eval
+from ragline.evaluate.answers import EvalConfig, run_eval
 from ragline.evaluate.report import compare
 
 
@@ -34,7 +34,8 @@ def test_eval_writes_kilt_predictions_and_a_report_and_resumes(tmp_path, task_fi
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["id"] for p in preds] == ["q0", "q1", "q2"]
     prov = preds[0]["output"][0]["provenance"]
-    assert len(prov) == 2 and {"wikipedia_id", "title", "pid", "prior", "posterior"} <= set(prov[0])
+    assert len(prov) == 2 and {"title", "pid", "prior", "posterior"} <= set(prov[0])
+    assert "wikipedia_id" not in prov[0]  # the bundled leads' document ids are titles, not Wikipedia ids
     assert abs(sum(p["prior"] for p in prov) - 1) < 1e-3
     m = report["metrics"]
     assert m["questions"] == m["answered"] == 3

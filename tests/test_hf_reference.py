@@ -8,7 +8,9 @@ from ragline.corpus.passages import Passage
 from ragline.models.generators import Seq2SeqGenerator
 from ragline.rag import marginal
 
-WORDS = ["who", "what", "where", "when", "directed", "wrote", "painted", "film", "novel", "music", "city", "capital", "river", "the", "a", "of", "is", "in", "by", "paris", "france", "kubrick", "stanley", "odyssey", "2001", "space", "twain", "mark", "huckleberry", "finn", "voltaire", "candide", "/", "//"]
+WORDS = ["who", "what", "where", "when", "directed", "wrote", "painted", "film", "novel", "music", "city", "capital",
+         "river", "the", "a", "of", "is", "in", "by", "paris", "france", "kubrick", "stanley", "odyssey", "2001",
+         "space", "twain", "mark", "huckleberry", "finn", "voltaire", "candide", "/", "//"]
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +58,12 @@ def _batch(tok, bart, same_length=False):
     answers = ["stanley kubrick", "voltaire"]
     doc_scores = torch.tensor([[3.0, 1.0, 0.5], [2.0, 0.1, -1.0]])
     if same_length:
-        size = {(b, k): len(tok(gen.prompt(q, z))["input_ids"]) for b, (q, zs) in enumerate(zip(questions, passages, strict=True))
+        size = {(b, k): len(tok(gen.prompt(q, z))["input_ids"])
+                for b, (q, zs) in enumerate(zip(questions, passages, strict=True))
                 for k, z in enumerate(zs)}
         longest = max(size.values())
-        passages = [[Passage(z.pid, z.doc_id, z.title, z.text + " the" * (longest - size[b, k])) for k, z in enumerate(zs)]
+        passages = [[Passage(z.pid, z.doc_id, z.title, z.text + " the" * (longest - size[b, k]))
+                     for k, z in enumerate(zs)]
                     for b, zs in enumerate(passages)]
     return gen, questions, passages, answers, doc_scores
 
@@ -206,7 +210,8 @@ def test_hugging_face_rag_sequence_generation_ignores_the_passage_mask(tiny):
     kw = dict(num_beams=1, max_length=13, min_length=0, no_repeat_ngram_size=0, forced_bos_token_id=None,
               forced_eos_token_id=None)
     with torch.no_grad():
-        masked = [_strip(s, gen.pad_id) for s in bart.generate(enc["input_ids"], attention_mask=enc["attention_mask"], **kw)]
+        out = bart.generate(enc["input_ids"], attention_mask=enc["attention_mask"], **kw)
+        masked = [_strip(s, gen.pad_id) for s in out]
         unmasked = [_strip(s, gen.pad_id) for s in bart.generate(enc["input_ids"], **kw)]
     ours = [h.tokens for h in greedy(RowStepper(gen, gen.pair_prompts(questions, passages), 6, 1, 1,
                                                 lambda logp: logp[:, :, 0]), 6, stop_ids(gen), 12)]

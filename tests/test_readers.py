@@ -32,7 +32,8 @@ def test_jsonl_bad_lines_name_line_and_fix(tmp_path, line, problem):
     assert problem in str(e.value) and "--skip-bad" in str(e.value)
     stats = ReadStats()
     docs = list(read_corpus(f, skip_bad=True, stats=stats))
-    assert [d.id for d in docs] == ["a", "c"] and stats.skipped == 1 and problem.split(": ", 1)[-1][:10] in stats.problems[0]
+    assert [d.id for d in docs] == ["a", "c"] and stats.skipped == 1
+    assert problem.split(": ", 1)[-1][:10] in stats.problems[0]
 
 
 def test_kilt_knowledge_source(tmp_path):
@@ -56,7 +57,8 @@ def test_text_folder(tmp_path):
     (tmp_path / "ignored.csv").write_text("a,b")
     docs = list(read_corpus(tmp_path))
     assert [(d.id, d.title, d.text.strip()) for d in docs] == [
-        ("mars.md", "Mars", "The fourth planet."), ("sub/moon_landing.txt", "moon landing", "Apollo 11 landed in 1969.")]
+        ("mars.md", "Mars", "The fourth planet."),
+        ("sub/moon_landing.txt", "moon landing", "Apollo 11 landed in 1969.")]
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(RaglineError, match="empty.txt: empty file"):
         list(read_corpus(tmp_path))

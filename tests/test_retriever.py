@@ -32,7 +32,8 @@ def test_each_mode_finds_the_right_page(retriever, mode):
 
 def test_dense_scores_are_inner_products_of_stored_embeddings(retriever):
     res = retriever.retrieve([QUESTION], k=10, mode="dense")
-    q = retriever.encode_questions([QUESTION])  # (1, d)
+    q = res.question_vectors  # (1, d): the q(x) the search used, returned with the hits
+    np.testing.assert_array_equal(q, retriever.encoder.encode([QUESTION]))
     emb = retriever.index.embeddings
     np.testing.assert_allclose(res.scores[0], emb[res.rows[0]] @ q[0], rtol=1e-4, atol=1e-5)
     brute = np.argsort(-(emb @ q[0]))[:10]  # exact index: same order as brute force
@@ -149,10 +150,40 @@ def test_doc_scores_are_recomputed_with_gradient_to_the_question_encoder(small_i
     before = np.array(r.index.embeddings[res.rows.reshape(-1)])
     model = encoders.question.model
     model.zero_grad()
-    scores = r.doc_scores(encoders.question.embed(qs), res.rows)  # (B, K), differentiable
+    scores = r.doc_scores(encoders.question.embed(qs), res.rows, res.index)  # (B, K), differentiable
     np.testing.assert_allclose(scores.detach().numpy(), res.scores, atol=1e-4)
     scores.logsumexp(-1).sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and sum(float(g.abs().sum()) for g in grads) > 0
     np.testing.assert_array_equal(np.array(r.index.embeddings[res.rows.reshape(-1)]), before)  # d(z) frozen
     model.zero_grad()
+
+
+def test_a_swap_during_retrieval_never_pairs_one_encoders_q_with_another_indexs_d(small_index, tmp_path):
+    """RAG's prior uses the q(x) the search used, from the same (index, encoder) snapshot, even when a swap to
+    an index of another encoder lands between the search and the scoring."""
+    from ragline.rag.model import RagModel
+
+    enc = BiEncoder.load(str(make_encoder_copy(tmp_path / "perturbed", noise=1e-2)))
+    foreign = build_index(BuildOptions(source="wiki-leads", out=tmp_path / "foreign", limit=20, progress=False,
+                                       bm25=False), encoders=enc, log=lambda m: None)
+    r = Retriever(small_index)
+    old_index, old_encoder = r.snapshot()
+    search = old_index.dense.search
+
+    def search_then_swap(queries, k):
+        out = search(queries, k)
+        r.swap(foreign, enc.question)  # lands after the search, before the prior is computed
+        return out
+
+    old_index.dense.search = search_then_swap
+    try:
+        passages, scores = RagModel(r, generator=None, k=3).retrieve([QUESTION], 3)
+    finally:
+        old_index.dense.search = search
+    assert r.index.name == "foreign" and r.encoder is enc.question
+    rows = np.array([old_index.store.row_of(p.pid) for p in passages[0]])
+    q = old_encoder.encode([QUESTION])[0]
+    np.testing.assert_allclose(scores[0].numpy(), old_index.embeddings[rows] @ q, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(enc.question.encode([QUESTION])[0] @ old_index.embeddings[rows].T, scores[0].numpy(),
+                           atol=1e-4)  # the new encoder's q(x) would have given other scores

@@ -8,11 +8,11 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import SLICE_DOCS, tiny_generator, write_jsonl
+from conftest import tiny_generator, write_jsonl
 
 from ragline.errors import RaglineError
 from ragline.index.sparse import BM25Index, BM25Stats
-from ragline.scale.merge import merge_top_k
+from ragline.index.topk import merge_top_k
 
 QUESTIONS = ["Roman emperor architecture", "Which river flows through Baghdad?", "painter of the Mona Lisa",
              "Gothic cathedral in France", "ancient Greek temple columns", "Who built the pyramids?"]
@@ -61,38 +61,6 @@ def test_bm25_shards_with_corpus_statistics_score_as_one_index(tmp_path, wiki_do
     assert np.array_equal(r, wr) and np.allclose(s, ws, rtol=1e-6)
     plain = BM25Index.build([texts[:70]], tmp_path / "plain").search(QUESTIONS, 10)[0]
     assert not np.allclose(plain, parts[0][0], rtol=1e-6)  # without the statistics the scores differ
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    from ragline.scale.cluster import connect
-
-    ray = connect(num_cpus=2)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory, ray_local):
-    """The shared slice built in 3 shards, interrupted after its first finished shard and resumed; returns
-    (index path, the build logs of both runs, inode of the first finished shard's embeddings then and now)."""
-    from ragline.index.build import BuildOptions
-    from ragline.scale.build import build_sharded
-
-    out = tmp_path_factory.mktemp("sharded") / "wiki-slice-3"
-    opts = BuildOptions(source="wiki-leads", out=out, limit=SLICE_DOCS, progress=False)
-    first, second, kept = [], [], {}
-
-    def stop(name):
-        kept[name] = (out.parent / f".{out.name}.building" / "shards" / name / "embeddings.npy").stat().st_ino
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        build_sharded(opts, shards=3, log=first.append, after_shard=stop)
-    assert not out.exists()  # nothing half-built in place
-    build_sharded(opts, shards=3, log=second.append)
-    (name, inode), = kept.items()
-    return out, first, second, name, inode
 
 
 def test_interrupted_build_resumes_keeping_finished_shards(sharded):
@@ -162,7 +130,7 @@ def test_a_shard_actor_killed_mid_run_is_restarted_and_the_query_retried(sharded
 
 
 def test_a_missing_shard_is_a_clear_error_never_a_smaller_corpus(sharded, tmp_path, ray_local):
-    from ragline.index.directory import list_indexes
+    from ragline.index.registry import list_indexes
     from ragline.retriever import Retriever
 
     copy = tmp_path / "broken"

@@ -1,4 +1,3 @@
-import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -18,7 +17,9 @@ def test_roundtrip_random_access_and_batches(tmp_path):
     store = PassageStore(tmp_path / "p.arrow")
     assert len(store) == w.count == 10
     assert store.get([7, 2, 7]) == [ps[7], ps[2], ps[7]]
-    assert store.column("title", np.array([0, 9])) == ["Title 0", "Title 9"]
+    assert store.values("title") == [f"Title {i}" for i in range(10)]
+    with pytest.raises(KeyError):
+        store.values("embedding")
     assert [(lo, len(b)) for lo, b in store.iter_batches(4, start=1)] == [(1, 4), (5, 4), (9, 1)]
     with pytest.raises(IndexError):
         store.get([10])

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from ragline.errors import RaglineError
-from ragline.evaluate.scoring import r_precision, score_run
-from ragline.evaluate.tasks import detect_format, load_task
+from ragline.evaluate.scoring import retrieval_metrics, score_run
+from ragline.questions import Page, Question, detect_format, load_task, titled
 
 
 def _write(path, text):
@@ -25,7 +25,8 @@ def test_kilt_file_with_provenance_sets(tmp_path):
     t = load_task(p)
     assert (t.format, t.kind, [q.id for q in t.questions]) == ("kilt", "qa", ["q1", "q2"])
     assert t.questions[0].answers == ("Voltaire", "François-Marie Arouet")
-    assert t.questions[0].meta["provenance"] == [("Candide",), ("Voltaire", "Candide")]
+    assert t.questions[0].provenance == ((Page("1", "Candide"),), (Page("2", "Voltaire"), Page("1", "Candide")))
+    assert t.questions[0].gold_titles == ("Candide", "Voltaire") and t.questions[1].provenance == ()
     fever = _write(tmp_path / "fever-dev-kilt.jsonl", json.dumps(
         {"id": "f", "input": "Paris is in Italy.", "output": [{"answer": "REFUTES"}]}) + "\n")
     assert load_task(fever).kind == "label"
@@ -102,24 +103,25 @@ def test_a_malformed_line_is_reported_with_its_number_and_skipped_only_on_reques
 
 
 def test_kilt_scoring_counts_an_answer_only_with_full_provenance():
-    from ragline.evaluate.datasets import Question
-
-    qs = [Question("1", "q1", ("Voltaire",), ("Candide", "Voltaire"), {"provenance": [("Candide",), ("Voltaire", "Candide")]}),
-          Question("2", "q2", ("Paris",), ("Paris",), {"provenance": [("Paris",)]}),
-          Question("3", "q3", ("Rome",), ("Rome",), {"provenance": [("Rome",)]})]
+    qs = [Question("1", "q1", ("Voltaire",), ("Candide", "Voltaire"),
+                   ((Page(title="Candide"),), (Page(title="Voltaire"), Page(title="Candide")))),
+          titled("2", "q2", ("Paris",), ("Paris",)),
+          titled("3", "q3", ("Rome",), ("Rome",))]
 
     def pred(answer, *titles):
         return {"output": [{"answer": answer, "provenance": [{"title": t} for t in titles]}]}
 
     # q1: top-1 page is a full gold set (R = 1) -> R-precision 1; q2: right answer, wrong page first -> 0;
     # q3: wrong answer, right page. Missing predictions would score 0 and still count.
-    preds = {"1": pred("Voltaire", "Candide", "Paris"), "2": pred("Paris", "France", "Paris"), "3": pred("Milan", "Rome")}
+    preds = {"1": pred("Voltaire", "Candide", "Paris"), "2": pred("Paris", "France", "Paris"),
+             "3": pred("Milan", "Rome")}
     m = score_run(qs, "qa", preds, ks=(1, 2))
     assert m["em"] == pytest.approx(2 / 3)
     assert m["r_precision"] == pytest.approx(2 / 3)
     assert m["kilt_em"] == pytest.approx(1 / 3)
     assert m["recall@1"] == pytest.approx((0.5 + 0 + 1) / 3)  # q1: 1 of its 2 gold pages in the top 1
     assert m["recall@2"] == pytest.approx((0.5 + 1 + 1) / 3)
-    assert r_precision(["A", "A", "B"], [("B", "A")]) == 1.0  # distinct pages in rank order
+    pages = [Page(title=t) for t in ("A", "A", "C", "B")]  # distinct pages in rank order: A, C, B
+    assert retrieval_metrics(pages, [(Page(title="B"), Page(title="A"))], [2])["r_precision"] == 0.5
     empty = score_run(qs, "qa", {"1": pred("  ", "Candide")})
     assert (empty["em"], empty["answered"], empty["questions"]) == (0.0, 1.0, 3.0)

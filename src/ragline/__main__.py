@@ -1,3 +1,5 @@
+"""``python -m ragline``: the ``ragline`` command."""
+
 from ragline.cli import main
 
 main()

@@ -15,18 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ragline import vocab
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
-from ragline.index.directory import IndexDir
-from ragline.index.hybrid import BM25_WEIGHT, RRF_C, rrf_fuse
+from ragline.index.hybrid import rrf_fuse
+from ragline.index.protocol import Index
+from ragline.index.registry import open_index
 from ragline.models.encoders import TextEncoder
-
-MODES = ("dense", "bm25", "hybrid")
-HYBRID_DEPTH = 100  # candidates taken from each ranking before fusion
 
 
 @dataclass(frozen=True)
 class Hit:
+    """One retrieved passage with its rank (from 1) and retrieval score."""
+
     rank: int
     row: int      # passage row in the index (FAISS id)
     pid: str      # stable passage id "<doc id>#<chunk>"
@@ -38,16 +39,22 @@ class Hit:
 
 @dataclass(frozen=True)
 class Retrieved:
-    """Raw batch result: ``rows`` and ``scores`` are (B, k); rows are -1 where fewer than k were found."""
+    """Raw batch result: ``rows`` and ``scores`` are (B, k); rows are -1 where fewer than k were found.
+    ``question_vectors`` (B, dim) are the q(x) the dense search used (None for BM25), and ``encoder`` the
+    question encoder that made them: both from the same (index, encoder) snapshot as ``index``."""
     rows: np.ndarray
     scores: np.ndarray
-    index: IndexDir
+    index: Index
+    question_vectors: np.ndarray | None = None
+    encoder: TextEncoder | None = None
 
 
 class Retriever:
-    def __init__(self, index: IndexDir | str | Path, question_encoder: TextEncoder | None = None, *,
-                 allow_encoder_mismatch: bool = False, bm25_weight: float = BM25_WEIGHT,
-                 rrf_c: float = RRF_C) -> None:
+    """Questions -> top-k passages over one index (any format) with its paired question encoder."""
+
+    def __init__(self, index: Index | str | Path, question_encoder: TextEncoder | None = None, *,
+                 allow_encoder_mismatch: bool = False, bm25_weight: float = vocab.BM25_WEIGHT,
+                 rrf_c: float = vocab.RRF_C) -> None:
         self.allow_encoder_mismatch = allow_encoder_mismatch
         self.bm25_weight, self.rrf_c = bm25_weight, rrf_c  # hybrid fusion (index/hybrid.py)
         index = open_index(index) if isinstance(index, str | Path) else index
@@ -59,15 +66,15 @@ class Retriever:
         self._swap_lock = threading.Lock()
 
     @property
-    def index(self) -> IndexDir:
+    def index(self) -> Index:
         return self._index
 
-    def _check(self, index: IndexDir) -> None:
+    def _check(self, index: Index) -> None:
         if index.dense is not None and self.encoder is not None:
             mf.check_question_encoder(index.manifest, self.encoder.dim, self.encoder.paired_with,
                                       self.encoder.name, self.allow_encoder_mismatch)
 
-    def swap(self, index: IndexDir | str | Path, question_encoder: TextEncoder | None = None) -> IndexDir:
+    def swap(self, index: Index | str | Path, question_encoder: TextEncoder | None = None) -> Index:
         """Make ``index`` the one in use, with ``question_encoder`` if given (an index re-encoded by a newly
         trained passage encoder comes with its own question encoder); returns the previous index. Fails
         (keeping the old pair) if the index does not match the question encoder."""
@@ -79,47 +86,46 @@ class Retriever:
             old, self._index, self.encoder = self._index, new, enc
         return old
 
-    def encode_questions(self, questions: list[str]) -> np.ndarray:
-        """q(x) for each question: float32 (B, dim)."""
-        if self.encoder is None:
-            raise RaglineError("this retriever has no question encoder", "open a dense index")
-        return self.encoder.encode(questions)
-
-    def doc_scores(self, question_vectors: torch.Tensor, rows: np.ndarray,
-                   index: IndexDir | None = None) -> torch.Tensor:
-        """Retrieval scores q(x)·d(z) for the passages ``rows`` (B, K), with d(z) read from the index's
-        stored embeddings, so the gradient reaches the question encoder: (B, d) -> (B, K)."""
-        index = index or self._index
+    def doc_scores(self, question_vectors: torch.Tensor, rows: np.ndarray, index: Index) -> torch.Tensor:
+        """Retrieval scores q(x)·d(z) for the passages ``rows`` (B, K), with d(z) read from ``index``'s stored
+        embeddings, so the gradient reaches the question encoder: (B, d) -> (B, K)."""
         if index.embeddings is None:
             raise RaglineError(f"index {index.name} has no passage embeddings", "use an index with a dense part")
         d = torch.from_numpy(np.asarray(index.embeddings[rows.reshape(-1)], dtype=np.float32))
         d = d.view(*rows.shape, -1)  # (B, K, d)
         return torch.einsum("bd,bkd->bk", question_vectors.float(), d)
 
-    def retrieve(self, questions: list[str], k: int = 10, mode: str = "dense",
-                 question_vectors: np.ndarray | None = None) -> Retrieved:
-        """Top-k rows and scores for each question, as arrays. Dense scores are q(x)·d(z); BM25 scores
-        are BM25; hybrid scores are reciprocal-rank-fusion scores. ``question_vectors`` (B, dim), if
-        given, are used as q(x) instead of encoding the questions."""
-        with self._swap_lock:  # one (index, encoder) pair for the whole call, whatever swap happens meanwhile
-            index, encoder = self._index, self.encoder
+    def snapshot(self) -> tuple[Index, TextEncoder | None]:
+        """The (index, question encoder) pair in use now; a swap never splits it."""
+        with self._swap_lock:
+            return self._index, self.encoder
+
+    def retrieve(self, questions: list[str], k: int = vocab.DEFAULT_K, mode: str = vocab.DEFAULT_MODE,
+                 question_vectors: np.ndarray | None = None, with_vectors: bool = False) -> Retrieved:
+        """Top-k rows and scores for each question, as arrays, with the q(x) used. Dense scores are q(x)·d(z);
+        BM25 scores are BM25; hybrid scores are reciprocal-rank-fusion scores. ``question_vectors`` (B, dim),
+        if given, are used as q(x) instead of encoding the questions; ``with_vectors`` encodes them for BM25
+        too (RAG's prior p(z|x) needs q(x) in every mode)."""
+        index, encoder = self.snapshot()  # one pair for the whole call, whatever swap happens meanwhile
         _validate(questions, k, mode, index)
-        if mode != "bm25" and question_vectors is None:
-            if encoder is None:
-                raise RaglineError("this retriever has no question encoder", "open a dense index")
+        wanted = mode != vocab.BM25 or with_vectors
+        if wanted and index.dense is not None and question_vectors is None and encoder is not None:
             question_vectors = encoder.encode(questions)  # (B, dim)
-        if mode == "dense":
+        if mode != vocab.BM25 and question_vectors is None:
+            raise RaglineError("this retriever has no question encoder", "open a dense index")
+        if mode == vocab.DENSE:
             scores, rows = index.dense.search(question_vectors, k)
-        elif mode == "bm25":
+        elif mode == vocab.BM25:
             scores, rows = index.bm25.search(questions, k)
         else:
-            depth = min(max(k, HYBRID_DEPTH), len(index))
+            depth = min(max(k, vocab.HYBRID_DEPTH), len(index))
             _, dense_rows = index.dense.search(question_vectors, depth)
             _, bm25_rows = index.bm25.search(questions, depth)
             scores, rows = rrf_fuse([dense_rows, bm25_rows], k, c=self.rrf_c, weights=(1.0, self.bm25_weight))
-        return Retrieved(rows=rows.astype(np.int64), scores=scores.astype(np.float32), index=index)
+        return Retrieved(rows=rows.astype(np.int64), scores=scores.astype(np.float32), index=index,
+                         question_vectors=question_vectors, encoder=encoder)
 
-    def search(self, questions: list[str], k: int = 10, mode: str = "dense") -> list[list[Hit]]:
+    def search(self, questions: list[str], k: int = 10, mode: str = vocab.DEFAULT_MODE) -> list[list[Hit]]:
         """Ranked hits (id, title, text, score) for each question."""
         res = self.retrieve(questions, k, mode)
         valid = res.rows[res.rows >= 0]
@@ -136,15 +142,7 @@ class Retriever:
         return out
 
 
-def open_index(path: str | Path) -> IndexDir:
-    """An index directory: a single index, or a sharded one (``ragline index --ray``) whose shards Ray actors
-    serve behind the same interface (:class:`ragline.scale.sharded.ShardedIndex`)."""
-    from ragline.scale.sharded import ShardedIndex, is_sharded
-
-    return ShardedIndex.open(path) if is_sharded(Path(path)) else IndexDir.open(path)  # type: ignore[return-value]
-
-
-def _load_question_encoder(index: IndexDir) -> TextEncoder:
+def _load_question_encoder(index: Index) -> TextEncoder:
     q = index.manifest["encoder"]["question"]
     try:
         return TextEncoder(q["source"], max_seq_length=q["max_seq_length"])
@@ -153,9 +151,9 @@ def _load_question_encoder(index: IndexDir) -> TextEncoder:
                            "pass --query-encoder with a compatible encoder") from None
 
 
-def _validate(questions: list[str], k: int, mode: str, index: IndexDir) -> None:
-    if mode not in MODES:
-        raise RaglineError(f"unknown retrieval mode {mode!r}", f"use one of {', '.join(MODES)}")
+def _validate(questions: list[str], k: int, mode: str, index: Index) -> None:
+    if mode not in vocab.MODES:
+        raise RaglineError(f"unknown retrieval mode {mode!r}", f"use one of {', '.join(vocab.MODES)}")
     if mode not in index.modes:
         raise RaglineError(f"index {index.name} cannot do {mode} retrieval (it has: {', '.join(index.modes)})",
                            "choose another --mode or rebuild the index with both dense and BM25 parts")

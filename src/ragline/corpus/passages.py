@@ -13,6 +13,8 @@ DEFAULT_WORDS = 100
 
 @dataclass(frozen=True)
 class Passage:
+    """A passage of at most N words of one document, with the document's title."""
+
     pid: str      # stable id: "<document id>#<chunk number>"
     doc_id: str
     title: str

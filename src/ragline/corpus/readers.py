@@ -22,6 +22,8 @@ TEXT_SUFFIXES = (".txt", ".md")
 
 @dataclass(frozen=True)
 class Document:
+    """One document of a corpus: its id, title and text."""
+
     id: str
     title: str
     text: str
@@ -29,6 +31,8 @@ class Document:
 
 @dataclass
 class ReadStats:
+    """What a corpus read did: documents read, malformed records skipped and the first problems."""
+
     documents: int = 0
     skipped: int = 0
     problems: list[str] = field(default_factory=list)  # first few skipped-record messages

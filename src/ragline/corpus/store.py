@@ -92,11 +92,14 @@ class PassageStore:
     def row_of(self, pid: str) -> int | None:
         """The row of passage ``pid``, or None (a pid -> row map is built on the first call)."""
         if self._rows is None:
-            self._rows = {p: i for i, p in enumerate(self.table.column("pid").to_pylist())}
+            self._rows = {p: i for i, p in enumerate(self.values("pid"))}
         return self._rows.get(pid)
 
-    def column(self, name: str, rows: Sequence[int] | np.ndarray) -> list[str]:
-        return self.table.column(name).take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
+    def values(self, column: str) -> list[str]:
+        """One column (``pid``, ``doc_id``, ``title`` or ``text``) for every row, in row order."""
+        if column not in SCHEMA.names:
+            raise KeyError(f"no column {column!r} in a passage store (it has {', '.join(SCHEMA.names)})")
+        return self.table.column(column).to_pylist()
 
     def text_chunks(self, batch_rows: int = 16384) -> Iterator[list[str]]:
         """Every passage as the encoders and BM25 see it (title and text), in chunks of ``batch_rows``."""

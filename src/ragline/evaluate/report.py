@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from ragline import atomic
+from ragline import atomic, vocab
 from ragline.errors import RaglineError
 
 SHOWN = ("em", "f1", "accuracy", "rouge_l", "bleu1", "r_precision", "recall@1", "recall@5", "recall@10",
@@ -17,9 +17,9 @@ CHARTED = ("em", "f1", "accuracy", "rouge_l", "bleu1", "r_precision", "kilt_em",
 
 def describe(config: dict) -> str:
     """A short label of a run's system: model, decoding, retrieval, k."""
-    if config["model"] == "closed-book":
-        return "closed-book"
-    decoding = config.get("decoding") or ("thorough" if config["model"] == "rag-sequence" else "beam")
+    if config["model"] == vocab.CLOSED_BOOK:
+        return vocab.CLOSED_BOOK
+    decoding = config.get("decoding") or vocab.default_decoding(config["model"])
     return f"{config['model']} {decoding}, {config['mode']} k={config['k']}"
 
 
@@ -79,7 +79,8 @@ def write_report(out: Path, report: dict) -> None:
 def load_report(run: Path) -> dict:
     path = Path(run) / "report.json"
     if not path.is_file():
-        raise RaglineError(f"{run} has no report.json", "finish the run first: rerun `ragline eval` with the same --out")
+        raise RaglineError(f"{run} has no report.json",
+                           "finish the run first: rerun `ragline eval` with the same --out")
     return json.loads(path.read_text())
 
 
@@ -103,3 +104,4 @@ def compare(runs: Sequence[Path], png: Path | None = None) -> str:
         atomic.write_bytes(png, _chart([f"{r['run']}: {describe(r['config'])}" for r in reports], reports,
                                        ", ".join(sorted(tasks))))
     return "\n".join(lines) + "\n" + note
+

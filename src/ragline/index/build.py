@@ -26,9 +26,9 @@ from ragline.corpus.passages import DEFAULT_WORDS, encoder_text, split_documents
 from ragline.corpus.readers import ReadStats, detect_format, read_corpus
 from ragline.corpus.store import PassageStore, PassageStoreWriter
 from ragline.errors import RaglineError
-from ragline.index import dense as dense_mod
+from ragline.index import dense_build
 from ragline.index import manifest as mf
-from ragline.index.directory import list_indexes
+from ragline.index.registry import list_indexes
 from ragline.index.sparse import BM25Index, BM25Stats
 from ragline.models.encoders import BiEncoder
 
@@ -37,6 +37,8 @@ STATE = "build-state.json"
 
 @dataclass
 class BuildOptions:
+    """Everything `ragline index` is asked to build: source, output, parts, encoders, resume chunks."""
+
     source: str
     out: Path
     fmt: str = "auto"
@@ -92,7 +94,7 @@ def prepare_build(opts: BuildOptions) -> tuple[Path, Path, str]:
     if not (opts.dense or opts.bm25):
         raise RaglineError("nothing to build: both dense and BM25 are off", "drop --no-dense or --no-bm25")
     if opts.dense:
-        dense_mod.factory_string(opts.index_type, 1000, 8)  # unknown types fail before any work
+        dense_build.factory_string(opts.index_type, 1000, 8)  # unknown types fail before any work
     fmt = detect_format(opts.source) if opts.fmt == "auto" else opts.fmt
     out.parent.mkdir(parents=True, exist_ok=True)
     return out, out.parent / f".{out.name}.building", fmt
@@ -119,9 +121,8 @@ def finish_index(opts: BuildOptions, work: Path, out: Path, manifest: dict, log:
                  bm25_stats: BM25Stats | None = None) -> None:
     """From a build directory holding the passages (and, for a dense index, all embeddings): build the FAISS
     and BM25 parts, write the manifest last and move the directory onto ``out`` in one step."""
-    n = manifest["corpus"]["passages"]
     if opts.dense:
-        manifest["dense"] = _build_dense(opts, work, n, manifest["encoder"]["dim"], log)
+        manifest["dense"] = _build_dense(opts, work, log)
     if opts.bm25:
         manifest["bm25"] = _build_bm25(work, log, bm25_stats)
     manifest["fingerprint"] = mf.index_fingerprint(manifest)
@@ -230,9 +231,9 @@ def _reuse_sibling_embeddings(opts: BuildOptions, corpus_fp: str, encoder_fp: st
     return False
 
 
-def _build_dense(opts: BuildOptions, work: Path, n: int, dim: int, log: Callable[[str], None]) -> dict:
+def _build_dense(opts: BuildOptions, work: Path, log: Callable[[str], None]) -> dict:
     emb = np.load(work / mf.EMBEDDINGS, mmap_mode="r")
-    index, rep = dense_mod.build(emb, opts.index_type, hnsw_m=opts.hnsw_m, target_recall=opts.target_recall)
+    index, rep = dense_build.build(emb, opts.index_type, hnsw_m=opts.hnsw_m, target_recall=opts.target_recall)
     tmp = work / (mf.DENSE + ".new")
     index.save(tmp)
     os.replace(tmp, work / mf.DENSE)

@@ -1,4 +1,5 @@
-"""Open a complete index directory and check that its parts agree with the manifest."""
+"""A single index directory (format ``ragline-index``), opened and checked against its manifest; implements
+:class:`ragline.index.protocol.Index`."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from ragline.corpus.store import PassageStore
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
 from ragline.index.dense import DenseIndex
+from ragline.index.protocol import search_modes
 from ragline.index.sparse import BM25Index
 
 
 @dataclass
 class IndexDir:
+    """A complete single index: passage store, embeddings, FAISS and BM25 parts (see :mod:`.manifest`)."""
+
     path: Path
     manifest: dict[str, Any]
     store: PassageStore
@@ -67,28 +71,6 @@ class IndexDir:
         return len(self.store)
 
 
-def search_modes(dense: object | None, bm25: object | None) -> tuple[str, ...]:
-    """The retrieval modes an index with these parts can serve."""
-    return tuple(m for m, ok in (("dense", dense), ("bm25", bm25), ("hybrid", dense and bm25)) if ok)
-
-
 def _corrupt(path: Path, what: str) -> RaglineError:
     return RaglineError(f"index {path} is damaged: {what}", f"rebuild it with `ragline index --out {path} --force`")
 
-
-def list_indexes(root: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """Complete index directories, single or sharded, directly under ``root`` (hidden build directories are
-    skipped)."""
-    from ragline.scale.sharded import is_sharded, read_sharded_manifest
-
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    out = []
-    for p in sorted(root.iterdir()):
-        if p.is_dir() and not p.name.startswith(".") and mf.is_index_dir(p):
-            try:
-                out.append((p, read_sharded_manifest(p) if is_sharded(p) else mf.read_manifest(p)))
-            except RaglineError:
-                continue
-    return out

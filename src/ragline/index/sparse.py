@@ -31,6 +31,7 @@ import Stemmer
 from bm25s.tokenization import Tokenizer
 
 from ragline.errors import RaglineError
+from ragline.index.topk import top_k
 
 PARAMS_FILE = "ragline_bm25.json"
 
@@ -94,6 +95,8 @@ class _CorpusStatsBM25(bm25s.BM25):
 
 
 class BM25Index:
+    """A BM25 index over the passages (bm25s, stemmed, English stop words): build, load, search."""
+
     def __init__(self, retriever: bm25s.BM25, tokenizer: Tokenizer, params: dict) -> None:
         self.retriever, self.tokenizer, self.params = retriever, tokenizer, params
 
@@ -146,8 +149,7 @@ class BM25Index:
             if not terms:
                 continue
             s = self.retriever.get_scores(terms)  # (n,)
-            top = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
-            top = top[np.lexsort((top, -s[top]))]  # by score, then row
+            top = top_k(s, k)
             top = top[s[top] > 0]  # passages sharing no term are not hits
             rows[b, : len(top)], scores[b, : len(top)] = top, s[top]
         return scores, rows

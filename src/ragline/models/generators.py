@@ -25,7 +25,8 @@ import torch
 
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
-from ragline.models.catalog import DEFAULT_GENERATOR, generator_path
+from ragline.models.catalog import generator_path
+from ragline.vocab import DEFAULT_GENERATOR
 
 SYSTEM_PROMPT = "Answer the question using the passage. Reply with the answer only, as briefly as possible."
 CLOSED_BOOK_SYSTEM_PROMPT = "Answer the question. Reply with the answer only, as briefly as possible."
@@ -43,12 +44,16 @@ class DecodeState:
 
 @dataclass
 class Scored:
+    """Per-passage token log-probabilities of target answers (what the RAG likelihoods marginalise)."""
+
     logprobs: torch.Tensor  # (B, K, T, V) log p_theta(y_t = v | x, z_k, y_<t)
     target: torch.Tensor    # (B, T) target token ids (pad_id where mask is False)
     mask: torch.Tensor      # (B, T) bool: real target positions
 
 
 class Generator(ABC):
+    """A generator back end (causal or seq2seq): prompts, scoring, prefill and cached steps."""
+
     model: torch.nn.Module
     tokenizer: object
     name: str

@@ -41,6 +41,8 @@ OnStep = Callable[[list[list[int]]], None]  # after each step: the best running 
 
 @dataclass
 class Hypothesis:
+    """A finished (or best unfinished) beam: its tokens, log-probability and ranking score."""
+
     tokens: list[int]   # generated tokens, ending with the stop token if the answer finished
     logprob: float      # sum of the step log-probabilities (RAG-Token: marginal; RAG-Sequence: p_theta)
     score: float        # logprob / len ** length_penalty (the beam's ranking score)
@@ -229,6 +231,8 @@ def stop_ids(generator: Generator) -> list[int]:
 
 @dataclass
 class Decoded:
+    """A question's decoded answer with its log p(y|x), RAG-Sequence's per-passage scores and n-best."""
+
     tokens: list[int]
     logprob: float                  # log p(y|x) under the model's own marginal
     seq_logprobs: torch.Tensor | None = None  # (K,) RAG-Sequence: log p_theta(y|x,z_k) (-inf: not scored, fast)

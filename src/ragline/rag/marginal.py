@@ -53,6 +53,8 @@ def token_posterior(doc_logprobs: torch.Tensor, token_logprobs: torch.Tensor) ->
 
 @dataclass
 class Likelihood:
+    """The marginal likelihood of a batch of answers, its loss and the passage posteriors."""
+
     loglik: torch.Tensor     # (B,) log p(y|x)
     loss: torch.Tensor       # (B,) label-smoothed negative log-likelihood (= -loglik when eps = 0)
     posterior: torch.Tensor  # (B, K) p(z|x,y) for RAG-Sequence; for RAG-Token the mean over tokens

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ragline import vocab
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.models.generators import Generator
@@ -20,15 +21,14 @@ from ragline.rag import marginal
 from ragline.rag.decoding import Decoded, rag_sequence_decode, rag_token_decode, stop_ids
 from ragline.retriever import Retriever
 
-MODELS = ("rag-sequence", "rag-token", "closed-book")
-DECODINGS = {"rag-sequence": ("thorough", "fast"), "rag-token": ("beam", "greedy"),
-             "closed-book": ("beam", "greedy")}
-
 
 @dataclass
 class Source:
+    """A passage an answer read: its retrieval score, prior p_eta(z|x) and posterior p(z|x,y)."""
+
     rank: int
     pid: str
+    doc_id: str
     title: str
     text: str
     score: float      # q(x)·d(z)
@@ -38,6 +38,8 @@ class Source:
 
 @dataclass
 class Answer:
+    """A decoded answer with its log-probability, sources and (RAG-Token) per-token passage posteriors."""
+
     question: str
     text: str
     logprob: float                     # log p(y|x) under the model used
@@ -52,18 +54,17 @@ class Answer:
         return asdict(self)
 
 
-PRIOR_SCALE = 20.0
-
-
 class RagModel:
-    """``prior_scale`` s sets p_eta(z|x) = softmax_k(s · q(x)·d(z)). DPR's unnormalised inner products need
+    """Retriever + generator: answers (:meth:`answer`) and the training likelihood (:meth:`likelihood`).
+
+    ``prior_scale`` s sets p_eta(z|x) = softmax_k(s · q(x)·d(z)). DPR's unnormalised inner products need
     s = 1 (the paper); all-MiniLM-L6-v2 gives cosines in [-1, 1] and was trained contrastively with scale 20,
     so softmax(20 · cos) is its own distribution over passages, while s = 1 leaves the prior nearly uniform
     over the top k (0.18-0.28 for five passages in practice) and lets unrelated passages vote as much as
     the right one."""
 
-    def __init__(self, retriever: Retriever | None, generator: Generator, k: int = 5, mode: str = "dense",
-                 prior_scale: float = PRIOR_SCALE) -> None:
+    def __init__(self, retriever: Retriever | None, generator: Generator, k: int = vocab.DEFAULT_K,
+                 mode: str = vocab.DEFAULT_MODE, prior_scale: float = vocab.DEFAULT_PRIOR_SCALE) -> None:
         self.retriever, self.generator, self.k, self.mode = retriever, generator, k, mode
         self.prior_scale = prior_scale
 
@@ -73,45 +74,47 @@ class RagModel:
         scores are recomputed from the stored d(z) with gradient to the question encoder."""
         if self.retriever is None:
             raise RaglineError("this model has no retriever", "open it with an index, or use --model closed-book")
-        res = self.retriever.retrieve(list(questions), k=k, mode=self.mode)
+        res = self.retriever.retrieve(list(questions), k=k, mode=self.mode, with_vectors=True)
         if (res.rows < 0).any():
             raise RaglineError(f"fewer than k={k} passages matched a question ({self.mode} retrieval)",
                                "use dense or hybrid retrieval, or a smaller -k")
         flat = res.index.store.get(res.rows.reshape(-1))  # one fetch for the batch: (B * K) passages
         passages = [flat[b * k : (b + 1) * k] for b in range(len(res.rows))]
-        if res.index.embeddings is None:  # BM25-only index: no q(x)·d(z); a uniform prior
+        if res.question_vectors is None:  # BM25-only index: no q(x)·d(z); a uniform prior
             return passages, torch.zeros(res.rows.shape)
-        enc = self.retriever.encoder
-        q = enc.embed(list(questions)) if grad else torch.from_numpy(self.retriever.encode_questions(list(questions)))
+        # q(x) from the encoder that searched (same snapshot as the index); recomputed only for its gradient
+        q = res.encoder.embed(list(questions)) if grad else torch.from_numpy(res.question_vectors)
         return passages, self.retriever.doc_scores(q, res.rows, res.index)
 
-    def likelihood(self, questions: Sequence[str], answers: Sequence[str], model: str = "rag-sequence",
+    def likelihood(self, questions: Sequence[str], answers: Sequence[str], model: str = vocab.RAG_SEQUENCE,
                    k: int | None = None, eps: float = 0.0) -> marginal.Likelihood:
         """Marginal likelihood of ``answers`` with gradient to the generator and the question encoder."""
-        _check_model(model, None)
-        if model == "closed-book":
+        vocab.check(model, None)
+        if model == vocab.CLOSED_BOOK:
             passages, scores = [[None]] * len(questions), torch.zeros(len(questions), 1)
         else:
             passages, scores = self.retrieve(questions, k or self.k, grad=True)
         s = self.generator.score(questions, passages, answers)
-        fn = marginal.rag_token if model == "rag-token" else marginal.rag_sequence
+        fn = marginal.rag_token if model == vocab.RAG_TOKEN else marginal.rag_sequence
         return fn(s.logprobs, marginal.doc_log_probs(self.prior_scale * scores), s.target, s.mask, eps=eps)
 
     @torch.no_grad()
-    def answer(self, questions: Sequence[str], model: str = "rag-sequence", decoding: str | None = None,
-               k: int | None = None, beams: int = 4, max_new_tokens: int = 32,
-               length_penalty: float = 1.0, n_best: int = 1,
+    def answer(self, questions: Sequence[str], model: str = vocab.DEFAULT_MODEL, decoding: str | None = None,
+               k: int | None = None, beams: int = vocab.DEFAULT_BEAMS,
+               max_new_tokens: int = vocab.DEFAULT_MAX_NEW_TOKENS,
+               length_penalty: float = vocab.DEFAULT_LENGTH_PENALTY, n_best: int = 1,
                on_step: Callable[[list[str]], None] | None = None,
                on_passages: Callable[[list[list[Source]]], None] | None = None) -> list[Answer]:
         """Decode an answer per question. ``length_penalty`` ranks finished beams by
-        log p / len ** length_penalty (1.0, HF's default, favours longer answers; 0.0 ranks by log p).
+        log p / len ** length_penalty (0.0, the default, ranks by log p; 1.0, HF's default, favours longer
+        answers).
         ``on_passages`` receives each question's retrieved passages with their prior (posterior None) before
         decoding starts; ``on_step`` each question's best answer text so far after every decoding step."""
-        _check_model(model, None)
-        decoding = decoding or DECODINGS[model][0]
-        _check_model(model, decoding)
+        vocab.check(model, None)
+        decoding = decoding or vocab.default_decoding(model)
+        vocab.check(model, decoding)
         k = k or self.k
-        if model == "closed-book":
+        if model == vocab.CLOSED_BOOK:
             passages, scores = [[None] for _ in questions], torch.zeros(len(questions), 1)
         else:
             passages, scores = self.retrieve(questions, k)
@@ -119,13 +122,13 @@ class RagModel:
         if on_passages is not None:
             on_passages([_sources(zs, scores[b], doc[b]) for b, zs in enumerate(passages)])
         texts = None if on_step is None else (lambda best: on_step([self._text(t) for t in best]))
-        if model == "rag-sequence":
+        if model == vocab.RAG_SEQUENCE:
             decoded = rag_sequence_decode(self.generator, questions, passages, doc, beams=beams,
-                                          max_new_tokens=max_new_tokens, thorough=decoding == "thorough",
+                                          max_new_tokens=max_new_tokens, thorough=decoding == vocab.THOROUGH,
                                           length_penalty=length_penalty, n_best=n_best, on_step=texts)
         else:
             decoded = rag_token_decode(self.generator, questions, passages, doc,
-                                       beams=1 if decoding == "greedy" else beams, max_new_tokens=max_new_tokens,
+                                       beams=1 if decoding == vocab.GREEDY else beams, max_new_tokens=max_new_tokens,
                                        length_penalty=length_penalty, n_best=n_best, on_step=texts)
         return [self._explain(q, d, zs, scores[b], doc[b], model, decoding)
                 for b, (q, d, zs) in enumerate(zip(questions, decoded, passages, strict=True))]
@@ -140,7 +143,7 @@ class RagModel:
                      alternatives=[(self._text(t), lp) for t, lp in d.alternatives])
         if passages[0] is None:
             return ans
-        if model == "rag-sequence":
+        if model == vocab.RAG_SEQUENCE:
             posterior = marginal.sequence_posterior(doc[None], d.seq_logprobs[None])[0]
         else:  # RAG-Token: p(z | x, y_<t, y_t) per token, and its mean over the answer's tokens
             lp, _, _ = self.generator.target_logprobs([question], [passages], [d.tokens])  # (1, K, T)
@@ -159,13 +162,6 @@ def _sources(passages: list[Passage | None], scores: torch.Tensor, doc: torch.Te
     if passages[0] is None:  # closed book
         return []
     prior = doc.exp()
-    return [Source(i + 1, z.pid, z.title, z.text, float(scores[i]), float(prior[i]),
+    return [Source(i + 1, z.pid, z.doc_id, z.title, z.text, float(scores[i]), float(prior[i]),
                    None if posterior is None else float(posterior[i])) for i, z in enumerate(passages)]
-
-
-def _check_model(model: str, decoding: str | None) -> None:
-    if model not in MODELS:
-        raise RaglineError(f"unknown model {model!r}", f"use one of {', '.join(MODELS)}")
-    if decoding is not None and decoding not in DECODINGS[model]:
-        raise RaglineError(f"{model} has no {decoding!r} decoding", f"use --decoding {' or '.join(DECODINGS[model])}")
 

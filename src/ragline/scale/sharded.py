@@ -1,4 +1,4 @@
-"""A sharded index served by Ray actors, with the interface of a single :class:`~ragline.index.directory.IndexDir`.
+"""A sharded index served by Ray actors; implements :class:`ragline.index.protocol.Index`.
 
 Layout (written by :mod:`ragline.scale.build`)::
 
@@ -16,6 +16,9 @@ and BM25 rankings as it does for one index.
 Faults: actors restart when their process dies (``max_restarts``) and Ray retries the call in flight
 (``max_task_retries``). A shard that is missing on disk, or whose actor cannot come back, is an error naming
 the shard; a query never answers from a smaller corpus.
+
+The format registers with :mod:`ragline.index.registry` through the ``ragline.index_formats`` entry point
+(:data:`INDEX_FORMAT`), so every command that opens an index opens a sharded one too.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ import numpy as np
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
-from ragline.index.directory import IndexDir, search_modes
+from ragline.index.directory import IndexDir
+from ragline.index.protocol import search_modes
+from ragline.index.registry import IndexFormat
+from ragline.index.topk import merge_top_k
 from ragline.scale.cluster import connect
-from ragline.scale.merge import merge_top_k
 
 FORMAT = "ragline-sharded-index"
 FORMAT_VERSION = 1
@@ -42,13 +47,6 @@ RESTARTS = 4  # actor restarts (and retries of the call in flight) before a shar
 
 def shard_name(i: int) -> str:
     return f"shard-{i:04d}"
-
-
-def is_sharded(path: Path) -> bool:
-    try:
-        return json.loads((Path(path) / mf.MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
-        return False
 
 
 def read_sharded_manifest(path: Path) -> dict[str, Any]:
@@ -97,13 +95,16 @@ class ShardServer:
     def embeddings(self, rows: np.ndarray) -> np.ndarray:
         return np.asarray(self.index.embeddings[np.asarray(rows) - self.offset], dtype=np.float32)
 
+    def values(self, column: str) -> list[str]:
+        return self.index.store.values(column)
+
     def find(self, pid: str) -> int:
         row = self.index.store.row_of(pid)
         return -1 if row is None else row + self.offset
 
 
 class ShardedIndex:
-    """A sharded index opened on Ray; quacks like :class:`~ragline.index.directory.IndexDir`."""
+    """A sharded index opened on Ray: the :class:`~ragline.index.protocol.Index` of the whole corpus."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], actors: list) -> None:
         self.path, self.manifest, self.actors = path, manifest, actors
@@ -126,8 +127,13 @@ class ShardedIndex:
         index.call("pid", [()] * len(actors))  # every shard opened, or a clear error now
         return index
 
-    fingerprint = IndexDir.fingerprint
-    name = IndexDir.name
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
 
     def __len__(self) -> int:
         return int(self.manifest["corpus"]["passages"])
@@ -211,6 +217,10 @@ class ShardedStore:
         found = [r for r in self.index.call("find", [(pid,)] * len(self.index.actors)) if r >= 0]
         return found[0] if found else None
 
+    def values(self, column: str) -> list[str]:
+        """One column for every row: the shards' columns in shard (= row) order."""
+        return [v for part in self.index.call("values", [(column,)] * len(self.index.actors)) for v in part]
+
 
 class ShardedEmbeddings:
     """d(z) by global row (``embeddings[rows]``), fetched from the shards: what RAG needs for p_eta(z|x)."""
@@ -229,3 +239,6 @@ class ShardedEmbeddings:
         for pos, vecs in self.index.fetch("embeddings", flat):
             out[pos] = vecs
         return out.reshape(*rows.shape, -1)
+
+
+INDEX_FORMAT = IndexFormat(FORMAT, read_sharded_manifest, ShardedIndex.open)

@@ -9,6 +9,7 @@
     GET  /indexes          the index directories beside the active one
     POST /indexes/active   hot-swap to another index: requests in flight finish on the old one
     GET  /health           status, active index, generator, questions and batches decoded so far
+    GET  /vocabulary       models, decodings, retrieval modes and defaults (read by the page)
     GET  /                 the web page: question box, streamed answer, ranked passages with their weights,
                            RAG-Token answer tokens coloured by the passage that produced them (no CDN)
 
@@ -30,10 +31,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
+from ragline import vocab
 from ragline.errors import RaglineError
-from ragline.index.directory import list_indexes
-from ragline.rag.model import DECODINGS, RagModel
-from ragline.retriever import open_index
+from ragline.index.registry import list_indexes, open_index
+from ragline.rag.model import RagModel
 from ragline.serve.worker import ModelWorker, Settings
 
 MAX_QUESTION_CHARS = 1000
@@ -42,9 +43,11 @@ MAX_NEW_TOKENS = 128
 
 
 class Question(BaseModel):
+    """A question to search for (``POST /search``)."""
+
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
-    k: int = Field(5, ge=1, le=MAX_K)
-    mode: Literal["dense", "bm25", "hybrid"] = "dense"
+    k: int = Field(vocab.DEFAULT_K, ge=1, le=MAX_K)
+    mode: Literal[vocab.MODES] = vocab.DEFAULT_MODE  # type: ignore[valid-type]
 
     @field_validator("question")
     @classmethod
@@ -55,25 +58,27 @@ class Question(BaseModel):
 
 
 class AskRequest(Question):
-    model: Literal["rag-sequence", "rag-token", "closed-book"] = "rag-sequence"
-    decoding: Literal["thorough", "fast", "beam", "greedy"] | None = None
-    beams: int = Field(4, ge=1, le=8)
-    max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS)
+    """A question to answer (``POST /ask``, ``POST /ask/stream``) with the reader and decoding settings."""
+
+    model: Literal[vocab.MODELS] = vocab.DEFAULT_MODEL  # type: ignore[valid-type]
+    decoding: Literal[vocab.ALL_DECODINGS] | None = None  # type: ignore[valid-type]
+    beams: int = Field(vocab.DEFAULT_BEAMS, ge=1, le=8)
+    max_new_tokens: int = Field(vocab.DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
 
     def settings(self) -> Settings:
-        if self.decoding is not None and self.decoding not in DECODINGS[self.model]:
-            raise RaglineError(f"{self.model} has no {self.decoding!r} decoding",
-                               f"use decoding {' or '.join(DECODINGS[self.model])}")
-        return Settings(self.model, self.decoding, 1 if self.model == "closed-book" else self.k, self.mode,
+        vocab.check(self.model, self.decoding)
+        return Settings(self.model, self.decoding, 1 if self.model == vocab.CLOSED_BOOK else self.k, self.mode,
                         self.beams, self.max_new_tokens)
 
 
 class SwapRequest(BaseModel):
+    """The index to make active (``POST /indexes/active``), by name under the server's index folder."""
+
     name: str = Field(min_length=1)
 
 
 class NotFound(RaglineError):
-    pass
+    """A request for an index or passage that does not exist (404)."""
 
 
 def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8) -> FastAPI:
@@ -94,7 +99,8 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}"
+                             for err in e.errors())
         return JSONResponse({"error": problems, "fix": "see the request schema at /docs"}, status_code=422)
 
     page = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
@@ -102,6 +108,11 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index_page() -> str:
         return page
+
+    @app.get("/vocabulary")
+    def vocabulary() -> dict:
+        """Models, decodings, retrieval modes and defaults: what the page's controls offer."""
+        return vocab.as_dict()
 
     @app.get("/health")
     def health() -> dict:

@@ -24,6 +24,8 @@ from ragline.rag.model import RagModel, Source
 
 @dataclass(frozen=True)
 class Settings:
+    """What a request asks of the model; requests with equal settings can share a batch."""
+
     model: str
     decoding: str | None
     k: int
@@ -34,6 +36,8 @@ class Settings:
 
 @dataclass
 class Job:
+    """One queued question, the future its answer goes to, and its streaming callbacks."""
+
     question: str
     settings: Settings
     future: Future = field(default_factory=Future)
@@ -42,10 +46,11 @@ class Job:
 
 
 class ModelWorker:
+    """The thread that owns the model: takes jobs from the queue, batches them, answers them."""
+
     def __init__(self, rag: RagModel, max_batch: int = 8, window: float = 0.01) -> None:
         self.rag, self.max_batch, self.window = rag, max_batch, window
         self.queue: queue.Queue[Job] = queue.Queue()
-        self.batches: deque[int] = deque(maxlen=4096)  # sizes of the latest batches (tests, /health)
         self.batch_count = self.question_count = 0  # since the start
         self._pending: deque[Job] = deque()
         self._thread = threading.Thread(target=self._loop, name="ragline-model", daemon=True)
@@ -83,7 +88,6 @@ class ModelWorker:
 
     def _run(self, batch: list[Job]) -> None:
         s = batch[0].settings
-        self.batches.append(len(batch))
         self.batch_count += 1
         self.question_count += len(batch)
         streams = [j for j in batch if j.on_step is not None]
@@ -102,7 +106,7 @@ class ModelWorker:
         try:
             answers: list[Any] = self.rag.answer(
                 [j.question for j in batch], model=s.model, decoding=s.decoding, k=s.k, beams=s.beams,
-                max_new_tokens=s.max_new_tokens, length_penalty=0.0,
+                max_new_tokens=s.max_new_tokens,
                 on_step=on_step if streams else None, on_passages=on_passages if streams else None)
         except Exception as e:  # noqa: BLE001 - every waiting request gets the error
             for j in batch:

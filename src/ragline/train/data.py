@@ -16,12 +16,14 @@ from pathlib import Path
 
 from ragline import atomic
 from ragline.errors import RaglineError
-from ragline.evaluate.datasets import load_fanoutqa
-from ragline.evaluate.tasks import detect_format, load_task
+from ragline.questions import detect_format, load_fanoutqa, load_task
+from ragline.questions.fanoutqa import DEV
 
 
 @dataclass(frozen=True)
 class Example:
+    """One training example: a question, its gold answers and its positive pages (titles or passage ids)."""
+
     id: str
     question: str
     answers: tuple[str, ...]
@@ -35,7 +37,7 @@ class Example:
 
 def read_examples(spec: str, skip_bad: bool = False) -> list[Example]:
     """Examples of a training file (JSONL or KILT) or of ``fanoutqa-dev``."""
-    if spec == "fanoutqa-dev":
+    if spec == DEV:
         return [Example(q.id, q.question, q.answers, q.gold_titles) for q in load_fanoutqa("dev")]
     if spec.startswith("fanoutqa-"):
         raise RaglineError(f"{spec} cannot be trained on", "train on fanoutqa-dev; the held-out half is for final "

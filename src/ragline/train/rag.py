@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ragline import vocab
 from ragline.errors import RaglineError
 from ragline.models.encoders import TextEncoder
 from ragline.models.generators import Generator
@@ -34,11 +35,16 @@ from ragline.train.run import RunDir, seed_everything
 GENERATOR_TRAINING = ("full", "lora", "frozen")
 
 
+TRAINING_MODE = vocab.DENSE  # p_eta(z|x) needs q(x)·d(z) of the passages trained on
+
+
 @dataclass
 class RagTrainConfig(LoopConfig):
-    generator: str = "smollm2"
-    model: str = "rag-sequence"         # rag-sequence | rag-token
-    k: int = 5
+    """The settings of a `ragline train rag` run (the shared loop's settings included)."""
+
+    generator: str = vocab.TRAINING_GENERATOR
+    model: str = vocab.DEFAULT_MODEL    # one of vocab.RAG_MODELS
+    k: int = vocab.DEFAULT_K
     generator_training: str = "full"    # full | lora | frozen
     lora_r: int = 8
     lora_alpha: int = 16
@@ -47,12 +53,12 @@ class RagTrainConfig(LoopConfig):
     question_encoder_lr: float = 1e-5
     precision: str = "fp32"             # fp32 | bf16 (autocast, where the CPU has bf16 instructions)
     label_smoothing: float = 0.0
-    prior_scale: float = 20.0
+    prior_scale: float = vocab.DEFAULT_PRIOR_SCALE
 
 
 def check_config(cfg: RagTrainConfig) -> None:
-    if cfg.model not in ("rag-sequence", "rag-token"):
-        raise RaglineError(f"cannot train model {cfg.model!r}", "use --model rag-sequence or rag-token")
+    if cfg.model not in vocab.RAG_MODELS:
+        raise RaglineError(f"cannot train model {cfg.model!r}", f"use --model {' or '.join(vocab.RAG_MODELS)}")
     if cfg.generator_training not in GENERATOR_TRAINING:
         raise RaglineError(f"unknown generator training {cfg.generator_training!r}",
                            f"use one of {', '.join(GENERATOR_TRAINING)}")
@@ -97,7 +103,7 @@ class RagTrainer(Trainer):
 
     def __init__(self, cfg: RagTrainConfig, out: Path, generator: Generator | None = None,
                  question_encoder: TextEncoder | None = None, progress: bool = True,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, skip_bad: bool = False) -> None:
         from ragline import paths
         from ragline.models.generators import CausalGenerator
         from ragline.rag.model import RagModel
@@ -105,7 +111,7 @@ class RagTrainer(Trainer):
 
         check_config(cfg)
         self.cfg, self.progress, self.log = cfg, progress, log
-        self.examples = read_examples(cfg.train)
+        self.examples = read_examples(cfg.train, skip_bad)
         self.train_set, self.val_set = split_validation(self.examples, cfg.val_fraction)
         self.val_set = self.val_set[: cfg.val_limit]
         self.run = RunDir(out)
@@ -122,7 +128,7 @@ class RagTrainer(Trainer):
         enc.model.eval()
         for p in enc.model.parameters():
             p.requires_grad_(cfg.train_question_encoder)
-        self.rag = RagModel(retriever, gen, k=cfg.k, mode="dense", prior_scale=cfg.prior_scale)
+        self.rag = RagModel(retriever, gen, k=cfg.k, mode=TRAINING_MODE, prior_scale=cfg.prior_scale)
         self.gen, self.enc = gen, enc
         self.parts = {"generator": (gen.model, cfg.lr), "question_encoder": (enc.model, cfg.question_encoder_lr)}
         self.setup_optimiser({"generator": gen.name, "generator_training": cfg.generator_training,
@@ -159,7 +165,7 @@ class RagTrainer(Trainer):
             if self.cfg.train_question_encoder:
                 self.enc.save(tmp / "question_encoder", paired_with=self.passage_fingerprint)
             return {"generator": "generator", "model": self.cfg.model, "k": self.cfg.k,
-                    "prior_scale": self.cfg.prior_scale, "index": self.cfg.index,
+                    "prior_scale": self.cfg.prior_scale, "index": self.cfg.index, "mode": TRAINING_MODE,
                     "question_encoder": "question_encoder" if self.cfg.train_question_encoder else None}
         return self.run.write_final(fill)
 

@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ragline import atomic
+from ragline import atomic, vocab
 from ragline.corpus.passages import encoder_text
 from ragline.errors import RaglineError
-from ragline.index.directory import IndexDir
+from ragline.index.protocol import Index, all_embeddings
+from ragline.index.registry import open_index
 from ragline.models.encoders import TextEncoder
 from ragline.train.data import Example, read_examples, split_validation
 from ragline.train.loop import LoopConfig, Trainer
@@ -34,17 +35,21 @@ from ragline.train.run import RunDir, seed_everything
 
 @dataclass
 class RetrieverTrainConfig(LoopConfig):
+    """The settings of a `ragline train retriever` run (the shared loop's settings included)."""
+
     batch_size: int = 16
     val_limit: int | None = 256
     train_passage_encoder: bool = False
     hard_negatives: int = 1
-    scale: float = 20.0
+    scale: float = vocab.DEFAULT_PRIOR_SCALE  # s in softmax(s q·d), as p_eta(z|x) is scaled
     lr: float = 2e-5
     new_index: str | None = None       # with a trained passage encoder: where the re-encoded index goes
 
 
 @dataclass(frozen=True)
 class Pair:
+    """A training question with its positive passage and hard negatives, as store rows."""
+
     id: str
     question: str
     positive: int                      # store row of the positive passage
@@ -52,13 +57,13 @@ class Pair:
     negatives: tuple[int, ...]         # BM25 hard negatives
 
 
-def resolve_pairs(examples: list[Example], index: IndexDir, hard_negatives: int) -> tuple[list[Pair], int]:
+def resolve_pairs(examples: list[Example], index: Index, hard_negatives: int) -> tuple[list[Pair], int]:
     """Pairs of the examples whose positive (page title or passage id) is in ``index``; and how many had none."""
     if index.bm25 is None and hard_negatives:
         raise RaglineError(f"index {index.name} has no BM25 part for hard negatives",
                            "use an index with BM25, or --hard-negatives 0")
-    titles = index.store.table.column("title").to_pylist()
-    pids = {pid: row for row, pid in enumerate(index.store.table.column("pid").to_pylist())}
+    titles = index.store.values("title")
+    pids = {pid: row for row, pid in enumerate(index.store.values("pid"))}
     rows_of: dict[str, list[int]] = {}
     for row, t in enumerate(titles):
         rows_of.setdefault(t, []).append(row)
@@ -80,25 +85,28 @@ def resolve_pairs(examples: list[Example], index: IndexDir, hard_negatives: int)
     return pairs, missing
 
 
-def recall_at(encoder: TextEncoder, index: IndexDir, pairs: list[Pair], ks: tuple[int, ...] = (1, 5, 20),
+def recall_at(encoder: TextEncoder, index: Index, pairs: list[Pair], ks: tuple[int, ...] = (1, 5, 20),
               passage_vectors: np.ndarray | None = None) -> dict[str, float]:
     """Page-level recall@k of the pairs' positive pages by exact search with ``encoder`` over the index's
     passage vectors (or ``passage_vectors``)."""
     if not pairs:
         return {}
-    emb = np.asarray(index.embeddings if passage_vectors is None else passage_vectors, dtype=np.float32)
+    emb = all_embeddings(index) if passage_vectors is None else np.asarray(passage_vectors, dtype=np.float32)
     q = encoder.encode([p.question for p in pairs])
     top = np.argsort(-(q @ emb.T), axis=1)[:, : max(ks)]
-    titles = index.store.table.column("title").to_pylist()
+    titles = index.store.values("title")
     out = {}
     for k in ks:
-        out[f"recall@{k}"] = float(np.mean([any(titles[r] in p.pages for r in top[i, :k]) for i, p in enumerate(pairs)]))
+        found = [any(titles[r] in p.pages for r in top[i, :k]) for i, p in enumerate(pairs)]
+        out[f"recall@{k}"] = float(np.mean(found))
     return out
 
 
 class RetrieverTrainer(Trainer):
+    """One DPR training run: ``run_training()`` trains (or resumes) to ``cfg.steps`` and exports the encoders."""
+
     def __init__(self, cfg: RetrieverTrainConfig, out: Path, progress: bool = True,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, skip_bad: bool = False) -> None:
         from ragline import paths
 
         cfg.check()
@@ -106,10 +114,10 @@ class RetrieverTrainer(Trainer):
             raise RaglineError("a batch of 1 without hard negatives has no negative passage",
                                "use --batch-size 2 or more, or --hard-negatives 1 or more")
         self.cfg, self.progress, self.log = cfg, progress, log
-        self.index = IndexDir.open(cfg.index or paths.default_index_dir())
+        self.index = open_index(cfg.index or paths.default_index_dir())
         if self.index.embeddings is None:
             raise RaglineError(f"index {self.index.name} has no dense part", "train against a dense or hybrid index")
-        examples = read_examples(cfg.train)
+        examples = read_examples(cfg.train, skip_bad)
         pairs, missing = resolve_pairs(examples, self.index, cfg.hard_negatives)
         if not pairs:
             raise RaglineError(f"no training example has a positive page or passage in index {self.index.name}",
@@ -195,11 +203,13 @@ class RetrieverTrainer(Trainer):
             m = self.index.manifest
             new = Path(self.cfg.new_index) if self.cfg.new_index else self.run.path / "index"
             opts = BuildOptions(source=m["corpus"]["source"], out=new, fmt=m["corpus"]["format"],
-                                encoder=str(final / "passage_encoder"), question_encoder=str(final / "question_encoder"),
+                                encoder=str(final / "passage_encoder"),
+                                question_encoder=str(final / "question_encoder"),
                                 passage_words=m["corpus"]["passage_words"], limit=m["corpus"]["limit"],
                                 index_type=(m.get("dense") or {}).get("type", "flat"), force=True,
                                 progress=self.progress)
-            encoders = BiEncoder(TextEncoder(str(final / "question_encoder")), TextEncoder(str(final / "passage_encoder")))
+            encoders = BiEncoder(TextEncoder(str(final / "question_encoder")),
+                                 TextEncoder(str(final / "passage_encoder")))
             build_index(opts, encoders=encoders, log=self.log)
             info["new_index"] = str(new)
             atomic.write_json(final / "run.json", info)

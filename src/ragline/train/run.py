@@ -34,6 +34,8 @@ KEEP = 2
 
 
 class RunDir:
+    """A training run directory: config, atomic checkpoints (the last two kept), metrics, final models."""
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.ckpt_dir = self.path / "checkpoints"

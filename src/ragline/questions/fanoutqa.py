@@ -1,9 +1,12 @@
-"""Question sets with gold answers and gold Wikipedia pages.
+"""The bundled questions: FanOutQA's dev sub-questions with gold answers and gold Wikipedia pages.
 
 FanOutQA (bundled, package ``fanoutqa``): its dev file decomposes 310 multi-hop questions into single-hop
 sub-questions, each with an answer and an evidence page. ``split="dev"`` keeps the sub-questions of
 top-level questions whose id starts with 0-7: the only part to develop, tune or train on. ``split="heldout"``
 (ids 8-f) is reserved for final evaluation.
+
+Bundled tasks (:data:`BUNDLED_TASKS`): ``fanoutqa-dev``, the dev sub-questions whose evidence page is in the
+corpus, and ``fanoutqa-dev-answerable``, those whose answer string also occurs in that page's passages.
 """
 
 from __future__ import annotations
@@ -11,22 +14,15 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ragline.errors import RaglineError
+from ragline.questions.normalise import normalise
+from ragline.questions.records import Question, answer_strings, titled
 
 FANOUTQA_SPLITS = {"dev": "01234567", "heldout": "89abcdef"}
-
-
-@dataclass(frozen=True)
-class Question:
-    id: str
-    question: str
-    answers: tuple[str, ...] = ()
-    gold_titles: tuple[str, ...] = ()
-    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+DEV, DEV_ANSWERABLE = "fanoutqa-dev", "fanoutqa-dev-answerable"
+BUNDLED_TASKS = (DEV, DEV_ANSWERABLE)
 
 
 def fanoutqa_path() -> Path:
@@ -38,16 +34,6 @@ def fanoutqa_path() -> Path:
     if not path.is_file():
         raise RaglineError(f"{path} is missing", "reinstall fanoutqa==1.1.1")
     return path
-
-
-def _answer_strings(answer: Any) -> tuple[str, ...]:
-    if isinstance(answer, list):
-        return tuple(s for a in answer for s in _answer_strings(a))
-    if isinstance(answer, dict):
-        return tuple(s for a in answer.values() for s in _answer_strings(a))
-    if isinstance(answer, bool):
-        return ("yes" if answer else "no",)
-    return (str(answer),)
 
 
 def load_fanoutqa(split: str = "dev", titles: set[str] | None = None) -> list[Question]:
@@ -81,56 +67,35 @@ def load_fanoutqa(split: str = "dev", titles: set[str] | None = None) -> list[Qu
             continue
         if split == "dev" and (sid in by_split["heldout"] or s["question"].strip().lower() in held_questions):
             continue
-        out.append(Question(sid, s["question"], _answer_strings(s["answer"]), (ev["title"],),
-                            {"parent": parent, "answer": s["answer"]}))
-    return out
-
-
-def load_questions(path: str | Path) -> list[Question]:
-    """A question file: JSONL with ``question`` (or ``input``), ``answers`` (or ``answer``) and gold pages
-    in ``gold_titles`` / ``positive``; or KILT format (``id``, ``input``, ``output[].answer`` and
-    ``output[].provenance[].title``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RaglineError(f"question file {path} does not exist", "check the path")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RaglineError(f"{path}:{n}: not valid JSON ({e.msg})", "fix or remove that line") from None
-            q = rec.get("question", rec.get("input")) if isinstance(rec, dict) else None
-            if not isinstance(q, str) or not q.strip():
-                raise RaglineError(f'{path}:{n}: no "question" (or KILT "input") text',
-                                   'give each line a non-empty "question"')
-            answers: list[str] = []
-            titles: list[str] = []
-            for o in rec.get("output") or []:  # KILT
-                if o.get("answer"):
-                    answers.append(str(o["answer"]))
-                titles.extend(p["title"] for p in o.get("provenance") or [] if p.get("title"))
-            ans = rec.get("answers", rec.get("answer"))
-            if ans is not None:
-                answers.extend(_answer_strings(ans))
-            gold = rec.get("gold_titles", rec.get("positive", []))
-            titles.extend([gold] if isinstance(gold, str) else gold)
-            out.append(Question(str(rec.get("id", f"line-{n}")), q, tuple(answers), tuple(dict.fromkeys(titles))))
-    if not out:
-        raise RaglineError(f"question file {path} is empty", "give one JSON question per line")
+        out.append(titled(sid, s["question"], answer_strings(s["answer"]), (ev["title"],),
+                           {"parent": parent, "answer": s["answer"]}))
     return out
 
 
 def answerable(questions: list[Question], pages: dict[str, list[str]]) -> list[Question]:
     """The questions whose normalised answer string occurs in the normalised text of their gold page
     (``pages``: title -> passage texts): those a reader of the corpus can answer word for word."""
-    from ragline.evaluate.metrics import normalise
-
     out = []
     for q in questions:
         body = f" {normalise(' '.join(t for title in q.gold_titles for t in pages.get(title, [])))} "
         if any(normalise(a) and f" {normalise(a)} " in body for a in q.answers):
             out.append(q)
     return out
+
+
+def dev_questions(titles: list[str], texts: list[str], answerable_only: bool = False) -> list[Question]:
+    """FanOutQA dev sub-questions whose gold page is among a corpus's passages (``titles`` and ``texts``, one
+    per passage); with ``answerable_only``, those whose answer string occurs in that page's passages."""
+    pages: dict[str, list[str]] = {}
+    for t, x in zip(titles, texts, strict=True):
+        pages.setdefault(t, []).append(x)
+    questions = load_fanoutqa("dev", set(pages))
+    return answerable(questions, pages) if answerable_only else questions
+
+
+def check_bundled(name: str) -> None:
+    """Refuse a ``fanoutqa-*`` name that is not a bundled task (the held-out half above all)."""
+    if name.startswith("fanoutqa-") and name not in BUNDLED_TASKS:
+        raise RaglineError(f"unknown bundled task {name!r}",
+                           f"use {' or '.join(BUNDLED_TASKS)} (the held-out half is for final evaluation only) "
+                           "or a task file")

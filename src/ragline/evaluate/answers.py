@@ -1,9 +1,10 @@
-"""``ragline eval``: answer every question of a task with one configuration, into a run directory.
+"""``ragline eval``: answer every question of a task with one configuration into a run directory, then score
+the predictions (:mod:`ragline.evaluate.scoring`).
 
     RUN/config.json        the configuration (a rerun with the same RUN resumes; another configuration is refused)
     RUN/predictions.jsonl  KILT-format predictions, appended and flushed batch by batch:
-                           {id, input, output: [{answer, provenance: [{wikipedia_id, title, pid, prior,
-                           posterior}]}], meta: {logprob, seconds}}
+                           {id, input, output: [{answer, provenance: [{wikipedia_id (KILT corpora only),
+                           title, pid, score, prior, posterior}]}], meta: {logprob, seconds}}
     RUN/report.json / report.md / metrics.png   written (atomically) when every question is answered
 
 An interrupted run leaves at most a partial last line, which the resume drops before going on.
@@ -15,60 +16,51 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ragline import runconfig
+from ragline import atomic, runconfig, vocab
 from ragline.errors import RaglineError
-from ragline.evaluate.datasets import Question, answerable, load_fanoutqa
+from ragline.evaluate.report import compare, write_report
+from ragline.evaluate.retrieval import cited_pages
 from ragline.evaluate.scoring import score_run
-from ragline.evaluate.tasks import Task, load_task
-from ragline.index.directory import IndexDir
-
-BUNDLED_TASKS = ("fanoutqa-dev", "fanoutqa-dev-answerable")
+from ragline.index.protocol import Index
+from ragline.questions import Task, dev_questions, load_task
+from ragline.questions.fanoutqa import BUNDLED_TASKS, DEV, DEV_ANSWERABLE, check_bundled
 
 
 @dataclass
 class EvalConfig:
-    task: str = "fanoutqa-dev"          # a task file, 'fanoutqa-dev' or 'fanoutqa-dev-answerable' (bundled)
+    """One system on one task: everything that decides the answers (a run directory holds one)."""
+
+    task: str = DEV                     # a task file, or a bundled task (questions.fanoutqa.BUNDLED_TASKS)
     format: str | None = None           # task file format (default: detected)
     index: str | None = None            # index directory (default: the bundled index)
-    model: str = "rag-sequence"         # closed-book | rag-token | rag-sequence
-    decoding: str | None = None         # default: the model's first (thorough / beam)
-    k: int = 5
-    mode: str = "dense"                 # dense | bm25 | hybrid
+    model: str = vocab.DEFAULT_MODEL
+    decoding: str | None = None         # default: the model's first (vocab.DECODINGS)
+    k: int = vocab.DEFAULT_K
+    mode: str = vocab.DEFAULT_MODE
     generator: str = "qwen2.5-0.5b"
-    beams: int = 4
-    max_new_tokens: int = 24
-    length_penalty: float = 0.0
-    prior_scale: float = 20.0
+    beams: int = vocab.DEFAULT_BEAMS
+    max_new_tokens: int = vocab.DEFAULT_MAX_NEW_TOKENS
+    length_penalty: float = vocab.DEFAULT_LENGTH_PENALTY
+    prior_scale: float = vocab.DEFAULT_PRIOR_SCALE
     limit: int | None = None            # first N questions only
     batch: int = 4
+    query_encoder: str | None = None    # a trained question encoder (default: the index's own)
 
 
-def dev_questions(index: IndexDir, answerable_only: bool = False) -> list[Question]:
-    """FanOutQA dev sub-questions whose gold page is in ``index``; with ``answerable_only``, those whose
-    answer string occurs in that page's passages."""
-    titles = index.store.table.column("title").to_pylist()
-    pages: dict[str, list[str]] = {}
-    for t, x in zip(titles, index.store.table.column("text").to_pylist(), strict=True):
-        pages.setdefault(t, []).append(x)
-    questions = load_fanoutqa("dev", set(pages))
-    return answerable(questions, pages) if answerable_only else questions
-
-
-def load_eval_task(cfg: EvalConfig, index: Callable[[], IndexDir], skip_bad: bool = False) -> Task:
+def load_eval_task(cfg: EvalConfig, index: Callable[[], Index], skip_bad: bool = False) -> Task:
     """The task's questions (the first ``limit``). The bundled FanOutQA dev split keeps the sub-questions
     whose evidence page is in the index; ``fanoutqa-dev-answerable`` only those whose answer string occurs
     in that page's passages (the ones the corpus can answer word for word)."""
+    check_bundled(cfg.task)
     if cfg.task in BUNDLED_TASKS:
-        questions = dev_questions(index(), answerable_only=cfg.task == "fanoutqa-dev-answerable")
+        store = index().store
+        questions = dev_questions(store.values("title"), store.values("text"),
+                                  answerable_only=cfg.task == DEV_ANSWERABLE)
         task = Task(cfg.task, "fanoutqa", "qa", questions)
-    elif cfg.task.startswith("fanoutqa-"):
-        raise RaglineError(f"unknown bundled task {cfg.task!r}",
-                           "use fanoutqa-dev or fanoutqa-dev-answerable (the held-out half is for final "
-                           "evaluation only) or a task file")
     else:
         task = load_task(cfg.task, cfg.format, skip_bad)
     task.questions = task.questions[: cfg.limit]
@@ -95,10 +87,11 @@ def _read_predictions(path: Path) -> dict[str, dict]:
     return out
 
 
-def _prediction(qid: str, question: str, answer: Any, seconds: float) -> dict:
-    provenance = [{"wikipedia_id": s.pid.rsplit("#", 1)[0], "title": s.title, "pid": s.pid,
-                   "score": round(s.score, 5), "prior": round(s.prior, 5), "posterior": round(s.posterior, 5)}
-                  for s in answer.sources]
+def _prediction(qid: str, question: str, answer: Any, seconds: float, index: Index | None) -> dict:
+    pages = cited_pages(index, answer.sources) if index is not None else []
+    provenance = [{**({"wikipedia_id": page.wikipedia_id} if page.wikipedia_id else {}), "title": s.title,
+                   "pid": s.pid, "score": round(s.score, 5), "prior": round(s.prior, 5),
+                   "posterior": round(s.posterior, 5)} for page, s in zip(pages, answer.sources, strict=True)]
     return {"id": qid, "input": question, "output": [{"answer": answer.text, "provenance": provenance}],
             "meta": {"logprob": answer.logprob, "seconds": seconds}}
 
@@ -109,15 +102,16 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
     from tqdm import tqdm
 
     from ragline import paths
-    from ragline.index.directory import IndexDir
+    from ragline.index.registry import open_index
+    from ragline.models.encoders import TextEncoder
     from ragline.models.generators import CausalGenerator
     from ragline.rag.model import RagModel
     from ragline.retriever import Retriever
 
     runconfig.prepare(out, asdict(cfg), ignore=("batch",))  # the batch size does not change answers
     index = None
-    if cfg.model != "closed-book" or cfg.task in BUNDLED_TASKS:
-        index = IndexDir.open(cfg.index or paths.default_index_dir())
+    if cfg.model != vocab.CLOSED_BOOK or cfg.task in BUNDLED_TASKS:
+        index = open_index(cfg.index or paths.default_index_dir())
     task = load_eval_task(cfg, lambda: index, skip_bad)
     for msg in task.skipped:
         log(f"skipped {msg}")
@@ -127,7 +121,13 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
     if todo:
         log(f"{len(done)} of {len(task.questions)} questions already answered in {out}" if done else
             f"answering {len(task.questions)} questions of {task.name} into {out}")
-        retriever = Retriever(index) if cfg.model != "closed-book" else None
+        retriever = None
+        if cfg.model != vocab.CLOSED_BOOK:
+            enc = None
+            if cfg.query_encoder:
+                max_len = index.manifest["encoder"]["question"]["max_seq_length"]
+                enc = TextEncoder(cfg.query_encoder, max_seq_length=max_len)
+            retriever = Retriever(index, enc)
         rag = RagModel(retriever, CausalGenerator.load(cfg.generator), k=cfg.k, mode=cfg.mode,
                        prior_scale=cfg.prior_scale)
         with open(preds_path, "a", encoding="utf-8") as f, \
@@ -139,15 +139,13 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
                                      k=cfg.k, beams=cfg.beams, max_new_tokens=cfg.max_new_tokens,
                                      length_penalty=cfg.length_penalty)
                 secs = (time.perf_counter() - t0) / len(batch)
-                f.write("".join(json.dumps(_prediction(q.id, q.question, a, secs), ensure_ascii=False) + "\n"
+                f.write("".join(json.dumps(_prediction(q.id, q.question, a, secs, index), ensure_ascii=False) + "\n"
                                 for q, a in zip(batch, answers, strict=True)))
                 f.flush()
                 os.fsync(f.fileno())
                 bar.update(len(batch))
         done = _read_predictions(preds_path)
-    from ragline.evaluate.report import write_report
-
-    ks = sorted({k for k in (1, 5, 10, cfg.k) if k <= cfg.k}) if cfg.model != "closed-book" else [1]
+    ks = sorted({k for k in (1, 5, 10, cfg.k) if k <= cfg.k}) if cfg.model != vocab.CLOSED_BOOK else [1]
     report = {
         "run": out.name, "config": asdict(cfg),
         "task": {"name": task.name, "format": task.format, "kind": task.kind, "questions": len(task.questions),
@@ -161,3 +159,27 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
     }
     write_report(out, report)
     return report
+
+
+# ragline report: (model, decoding, retrieval mode, k) of each run; closed book reads no passage.
+REPORT_GRID: list[tuple[str, str, str, int | None]] = [(vocab.CLOSED_BOOK, vocab.GREEDY, vocab.DENSE, None)] + [
+    (model, decoding, vocab.DENSE, k) for k in (1, 5, 10)
+    for model, decoding in ((vocab.RAG_TOKEN, vocab.GREEDY), (vocab.RAG_SEQUENCE, vocab.FAST),
+                            (vocab.RAG_SEQUENCE, vocab.THOROUGH))
+] + [(vocab.RAG_SEQUENCE, vocab.THOROUGH, mode, 5) for mode in (vocab.BM25, vocab.HYBRID)]
+
+
+def run_report(base: EvalConfig, out: Path, log: Callable[[str], None] = print) -> str:
+    """``ragline report``: every system of :data:`REPORT_GRID` as a resumable eval run under ``out`` (``base``
+    gives the task and decoding settings), then
+    ``out/README.md`` and ``out/comparison.png``; returns the comparison table."""
+    runs = []
+    for i, (model, decoding, mode, k) in enumerate(REPORT_GRID, 1):
+        name = model if k is None else f"{model}-{decoding}-{mode}-k{k}"
+        log(f"run {i}/{len(REPORT_GRID)}: {name}")
+        run_eval(replace(base, model=model, decoding=decoding, mode=mode, k=k or 1), out / name, log=log)
+        runs.append(out / name)
+    table = compare(runs, out / "comparison.png")
+    atomic.write_bytes(out / "README.md", (f"# ragline report: {base.task}\n\nOne run per row (`ragline report`); "
+                                           f"metrics as KILT defines them.\n\n{table}").encode())
+    return table

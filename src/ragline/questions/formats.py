@@ -24,28 +24,13 @@ import ast
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ragline.errors import RaglineError
-from ragline.evaluate.datasets import Question, _answer_strings
+from ragline.questions.records import BadRecord, Page, Question, Task, answer_strings, titled
 
 FORMATS = ("kilt", "jsonl", "dpr-qa", "curatedtrec", "triviaqa", "webquestions", "fever", "msmarco", "jeopardy")
-KINDS = ("qa", "regex", "label", "free")
-
-
-@dataclass
-class Task:
-    name: str
-    format: str
-    kind: str                     # qa | regex | label | free: which metrics are primary
-    questions: list[Question]
-    skipped: list[str] = field(default_factory=list)  # "FILE:LINE: problem" of each skipped record
-
-
-class BadRecord(ValueError):
-    pass
 
 
 def detect_format(path: Path) -> str:
@@ -84,8 +69,10 @@ def _first_json_line(path: Path) -> Any:
     return None
 
 
-def load_task(path: str | Path, fmt: str | None = None, skip_bad: bool = False) -> Task:
-    """Read a task file (see the module docstring for the formats)."""
+def load_task(path: str | Path, fmt: str | None = None, skip_bad: bool = False, require_answers: bool = True,
+              require_pages: bool = False) -> Task:
+    """Read a task file (see the module docstring for the formats). A record without a gold answer (or, with
+    ``require_pages``, without a gold page) is malformed; duplicate ids are too."""
     path = Path(path)
     if not path.is_file():
         raise RaglineError(f"task file {path} does not exist", "check the path")
@@ -101,8 +88,10 @@ def load_task(path: str | Path, fmt: str | None = None, skip_bad: bool = False) 
             q = make()
             if not q.question.strip():
                 raise BadRecord("empty question")
-            if not q.answers:
+            if require_answers and not q.answers:
                 raise BadRecord("no gold answer")
+            if require_pages and not q.gold_titles:
+                raise BadRecord("no gold page (gold_titles, positive or KILT provenance titles)")
             if q.id in seen:
                 raise BadRecord(f"id {q.id!r} appears twice")
         except BadRecord as e:
@@ -150,20 +139,27 @@ def _text(rec: dict, *keys: str) -> str:
 
 def _kilt(path: Path) -> Iterator[Record]:
     def build(rec: dict, n: int) -> Question:
-        answers, provenance = [], []
+        answers: list[str] = []
+        provenance: list[tuple[Page, ...]] = []
         if not isinstance(rec.get("output", []), list):
             raise BadRecord('"output" is not a list')
         for o in rec.get("output") or []:
             if not isinstance(o, dict):
                 raise BadRecord('an "output" entry is not an object')
-            if o.get("answer") is not None:
-                answers.append(str(o["answer"]))
-            pages = tuple(dict.fromkeys(str(p["title"]) for p in o.get("provenance") or [] if p.get("title")))
-            if pages:
-                provenance.append(pages)
-        return Question(str(rec.get("id", f"line-{n}")), _text(rec, "input"), tuple(dict.fromkeys(answers)),
-                        tuple(dict.fromkeys(t for s in provenance for t in s)), {"provenance": provenance})
+            answers.extend(answer_strings(o.get("answer")))  # stripped, blank ones dropped (as KILT's script)
+            if "provenance" in o:  # each output's provenance is one evidence set (KILT), empty ones included
+                if not isinstance(o["provenance"], list) or not all(isinstance(p, dict) for p in o["provenance"]):
+                    raise BadRecord('a "provenance" is not a list of objects')
+                provenance.append(tuple(Page(_field(p, "wikipedia_id"), _field(p, "title")) for p in o["provenance"]))
+        titles = tuple(dict.fromkeys(p.title for s in provenance for p in s if p.title))
+        return Question(str(rec.get("id", f"line-{n}")).strip(), _text(rec, "input"), tuple(dict.fromkeys(answers)),
+                        titles, tuple(provenance))
     return _jsonl_records(path, build)
+
+
+def _field(provenance: dict, key: str) -> str | None:
+    """A provenance field as KILT compares it: ``str(value).strip()``; None when absent."""
+    return str(provenance[key]).strip() if provenance.get(key) is not None else None
 
 
 def _plain_jsonl(path: Path) -> Iterator[Record]:
@@ -171,9 +167,8 @@ def _plain_jsonl(path: Path) -> Iterator[Record]:
         ans = rec.get("answers", rec.get("answer"))
         gold = rec.get("gold_titles", rec.get("positive", []))
         gold = [gold] if isinstance(gold, str) else list(gold)
-        return Question(str(rec.get("id", f"line-{n}")), _text(rec, "question", "input"),
-                        _answer_strings(ans) if ans is not None else (), tuple(gold),
-                        {"provenance": [tuple(gold)] if gold else []})
+        return titled(str(rec.get("id", f"line-{n}")), _text(rec, "question", "input"), answer_strings(ans),
+                      [str(g) for g in gold])
     return _jsonl_records(path, build)
 
 
@@ -204,7 +199,7 @@ def _dpr_qa(path: Path) -> Iterator[Record]:
                     answers = [answers]
                 if not isinstance(answers, list | tuple):
                     raise BadRecord("the answers column is not a list")
-                return Question(f"{path.stem}-{n}", question.strip(), tuple(str(a) for a in answers))
+                return Question(f"{path.stem}-{n}", question.strip(), answer_strings(list(answers)))
 
             yield f"{path}:{n}", make
 
@@ -256,7 +251,7 @@ def _msmarco(path: Path) -> Iterator[Record]:
         raise RaglineError(f"{path} has no \"query\" column", "give an MS-MARCO v2.1 JSON file")
     answers, well, ids = data.get("answers") or {}, data.get("wellFormedAnswers") or {}, data.get("query_id") or {}
     for i, key in enumerate(data["query"], 1):
-        def make(key: str = key, i: int = i) -> Question:
+        def make(key: str = key) -> Question:
             text = data["query"][key]
             if not isinstance(text, str):
                 raise BadRecord("the query is not text")
@@ -279,7 +274,7 @@ def _jeopardy(path: Path) -> Iterator[Record]:
         def make(s: str = s, t: str = t, n: int = n) -> Question:
             if not t.strip():
                 raise BadRecord(f"{target.name} line {n} is empty")
-            return Question(f"{path.stem}-{n}", s.strip(), (t.strip(),))
+            return Question(f"{path.stem}-{n}", s.strip(), answer_strings(t))
         yield f"{path}:{n}", make
 
 
