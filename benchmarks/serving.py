@@ -1,8 +1,10 @@
-"""Serving under load: a bounded load test of `ragline serve` on loopback with the tiny generator.
+"""Serving under load: a bounded load test of `ragline serve` on loopback with the tiny generator, and a soak
+with faults (the real default generator, index swaps, clients leaving mid-stream).
 
 How it measures and what it prints: docs/benchmarks.md (serving.py).
 
     python3 benchmarks/serving.py [--index DIR] [--requests 200] [--concurrency 8] [--docs 300]
+    python3 benchmarks/serving.py --soak 300 [--generator qwen2.5-0.5b] [--index DIR]
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -109,6 +113,123 @@ def load(url: str, path: str, body: dict, questions: list[str], n: int, concurre
             "per_batch": (after["questions"] - before["questions"]) / batches if batches else None}
 
 
+SOAK_ASK = {"model": "rag-token", "decoding": "greedy", "k": 3, "max_new_tokens": 16}
+SOAK_KINDS = ("ask", "stream", "search", "stream, client leaves")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def soak(url: str, names: list[str], questions: list[str], seconds: float, concurrency: int, swap_every: float,
+         seed: int = 0) -> dict:
+    """``concurrency`` clients send mixed requests for ``seconds``: ask, stream, search, and streams whose client
+    leaves after the first partial answer; meanwhile the index is swapped every ``swap_every`` seconds."""
+    stop = time.monotonic() + seconds
+    stats = {k: {"ok": 0, "failed": 0, "latency": []} for k in SOAK_KINDS}
+    swaps = {"ok": 0, "failed": 0}
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        with httpx.Client(base_url=url, timeout=900) as c:
+            n = 0
+            while time.monotonic() < stop:
+                kind = SOAK_KINDS[(i + n) % len(SOAK_KINDS)]
+                n += 1
+                body = {**SOAK_ASK, "question": questions[rng.randrange(len(questions))]}
+                t0 = time.perf_counter()
+                try:
+                    if kind == "search":
+                        ok = c.post("/search", json={"question": body["question"], "k": 5}).status_code == 200
+                    elif kind == "ask":
+                        ok = c.post("/ask", json=body).status_code == 200
+                    elif kind == "stream":
+                        ok = one_request(c, "/ask/stream", body)[2]
+                    else:  # the client goes away mid-stream: the server must stop decoding for it, and nothing else
+                        with c.stream("POST", "/ask/stream", json=body) as r:
+                            ok = r.status_code == 200
+                            for line in r.iter_lines():
+                                if line == "event: partial":
+                                    break
+                except httpx.HTTPError:
+                    ok = False
+                with lock:
+                    stats[kind]["ok" if ok else "failed"] += 1
+                    if ok:
+                        stats[kind]["latency"].append(time.perf_counter() - t0)
+
+    def swapper() -> None:
+        with httpx.Client(base_url=url, timeout=300) as c:
+            i = 0
+            while time.monotonic() + swap_every < stop:
+                time.sleep(swap_every)
+                i += 1
+                r = c.post("/indexes/active", json={"name": names[i % len(names)]})
+                swaps["ok" if r.status_code == 200 else "failed"] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    threads.append(threading.Thread(target=swapper))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"kinds": stats, "swaps": swaps, "health": httpx.get(f"{url}/health", timeout=60).json()}
+
+
+def run_soak(args: argparse.Namespace) -> None:
+    from ragline import paths
+    from ragline.index.build import BuildOptions, build_index
+    from ragline.index.manifest import is_index_dir
+    from ragline.questions import load_fanoutqa
+
+    work = Path(tempfile.mkdtemp(prefix="ragline-soak-"))
+    source = args.index or paths.default_index_dir()
+    if not is_index_dir(source):
+        print(f"building an index of the first {args.docs} documents", file=sys.stderr)
+        source = build_index(BuildOptions(source="wiki-leads", out=work / "built", limit=args.docs, progress=False),
+                             log=lambda m: None)
+    names = ["a", "b"]
+    for name in names:  # two copies: the swaps alternate between them
+        shutil.copytree(source, work / "indexes" / name)
+    questions = [q.question for q in load_fanoutqa("dev")]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(work / "indexes" / "a", args.generator, port, args.max_batch, work / "server.log")
+    try:
+        load(url, "/ask", SOAK_ASK, questions, 2, 1)  # warm-up
+        t0 = time.perf_counter()
+        res = soak(url, names, questions, args.soak, args.concurrency, args.swap_every)
+        wall = time.perf_counter() - t0
+        peak = peak_rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    w = res["health"]["worker"]
+    print(f"\nsoak: {args.concurrency} clients for {wall:.0f} s on loopback, generator {args.generator}, "
+          f"{os.cpu_count()} cores; index swapped every {args.swap_every:.0f} s\n")
+    print("| requests | completed | failed | p50 s | p95 s |")
+    print("|---|---|---|---|---|")
+    for kind, st in res["kinds"].items():
+        lat = sorted(st["latency"])
+        p50 = f"{statistics.median(lat):.1f}" if lat else "–"
+        p95 = f"{lat[min(len(lat) - 1, int(0.95 * len(lat)))]:.1f}" if lat else "–"
+        print(f"| {kind} | {st['ok']} | {st['failed']} | {p50} | {p95} |")
+    print(f"\nindex swaps: {res['swaps']['ok']} ok, {res['swaps']['failed']} failed; questions decoded "
+          f"{res['health']['decoded']['questions']} in {res['health']['decoded']['batches']} batches; "
+          f"abandoned by their clients {w['abandoned']}; worker alive at the end: {w['alive']}, failed batches "
+          f"{w['failed_batches']}, restarts {w['restarts']}; server peak RSS {peak:.0f} MiB")
+    if args.json:
+        args.json.write_text(json.dumps({**res, "wall": wall, "peak_rss_mb": peak}, indent=1, default=str))
+    stayed = sum(st["failed"] for kind, st in res["kinds"].items() if kind != "stream, client leaves")
+    if stayed or res["swaps"]["failed"] or not w["alive"]:
+        raise SystemExit("the soak failed: requests of clients that stayed failed, a swap failed or the worker died")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--index", type=Path, default=None, help="An index to serve (default: build a slice).")
@@ -118,7 +239,14 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--json", type=Path, default=None, help="Also write the rows here.")
+    ap.add_argument("--soak", type=float, default=None, metavar="SECONDS",
+                    help="Run the soak with faults for this long instead of the load rows.")
+    ap.add_argument("--generator", default="qwen2.5-0.5b", help="The soak's generator (the real default).")
+    ap.add_argument("--swap-every", type=float, default=20.0, help="Seconds between index swaps in the soak.")
     args = ap.parse_args()
+    if args.soak:
+        run_soak(args)
+        return
 
     from ragline.index.build import BuildOptions, build_index
     from ragline.models.tiny import save_tiny_causal

@@ -96,3 +96,54 @@ def test_page_asks_streams_and_colours_tokens_by_passage(browser, site):
     assert "question" in page.text_content("#error") and "1000" in page.text_content("#error")
     assert errors == []
     page.close()
+
+
+HOSTILE_TITLE = 'Evil" onmouseover="window.__xss=1" x="'
+HOSTILE_TEXT = ('Rome is "the eternal city" <img src=x onerror="window.__xss=2"> and '
+                '</span><script>window.__xss=3</script> x" onmouseover="window.__xss=4" & more words about Rome.')
+HOSTILE_INDEX = '<img src=x onerror="window.__xss=5">'
+
+
+@pytest.fixture(scope="module")
+def hostile_site(tmp_path_factory, encoders):
+    """An index whose passages and titles, and a sibling index whose name, carry markup and quotes."""
+    from conftest import write_jsonl
+
+    from ragline.index.build import BuildOptions, build_index
+    from ragline.rag.model import RagModel
+    from ragline.retriever import Retriever
+    from ragline.serve.app import create_app
+
+    root = tmp_path_factory.mktemp("hostile")
+    docs = [{"id": f"d{i}", "title": HOSTILE_TITLE if i == 0 else f"Rome {i}", "text": HOSTILE_TEXT} for i in range(4)]
+    src = write_jsonl(root / "corpus.jsonl", docs)
+    build_index(BuildOptions(source=str(src), out=root / "evil", progress=False), encoders=encoders,
+                log=lambda m: None)
+    shutil.copytree(root / "evil", root / HOSTILE_INDEX)
+    app = create_app(RagModel(Retriever(root / "evil"), tiny_generator(), k=3), root)
+    with running_server(app) as url:
+        yield url
+
+
+def test_passages_titles_and_index_names_are_shown_as_text_never_run(browser, hostile_site):
+    page = browser.new_page(viewport={"width": 1000, "height": 800})
+    page.goto(hostile_site)
+    page.wait_for_selector("#index option", state="attached")
+    names = page.eval_on_selector_all("#index option", "os => os.map(o => o.textContent)")
+    assert HOSTILE_INDEX in names  # the name is an option's text, not markup
+    _ask(page, "What is Rome?", "rag-token", "greedy", 4)  # every passage of the corpus
+    # hover every token and passage (before the fix, a quote in a passage broke out of the tooltip attribute
+    # and hovering the token ran the handler it carried)
+    page.eval_on_selector_all("#answer .tok, #passages li, #passages span, #passages div",
+                              "es => es.forEach(e => e.dispatchEvent(new MouseEvent('mouseover', {bubbles: true})))")
+    handlers = page.evaluate("""() => [...document.querySelectorAll('#answer *, #passages *, #index *')]
+        .flatMap(e => [...e.attributes].map(a => a.name)).filter(n => n.startsWith('on'))""")
+    assert handlers == [] and page.evaluate("window.__xss") is None
+    assert page.query_selector_all("#passages img, #passages script, #answer img") == []
+    texts = page.eval_on_selector_all("#passages .text", "es => es.map(e => e.textContent)")
+    assert texts and all(t == HOSTILE_TEXT for t in texts)  # shown verbatim, quotes and brackets as characters
+    titles = page.eval_on_selector_all("#passages .title", "es => es.map(e => e.textContent)")
+    assert any(HOSTILE_TITLE in t for t in titles)
+    tips = [t.get_attribute("title") for t in page.query_selector_all("#answer .tok")]
+    assert all("<img" in t for t in tips if "Rome" in t or "Evil" in t)  # whole, not cut at the first quote
+    page.close()

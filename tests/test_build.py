@@ -34,7 +34,8 @@ def test_manifest_records_what_loading_checks(small_index):
     assert m["encoder"]["dim"] == 384 and m["encoder"]["passage"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert m["dense"]["type"] == "flat" and m["bm25"]["documents"] == m["corpus"]["passages"]
     assert len(m["corpus"]["fingerprint"]) == 32 and m["created_at"]
-    assert not [p for p in small_index.parent.iterdir() if p.name.startswith(".")]  # no build leftovers
+    # no build leftovers; the lock file stays (unlinking it while held let two builds run: atomic.exclusive_lock)
+    assert not [p for p in small_index.parent.iterdir() if p.name.startswith(".") and p.suffix != ".lock"]
 
 
 def test_existing_index_needs_force_and_other_dirs_are_never_touched(tmp_path, encoders):
@@ -63,7 +64,8 @@ def test_bad_corpus_fails_cleanly_and_keeps_the_old_index(tmp_path, encoders):
     with pytest.raises(RaglineError, match="bad.jsonl:2: record has an empty"):
         _build(out, encoders, source=str(bad), force=True)
     assert IndexDir.open(out).fingerprint == fp
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "idx"]  # nothing half-written
+    # nothing half-written (the build's lock file stays: atomic.exclusive_lock never unlinks it)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".lock") == ["bad.jsonl", "idx"]
     with pytest.raises(RaglineError, match="unknown index type"):
         _build(tmp_path / "x", encoders, index_type="annoy")
     logs = _build(tmp_path / "skipping", encoders, source=str(bad), skip_bad=True)

@@ -109,9 +109,8 @@ def exclusive_lock(path: Path) -> Iterator[None]:
                 f"another ragline process is building into {path.parent} (lock {path.name} is held)",
                 "wait for it to finish, or build to another --out",
             ) from None
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)  # still ours: other processes fail fast on the lock, never wait
+        yield
     finally:
+        # The lock file stays: unlinking it while held would let a process that opens the path afterwards lock a
+        # new file of the same name while this one still holds the old, and both would build.
         os.close(fd)

@@ -17,6 +17,7 @@ from ragline import paths, vocab
 from ragline.cli import render
 from ragline.corpus.readers import FORMATS as CORPUS_FORMATS
 from ragline.errors import RaglineError
+from ragline.serve.budget import Budget
 from ragline.vocab import INDEX_TYPES
 
 DEMO_QUESTION = "Who directed the film 2001: A Space Odyssey?"
@@ -372,14 +373,34 @@ def report(index_dir, generator, beams, max_new_tokens, length_penalty, prior_sc
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 64),
               help="Questions arriving together with the same settings are decoded in one batch of at most this.")
 @click.option("--prior-scale", default=vocab.DEFAULT_PRIOR_SCALE, show_default=True, type=float)
+@click.option("--api-key", envvar="RAGLINE_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every route but the page (also from RAGLINE_API_KEY).")
+@click.option("--max-request-tokens", default=Budget.max_request_tokens, show_default=True, type=click.IntRange(1),
+              help="Work one request may ask: generator rows (k x beams) x (prompt + new tokens).")
+@click.option("--max-batch-tokens", default=Budget.max_batch_tokens, show_default=True, type=click.IntRange(1),
+              help="Work one batch may hold, in the same tokens.")
+@click.option("--max-queue", default=Budget.max_queue, show_default=True, type=click.IntRange(1),
+              help="Requests waiting at most; more are refused with 503 and Retry-After.")
 @click.pass_context
-def serve(ctx, index_dir, generator, query_encoder, run_dir, host, port, max_batch, prior_scale) -> None:
+def serve(ctx, index_dir, generator, query_encoder, run_dir, host, port, max_batch, prior_scale, api_key,
+          max_request_tokens, max_batch_tokens, max_queue) -> None:
     """Serve the HTTP API (POST /ask, /ask/stream, /search; GET /passages/ID, /indexes, /health) and the page."""
+    import ipaddress
+
     import uvicorn
 
     from ragline.models.generators import CausalGenerator
     from ragline.rag.model import RagModel
     from ragline.serve.app import create_app
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not api_key and not loopback:
+        render.log(f"warning: serving on {host}, reachable from other machines, without an API key: anyone who "
+                   "can reach it can ask questions, read the passages and switch the index; pass --api-key "
+                   "(or set RAGLINE_API_KEY)")
 
     s = _from_run(ctx, run_dir, {"generator": generator, "prior_scale": prior_scale, "index_dir": index_dir,
                                  "query_encoder": query_encoder})
@@ -387,7 +408,9 @@ def serve(ctx, index_dir, generator, query_encoder, run_dir, host, port, max_bat
     render.log(f"loading the generator {s['generator']}")
     rag = RagModel(retriever, CausalGenerator.load(s["generator"]), prior_scale=s["prior_scale"])
     render.log(f"serving index {retriever.index.name} on http://{host}:{port} (API schema at /docs)")
-    uvicorn.run(create_app(rag, max_batch=max_batch), host=host, port=port, log_level="warning")
+    budget = Budget(max_request_tokens=max_request_tokens, max_batch_tokens=max_batch_tokens, max_queue=max_queue)
+    app = create_app(rag, max_batch=max_batch, budget=budget, api_key=api_key)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @cli.group()

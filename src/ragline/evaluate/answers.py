@@ -12,6 +12,7 @@ An interrupted run leaves at most a partial last line, which the resume drops be
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -67,6 +68,14 @@ def load_eval_task(cfg: EvalConfig, index: Callable[[], Index], skip_bad: bool =
     return task
 
 
+def task_fingerprint(task: Task) -> str:
+    """A hash of the questions a run answers (ids, texts, gold answers and provenance, in order)."""
+    h = hashlib.blake2b(digest_size=12)
+    for q in task.questions:
+        h.update(json.dumps([q.id, q.question, q.answers, q.provenance], default=vars).encode())
+    return h.hexdigest()
+
+
 def _read_predictions(path: Path) -> dict[str, dict]:
     """Complete prediction lines of ``path``; a partial last line (an interrupted write) is cut off."""
     if not path.exists():
@@ -108,11 +117,14 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
     from ragline.rag.model import RagModel
     from ragline.retriever import Retriever
 
-    runconfig.prepare(out, asdict(cfg), ignore=("batch",))  # the batch size does not change answers
     index = None
     if cfg.model != vocab.CLOSED_BOOK or cfg.task in BUNDLED_TASKS:
         index = open_index(cfg.index or paths.default_index_dir())
     task = load_eval_task(cfg, lambda: index, skip_bad)
+    # what the answers depend on besides the settings: a rebuilt index or an edited task file is another run
+    identity = {**asdict(cfg), "index_fingerprint": index.fingerprint if index is not None else None,
+                "task_fingerprint": task_fingerprint(task)}
+    runconfig.prepare(out, identity, ignore=("batch",))  # the batch size does not change answers
     for msg in task.skipped:
         log(f"skipped {msg}")
     preds_path = out / "predictions.jsonl"

@@ -194,8 +194,13 @@ def _encode(opts: BuildOptions, work: Path, encoders: BiEncoder, fingerprint: st
     else:
         done = 0
     if done == 0 or not path.is_file():
+        # a new file, never the old inode: the old one may be a sibling index's embeddings, hard-linked by a
+        # reuse that this rerun (with other encoder settings) no longer wants; writing it would overwrite theirs
+        path.unlink(missing_ok=True)
         np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, p.dim)).flush()
         done = 0
+    elif done < n and path.stat().st_nlink > 1:  # resuming into a file shared with another index: copy it first
+        _unshare(path)
     state.update(key, encoded_rows=done)
     atomic.write_json(work / STATE, state)
     if done >= n:
@@ -212,6 +217,13 @@ def _encode(opts: BuildOptions, work: Path, encoders: BiEncoder, fingerprint: st
             atomic.write_json(work / STATE, state)  # after the flush: a recorded row is on disk
             bar.update(len(batch))
     del emb
+
+
+def _unshare(path: Path) -> None:
+    """Give ``path`` its own inode (a copy), so that writing it cannot change another hard link's file."""
+    tmp = path.with_name(f".{path.name}.unshare-{os.getpid()}")
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, path)
 
 
 def _reuse_sibling_embeddings(opts: BuildOptions, corpus_fp: str, encoder_fp: str, max_len: int, dst: Path,

@@ -48,6 +48,13 @@ class BM25Stats:
     tokens: int = 0
     df: Counter = field(default_factory=Counter)
 
+    def to_json(self) -> dict:
+        return {"passages": self.passages, "tokens": self.tokens, "df": dict(self.df)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> BM25Stats:
+        return cls(int(data["passages"]), int(data["tokens"]), Counter({str(k): int(v) for k, v in data["df"].items()}))
+
     def __add__(self, other: BM25Stats) -> BM25Stats:
         return BM25Stats(self.passages + other.passages, self.tokens + other.tokens, self.df + other.df)
 

@@ -16,6 +16,7 @@ A passage of ``None`` gives the closed-book prompt (the question alone).
 from __future__ import annotations
 
 import copy
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,6 +67,24 @@ class Generator(ABC):
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    def guard(self, text: str) -> str:
+        """User or corpus text for a prompt: when it holds a string the tokenizer would read as a special or
+        added token (``<|im_start|>``, ``</s>``), it is marked so that :meth:`tokenize_prompt` reads it as
+        plain text; other text is left as it is (and tokenised exactly as before)."""
+        text = text.replace(USER_OPEN, "").replace(USER_CLOSE, "")
+        if any(tok in text for tok in _added_tokens(self.tokenizer)):
+            return f"{USER_OPEN}{text}{USER_CLOSE}"
+        return text
+
+    def tokenize_prompt(self, prompt: str) -> list[int]:
+        """Ids of a prompt whose guarded parts (:meth:`guard`) are tokenised as plain text: a special token's
+        string there is its characters, never the token (no chat role can be injected)."""
+        ids: list[int] = []
+        for i, part in enumerate(re.split(f"[{USER_OPEN}{USER_CLOSE}]", prompt)):
+            if part:
+                ids += self.tokenizer(part, add_special_tokens=False, split_special_tokens=i % 2 == 1)["input_ids"]
+        return ids
 
     @abstractmethod
     def target_ids(self, answers: Sequence[str]) -> list[list[int]]:
@@ -184,12 +203,36 @@ def _check_shapes(questions: Sequence[str], passages: Sequence[Sequence], answer
     return k
 
 
+USER_OPEN, USER_CLOSE = "\ue000", "\ue001"  # private-use marks around guarded user text (never in output)
+
+
+def _added_tokens(tokenizer) -> tuple[str, ...]:
+    """The strings the tokenizer reads as single special or added tokens."""
+    cached = getattr(tokenizer, "_ragline_added", None)
+    if cached is None:
+        cached = tuple(t for t in set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens) if t)
+        tokenizer._ragline_added = cached
+    return cached
+
+
+def _ensure_pad_token(tokenizer, name: str) -> None:
+    """Give a tokenizer without a pad token (Llama-style) one: its end-of-sequence token (padding is masked)."""
+    if tokenizer.pad_token is not None:
+        return
+    fallback = tokenizer.eos_token or tokenizer.unk_token
+    if fallback is None:
+        raise RaglineError(f"the tokenizer of {name} has no pad, end-of-sequence or unknown token to pad with",
+                           "give the tokenizer a pad_token (tokenizer.pad_token = ...) and save it again")
+    tokenizer.pad_token = fallback
+
+
 class CausalGenerator(Generator):
     """Decoder-only generator; the default back end (Qwen2.5-0.5B-Instruct, SmolLM2-135M-Instruct)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, name: str = "causal") -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.tokenizer.padding_side = "left"
+        _ensure_pad_token(tokenizer, name)
         chat = getattr(tokenizer, "chat_template", None)
         self.use_chat = bool(chat)
         end = tokenizer.convert_tokens_to_ids("<|im_end|>") if self.use_chat else None
@@ -206,11 +249,12 @@ class CausalGenerator(Generator):
         return cls(model, tok, name)
 
     def prompt(self, question: str, passage: Passage | None) -> str:
+        question = self.guard(question)
+        title, text = (self.guard(passage.title), self.guard(passage.text)) if passage is not None else ("", "")
         if not self.use_chat:
-            ctx = f"{passage.title} / {passage.text} // " if passage is not None else ""
+            ctx = f"{title} / {text} // " if passage is not None else ""
             return f"{ctx}{question}\nAnswer:"
-        user = f"Question: {question}" if passage is None else \
-            f"Passage: {passage.title}: {passage.text}\nQuestion: {question}"
+        user = f"Question: {question}" if passage is None else f"Passage: {title}: {text}\nQuestion: {question}"
         system = SYSTEM_PROMPT if passage is not None else CLOSED_BOOK_SYSTEM_PROMPT
         return self.tokenizer.apply_chat_template([{"role": "system", "content": system},
                                                    {"role": "user", "content": user}],
@@ -223,8 +267,17 @@ class CausalGenerator(Generator):
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and attention mask, (N, L) each."""
-        enc = self.tokenizer(list(prompts), add_special_tokens=False, padding=True, return_tensors="pt")
-        return enc["input_ids"], enc["attention_mask"]
+        if not any(USER_OPEN in p for p in prompts):
+            enc = self.tokenizer(list(prompts), add_special_tokens=False, padding=True, return_tensors="pt")
+            return enc["input_ids"], enc["attention_mask"]
+        rows = [self.tokenize_prompt(p) for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding, as the tokenizer pads
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            attn[i, width - len(r):] = 1
+        return ids, attn
 
     def _row_logits(self, prompts: list[str], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         ids, attn = self.encode_prompts(prompts)  # (N, L), left-padded
@@ -275,17 +328,29 @@ class Seq2SeqGenerator(Generator):
         model.eval()
         return cls(model, AutoTokenizer.from_pretrained(str(folder)), name)
 
-    @staticmethod
-    def prompt(question: str, passage: Passage | None) -> str:
-        """Hugging Face RAG's layout: ``title / text // question``."""
-        return question if passage is None else f"{passage.title} / {passage.text} // {question}"
+    def prompt(self, question: str, passage: Passage | None) -> str:
+        """Hugging Face RAG's layout: ``title / text // question`` (user and corpus text guarded)."""
+        question = self.guard(question)
+        if passage is None:
+            return question
+        return f"{self.guard(passage.title)} / {self.guard(passage.text)} // {question}"
 
     def target_ids(self, answers: Sequence[str]) -> list[list[int]]:
         return [self.tokenizer(a.strip())["input_ids"] for a in answers]
 
     def _encode(self, prompts: list[str]) -> dict:
-        return self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_source_length,
-                              return_tensors="pt")
+        if not any(USER_OPEN in p for p in prompts):
+            return self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_source_length,
+                                  return_tensors="pt")
+        keep = self.max_source_length - self.tokenizer.num_special_tokens_to_add()
+        rows = [self.tokenizer.build_inputs_with_special_tokens(self.tokenize_prompt(p)[:keep]) for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # right padding, as the tokenizer pads for an encoder
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            attn[i, : len(r)] = 1
+        return {"input_ids": ids, "attention_mask": attn}
 
     def _row_logits(self, prompts: list[str], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         enc = self._encode(prompts)

@@ -54,6 +54,10 @@ class Answer:
         return asdict(self)
 
 
+class DecodingStopped(RaglineError):
+    """Decoding ended early because the caller asked it to (``should_stop``): its client has gone."""
+
+
 class RagModel:
     """Retriever + generator: answers (:meth:`answer`) and the training likelihood (:meth:`likelihood`).
 
@@ -104,15 +108,22 @@ class RagModel:
                max_new_tokens: int = vocab.DEFAULT_MAX_NEW_TOKENS,
                length_penalty: float = vocab.DEFAULT_LENGTH_PENALTY, n_best: int = 1,
                on_step: Callable[[list[str]], None] | None = None,
-               on_passages: Callable[[list[list[Source]]], None] | None = None) -> list[Answer]:
+               on_passages: Callable[[list[list[Source]]], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> list[Answer]:
         """Decode an answer per question. ``length_penalty`` ranks finished beams by
         log p / len ** length_penalty (0.0, the default, ranks by log p; 1.0, HF's default, favours longer
         answers).
         ``on_passages`` receives each question's retrieved passages with their prior (posterior None) before
-        decoding starts; ``on_step`` each question's best answer text so far after every decoding step."""
+        decoding starts; ``on_step`` each question's best answer text so far after every decoding step;
+        ``should_stop`` is asked after every step, and True ends decoding with :class:`DecodingStopped`."""
         vocab.check(model, None)
         decoding = decoding or vocab.default_decoding(model)
         vocab.check(model, decoding)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise RaglineError(f"max_new_tokens={max_new_tokens} leaves no room for an answer",
+                               "give max_new_tokens of 1 or more")
+        if not isinstance(beams, int) or beams < 1:
+            raise RaglineError(f"beams={beams} is not a positive number", "give beams of 1 or more")
         k = k or self.k
         if model == vocab.CLOSED_BOOK:
             passages, scores = [[None] for _ in questions], torch.zeros(len(questions), 1)
@@ -121,7 +132,13 @@ class RagModel:
         doc = marginal.doc_log_probs(self.prior_scale * scores)  # (B, K) log p_eta(z|x)
         if on_passages is not None:
             on_passages([_sources(zs, scores[b], doc[b]) for b, zs in enumerate(passages)])
-        texts = None if on_step is None else (lambda best: on_step([self._text(t) for t in best]))
+        def each_step(best: list[list[int]]) -> None:
+            if should_stop is not None and should_stop():
+                raise DecodingStopped("decoding was stopped")
+            if on_step is not None:
+                on_step([self._text(t) for t in best])
+
+        texts = each_step if on_step is not None or should_stop is not None else None
         if model == vocab.RAG_SEQUENCE:
             decoded = rag_sequence_decode(self.generator, questions, passages, doc, beams=beams,
                                           max_new_tokens=max_new_tokens, thorough=decoding == vocab.THOROUGH,

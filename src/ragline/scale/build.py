@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -45,7 +44,7 @@ from ragline.scale.cluster import connect
 from ragline.scale.sharded import FORMAT, FORMAT_VERSION, SHARDS, shard_name
 
 STATE = "sharding.json"
-STATS = "bm25-stats.pkl"
+STATS = "bm25-stats.json"
 
 
 def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
@@ -218,14 +217,14 @@ def _shard_stats(path: str) -> BM25Stats:
 def _corpus_stats(ray, work: Path, state: dict) -> BM25Stats:
     """BM25 statistics of the whole corpus: one Ray task per shard, summed (kept for a resumed build)."""
     if (work / STATS).is_file():
-        return pickle.loads((work / STATS).read_bytes())
+        return BM25Stats.from_json(json.loads((work / STATS).read_text()))
     task = ray.remote(num_cpus=1)(_shard_stats)
     paths = [work / SHARDS / (s["name"] if mf.is_index_dir(work / SHARDS / s["name"]) else f".{s['name']}.building")
              / mf.PASSAGES for s in state["shards"]]
     total = BM25Stats()
     for part in ray.get([task.remote(str(p)) for p in paths]):
         total = total + part
-    atomic.write_bytes(work / STATS, pickle.dumps(total))
+    atomic.write_json(work / STATS, total.to_json())
     return total
 
 

@@ -14,28 +14,40 @@
                            RAG-Token answer tokens coloured by the passage that produced them (no CDN)
 
 Bad requests get a 4xx with ``{"error": ..., "fix": ...}``: 422 for invalid fields (empty question, k out of
-range, unknown model), 404 for an unknown index or passage, 400 for other refusals. Model calls go through
-one worker thread (:mod:`ragline.serve.worker`), which batches questions that arrive together.
+range, unknown model), 404 for an unknown index or passage, 413 for a request over the work budget (generator
+rows x tokens, question tokens), 401 without the API key when the server has one, 400 for other refusals;
+503 with ``Retry-After`` when the queue is full. Model calls go through one worker thread
+(:mod:`ragline.serve.worker`), which batches questions that arrive together within the budget; a request
+whose client goes away is dropped (or its decoding stopped).
+
+With an API key (``ragline serve --api-key``, or ``RAGLINE_API_KEY``), every route but the page itself
+requires ``Authorization: Bearer KEY``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ragline import vocab
 from ragline.errors import RaglineError
 from ragline.index.registry import list_indexes, open_index
 from ragline.rag.model import RagModel
-from ragline.serve.worker import ModelWorker, Settings
+from ragline.serve.budget import Budget, Busy, Settings, TooLarge
+from ragline.serve.worker import ModelWorker
+
+log = logging.getLogger("ragline.serve")
 
 MAX_QUESTION_CHARS = 1000
 MAX_K = 20
@@ -81,10 +93,20 @@ class NotFound(RaglineError):
     """A request for an index or passage that does not exist (404)."""
 
 
-def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8) -> FastAPI:
-    """The API over ``rag`` (its retriever's index is the active one; ``index_root`` holds the others)."""
+STATUS = {NotFound: 404, TooLarge: 413, Busy: 503}
+PUBLIC = frozenset({"/"})  # the page: everything it fetches carries the key
+
+
+def _status(e: RaglineError) -> int:
+    return next((code for kind, code in STATUS.items() if isinstance(e, kind)), 400)
+
+
+def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8, budget: Budget | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """The API over ``rag`` (its retriever's index is the active one; ``index_root`` holds the others), with
+    the work ``budget`` and, when given, an ``api_key`` every route but the page requires."""
     app = FastAPI(title="ragline", version="1", description="Retrieval-Augmented Generation with cited passages.")
-    worker = ModelWorker(rag, max_batch=max_batch)
+    worker = ModelWorker(rag, max_batch=max_batch, budget=budget)
     root = Path(index_root) if index_root else rag.retriever.index.path.parent
     app.state.worker = worker
 
@@ -93,15 +115,48 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
             raise RaglineError("this server has no index", "start it with --index")
         return rag.retriever
 
+    def error(e: RaglineError) -> JSONResponse:
+        headers = {"Retry-After": str(Busy.retry_after)} if isinstance(e, Busy) else None
+        return JSONResponse({"error": e.problem, "fix": e.fix}, status_code=_status(e), headers=headers)
+
+    if api_key:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _require_key(request: Request, call_next):
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path in PUBLIC or hmac.compare_digest(given, expected):
+                return await call_next(request)
+            return JSONResponse({"error": "this server requires an API key",
+                                 "fix": "send the header Authorization: Bearer <key>"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+
     @app.exception_handler(RaglineError)
     async def _ragline_error(request: Request, e: RaglineError) -> JSONResponse:
-        return JSONResponse({"error": e.problem, "fix": e.fix}, status_code=404 if isinstance(e, NotFound) else 400)
+        return error(e)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}"
                              for err in e.errors())
         return JSONResponse({"error": problems, "fix": "see the request schema at /docs"}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:  # unknown route, wrong method
+        return JSONResponse({"error": str(e.detail), "fix": "see the API schema at /docs"}, status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse({"error": f"the server failed on this request ({type(e).__name__})",
+                             "fix": "retry; if it fails again, report it with the server's log"}, status_code=500)
+
+    def submit(req: AskRequest, **callbacks) -> Any:
+        settings = req.settings()
+        tokens = len(rag.generator.tokenizer(req.question, add_special_tokens=False)["input_ids"])
+        cost = worker.budget.check(settings, tokens)
+        return worker.submit(req.question, settings, cost, **callbacks)
 
     page = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 
@@ -115,13 +170,15 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
         return vocab.as_dict()
 
     @app.get("/health")
-    def health() -> dict:
+    def health() -> JSONResponse:
+        """Status (503 when the model worker is down), the active index, the worker's queue and budget."""
         ix = rag.retriever.index if rag.retriever else None
         w = app.state.worker
-        return {"status": "ok", "generator": rag.generator.name,
+        body = {"status": "ok" if w.alive else "down", "generator": rag.generator.name,
                 "index": None if ix is None else {"name": ix.name, "fingerprint": ix.fingerprint, "passages": len(ix),
                                                   "modes": list(ix.modes)},
-                "decoded": {"batches": w.batch_count, "questions": w.question_count}}
+                "decoded": {"batches": w.batch_count, "questions": w.question_count}, "worker": w.status()}
+        return JSONResponse(body, status_code=200 if w.alive else 503)
 
     @app.post("/search")
     def search(req: Question) -> dict:
@@ -146,44 +203,63 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
 
     @app.post("/indexes/active")
     def swap(req: SwapRequest) -> dict:
-        path = root / req.name
-        if "/" in req.name or not (path / "manifest.json").is_file():
+        names = {p.name: p for p, _ in list_indexes(root)}  # only an index listed here, never a path
+        if req.name not in names:
             raise NotFound(f"no index {req.name!r} under {root}", "pick a name from GET /indexes")
-        old = retriever().swap(open_index(path))
+        old = retriever().swap(open_index(names[req.name]))
         return {"active": req.name, "previous": old.name}
 
     @app.post("/ask")
     async def ask(req: AskRequest) -> dict:
-        future = worker.submit(req.question, req.settings())
-        return (await asyncio.wrap_future(future)).to_dict()
+        job = submit(req)
+        try:
+            return (await asyncio.wrap_future(job.future)).to_dict()
+        except asyncio.CancelledError:  # the client went away (or a timeout cancelled the request)
+            job.abandon()
+            raise
 
     @app.post("/ask/stream")
     async def ask_stream(req: AskRequest) -> StreamingResponse:
-        settings = req.settings()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
-        def on_passages(sources: list) -> None:  # once retrieved, from the worker thread
-            loop.call_soon_threadsafe(events.put_nowait, ("passages", {"passages": [asdict(x) for x in sources]}))
+        def post(item: tuple) -> None:  # from the worker thread; a client whose event loop has closed is gone
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:
+                job.abandon()
 
-        def on_step(text: str) -> None:  # after every decoding step, from the worker thread
-            loop.call_soon_threadsafe(events.put_nowait, ("partial", {"text": text}))
+        def on_passages(sources: list) -> None:  # once retrieved
+            post(("passages", {"passages": [asdict(x) for x in sources]}))
 
-        future = worker.submit(req.question, settings, on_step=on_step, on_passages=on_passages)
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, ("end", f)))
+        def on_step(text: str) -> None:  # after every decoding step
+            post(("partial", {"text": text}))
+
+        job = submit(req, on_step=on_step, on_passages=on_passages)
+        job.future.add_done_callback(lambda f: post(("end", f)))
 
         async def stream():
-            while True:
-                kind, data = await events.get()
-                if kind != "end":
-                    yield _sse(kind, data)
-                    continue
-                try:
-                    yield _sse("answer", data.result().to_dict())
-                except RaglineError as e:
-                    yield _sse("error", {"error": e.problem, "fix": e.fix})
-                yield _sse("done", {})
-                return
+            finished = False
+            try:
+                while True:
+                    kind, data = await events.get()
+                    if kind != "end":
+                        yield _sse(kind, data)
+                        continue
+                    finished = True
+                    try:
+                        yield _sse("answer", data.result().to_dict())
+                    except RaglineError as e:
+                        yield _sse("error", {"error": e.problem, "fix": e.fix})
+                    except BaseException as e:  # noqa: BLE001 - the stream always ends with error and done
+                        log.exception("a streamed answer failed")
+                        yield _sse("error", {"error": f"the server failed on this request ({type(e).__name__})",
+                                             "fix": "retry; if it fails again, report it with the server's log"})
+                    yield _sse("done", {})
+                    return
+            finally:
+                if not finished:  # the client left mid-stream: stop decoding for it
+                    job.abandon()
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

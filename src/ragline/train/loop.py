@@ -139,7 +139,8 @@ class Trainer(ABC):
             start = state["step"]
             self.run.truncate_metrics(start)
             self.log(f"resuming {self.run.path} at step {start} of {cfg.steps}")
-        else:
+        else:  # a fresh start: rows of an earlier attempt that left no checkpoint would be logged twice
+            self.run.truncate_metrics(-1)
             self.log(f"training on {len(self.train_set)} examples")
             self.run.log([(0, "validation", name, v) for name, v in self.validate().items()])
         last = math.nan

@@ -48,11 +48,16 @@ class RunDir:
     # --- checkpoints -----------------------------------------------------------------------------------
 
     def latest(self) -> Path | None:
+        """The newest checkpoint on disk. ``latest`` names it after every save; when that name is gone (the
+        file deleted on the advice of an unreadable-checkpoint error, or the pointer lost in a crash) the
+        newest remaining ``step-*.pt`` is taken, never a fresh start over a run that has checkpoints."""
         pointer = self.ckpt_dir / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.ckpt_dir / pointer.read_text().strip()
-        return path if path.is_file() else None
+        if pointer.is_file():
+            path = self.ckpt_dir / pointer.read_text().strip()
+            if path.is_file() and path.parent == self.ckpt_dir:
+                return path
+        found = sorted(self.ckpt_dir.glob("step-*.pt"))
+        return found[-1] if found else None
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write checkpoint ``step`` atomically, point ``latest`` at it, drop all but the newest ``KEEP``."""
@@ -81,7 +86,7 @@ class RunDir:
         if path is None:
             return None
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
         except Exception as e:  # noqa: BLE001 - any unreadable file is the same problem for the user
             raise RaglineError(f"checkpoint {path} cannot be read ({type(e).__name__})",
                                "delete it (the run resumes from the one before) or start a new --out") from None
@@ -163,12 +168,19 @@ class RunDir:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy and torch RNG states as tensors and plain data (loadable with ``weights_only=True``)."""
+    version, keys, gauss = random.getstate()
+    kind, mt, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(keys), gauss],
+            "numpy": [kind, torch.from_numpy(mt.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    kind, mt, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, mt.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
 
 

@@ -1,0 +1,67 @@
+"""What a request asks of the model and the budget that bounds it: torch-free, so the CLI reads its defaults
+without loading a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ragline import vocab
+from ragline.errors import RaglineError
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a request asks of the model; requests with equal settings can share a batch."""
+
+    model: str
+    decoding: str | None
+    k: int
+    mode: str
+    beams: int
+    max_new_tokens: int
+
+    @property
+    def rows(self) -> int:
+        """Generator rows decoding runs at once: a beam per passage (RAG-Sequence, RAG-Token), or per question
+        (closed book); greedy decoding keeps one."""
+        beams = 1 if (self.decoding or vocab.default_decoding(self.model)) == vocab.GREEDY else self.beams
+        return beams * (1 if self.model == vocab.CLOSED_BOOK else self.k)
+
+
+class Busy(RaglineError):
+    """The queue is full: the request is refused now (503) rather than left to wait without bound."""
+
+    retry_after = 5
+
+
+class TooLarge(RaglineError):
+    """A request whose work exceeds the budget (413)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bounds on the work of one request and of one batch, in generator tokens: rows x (prompt + new tokens),
+    with each passage counted as ``passage_tokens`` (a 100-word passage with its title and the template);
+    this is what the key/value cache and the activations grow with."""
+
+    max_request_tokens: int = 24_576
+    max_batch_tokens: int = 98_304
+    max_queue: int = 64
+    max_question_tokens: int = 256
+    passage_tokens: int = 256
+
+    def cost(self, s: Settings, question_tokens: int) -> int:
+        passage = 0 if s.model == vocab.CLOSED_BOOK else self.passage_tokens
+        return s.rows * (question_tokens + passage + s.max_new_tokens)
+
+    def check(self, s: Settings, question_tokens: int) -> int:
+        """The request's cost, or a refusal naming the limit and what to lower."""
+        if question_tokens > self.max_question_tokens:
+            raise TooLarge(f"the question is {question_tokens} tokens long; this server takes at most "
+                           f"{self.max_question_tokens}", "ask a shorter question")
+        cost = self.cost(s, question_tokens)
+        if cost > self.max_request_tokens:
+            raise TooLarge(f"the request needs {s.rows} generator rows x {cost // s.rows} tokens = {cost} tokens; "
+                           f"this server takes at most {self.max_request_tokens} per request",
+                           "lower k, beams or max_new_tokens (or use greedy decoding)")
+        return cost
