@@ -13,12 +13,12 @@ from ragline.corpus.store import PassageStore
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
 from ragline.index.dense import DenseIndex
-from ragline.index.protocol import search_modes
+from ragline.index.protocol import ManifestFacts, search_modes
 from ragline.index.sparse import BM25Index
 
 
 @dataclass
-class IndexDir:
+class IndexDir(ManifestFacts):
     """A complete single index: passage store, embeddings, FAISS and BM25 parts (see :mod:`.manifest`)."""
 
     path: Path
@@ -58,14 +58,6 @@ class IndexDir:
                 raise _corrupt(path, f"the BM25 index holds {out.bm25.ntotal} passages, the manifest says {n}")
         out.modes = search_modes(out.dense, out.bm25)
         return out
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
-
-    @property
-    def name(self) -> str:
-        return self.path.name
 
     def __len__(self) -> int:
         return len(self.store)

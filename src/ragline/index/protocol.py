@@ -75,6 +75,21 @@ class Index(Protocol):
     def __len__(self) -> int: ...
 
 
+class ManifestFacts:
+    """An index's identity as its manifest and directory give it, shared by the index formats."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
 def search_modes(dense: object | None, bm25: object | None) -> tuple[str, ...]:
     """The retrieval modes an index with these parts can serve."""
     have = {vocab.DENSE: dense is not None, vocab.BM25: bm25 is not None,

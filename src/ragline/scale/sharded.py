@@ -34,7 +34,7 @@ from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
 from ragline.index.directory import IndexDir
-from ragline.index.protocol import search_modes
+from ragline.index.protocol import ManifestFacts, search_modes
 from ragline.index.registry import IndexFormat
 from ragline.index.topk import merge_top_k
 from ragline.scale.cluster import connect
@@ -103,7 +103,7 @@ class ShardServer:
         return -1 if row is None else row + self.offset
 
 
-class ShardedIndex:
+class ShardedIndex(ManifestFacts):
     """A sharded index opened on Ray: the :class:`~ragline.index.protocol.Index` of the whole corpus."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], actors: list) -> None:
@@ -126,14 +126,6 @@ class ShardedIndex:
         index = cls(path, manifest, actors)
         index.call("pid", [()] * len(actors))  # every shard opened, or a clear error now
         return index
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
-
-    @property
-    def name(self) -> str:
-        return self.path.name
 
     def __len__(self) -> int:
         return int(self.manifest["corpus"]["passages"])
