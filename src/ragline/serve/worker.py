@@ -9,9 +9,10 @@ retrieval, one decoding). Streaming requests batch like the others: each gets it
 are retrieved, and its own best answer text after every decoding step.
 
 A request whose client has gone (:meth:`Job.abandon`) is dropped before it runs, and a batch all of whose
-clients have gone stops decoding at the next step. The thread survives any exception: a failing batch fails
-its own requests only, and a thread that died anyway is started again by the next request; ``/health`` reports
-whether it is alive, the queue's depth and the budget.
+clients have gone stops decoding at the next step; one that leaves a batch others still wait on is decoded to
+the end of the batch, its events dropped (``abandoned`` counts all three). The thread survives any exception:
+a failing batch fails its own requests only, and a thread that died anyway is started again by the next
+request; ``/health`` reports whether it is alive, the queue's depth and the budget.
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ class ModelWorker:
             return
         finally:
             self.running = 0
+        self.abandoned += sum(j.gone.is_set() for j in batch)  # left while their batch went on for the others
         for j, a in zip(batch, answers, strict=True):
             _settle(j.future, result=a)
 
