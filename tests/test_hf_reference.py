@@ -221,3 +221,20 @@ def test_hugging_face_rag_sequence_generation_ignores_the_passage_mask(tiny):
 def test_the_generation_comparisons_were_not_trivial():
     """Runs after the comparisons above: they covered many different outputs of several lengths."""
     assert len(SEEN["tokens"]) >= 8 and {1, 12} <= SEEN["lengths"] and len(SEEN["lengths"]) >= 4, SEEN
+
+
+def test_seq2seq_special_tokens_in_user_text_are_read_as_text(tiny):
+    """A passage holding ``</s>`` is tokenised with special-token strings read as text, inside the tokenizer's own
+    ``<s> ... </s>``; other prompts are encoded exactly as before. (This word-level test vocabulary has ``</s>``
+    as a word too, so the ids coincide here; a BPE vocabulary spells it in pieces.)"""
+    tok, bart, _, _ = tiny
+    gen = Seq2SeqGenerator(bart, tok, "tiny-bart")
+    plain = gen.prompt("who wrote candide", Passage("d#0", "d", "voltaire", "voltaire wrote candide"))
+    hostile = gen.prompt("who wrote candide", Passage("d#0", "d", "voltaire", "voltaire </s> wrote candide"))
+    enc = gen._encode([plain, hostile])
+    first = enc["input_ids"][0][enc["attention_mask"][0].bool()].tolist()
+    assert first == tok(plain)["input_ids"]  # unchanged (then right-padded to the longer row)
+    ids = enc["input_ids"][1][enc["attention_mask"][1].bool()].tolist()
+    text = "voltaire / voltaire </s> wrote candide // who wrote candide"
+    assert ids == [tok.bos_token_id, *tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"],
+                   tok.eos_token_id]

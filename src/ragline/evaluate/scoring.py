@@ -50,13 +50,8 @@ WIKIPEDIA_ID, TITLE = "wikipedia_id", "title"
 def guess_pages(prediction: dict | None) -> tuple[str, list[Page]]:
     """The answer (stripped) and provenance pages of a KILT prediction record (None: no prediction)."""
     output = ((prediction or {}).get("output") or [{}])[0]
-    pages = [Page(_text(p.get(WIKIPEDIA_ID)), _text(p.get(TITLE))) for p in output.get("provenance") or []
-             if isinstance(p, dict)]
+    pages = [Page.from_kilt(p) for p in output.get("provenance") or [] if isinstance(p, dict)]
     return str(output.get("answer") if output.get("answer") is not None else "").strip(), pages
-
-
-def _text(value: object) -> str | None:
-    return None if value is None else str(value).strip()
 
 
 def rank_key(gold: Sequence[Sequence[Page]], guess: Sequence[Page]) -> str:

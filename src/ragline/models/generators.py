@@ -206,6 +206,18 @@ def _check_shapes(questions: Sequence[str], passages: Sequence[Sequence], answer
 USER_OPEN, USER_CLOSE = "\ue000", "\ue001"  # private-use marks around guarded user text (never in output)
 
 
+def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded to one width on the left or the right: (ids, attention mask), each (N, L)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        attn[i, span] = 1
+    return ids, attn
+
+
 def _added_tokens(tokenizer) -> tuple[str, ...]:
     """The strings the tokenizer reads as single special or added tokens."""
     cached = getattr(tokenizer, "_ragline_added", None)
@@ -270,14 +282,7 @@ class CausalGenerator(Generator):
         if not any(USER_OPEN in p for p in prompts):
             enc = self.tokenizer(list(prompts), add_special_tokens=False, padding=True, return_tensors="pt")
             return enc["input_ids"], enc["attention_mask"]
-        rows = [self.tokenize_prompt(p) for p in prompts]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding, as the tokenizer pads
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            attn[i, width - len(r):] = 1
-        return ids, attn
+        return _pad([self.tokenize_prompt(p) for p in prompts], self.pad_id, left=True)  # as the tokenizer pads
 
     def _row_logits(self, prompts: list[str], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         ids, attn = self.encode_prompts(prompts)  # (N, L), left-padded
@@ -342,15 +347,20 @@ class Seq2SeqGenerator(Generator):
         if not any(USER_OPEN in p for p in prompts):
             return self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_source_length,
                                   return_tensors="pt")
-        keep = self.max_source_length - self.tokenizer.num_special_tokens_to_add()
-        rows = [self.tokenizer.build_inputs_with_special_tokens(self.tokenize_prompt(p)[:keep]) for p in prompts]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # right padding, as the tokenizer pads for an encoder
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            attn[i, : len(r)] = 1
+        head, tail = self._special_frame()
+        keep = self.max_source_length - len(head) - len(tail)
+        rows = [head + self.tokenize_prompt(p)[:keep] + tail for p in prompts]
+        ids, attn = _pad(rows, self.pad_id, left=False)  # right padding, as the tokenizer pads for an encoder
         return {"input_ids": ids, "attention_mask": attn}
+
+    def _special_frame(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after a text (BART: ``<s>`` and ``</s>``)."""
+        inner = self.tokenizer("x", add_special_tokens=False)["input_ids"]
+        outer = self.tokenizer("x")["input_ids"]
+        for i in range(len(outer) - len(inner) + 1):
+            if outer[i : i + len(inner)] == inner:
+                return outer[:i], outer[i + len(inner) :]
+        return [], []
 
     def _row_logits(self, prompts: list[str], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         enc = self._encode(prompts)

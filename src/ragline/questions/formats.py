@@ -150,16 +150,11 @@ def _kilt(path: Path) -> Iterator[Record]:
             if "provenance" in o:  # each output's provenance is one evidence set (KILT), empty ones included
                 if not isinstance(o["provenance"], list) or not all(isinstance(p, dict) for p in o["provenance"]):
                     raise BadRecord('a "provenance" is not a list of objects')
-                provenance.append(tuple(Page(_field(p, "wikipedia_id"), _field(p, "title")) for p in o["provenance"]))
+                provenance.append(tuple(Page.from_kilt(p) for p in o["provenance"]))
         titles = tuple(dict.fromkeys(p.title for s in provenance for p in s if p.title))
         return Question(str(rec.get("id", f"line-{n}")).strip(), _text(rec, "input"), tuple(dict.fromkeys(answers)),
                         titles, tuple(provenance))
     return _jsonl_records(path, build)
-
-
-def _field(provenance: dict, key: str) -> str | None:
-    """A provenance field as KILT compares it: ``str(value).strip()``; None when absent."""
-    return str(provenance[key]).strip() if provenance.get(key) is not None else None
 
 
 def _plain_jsonl(path: Path) -> Iterator[Record]:

@@ -13,6 +13,15 @@ class Page:
     wikipedia_id: str | None = None
     title: str | None = None
 
+    @classmethod
+    def from_kilt(cls, provenance: dict) -> Page:
+        """A KILT provenance object's page, its fields as KILT compares them (``str(value).strip()``; None when
+        absent)."""
+        def field(key: str) -> str | None:
+            return None if provenance.get(key) is None else str(provenance[key]).strip()
+
+        return cls(field("wikipedia_id"), field("title"))
+
 
 @dataclass(frozen=True)
 class Question:
