@@ -146,3 +146,18 @@ def running_server(app) -> Iterator[str]:
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+def app_over_copies(root: Path, index: Path, names: tuple[str, ...] = ("a", "b"), **kwargs):
+    """The HTTP app over copies of ``index`` named ``names`` under ``root`` (the first active), with the tiny
+    generator and k = 3; ``kwargs`` go to ``create_app``."""
+    import shutil
+
+    from ragline.rag.model import RagModel
+    from ragline.retriever import Retriever
+    from ragline.serve.app import create_app
+
+    for name in names:
+        if not (root / name).exists():
+            shutil.copytree(index, root / name)
+    return create_app(RagModel(Retriever(root / names[0]), tiny_generator(), k=3), root, **kwargs)

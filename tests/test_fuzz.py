@@ -3,22 +3,13 @@ on the tiny generator: no request gets a 5xx, and every error body says what wen
 
 import pytest
 import schemathesis
-from conftest import tiny_generator
+from conftest import app_over_copies
 from hypothesis import HealthCheck, settings
 
 
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory, small_index):
-    import shutil
-
-    from ragline.rag.model import RagModel
-    from ragline.retriever import Retriever
-    from ragline.serve.app import create_app
-
-    root = tmp_path_factory.mktemp("fuzz")
-    for name in ("a", "b"):
-        shutil.copytree(small_index, root / name)
-    app = create_app(RagModel(Retriever(root / "a"), tiny_generator(), k=3), root)
+    app = app_over_copies(tmp_path_factory.mktemp("fuzz"), small_index)
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import running_server, tiny_generator
+from conftest import app_over_copies, running_server, tiny_generator
 
 from ragline.errors import RaglineError
 
@@ -106,18 +106,11 @@ def test_the_budget_counts_rows_times_tokens():
 
 @pytest.fixture(scope="module")
 def app_dir(tmp_path_factory, small_index):
-    root = tmp_path_factory.mktemp("hardened")
-    for name in ("a", "b"):
-        shutil.copytree(small_index, root / name)
-    return root
+    return tmp_path_factory.mktemp("hardened"), small_index
 
 
-def _app(root, **kw):
-    from ragline.rag.model import RagModel
-    from ragline.retriever import Retriever
-    from ragline.serve.app import create_app
-
-    return create_app(RagModel(Retriever(root / "a"), tiny_generator(), k=3), root, **kw)
+def _app(where, **kw):
+    return app_over_copies(*where, **kw)
 
 
 def test_http_budget_queue_and_errors(app_dir):
