@@ -3,6 +3,10 @@
 How it measures and what it prints: docs/benchmarks.md (answers.py).
 
     python3 benchmarks/answers.py [--generator qwen2.5-0.5b] [--limit N] [--ks 1,5,10] [--beams 4]
+    python3 benchmarks/answers.py --paper-shapes [--limit N]   # random DPR-base + BART-large: speed only
+
+``--generator`` takes what every command takes: a bundled name, a causal-LM or BART/T5 folder, or a Hugging
+Face RAG checkpoint (its question encoder then searches ``--index``, which must be a DPR index of its size).
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ from pathlib import Path
 
 from ragline import paths
 from ragline.evaluate.metrics import exact_match, token_f1
-from ragline.index.directory import IndexDir
-from ragline.models.generators import CausalGenerator
+from ragline.index import manifest as mf
+from ragline.index.registry import open_index
+from ragline.models.loading import load_generator
 from ragline.questions import dev_questions
 from ragline.rag.model import RagModel
-from ragline.retriever import Retriever
-from ragline.vocab import DEFAULT_PRIOR_SCALE
+from ragline.retriever import open_retriever
 
 
 def run(rag: RagModel, questions, model: str, decoding: str, k: int, beams: int, batch: int, max_new: int,
@@ -49,18 +53,30 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="questions decoded together")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--length-penalty", type=float, default=1.0, help="beam ranking: log p / len ** this")
-    ap.add_argument("--prior-scale", type=float, default=DEFAULT_PRIOR_SCALE, help="p_eta(z|x) = softmax(scale * q·d)")
+    ap.add_argument("--prior-scale", type=float, default=None,
+                    help="p_eta(z|x) = softmax(scale * q·d) (default: the index's own)")
+    ap.add_argument("--paper-shapes", action="store_true",
+                    help="random DPR-base + BART-large-shaped RAG folder over a DPR-shaped index (benchmarks/"
+                         "paper_shapes.py): the paper's architecture at its sizes, for speed only")
     ap.add_argument("--systems", default="closed-book,single-passage,rag-token,rag-seq-thorough,rag-seq-fast")
     ap.add_argument("--predictions", type=Path, default=None, help="write every prediction as JSON lines")
     args = ap.parse_args()
 
-    index = IndexDir.open(args.index)
+    if args.paper_shapes:
+        from paper_shapes import build
+
+        generator, index_dir = build(paths.models_dir() / "paper-shapes")
+        args.generator, args.index = str(generator), index_dir
+    index = open_index(args.index)
     store = index.store
     questions = dev_questions(store.values("title"), store.values("text"), answerable_only=True)[: args.limit]
-    rag = RagModel(Retriever(index), CausalGenerator.load(args.generator), mode="dense", prior_scale=args.prior_scale)
-    print(f"{len(questions)} dev questions with the answer in the corpus; generator {rag.generator.name}; "
-          f"beams {args.beams}, length penalty {args.length_penalty}, prior scale {args.prior_scale}; "
-          f"dense retrieval over {index.name}")
+    loaded = load_generator(args.generator)
+    rag = RagModel(open_retriever(index, None, loaded.question_encoder), loaded.generator, mode="dense",
+                   prior_scale=args.prior_scale)
+    scale = args.prior_scale if args.prior_scale is not None else mf.prior_scale(index.manifest)
+    print(f"{len(questions)} dev questions with the answer in the corpus; generator {rag.generator.name} "
+          f"({loaded.kind}); question encoder {rag.retriever.encoder.name}; beams {args.beams}, length penalty "
+          f"{args.length_penalty}, prior scale {scale}; dense retrieval over {index.name}")
     systems = {"closed-book": ("closed-book", "greedy", [1]), "single-passage": ("rag-token", "greedy", [1]),
                "rag-token": ("rag-token", "beam", None), "rag-token-greedy": ("rag-token", "greedy", None),
                "rag-seq-thorough": ("rag-sequence", "thorough", None),

@@ -43,7 +43,7 @@ def exact_match_on(rag, examples, k: int) -> tuple[float, float]:
 
 
 def rag_phase(args: argparse.Namespace, data: Path, out: Path, generator: str, training: str, steps: int) -> dict:
-    from ragline.models.generators import CausalGenerator
+    from ragline.models.loading import load_generator
     from ragline.rag.model import RagModel
     from ragline.retriever import Retriever
     from ragline.train.rag import RagTrainConfig, RagTrainer, load_trained
@@ -55,15 +55,15 @@ def rag_phase(args: argparse.Namespace, data: Path, out: Path, generator: str, t
                          save_every=steps, seed=0)
     trainer = RagTrainer(cfg, out, progress=False, log=lambda m: print(m, file=sys.stderr))
     val = trainer.val_set
-    before = exact_match_on(RagModel(Retriever(args.index), CausalGenerator.load(generator), k=args.k), val, args.k)
+    before = exact_match_on(RagModel(Retriever(args.index), load_generator(generator).generator, k=args.k), val, args.k)
     t0 = time.perf_counter()
     trainer.run_training()
     seconds = (time.perf_counter() - t0) / steps
     info = load_trained(out)
-    from ragline.models.encoders import TextEncoder
+    from ragline.models.encoders import load_encoder
 
-    retriever = Retriever(args.index, TextEncoder(str(info["question_encoder"])))
-    after = exact_match_on(RagModel(retriever, CausalGenerator.load(str(info["generator"])), k=args.k), val, args.k)
+    retriever = Retriever(args.index, load_encoder(str(info["question_encoder"])))
+    after = exact_match_on(RagModel(retriever, load_generator(str(info["generator"])).generator, k=args.k), val, args.k)
     losses = [r["value"] for r in trainer.run.read_metrics() if r["split"] == "validation" and r["name"] == "loss"]
     return {"train": len(trainer.train_set), "validation": len(val), "steps": steps, "seconds_per_step": seconds,
             "before": {"em": before[0], "f1": before[1]}, "after": {"em": after[0], "f1": after[1]},
@@ -72,7 +72,7 @@ def rag_phase(args: argparse.Namespace, data: Path, out: Path, generator: str, t
 
 def retriever_phase(args: argparse.Namespace, data: Path, out: Path) -> dict:
     from ragline.index.directory import IndexDir
-    from ragline.models.encoders import TextEncoder
+    from ragline.models.encoders import load_encoder
     from ragline.train.retriever import RetrieverTrainConfig, RetrieverTrainer, recall_at
 
     cfg = RetrieverTrainConfig(train=str(data), index=str(args.index), lr=2e-5, batch_size=16,
@@ -85,7 +85,7 @@ def retriever_phase(args: argparse.Namespace, data: Path, out: Path) -> dict:
     t0 = time.perf_counter()
     trainer.run_training()
     seconds = (time.perf_counter() - t0) / cfg.steps
-    enc = TextEncoder(str(out / "final" / "question_encoder"))
+    enc = load_encoder(str(out / "final" / "question_encoder"))
     after = {"validation": recall_at(enc, index, trainer.val_set), "train": recall_at(enc, index, trainer.train_set)}
     return {"train": len(trainer.train_set), "validation": len(trainer.val_set), "steps": cfg.steps,
             "seconds_per_step": seconds, "before": before, "after": after}

@@ -72,7 +72,11 @@ def test_likelihood_trains_generator_and_question_encoder(rag, model):
 def test_prior_is_the_scaled_softmax_of_the_retrieval_scores(rag):
     (a,) = rag.answer([Q], model="rag-token", decoding="greedy", max_new_tokens=4)
     scores = torch.tensor([s.score for s in a.sources])
-    expect = torch.softmax(rag.prior_scale * scores, 0)
+    assert rag.prior_scale is None  # the index's own scale: MiniLM's cosines record 20
+    from ragline.index import manifest as mf
+
+    assert rag.retriever.index.manifest["encoder"]["prior_scale"] == mf.prior_scale(rag.retriever.index.manifest) == 20
+    expect = torch.softmax(20 * scores, 0)
     assert [s.prior for s in a.sources] == pytest.approx(expect.tolist(), abs=1e-5)
     flat = torch.softmax(scores, 0)  # scale 1: cosines in [-1, 1] keep the best passage under half the prior
     assert flat.max() < 0.5 < a.sources[0].prior

@@ -8,7 +8,7 @@ from conftest import SLICE_DOCS, make_encoder_copy
 from ragline.errors import RaglineError
 from ragline.index.build import BuildOptions, build_index
 from ragline.index.directory import IndexDir
-from ragline.models.encoders import BiEncoder, TextEncoder
+from ragline.models.encoders import BiEncoder, TextEncoder, load_encoder
 from ragline.retriever import Retriever
 
 QUESTION = "Who directed the film 2001: A Space Odyssey?"
@@ -124,13 +124,15 @@ def test_swap_to_an_index_of_another_encoder_keeps_the_old_one(small_index, tmp_
     assert r.index.fingerprint == before
 
 
-def test_a_plain_hugging_face_encoder_folder_works(tmp_path):
-    """Any HF encoder folder (no sentence-transformers config) loads, with mean pooling."""
+def test_a_plain_bert_folder_is_read_dpr_style_not_mean_pooled(tmp_path):
+    """A bare BERT folder (no sentence-transformers config) is a DPR-style encoder: the last layer's [CLS]
+    vector, not normalised, with prior scale 1; sentence-transformers would have mean-pooled it silently."""
     import torch
 
     make_encoder_copy(tmp_path / "st", dim=32)
     plain = tmp_path / "st-bert"  # the bare BertModel + tokenizer that make_encoder_copy wrapped
-    enc = TextEncoder(str(plain))
+    enc = load_encoder(str(plain))
+    assert (enc.kind, enc.pooling, enc.normalised, enc.prior_scale) == ("bert-cls", "cls", False, 1.0)
     v = enc.encode(["a question", "another question"])
     assert v.shape == (2, 32) and enc.dim == 32
     from transformers import AutoModel, AutoTokenizer
@@ -139,8 +141,11 @@ def test_a_plain_hugging_face_encoder_folder_works(tmp_path):
     batch = tok(["a question"], return_tensors="pt")
     with torch.no_grad():
         h = model(**batch).last_hidden_state  # (1, T, 32)
+    np.testing.assert_allclose(v[0], h[0, 0].numpy(), rtol=1e-4, atol=1e-5)
     mean = (h * batch["attention_mask"][..., None]).sum(1) / batch["attention_mask"].sum()
-    np.testing.assert_allclose(v[0], mean[0].numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(v[0], mean[0].numpy(), atol=1e-3)
+    with pytest.raises(RaglineError, match="not a sentence-transformers folder"):
+        TextEncoder(str(plain))
 
 
 def test_doc_scores_are_recomputed_with_gradient_to_the_question_encoder(small_index, encoders):
@@ -178,7 +183,7 @@ def test_a_swap_during_retrieval_never_pairs_one_encoders_q_with_another_indexs_
 
     old_index.dense.search = search_then_swap
     try:
-        passages, scores = RagModel(r, generator=None, k=3).retrieve([QUESTION], 3)
+        passages, scores, _ = RagModel(r, generator=None, k=3).retrieve([QUESTION], 3)
     finally:
         old_index.dense.search = search
     assert r.index.name == "foreign" and r.encoder is enc.question

@@ -9,6 +9,7 @@ fails or mixes two indexes.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from ragline.index import manifest as mf
 from ragline.index.hybrid import rrf_fuse
 from ragline.index.protocol import Index
 from ragline.index.registry import open_index
-from ragline.models.encoders import TextEncoder
+from ragline.models.encoders import Encoder, load_encoder
 
 
 @dataclass(frozen=True)
@@ -46,20 +47,21 @@ class Retrieved:
     scores: np.ndarray
     index: Index
     question_vectors: np.ndarray | None = None
-    encoder: TextEncoder | None = None
+    encoder: Encoder | None = None
 
 
 class Retriever:
     """Questions -> top-k passages over one index (any format) with its paired question encoder."""
 
-    def __init__(self, index: Index | str | Path, question_encoder: TextEncoder | None = None, *,
+    def __init__(self, index: Index | str | Path, question_encoder: Encoder | None = None, *,
                  allow_encoder_mismatch: bool = False, bm25_weight: float = vocab.BM25_WEIGHT,
-                 rrf_c: float = vocab.RRF_C) -> None:
+                 rrf_c: float = vocab.RRF_C, device: str | None = None) -> None:
+        """``device`` places the index's own question encoder when none is given (models/device.py)."""
         self.allow_encoder_mismatch = allow_encoder_mismatch
         self.bm25_weight, self.rrf_c = bm25_weight, rrf_c  # hybrid fusion (index/hybrid.py)
         index = open_index(index) if isinstance(index, str | Path) else index
         if question_encoder is None and index.dense is not None:
-            question_encoder = _load_question_encoder(index)
+            question_encoder = _load_question_encoder(index, device)
         self.encoder = question_encoder
         self._check(index)
         self._index = index
@@ -71,17 +73,16 @@ class Retriever:
 
     def _check(self, index: Index) -> None:
         if index.dense is not None and self.encoder is not None:
-            mf.check_question_encoder(index.manifest, self.encoder.dim, self.encoder.paired_with,
-                                      self.encoder.name, self.allow_encoder_mismatch)
+            _check_encoder(index, self.encoder, self.allow_encoder_mismatch)
 
-    def swap(self, index: Index | str | Path, question_encoder: TextEncoder | None = None) -> Index:
+    def swap(self, index: Index | str | Path, question_encoder: Encoder | None = None) -> Index:
         """Make ``index`` the one in use, with ``question_encoder`` if given (an index re-encoded by a newly
         trained passage encoder comes with its own question encoder); returns the previous index. Fails
         (keeping the old pair) if the index does not match the question encoder."""
         new = open_index(index) if isinstance(index, str | Path) else index
         enc = question_encoder or self.encoder
         if new.dense is not None and enc is not None:
-            mf.check_question_encoder(new.manifest, enc.dim, enc.paired_with, enc.name, self.allow_encoder_mismatch)
+            _check_encoder(new, enc, self.allow_encoder_mismatch)
         with self._swap_lock:
             old, self._index, self.encoder = self._index, new, enc
         return old
@@ -92,10 +93,10 @@ class Retriever:
         if index.embeddings is None:
             raise RaglineError(f"index {index.name} has no passage embeddings", "use an index with a dense part")
         d = torch.from_numpy(np.asarray(index.embeddings[rows.reshape(-1)], dtype=np.float32))
-        d = d.view(*rows.shape, -1)  # (B, K, d)
+        d = d.view(*rows.shape, -1).to(question_vectors.device)  # (B, K, d)
         return torch.einsum("bd,bkd->bk", question_vectors.float(), d)
 
-    def snapshot(self) -> tuple[Index, TextEncoder | None]:
+    def snapshot(self) -> tuple[Index, Encoder | None]:
         """The (index, question encoder) pair in use now; a swap never splits it."""
         with self._swap_lock:
             return self._index, self.encoder
@@ -142,13 +143,42 @@ class Retriever:
         return out
 
 
-def _load_question_encoder(index: Index) -> TextEncoder:
+def open_retriever(index: Index | str | Path, query_encoder: str | None = None,
+                   checkpoint_encoder: Encoder | None = None, *, allow_encoder_mismatch: bool = False,
+                   bm25_weight: float = vocab.BM25_WEIGHT, rrf_c: float = vocab.RRF_C,
+                   log: Callable[[str], None] = print, device: str | None = None) -> Retriever:
+    """A retriever over ``index`` with the question encoder every command picks: ``query_encoder`` (a folder or
+    bundled name) if given, else a RAG checkpoint's own (``checkpoint_encoder``), else the index's.
+
+    RAG fine-tunes its question encoder against a frozen passage encoder, so a checkpoint's question encoder
+    is not the one the index was built with and carries no pairing; it is accepted when its output size fits,
+    with a note unless it is the index's own question encoder."""
+    index = open_index(index) if isinstance(index, str | Path) else index
+    enc, allow = None, allow_encoder_mismatch
+    question = (index.manifest.get("encoder") or {}).get("question") or {}
+    if query_encoder:
+        enc = load_encoder(query_encoder, max_seq_length=question.get("max_seq_length", 256), device=device)
+    elif checkpoint_encoder is not None and index.dense is not None:
+        enc = checkpoint_encoder
+        if enc.fingerprint != question.get("fingerprint") and not allow:
+            allow = True
+            log(f"searching index {index.name} with the RAG checkpoint's own question encoder (fine-tuned against "
+                "a frozen passage encoder, so ragline cannot check the pairing); pass --query-encoder to use another")
+    return Retriever(index, enc, allow_encoder_mismatch=allow, bm25_weight=bm25_weight, rrf_c=rrf_c, device=device)
+
+
+def _load_question_encoder(index: Index, device: str | None = None) -> Encoder:
     q = index.manifest["encoder"]["question"]
     try:
-        return TextEncoder(q["source"], max_seq_length=q["max_seq_length"])
+        return load_encoder(q["source"], max_seq_length=q["max_seq_length"], device=device)
     except RaglineError as e:
         raise RaglineError(f"cannot load the question encoder recorded in index {index.name} ({e.problem})",
                            "pass --query-encoder with a compatible encoder") from None
+
+
+def _check_encoder(index: Index, encoder: Encoder, allow_mismatch: bool) -> None:
+    mf.check_question_encoder(index.manifest, encoder.dim, encoder.paired_with, encoder.name, allow_mismatch,
+                              fingerprint=encoder.fingerprint)
 
 
 def _validate(questions: list[str], k: int, mode: str, index: Index) -> None:

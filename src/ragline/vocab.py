@@ -39,8 +39,10 @@ DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_LENGTH_PENALTY = 0.0
 
 # p_eta(z|x) = softmax_k(prior_scale * q(x)·d(z)). 20 suits unit-normalised encoders (MiniLM's cosines, which
-# it was trained on with scale 20); the paper's DPR inner products take 1. An index may record its own.
-DEFAULT_PRIOR_SCALE = 20.0
+# it was trained on with scale 20); the paper's DPR inner products take 1. Every index records the scale that
+# fits its encoder (index/manifest.py: prior_scale), which commands use unless --prior-scale is given.
+DEFAULT_PRIOR_SCALE = 20.0    # unit-normalised vectors (cosines)
+DPR_PRIOR_SCALE = 1.0         # raw inner products (DPR, the paper)
 
 # Hybrid fusion (index/hybrid.py): weight of the BM25 ranking (dense has weight 1) and the RRF constant c.
 RRF_C = 20.0
@@ -50,6 +52,10 @@ HYBRID_DEPTH = 100            # candidates taken from each ranking before fusion
 # Dense index types (index/dense_build.py): exact, HNSW, IVF-PQ, 8-bit scalar, IVF + 8-bit scalar.
 INDEX_TYPES = ("flat", "hnsw", "ivfpq", "sq8", "ivfsq8")
 DEFAULT_INDEX_TYPE = "flat"
+
+# Where models run (models/device.py): auto is a GPU when torch sees one, else the CPU.
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_DEVICE = "auto"
 
 # Retrieval evaluation cut-offs.
 RETRIEVAL_KS = (1, 5, 20, 100)

@@ -21,7 +21,12 @@ from ragline.serve.budget import Budget
 from ragline.vocab import INDEX_TYPES
 
 DEMO_QUESTION = "Who directed the film 2001: A Space Odyssey?"
-GENERATOR_HELP = "Bundled name (qwen2.5-0.5b, smollm2) or a Hugging Face causal LM folder."
+GENERATOR_HELP = ("Bundled name (qwen2.5-0.5b, smollm2), or a Hugging Face folder: a causal LM, a BART/T5 model, or a "
+                  "RAG checkpoint (RagSequenceForGeneration / RagTokenForGeneration: its question encoder and n_docs "
+                  "come with it).")
+K_HELP = "Passages to marginalise over (default: a RAG checkpoint's n_docs, else 5)."
+PRIOR_HELP = ("p(z|x) = softmax(scale * q·d) (default: the index's own, 1 for DPR's inner products, 20 for "
+              "unit-normalised encoders such as MiniLM).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,6 +57,11 @@ def _index_option(f):
                         help="Index directory, single or sharded (default: the bundled Wikipedia leads index).")(f)
 
 
+def _device_option(f):
+    return click.option("--device", type=click.Choice(vocab.DEVICES), default=vocab.DEFAULT_DEVICE, show_default=True,
+                        help="Where the encoders and the generator run (auto: a GPU when torch sees one).")(f)
+
+
 def _query_encoder_option(f):
     return click.option("--query-encoder", default=None,
                         help="Question encoder, e.g. a `ragline train retriever` run's (default: the index's own).")(f)
@@ -79,9 +89,7 @@ def _reader_options(f):
                      type=click.IntRange(1, 1024))(f)
     f = click.option("--length-penalty", default=vocab.DEFAULT_LENGTH_PENALTY, show_default=True, type=float,
                      help="Beam ranking: log p / length ** this (0 ranks by log p; 1 favours longer answers).")(f)
-    f = click.option("--prior-scale", default=vocab.DEFAULT_PRIOR_SCALE, show_default=True, type=float,
-                     help="p(z|x) = softmax(scale * q·d): 20 suits unit-normalised encoders such as MiniLM, "
-                          "1 suits DPR.")(f)
+    f = click.option("--prior-scale", default=None, type=float, help=PRIOR_HELP)(f)
     return click.option("--generator", default=vocab.DEFAULT_GENERATOR, show_default=True, help=GENERATOR_HELP)(f)
 
 
@@ -103,16 +111,21 @@ def _resolve_index(index_dir: Path | None) -> Path:
 
 
 def _open_retriever(index_dir: Path | None, query_encoder: str | None, allow_mismatch: bool = False,
-                    bm25_weight: float = vocab.BM25_WEIGHT, rrf_c: float = vocab.RRF_C):
-    from ragline.index.registry import open_index
-    from ragline.models.encoders import TextEncoder
-    from ragline.retriever import Retriever
+                    bm25_weight: float = vocab.BM25_WEIGHT, rrf_c: float = vocab.RRF_C, checkpoint_encoder=None,
+                    device: str | None = None):
+    from ragline.retriever import open_retriever
 
-    index = open_index(_resolve_index(index_dir))
-    enc = None
-    if query_encoder:
-        enc = TextEncoder(query_encoder, max_seq_length=index.manifest["encoder"]["question"]["max_seq_length"])
-    return Retriever(index, enc, allow_encoder_mismatch=allow_mismatch, bm25_weight=bm25_weight, rrf_c=rrf_c)
+    return open_retriever(_resolve_index(index_dir), query_encoder, checkpoint_encoder,
+                          allow_encoder_mismatch=allow_mismatch, bm25_weight=bm25_weight, rrf_c=rrf_c, log=render.log,
+                          device=device)
+
+
+def _load_generator(name: str, device: str | None, announce: bool = False):
+    from ragline.models.loading import load_generator
+
+    if announce:
+        render.log(f"loading the generator {name}")
+    return load_generator(name, device=device)
 
 
 def _from_run(ctx: click.Context, run_dir: Path | None, settings: dict) -> dict:
@@ -138,15 +151,20 @@ def _from_run(ctx: click.Context, run_dir: Path | None, settings: dict) -> dict:
 
 @cli.command()
 @click.option("--source", default="wiki-leads", show_default=True,
-              help="JSONL file, KILT knowledge-source file, folder of .txt/.md files, or 'wiki-leads' (bundled).")
+              help="JSONL file, KILT knowledge-source file, DPR passage TSV (psgs_w100.tsv), folder of .txt/.md "
+                   "files, or 'wiki-leads' (bundled).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Index directory to write (default: the bundled index location).")
 @click.option("--format", "fmt", type=click.Choice(CORPUS_FORMATS), default="auto", show_default=True)
 @click.option("--index-type", default=vocab.DEFAULT_INDEX_TYPE, show_default=True, type=click.Choice(INDEX_TYPES),
               help="FAISS index type.")
 @click.option("--encoder", default=vocab.DEFAULT_ENCODER, show_default=True,
-              help="Passage encoder: bundled name or model folder.")
-@click.option("--query-encoder", default=None, help="Question encoder (default: the passage encoder).")
+              help="Passage encoder: bundled name, sentence-transformers folder, DPR context encoder or BERT folder.")
+@click.option("--query-encoder", default=None,
+              help="Question encoder, e.g. a DPR question encoder (default: the passage encoder).")
+@click.option("--embeddings", type=click.Path(path_type=Path), default=None,
+              help="Precomputed passage vectors (a .npy file or a folder of .npy shards, float32 or float16, in "
+                   "corpus order) used instead of encoding the corpus.")
 @click.option("--passage-words", default=100, show_default=True, type=click.IntRange(1))
 @click.option("--max-seq-length", default=256, show_default=True, type=click.IntRange(8))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
@@ -165,9 +183,10 @@ def _from_run(ctx: click.Context, run_dir: Path | None, settings: dict) -> dict:
 @click.option("--shards", default=2, show_default=True, type=click.IntRange(1), help="Shards of a --ray build.")
 @click.option("--encode-actors", default=None, type=click.IntRange(1),
               help="Encoder actors of a --ray build (default: one per CPU of the cluster).")
-def index(source, out, fmt, index_type, encoder, query_encoder, passage_words, max_seq_length, batch_size,
+@_device_option
+def index(source, out, fmt, index_type, encoder, query_encoder, embeddings, passage_words, max_seq_length, batch_size,
           chunk_rows, target_recall, no_bm25, no_dense, limit, skip_bad, force, ray_address, shards,
-          encode_actors) -> None:
+          encode_actors, device) -> None:
     """Build an index: passages, dense (FAISS) and BM25. Resumes after an interruption. With --ray, a
     sharded index: Ray Data encodes the shards in parallel, and Ray actors serve them at query time."""
     from ragline.index.build import BuildOptions, build_index
@@ -176,10 +195,13 @@ def index(source, out, fmt, index_type, encoder, query_encoder, passage_words, m
                         encoder=encoder, question_encoder=query_encoder, max_seq_length=max_seq_length,
                         passage_words=passage_words, batch_size=batch_size, chunk_rows=chunk_rows,
                         bm25=not no_bm25, dense=not no_dense, force=force, skip_bad=skip_bad, limit=limit,
-                        target_recall=target_recall)
+                        target_recall=target_recall, embeddings=str(embeddings) if embeddings else None,
+                        device=device)
     if ray_address is None:
         build_index(opts, log=render.log)
         return
+    if embeddings:
+        raise RaglineError("--embeddings builds a single index", "drop --ray, or drop --embeddings to encode on Ray")
     from ragline.scale.build import build_sharded
 
     build_sharded(opts, shards, address=None if ray_address == "local" else ray_address, actors=encode_actors,
@@ -194,9 +216,11 @@ def index(source, out, fmt, index_type, encoder, query_encoder, passage_words, m
 @_mode_option()
 @_retrieval_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
-def search(questions, index_dir, k, mode, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, as_json) -> None:
+@_device_option
+def search(questions, index_dir, k, mode, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, as_json,
+           device) -> None:
     """Print the top-k passages for each QUESTION with their scores."""
-    retriever = _open_retriever(index_dir, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c)
+    retriever = _open_retriever(index_dir, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, device=device)
     results = retriever.search(list(questions), k=k, mode=mode)
     for q, hits in zip(questions, results, strict=True):
         if as_json:
@@ -210,7 +234,7 @@ def search(questions, index_dir, k, mode, query_encoder, allow_encoder_mismatch,
 @click.argument("questions", nargs=-1, required=True)
 @_index_option
 @_model_options
-@click.option("-k", "k", default=vocab.DEFAULT_K, show_default=True, type=int, help="Passages to marginalise over.")
+@click.option("-k", "k", default=None, type=click.IntRange(1), help=K_HELP)
 @_mode_option()
 @_reader_options
 @click.option("--n-best", default=1, show_default=True, type=click.IntRange(1, 64),
@@ -220,20 +244,23 @@ def search(questions, index_dir, k, mode, query_encoder, allow_encoder_mismatch,
               help="A finished `ragline train rag` run: its trained models and the settings it trained with "
                    "(model, k, prior scale, mode, index), unless given here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full answer structure as JSON lines.")
+@_device_option
 @click.pass_context
 def ask(ctx, questions, index_dir, model_name, decoding, k, mode, generator, beams, max_new_tokens, length_penalty,
-        prior_scale, n_best, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, run_dir, as_json) -> None:
+        prior_scale, n_best, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, run_dir, as_json,
+        device) -> None:
     """Answer each QUESTION with RAG and print the answer with its cited passages."""
-    from ragline.models.generators import CausalGenerator
     from ragline.rag.model import RagModel
 
     s = _from_run(ctx, run_dir, {"generator": generator, "model_name": model_name, "k": k, "prior_scale": prior_scale,
                                  "mode": mode, "index_dir": index_dir, "query_encoder": query_encoder})
     vocab.check(s["model_name"], decoding)
+    loaded = _load_generator(s["generator"], device)
     retriever = None
     if s["model_name"] != vocab.CLOSED_BOOK:
-        retriever = _open_retriever(s["index_dir"], s["query_encoder"], allow_encoder_mismatch, bm25_weight, rrf_c)
-    rag = RagModel(retriever, CausalGenerator.load(s["generator"]), k=s["k"], mode=s["mode"],
+        retriever = _open_retriever(s["index_dir"], s["query_encoder"], allow_encoder_mismatch, bm25_weight, rrf_c,
+                                    loaded.question_encoder, device)
+    rag = RagModel(retriever, loaded.generator, k=s["k"] or loaded.n_docs or vocab.DEFAULT_K, mode=s["mode"],
                    prior_scale=s["prior_scale"])
     for a in rag.answer(list(questions), model=s["model_name"], decoding=decoding, beams=beams,
                         max_new_tokens=max_new_tokens, length_penalty=length_penalty, n_best=n_best):
@@ -254,13 +281,14 @@ def ask(ctx, questions, index_dir, model_name, decoding, k, mode, generator, bea
 @_retrieval_options
 @_skip_bad_option
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the metrics as JSON.")
+@_device_option
 def eval_retrieval(index_dir, questions, modes, ks, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c,
-                   skip_bad, json_out) -> None:
+                   skip_bad, json_out, device) -> None:
     """R-precision, recall@k, precision@k and success rate of the gold pages, as KILT scores provenance."""
     from ragline import atomic
     from ragline.evaluate.retrieval import evaluate_retrieval, load_retrieval_questions
 
-    retriever = _open_retriever(index_dir, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c)
+    retriever = _open_retriever(index_dir, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, device=device)
     qs, note = load_retrieval_questions(questions, retriever.index, skip_bad)
     render.log(note)
     ks = sorted(set(ks or vocab.RETRIEVAL_KS))
@@ -277,6 +305,7 @@ def eval_retrieval(index_dir, questions, modes, ks, query_encoder, allow_encoder
 
 
 def _eval_options(f):
+    f = _device_option(f)
     f = _reader_options(f)
     f = _query_encoder_option(f)
     f = click.option("--limit", type=click.IntRange(1), default=None, help="The first N questions only.")(f)
@@ -291,23 +320,23 @@ def _eval_options(f):
 @click.option("--format", "fmt", default=None, help="Task file format (default: detected from the file).")
 @_index_option
 @_model_options
-@click.option("-k", "k", default=vocab.DEFAULT_K, show_default=True, type=click.IntRange(1, 100))
+@click.option("-k", "k", default=None, type=click.IntRange(1, 100), help=K_HELP)
 @_mode_option()
 @_eval_options
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Run directory (rerun with the same settings to resume).")
 @_skip_bad_option
 def eval_cmd(task, fmt, index_dir, model_name, decoding, k, mode, generator, beams, max_new_tokens, length_penalty,
-             prior_scale, query_encoder, limit, batch, out, skip_bad) -> None:
+             prior_scale, query_encoder, limit, batch, out, skip_bad, device) -> None:
     """Answer a task's questions into a run directory: KILT-format predictions and a report."""
     from ragline.evaluate.answers import EvalConfig, run_eval
     from ragline.evaluate.report import markdown
 
     vocab.check(model_name, decoding)
     cfg = EvalConfig(task=task, format=fmt, index=str(index_dir) if index_dir else None, model=model_name,
-                     decoding=decoding, k=1 if model_name == vocab.CLOSED_BOOK else k, mode=mode, generator=generator,
+                     decoding=decoding, k=k, mode=mode, generator=generator,
                      beams=beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
-                     prior_scale=prior_scale, limit=limit, batch=batch, query_encoder=query_encoder)
+                     prior_scale=prior_scale, limit=limit, batch=batch, query_encoder=query_encoder, device=device)
     report = run_eval(cfg, Path(out), skip_bad=skip_bad, log=render.log)
     render.markdown(markdown(report))
 
@@ -350,14 +379,14 @@ def compare(runs, png) -> None:
 @click.option("--task", default="fanoutqa-dev", show_default=True,
               help="The task every run answers ('fanoutqa-dev-answerable': the 35 answerable dev questions).")
 def report(index_dir, generator, beams, max_new_tokens, length_penalty, prior_scale, query_encoder, limit, batch,
-           out, task) -> None:
+           out, task, device) -> None:
     """The comparison report: closed book, RAG-Token, RAG-Sequence fast and thorough at k = 1, 5, 10, and
     BM25 / dense / hybrid retrieval, each a resumable run under OUT, then OUT/README.md and OUT/comparison.png."""
     from ragline.evaluate.answers import EvalConfig, run_report
 
     base = EvalConfig(task=task, index=str(index_dir) if index_dir else None, generator=generator, beams=beams,
                       max_new_tokens=max_new_tokens, length_penalty=length_penalty, prior_scale=prior_scale,
-                      limit=limit, batch=batch, query_encoder=query_encoder)
+                      limit=limit, batch=batch, query_encoder=query_encoder, device=device)
     render.markdown(run_report(base, Path(out), log=render.log))
 
 
@@ -372,7 +401,7 @@ def report(index_dir, generator, beams, max_new_tokens, length_penalty, prior_sc
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 64),
               help="Questions arriving together with the same settings are decoded in one batch of at most this.")
-@click.option("--prior-scale", default=vocab.DEFAULT_PRIOR_SCALE, show_default=True, type=float)
+@click.option("--prior-scale", default=None, type=float, help=PRIOR_HELP)
 @click.option("--api-key", envvar="RAGLINE_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every route but the page (also from RAGLINE_API_KEY).")
 @click.option("--max-request-tokens", default=Budget.max_request_tokens, show_default=True, type=click.IntRange(1),
@@ -381,15 +410,15 @@ def report(index_dir, generator, beams, max_new_tokens, length_penalty, prior_sc
               help="Work one batch may hold, in the same tokens.")
 @click.option("--max-queue", default=Budget.max_queue, show_default=True, type=click.IntRange(1),
               help="Requests waiting at most; more are refused with 503 and Retry-After.")
+@_device_option
 @click.pass_context
 def serve(ctx, index_dir, generator, query_encoder, run_dir, host, port, max_batch, prior_scale, api_key,
-          max_request_tokens, max_batch_tokens, max_queue) -> None:
+          max_request_tokens, max_batch_tokens, max_queue, device) -> None:
     """Serve the HTTP API (POST /ask, /ask/stream, /search; GET /passages/ID, /indexes, /health) and the page."""
     import ipaddress
 
     import uvicorn
 
-    from ragline.models.generators import CausalGenerator
     from ragline.rag.model import RagModel
     from ragline.serve.app import create_app
 
@@ -404,9 +433,10 @@ def serve(ctx, index_dir, generator, query_encoder, run_dir, host, port, max_bat
 
     s = _from_run(ctx, run_dir, {"generator": generator, "prior_scale": prior_scale, "index_dir": index_dir,
                                  "query_encoder": query_encoder})
-    retriever = _open_retriever(s["index_dir"], s["query_encoder"])
-    render.log(f"loading the generator {s['generator']}")
-    rag = RagModel(retriever, CausalGenerator.load(s["generator"]), prior_scale=s["prior_scale"])
+    loaded = _load_generator(s["generator"], device, announce=True)
+    retriever = _open_retriever(s["index_dir"], s["query_encoder"], checkpoint_encoder=loaded.question_encoder,
+                                device=device)
+    rag = RagModel(retriever, loaded.generator, k=loaded.n_docs or vocab.DEFAULT_K, prior_scale=s["prior_scale"])
     render.log(f"serving index {retriever.index.name} on http://{host}:{port} (API schema at /docs)")
     budget = Budget(max_request_tokens=max_request_tokens, max_batch_tokens=max_batch_tokens, max_queue=max_queue)
     app = create_app(rag, max_batch=max_batch, budget=budget, api_key=api_key)
@@ -425,7 +455,7 @@ def train() -> None:
 @click.option("--generator", default=vocab.TRAINING_GENERATOR, show_default=True, help=GENERATOR_HELP)
 @click.option("--model", "model_name", type=click.Choice(vocab.RAG_MODELS), default=vocab.DEFAULT_MODEL,
               show_default=True)
-@click.option("-k", "k", default=vocab.DEFAULT_K, show_default=True, type=click.IntRange(1, 50))
+@click.option("-k", "k", default=None, type=click.IntRange(1, 50), help=K_HELP)
 @click.option("--generator-training", type=click.Choice(["full", "lora", "frozen"]), default="full", show_default=True)
 @click.option("--lora-r", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--lora-alpha", default=16, show_default=True, type=click.IntRange(1))
@@ -440,7 +470,7 @@ def train() -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--prior-scale", default=vocab.DEFAULT_PRIOR_SCALE, show_default=True, type=float)
+@click.option("--prior-scale", default=None, type=float, help=PRIOR_HELP)
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--val-limit", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--eval-every", default=20, show_default=True, type=click.IntRange(1))
@@ -448,10 +478,11 @@ def train() -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Run directory (rerun the same command to resume after an interruption).")
 @_skip_bad_option
+@_device_option
 def train_rag(train_spec, index_dir, generator, model_name, k, generator_training, lora_r, lora_alpha,
               freeze_question_encoder, lr, question_encoder_lr, batch_size, accumulation, steps, warmup, clip, seed,
               precision, label_smoothing, prior_scale, val_fraction, val_limit, eval_every, save_every, out,
-              skip_bad) -> None:
+              skip_bad, device) -> None:
     """Fine-tune the question encoder and the generator on the marginal likelihood (index frozen)."""
     from ragline.train.rag import RagTrainConfig, RagTrainer
 
@@ -461,7 +492,7 @@ def train_rag(train_spec, index_dir, generator, model_name, k, generator_trainin
                          question_encoder_lr=question_encoder_lr, batch_size=batch_size, accumulation=accumulation,
                          steps=steps, warmup=warmup, clip=clip, seed=seed, precision=precision,
                          label_smoothing=label_smoothing, prior_scale=prior_scale, val_fraction=val_fraction,
-                         val_limit=val_limit, eval_every=eval_every, save_every=save_every)
+                         val_limit=val_limit, eval_every=eval_every, save_every=save_every, device=device)
     result = RagTrainer(cfg, Path(out), log=render.log, skip_bad=skip_bad).run_training()
     render.console.print(f"trained {result['steps']} steps (last loss {result['last_loss']:.4f}); "
                          f"models in {result['final']}; "
@@ -478,8 +509,8 @@ def train_rag(train_spec, index_dir, generator, model_name, k, generator_trainin
               help="Where the re-encoded index goes (default OUT/index).")
 @click.option("--hard-negatives", default=1, show_default=True, type=click.IntRange(0, 16),
               help="BM25 hard negatives per question, besides the in-batch negatives.")
-@click.option("--scale", default=vocab.DEFAULT_PRIOR_SCALE, show_default=True, type=float,
-              help="Score scale s in softmax(s q·d).")
+@click.option("--scale", default=None, type=float,
+              help="Score scale s in softmax(s q·d) (default: the index's prior scale, 1 for DPR, 20 for MiniLM).")
 @click.option("--lr", default=2e-5, show_default=True, type=float)
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--accumulation", default=1, show_default=True, type=click.IntRange(1))
@@ -491,8 +522,10 @@ def train_rag(train_spec, index_dir, generator, model_name, k, generator_trainin
 @click.option("--save-every", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory (rerun to resume).")
 @_skip_bad_option
+@_device_option
 def train_retriever(train_spec, index_dir, train_passage_encoder, new_index, hard_negatives, scale, lr, batch_size,
-                    accumulation, steps, warmup, seed, val_fraction, eval_every, save_every, out, skip_bad) -> None:
+                    accumulation, steps, warmup, seed, val_fraction, eval_every, save_every, out, skip_bad,
+                    device) -> None:
     """DPR training of the question (and optionally passage) encoder with in-batch + BM25 hard negatives."""
     from ragline.train.retriever import RetrieverTrainConfig, RetrieverTrainer
 
@@ -501,7 +534,7 @@ def train_retriever(train_spec, index_dir, train_passage_encoder, new_index, har
                                new_index=str(new_index) if new_index else None, hard_negatives=hard_negatives,
                                scale=scale, lr=lr, batch_size=batch_size, accumulation=accumulation, steps=steps,
                                warmup=warmup, seed=seed, val_fraction=val_fraction, eval_every=eval_every,
-                               save_every=save_every)
+                               save_every=save_every, device=device)
     result = RetrieverTrainer(cfg, Path(out), log=render.log, skip_bad=skip_bad).run_training()
     render.console.print(f"trained {result['steps']} steps (last loss {result['last_loss']:.4f}); encoders in "
                   f"{result['final']}; search with `ragline search --query-encoder {result['final']}/question_encoder`")
@@ -516,6 +549,20 @@ def train_fanoutqa(out) -> None:
     examples = read_examples("fanoutqa-dev")
     write_examples(Path(out), examples)
     render.console.print(f"wrote {len(examples)} examples to {out}", markup=False)
+
+
+@cli.command()
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True,
+              help="A finished `ragline train rag` run with a BART/T5 generator and a DPR question encoder.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The Hugging Face RAG folder to write.")
+def export(run_dir, out) -> None:
+    """Write a trained run as a Hugging Face RAG checkpoint (RagSequenceForGeneration or RagTokenForGeneration,
+    as the run trained) that transformers loads with from_pretrained."""
+    from ragline.train.rag import export_run
+
+    folder = export_run(Path(run_dir), Path(out), log=render.log)
+    render.console.print(f"wrote {folder}; load it with transformers' Rag*ForGeneration.from_pretrained or "
+                         f"`ragline ask --generator {folder}`", markup=False)
 
 
 @cli.command()
@@ -537,21 +584,22 @@ def indexes(root) -> None:
 @click.option("--generator", default=vocab.DEFAULT_GENERATOR, show_default=True, help=GENERATOR_HELP)
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Build the default index from the first N documents only (a quick look).")
-def demo(question, k, mode, model_name, generator, limit) -> None:
+@_device_option
+def demo(question, k, mode, model_name, generator, limit, device) -> None:
     """The main job on the embedded default: build the bundled index if missing, then answer a question
     with RAG and print the answer with its sources."""
     from ragline.index.build import BuildOptions, build_index
     from ragline.index.manifest import is_index_dir
-    from ragline.models.generators import CausalGenerator
     from ragline.rag.model import RagModel
 
     out = paths.default_index_dir()
     if not is_index_dir(out):
         render.log(f"building the default index of the bundled Wikipedia leads at {out} "
                    "(a few minutes on 2 cores; interrupt and rerun to resume)")
-        build_index(BuildOptions(source="wiki-leads", out=out, limit=limit), log=render.log)
-    retriever = _open_retriever(out, None)
-    render.log(f"loading the generator {generator} (the first use converts the bundled weights once)")
-    rag = RagModel(retriever, CausalGenerator.load(generator), k=k, mode=mode)
+        build_index(BuildOptions(source="wiki-leads", out=out, limit=limit, device=device), log=render.log)
+    render.log("the first use of a bundled generator converts its weights once")
+    loaded = _load_generator(generator, device, announce=True)
+    retriever = _open_retriever(out, None, checkpoint_encoder=loaded.question_encoder, device=device)
+    rag = RagModel(retriever, loaded.generator, k=k, mode=mode)
     for a in rag.answer([question], model=model_name):
         render.answer(a)

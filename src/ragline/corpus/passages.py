@@ -30,7 +30,12 @@ def split_words(text: str, max_words: int = DEFAULT_WORDS) -> list[str]:
 
 
 def split_documents(docs: Iterable[Document], max_words: int = DEFAULT_WORDS) -> Iterator[Passage]:
+    """The passages of ``docs``: ``<id>#<n>`` chunks, or the record itself when it already is one passage
+    (DPR's passages keep DPR's id; their document is their page title)."""
     for doc in docs:
+        if doc.passage:
+            yield Passage(doc.id, doc.title or doc.id, doc.title, doc.text)
+            continue
         for i, chunk in enumerate(split_words(doc.text, max_words)):
             yield Passage(f"{doc.id}#{i}", doc.id, doc.title, chunk)
 

@@ -1,4 +1,5 @@
-"""Read documents from JSONL, the KILT knowledge source, folders of text files, or the bundled corpus.
+"""Read documents from JSONL, the KILT knowledge source, DPR's passage TSV, folders of text files, or the
+bundled corpus.
 
 Every reader yields :class:`Document` in file order. Bad records raise :class:`RaglineError` naming the
 file, the line and the fix; with ``skip_bad=True`` they are skipped and counted in ``ReadStats``.
@@ -6,6 +7,7 @@ file, the line and the fix; with ``skip_bad=True`` they are skipped and counted 
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import re
@@ -15,18 +17,21 @@ from pathlib import Path
 
 from ragline.errors import RaglineError
 
-FORMATS = ("auto", "jsonl", "kilt", "text", "wiki-leads")
+FORMATS = ("auto", "jsonl", "kilt", "dpr-tsv", "text", "wiki-leads")
+DPR_TSV_HEADER = ["id", "text", "title"]  # psgs_w100.tsv's first line
 BUNDLED_SOURCES = ("wiki-leads",)
 TEXT_SUFFIXES = (".txt", ".md")
 
 
 @dataclass(frozen=True)
 class Document:
-    """One document of a corpus: its id, title and text."""
+    """One document of a corpus: its id, title and text. ``passage`` marks a record that is already one passage
+    (DPR's psgs_w100): it is kept whole, under its own id."""
 
     id: str
     title: str
     text: str
+    passage: bool = False
 
 
 @dataclass
@@ -64,6 +69,9 @@ def detect_format(source: str | Path) -> str:
         )
     if path.is_dir():
         return "text"
+    with open(path, encoding="utf-8", errors="replace") as f:
+        if f.readline().rstrip("\r\n").split("\t") == DPR_TSV_HEADER:  # psgs_w100.tsv, whatever its name
+            return "dpr-tsv"
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
         with open(path, encoding="utf-8") as f:
             for line in f:
@@ -78,7 +86,8 @@ def detect_format(source: str | Path) -> str:
         return "text"
     raise RaglineError(
         f"cannot tell the format of {path} (suffix {path.suffix or 'none'})",
-        "pass --format jsonl|kilt|text, or name the file .jsonl",
+        "pass --format jsonl|kilt|dpr-tsv|text, name the file .jsonl, or start a DPR passage file with the "
+        "header line id<TAB>text<TAB>title",
     )
 
 
@@ -92,20 +101,45 @@ def read_corpus(
     if fmt == "auto":
         fmt = detect_format(source)
     stats = stats if stats is not None else ReadStats()
-    reader = {"jsonl": _read_jsonl, "kilt": _read_kilt, "text": _read_text_dir, "wiki-leads": _read_wiki_leads}[fmt]
-    seen: set[str] = set()
+    reader = {"jsonl": _read_jsonl, "kilt": _read_kilt, "dpr-tsv": _read_dpr_tsv, "text": _read_text_dir,
+              "wiki-leads": _read_wiki_leads}[fmt]
+    seen = IdSet()
     for doc in reader(source, skip_bad, stats):
         if limit is not None and stats.documents >= limit:
             return
-        if doc.id in seen:
+        if not seen.add(doc.id):
             _bad(stats, skip_bad, f"{source}: document id {doc.id!r} appears twice",
                  "give every document a unique id (passage ids are derived from it)")
             continue
-        seen.add(doc.id)
         stats.documents += 1
         yield doc
     if stats.documents == 0:
         raise RaglineError(f"corpus {source} holds no usable document", "check the file and its --format")
+
+
+class IdSet:
+    """The ids seen so far. Integer ids (DPR's 1..21,015,324) take one bit each in a bitmap, so a corpus of
+    tens of millions of numbered passages is checked in a few MiB; other ids are kept in a set."""
+
+    def __init__(self) -> None:
+        self._bits = bytearray()
+        self._other: set[str] = set()
+
+    def add(self, doc_id: str) -> bool:
+        """Record ``doc_id``; False if it was already there."""
+        if doc_id.isascii() and doc_id.isdigit() and (doc_id == "0" or doc_id[0] != "0") and len(doc_id) < 10:
+            n = int(doc_id)
+            byte, bit = divmod(n, 8)
+            if byte >= len(self._bits):
+                self._bits.extend(bytes(max(byte + 1 - len(self._bits), len(self._bits))))
+            if self._bits[byte] >> bit & 1:
+                return False
+            self._bits[byte] |= 1 << bit
+            return True
+        if doc_id in self._other:
+            return False
+        self._other.add(doc_id)
+        return True
 
 
 def _bad(stats: ReadStats, skip_bad: bool, problem: str, fix: str) -> None:
@@ -203,6 +237,30 @@ def _read_kilt(path: str | Path, skip_bad: bool, stats: ReadStats, span: Span = 
             _bad(stats, skip_bad, f"{path}:{n}: KILT page {wid} has no text paragraphs", "remove the record")
             continue
         yield Document(str(wid), str(title).strip(), "\n".join(body))
+
+
+def _read_dpr_tsv(path: str | Path, skip_bad: bool, stats: ReadStats) -> Iterator[Document]:
+    """DPR's passage file (psgs_w100.tsv): a header ``id<TAB>text<TAB>title``, then one passage per row, fields
+    quoted as the csv module writes them. Streamed row by row; each row is one passage, kept whole under
+    DPR's id (the pid that NQ's gold data and DPR's tools refer to), its title as the document id."""
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.reader(f, delimiter="\t")
+        header = next(rows, None)
+        if header != DPR_TSV_HEADER:
+            raise RaglineError(f"{path}: the first line is {header!r}, not DPR's header id<TAB>text<TAB>title",
+                               "give a psgs_w100-style file, or another --format")
+        for row in rows:
+            n = rows.line_num
+            if len(row) != 3:
+                _bad(stats, skip_bad, f"{path}:{n}: {len(row)} fields, DPR's passage rows have 3 (id, text, title)",
+                     "fix or remove that row")
+                continue
+            pid, text, title = row[0].strip(), row[1], row[2]  # text and title as DPR (and HF's wiki_dpr) have them
+            if not pid or not text.strip():
+                _bad(stats, skip_bad, f"{path}:{n}: a passage without {'an id' if not pid else 'text'}",
+                     "fix or remove that row")
+                continue
+            yield Document(pid, title, text, passage=True)
 
 
 def _read_text_dir(path: str | Path, skip_bad: bool, stats: ReadStats) -> Iterator[Document]:

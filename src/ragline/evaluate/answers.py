@@ -26,6 +26,7 @@ from ragline.errors import RaglineError
 from ragline.evaluate.report import compare, write_report
 from ragline.evaluate.retrieval import cited_pages
 from ragline.evaluate.scoring import score_run
+from ragline.index import manifest as mf
 from ragline.index.protocol import Index
 from ragline.questions import Task, dev_questions, load_task
 from ragline.questions.fanoutqa import BUNDLED_TASKS, DEV, DEV_ANSWERABLE, check_bundled
@@ -40,16 +41,29 @@ class EvalConfig:
     index: str | None = None            # index directory (default: the bundled index)
     model: str = vocab.DEFAULT_MODEL
     decoding: str | None = None         # default: the model's first (vocab.DECODINGS)
-    k: int = vocab.DEFAULT_K
+    k: int | None = None                # default: a RAG checkpoint's n_docs, else vocab.DEFAULT_K
     mode: str = vocab.DEFAULT_MODE
-    generator: str = "qwen2.5-0.5b"
+    generator: str = vocab.DEFAULT_GENERATOR  # bundled name, causal or seq2seq folder, or RAG checkpoint
     beams: int = vocab.DEFAULT_BEAMS
     max_new_tokens: int = vocab.DEFAULT_MAX_NEW_TOKENS
     length_penalty: float = vocab.DEFAULT_LENGTH_PENALTY
-    prior_scale: float = vocab.DEFAULT_PRIOR_SCALE
+    prior_scale: float | None = None    # default: the index's (index/manifest.py: prior_scale)
     limit: int | None = None            # first N questions only
     batch: int = 4
     query_encoder: str | None = None    # a trained question encoder (default: the index's own)
+    device: str = vocab.DEFAULT_DEVICE  # auto | cpu | cuda (models/device.py); not part of a run's identity
+
+
+def settled(cfg: EvalConfig, index: Index | None) -> EvalConfig:
+    """``cfg`` with the defaults that depend on the generator and the index filled in: k (a RAG checkpoint's
+    n_docs) and the prior scale (the index's), so that a run records the values it used."""
+    from ragline.models.loading import generator_defaults
+
+    k = cfg.k or generator_defaults(cfg.generator).get("k") or vocab.DEFAULT_K
+    scale = cfg.prior_scale
+    if scale is None:
+        scale = mf.prior_scale(index.manifest) if index is not None else vocab.DEFAULT_PRIOR_SCALE
+    return replace(cfg, k=1 if cfg.model == vocab.CLOSED_BOOK else k, prior_scale=scale)
 
 
 def load_eval_task(cfg: EvalConfig, index: Callable[[], Index], skip_bad: bool = False) -> Task:
@@ -112,19 +126,19 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
 
     from ragline import paths
     from ragline.index.registry import open_index
-    from ragline.models.encoders import TextEncoder
-    from ragline.models.generators import CausalGenerator
+    from ragline.models.loading import load_generator
     from ragline.rag.model import RagModel
-    from ragline.retriever import Retriever
+    from ragline.retriever import open_retriever
 
     index = None
     if cfg.model != vocab.CLOSED_BOOK or cfg.task in BUNDLED_TASKS:
         index = open_index(cfg.index or paths.default_index_dir())
+    cfg = settled(cfg, index)
     task = load_eval_task(cfg, lambda: index, skip_bad)
     # what the answers depend on besides the settings: a rebuilt index or an edited task file is another run
     identity = {**asdict(cfg), "index_fingerprint": index.fingerprint if index is not None else None,
                 "task_fingerprint": task_fingerprint(task)}
-    runconfig.prepare(out, identity, ignore=("batch",))  # the batch size does not change answers
+    runconfig.prepare(out, identity, ignore=("batch", "device"))  # a run may resume with another batch or device
     for msg in task.skipped:
         log(f"skipped {msg}")
     preds_path = out / "predictions.jsonl"
@@ -133,15 +147,11 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
     if todo:
         log(f"{len(done)} of {len(task.questions)} questions already answered in {out}" if done else
             f"answering {len(task.questions)} questions of {task.name} into {out}")
+        loaded = load_generator(cfg.generator, device=cfg.device)
         retriever = None
         if cfg.model != vocab.CLOSED_BOOK:
-            enc = None
-            if cfg.query_encoder:
-                max_len = index.manifest["encoder"]["question"]["max_seq_length"]
-                enc = TextEncoder(cfg.query_encoder, max_seq_length=max_len)
-            retriever = Retriever(index, enc)
-        rag = RagModel(retriever, CausalGenerator.load(cfg.generator), k=cfg.k, mode=cfg.mode,
-                       prior_scale=cfg.prior_scale)
+            retriever = open_retriever(index, cfg.query_encoder, loaded.question_encoder, log=log, device=cfg.device)
+        rag = RagModel(retriever, loaded.generator, k=cfg.k, mode=cfg.mode, prior_scale=cfg.prior_scale)
         with open(preds_path, "a", encoding="utf-8") as f, \
                 tqdm(total=len(task.questions), initial=len(done), disable=not progress, unit="q") as bar:
             for lo in range(0, len(todo), cfg.batch):

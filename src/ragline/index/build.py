@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 import ragline
 from ragline import atomic
-from ragline.corpus.passages import DEFAULT_WORDS, encoder_text, split_documents
+from ragline.corpus.passages import DEFAULT_WORDS, split_documents
 from ragline.corpus.readers import ReadStats, detect_format, read_corpus
 from ragline.corpus.store import PassageStore, PassageStoreWriter
 from ragline.errors import RaglineError
@@ -30,7 +31,7 @@ from ragline.index import dense_build
 from ragline.index import manifest as mf
 from ragline.index.registry import list_indexes
 from ragline.index.sparse import BM25Index, BM25Stats
-from ragline.models.encoders import BiEncoder
+from ragline.models.encoders import BiEncoder, Encoder
 
 STATE = "build-state.json"
 
@@ -54,6 +55,8 @@ class BuildOptions:
     force: bool = False
     skip_bad: bool = False
     limit: int | None = None
+    embeddings: str | None = None     # precomputed d(z): a .npy file or a folder of .npy shards, in corpus order
+    device: str | None = None         # where the encoders run (models/device.py; None: auto)
     target_recall: float = 0.95
     hnsw_m: int = 32
     progress: bool = True
@@ -70,8 +73,8 @@ def build_index(opts: BuildOptions, encoders: BiEncoder | None = None,
         t_ingest = time.perf_counter() - t0
         log(f"corpus: {stats.documents} documents -> {n} passages of <= {opts.passage_words} words"
             + (f" ({stats.skipped} bad records skipped)" if stats.skipped else ""))
-        encoders = encoders if encoders is not None else (
-            BiEncoder.load(opts.encoder, opts.question_encoder, opts.max_seq_length) if opts.dense else None)
+        if encoders is None and opts.dense:
+            encoders = BiEncoder.load(opts.encoder, opts.question_encoder, opts.max_seq_length, opts.device)
         manifest = new_manifest(out.name, {
             "source": str(opts.source), "format": fmt, "fingerprint": fingerprint, "documents": stats.documents,
             "skipped": stats.skipped, "passages": n, "passage_words": opts.passage_words, "limit": opts.limit})
@@ -80,7 +83,11 @@ def build_index(opts: BuildOptions, encoders: BiEncoder | None = None,
             assert encoders is not None
             manifest["encoder"] = encoder_entry(opts, encoders, out.name)
             t1 = time.perf_counter()
-            _encode(opts, work, encoders, fingerprint, n, log)
+            if opts.embeddings:
+                import_embeddings(Path(opts.embeddings), work, encoders.passage, n, log)
+                manifest["encoder"]["passage"]["embeddings"] = str(Path(opts.embeddings).expanduser().resolve())
+            else:
+                _encode(opts, work, encoders, fingerprint, n, log)
             manifest["timing"]["encode_seconds"] = round(time.perf_counter() - t1, 2)
         finish_index(opts, work, out, manifest, log)
         log(f"index ready: {out} (fingerprint {manifest['fingerprint']}, {time.perf_counter() - t0:.1f} s)")
@@ -110,10 +117,15 @@ def new_manifest(name: str, corpus: dict) -> dict:
 def encoder_entry(opts: BuildOptions, encoders: BiEncoder, name: str) -> dict:
     """The manifest's ``encoder`` entry (checked against the question encoder before anything is encoded)."""
     p, q = encoders.passage, encoders.question
-    entry = {"dim": p.dim, "passage": {**p.identity(), "source": opts.encoder},
+    if q.normalised != p.normalised:
+        raise RaglineError(f"question encoder {q.name} ({q.kind}) and passage encoder {p.name} ({p.kind}) disagree on "
+                           "normalisation, so q·d would mix cosines and raw inner products",
+                           "pair encoders of one kind (a DPR question encoder with a DPR context encoder)")
+    entry = {"dim": p.dim, "prior_scale": p.prior_scale, "passage": {**p.identity(), "source": opts.encoder},
              "question": {**q.identity(), "source": opts.question_encoder or opts.encoder,
                           "paired_with": q.paired_with}}
-    mf.check_question_encoder({"name": name, "encoder": entry}, q.dim, q.paired_with, q.name)
+    mf.check_question_encoder({"name": name, "encoder": entry}, q.dim, q.paired_with, q.name,
+                              fingerprint=q.fingerprint)
     return entry
 
 
@@ -210,13 +222,79 @@ def _encode(opts: BuildOptions, work: Path, encoders: BiEncoder, fingerprint: st
     with tqdm(total=n, initial=done, desc="encoding passages", unit="passage", disable=not opts.progress,
               smoothing=0.1) as bar:
         for lo, batch in store.iter_batches(opts.chunk_rows, start=done):
-            vecs = p.encode([encoder_text(x.title, x.text) for x in batch], batch_size=opts.batch_size)
+            vecs = p.encode_passages([x.title for x in batch], [x.text for x in batch], batch_size=opts.batch_size)
             emb[lo : lo + len(batch)] = vecs  # (chunk, dim)
             emb.flush()
             state["encoded_rows"] = lo + len(batch)
             atomic.write_json(work / STATE, state)  # after the flush: a recorded row is on disk
             bar.update(len(batch))
     del emb
+
+
+def embedding_files(path: Path) -> list[Path]:
+    """The ``.npy`` file ``path``, or the ``.npy`` shards of the folder ``path`` in natural name order (shard_2
+    before shard_10)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise RaglineError(f"embeddings {path} do not exist", "give a .npy file or a folder of .npy shards")
+    files = sorted(path.glob("*.npy"), key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
+    if not files:
+        raise RaglineError(f"folder {path} holds no .npy file", "save the vectors with numpy.save, one file per shard")
+    return files
+
+
+def import_embeddings(path: Path, work: Path, encoder: Encoder, n: int, log: Callable[[str], None],
+                      chunk_rows: int = 65536) -> None:
+    """Write ``embeddings.npy`` (n, dim) float32 from vectors a user already has (float32 or float16, in corpus
+    order), checking their count against the corpus and their size against the encoder; a few passages are
+    re-encoded to warn when the vectors do not look like this encoder's."""
+    arrays = []
+    for f in embedding_files(path):
+        try:
+            a = np.load(f, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise RaglineError(f"{f} is not a plain .npy array ({e})",
+                               "convert the vectors with numpy.save(file, array) (pickles are not loaded)") from None
+        if a.ndim != 2 or a.dtype not in (np.float32, np.float16):
+            raise RaglineError(f"{f} holds a {a.dtype} array of shape {a.shape}",
+                               "give 2-d float32 or float16 arrays, one row per passage")
+        if a.shape[1] != encoder.dim:
+            raise RaglineError(f"{f} holds {a.shape[1]}-d vectors but passage encoder {encoder.name} gives "
+                               f"{encoder.dim}-d vectors", "give the vectors of this encoder, or the encoder of "
+                               "these vectors (--encoder)")
+        arrays.append(a)
+    total = sum(len(a) for a in arrays)
+    if total != n:
+        raise RaglineError(f"the embeddings hold {total} vectors but the corpus has {n} passages",
+                           "give one vector per passage, in corpus order (the same --limit and --passage-words)")
+    dst, tmp = work / mf.EMBEDDINGS, work / (mf.EMBEDDINGS + ".new")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, encoder.dim))
+    lo = 0
+    for a in arrays:
+        for s in range(0, len(a), chunk_rows):
+            part = np.asarray(a[s : s + chunk_rows], dtype=np.float32)  # (chunk, dim)
+            out[lo : lo + len(part)] = part
+            lo += len(part)
+    out.flush()
+    del out
+    dst.unlink(missing_ok=True)  # never write through a hard link into a sibling index's file
+    os.replace(tmp, dst)
+    _spot_check(dst, work, encoder, log)
+    log(f"imported {n} passage vectors from {path}")
+
+
+def _spot_check(path: Path, work: Path, encoder: Encoder, log: Callable[[str], None], rows: int = 8) -> None:
+    emb = np.load(path, mmap_mode="r")
+    picks = np.unique(np.linspace(0, len(emb) - 1, min(rows, len(emb))).astype(np.int64))
+    passages = PassageStore(work / mf.PASSAGES).get(picks)
+    ours = encoder.encode_passages([p.title for p in passages], [p.text for p in passages])  # (r, dim)
+    given = np.asarray(emb[picks], dtype=np.float32)
+    err = float(np.max(np.abs(ours - given)) / (np.max(np.abs(given)) + 1e-12))
+    if err > 1e-2:
+        log(f"warning: {len(picks)} passages re-encoded with {encoder.name} differ from the given vectors by up to "
+            f"{err:.0%} of their scale: check that the vectors are this encoder's and in corpus order")
 
 
 def _unshare(path: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ragline.errors import RaglineError
+from ragline.vocab import DEFAULT_PRIOR_SCALE
 
 FORMAT = "ragline-index"
 FORMAT_VERSION = 1
@@ -62,18 +63,26 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def prior_scale(manifest: dict[str, Any]) -> float:
+    """The s of p_eta(z|x) = softmax(s · q(x)·d(z)) that fits the index's encoder (1 for DPR's raw inner
+    products, 20 for unit-normalised vectors); indexes built before it was recorded used MiniLM's 20."""
+    return float((manifest.get("encoder") or {}).get("prior_scale") or DEFAULT_PRIOR_SCALE)
+
+
 def check_question_encoder(manifest: dict[str, Any], dim: int, paired_with: str, name: str,
-                           allow_mismatch: bool = False) -> None:
+                           allow_mismatch: bool = False, fingerprint: str | None = None) -> None:
     """Fail unless a question encoder (output size ``dim``, paired with passage encoder fingerprint
-    ``paired_with``) can search this index."""
+    ``paired_with``, weights ``fingerprint``) can search this index: it is paired with the index's passage
+    encoder, or it is the question encoder the index was built with (a DPR pair: two models)."""
     passage = manifest["encoder"]["passage"]
+    built_with = (manifest["encoder"].get("question") or {}).get("fingerprint")
     where = manifest.get("name", "this index")
     if dim != manifest["encoder"]["dim"]:
         raise RaglineError(
             f"question encoder {name} gives {dim}-d vectors but index {where} holds {manifest['encoder']['dim']}-d "
             f"vectors from {passage['name']}",
             f"use the question encoder the index was built with, or rebuild with `ragline index --encoder {name}`")
-    if paired_with != passage["fingerprint"] and not allow_mismatch:
+    if paired_with != passage["fingerprint"] and not (fingerprint and fingerprint == built_with) and not allow_mismatch:
         raise RaglineError(
             f"question encoder {name} (paired with passage encoder {paired_with[:12]}) does not match index "
             f"{where}, built with passage encoder {passage['name']} ({passage['fingerprint'][:12]})",

@@ -64,6 +64,11 @@ _GENERATORS = {
 }
 
 
+def is_bundled_generator(name: str) -> bool:
+    """Whether ``name`` is one of the bundled generators' short names."""
+    return name in _GENERATORS
+
+
 def generator_path(name_or_path: str) -> tuple[str, Path]:
     """(identity name, local Hugging Face folder) of a generator given by short name or path."""
     if name_or_path not in _GENERATORS:

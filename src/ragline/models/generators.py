@@ -8,7 +8,8 @@ of each target token, shape (B, K, T, V), for B questions, K passages each, T ta
   left-padded, so the answer occupies the same last positions in every row and only those positions'
   logits are computed.
 * :class:`Seq2SeqGenerator` (encoder-decoder, ``AutoModelForSeq2SeqLM``, BART in the paper): the encoder
-  reads ``title / text // question`` (as Hugging Face's RAG does) and the decoder scores the answer.
+  reads Hugging Face RAG's ``prefix + title + title_sep + text + doc_sep + question`` (``" / "`` and
+  ``" // "`` unless a RAG checkpoint says otherwise) and the decoder scores the answer.
 
 A passage of ``None`` gives the closed-book prompt (the question alone).
 """
@@ -16,16 +17,18 @@ A passage of ``None`` gives the closed-book prompt (the question alone).
 from __future__ import annotations
 
 import copy
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
+from ragline.models import device as devices
 from ragline.models.catalog import generator_path
 from ragline.vocab import DEFAULT_GENERATOR
 
@@ -60,6 +63,11 @@ class Generator(ABC):
     name: str
 
     @property
+    def device(self) -> torch.device:
+        """Where the model runs; inputs move there, and start/advance return their log-probs on the CPU."""
+        return next(self.model.parameters()).device
+
+    @property
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
@@ -85,6 +93,12 @@ class Generator(ABC):
             if part:
                 ids += self.tokenizer(part, add_special_tokens=False, split_special_tokens=i % 2 == 1)["input_ids"]
         return ids
+
+    def save(self, path: Path, model: torch.nn.Module | None = None) -> None:
+        """Write the generator (``model`` in place of its own, e.g. with LoRA merged) as a folder that
+        ``--generator PATH`` loads back with the same prompts."""
+        (model or self.model).save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
 
     @abstractmethod
     def target_ids(self, answers: Sequence[str]) -> list[list[int]]:
@@ -116,6 +130,7 @@ class Generator(ABC):
             cache.is_updated = dict(state.cache.is_updated)
         else:
             cache = self._fork_cache(state.cache)
+        rows = rows.to(state.attention_mask.device)
         cache.reorder_cache(rows)  # index_select: new tensors, the original cache is untouched
         return DecodeState(cache, state.attention_mask[rows],
                            None if state.positions is None else state.positions[rows],
@@ -140,9 +155,10 @@ class Generator(ABC):
         tokens are computed; the prompts are read from the cache."""
         lp = first[rows].gather(1, targets[:, :1]).squeeze(1)  # (N,) first target token
         if targets.shape[1] > 1:
+            targets, mask = targets.to(self.device), mask.to(self.device)
             logits = self._extend(self.fork(state, rows), targets[:, :-1], mask[:, :-1]).float()  # (N, T-1, V)
             step = logits.gather(-1, targets[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-            lp = lp + (step * mask[:, 1:]).sum(-1)
+            lp = lp + (step * mask[:, 1:]).sum(-1).cpu()
         return lp
 
     def pair_prompts(self, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]]) -> list[str]:
@@ -156,6 +172,7 @@ class Generator(ABC):
         and each of ``passages[b]`` (K each): for training, where label smoothing needs all V."""
         k = _check_shapes(questions, passages, answers)
         target, mask = self._targets(answers)  # (B, T)
+        target, mask = target.to(self.device), mask.to(self.device)
         logits = self._row_logits(self.pair_prompts(questions, passages), target.repeat_interleave(k, 0),
                                   mask.repeat_interleave(k, 0))  # (B*K, T, V)
         logprobs = torch.log_softmax(logits.float(), -1)
@@ -174,9 +191,10 @@ class Generator(ABC):
         out = []
         for lo in range(0, len(prompts), rows_per_pass):
             sl = slice(lo, lo + rows_per_pass)
-            logits = self._row_logits(prompts[sl], rep_t[sl], rep_m[sl]).float()  # (n, T, V)
-            picked = logits.gather(-1, rep_t[sl, :, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-            out.append(picked * rep_m[sl])
+            t, m = rep_t[sl].to(self.device), rep_m[sl].to(self.device)
+            logits = self._row_logits(prompts[sl], t, m).float()  # (n, T, V)
+            picked = logits.gather(-1, t[:, :, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+            out.append((picked * m).cpu())
         return torch.cat(out).view(len(questions), k, -1), target, mask
 
     def _targets(self, answers: Sequence[str] | Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,12 +269,13 @@ class CausalGenerator(Generator):
         self.end_id = int(end if isinstance(end, int) and end != tokenizer.unk_token_id else tokenizer.eos_token_id)
 
     @classmethod
-    def load(cls, name_or_path: str = DEFAULT_GENERATOR, dtype: torch.dtype = torch.float32) -> CausalGenerator:
+    def load(cls, name_or_path: str = DEFAULT_GENERATOR, dtype: torch.dtype = torch.float32,
+             device: str | None = None) -> CausalGenerator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         name, path = generator_path(name_or_path)
         tok = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(devices.resolve(device))
         model.eval()
         return cls(model, tok, name)
 
@@ -285,7 +304,7 @@ class CausalGenerator(Generator):
         return _pad([self.tokenize_prompt(p) for p in prompts], self.pad_id, left=True)  # as the tokenizer pads
 
     def _row_logits(self, prompts: list[str], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        ids, attn = self.encode_prompts(prompts)  # (N, L), left-padded
+        ids, attn = (x.to(self.device) for x in self.encode_prompts(prompts))  # (N, L), left-padded
         t = target.shape[1]
         full = torch.cat([ids, target], 1)  # (N, L+T): [pads][prompt][answer][answer pads]
         full_attn = torch.cat([attn, mask.long()], 1)
@@ -294,59 +313,114 @@ class CausalGenerator(Generator):
         return out.logits[:, :t]  # (N, T, V): position L-1+i predicts answer token i
 
     def start(self, prompts: list[str]) -> tuple[DecodeState, torch.Tensor]:
-        ids, attn = self.encode_prompts(prompts)  # (N, L)
+        ids, attn = (x.to(self.device) for x in self.encode_prompts(prompts))  # (N, L)
         positions = (attn.cumsum(1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
         state = DecodeState(out.past_key_values, attn, positions[:, -1] + 1)
-        return state, torch.log_softmax(out.logits[:, -1].float(), -1)
+        return state, torch.log_softmax(out.logits[:, -1].float(), -1).cpu()
 
     def _extend(self, state: DecodeState, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         attn = torch.cat([state.attention_mask, mask.long()], 1)
-        pos = state.positions[:, None] + torch.arange(tokens.shape[1])  # (N, T)
+        pos = state.positions[:, None] + torch.arange(tokens.shape[1], device=tokens.device)  # (N, T)
         return self.model(input_ids=tokens, attention_mask=attn, position_ids=pos, past_key_values=state.cache,
                           use_cache=True).logits
 
     def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        parents, tokens = parents.to(self.device), tokens.to(self.device)
         state.cache.reorder_cache(parents)  # index_select per layer: rows follow their beams
-        attn = torch.cat([state.attention_mask[parents], torch.ones(len(parents), 1, dtype=torch.long)], 1)
+        ones = torch.ones(len(parents), 1, dtype=torch.long, device=self.device)
+        attn = torch.cat([state.attention_mask[parents], ones], 1)
         pos = state.positions[parents]
         out = self.model(input_ids=tokens[:, None], attention_mask=attn, position_ids=pos[:, None],
                          past_key_values=state.cache, use_cache=True)
         state.cache, state.attention_mask, state.positions = out.past_key_values, attn, pos + 1
-        return torch.log_softmax(out.logits[:, -1].float(), -1)  # (N', V)
+        return torch.log_softmax(out.logits[:, -1].float(), -1).cpu()  # (N', V)
+
+
+@dataclass(frozen=True)
+class Seq2SeqPrompt:
+    """How a seq2seq generator's input is laid out: Hugging Face RAG's ``RagConfig`` fields (its defaults
+    unless a RAG checkpoint gives its own) and the generator config's ``prefix``."""
+
+    title_sep: str = " / "
+    doc_sep: str = " // "
+    prefix: str = ""
+    max_combined_length: int = 300
+
+
+PROMPT_FILE = "ragline_generator.json"  # beside a saved seq2seq generator: its Seq2SeqPrompt
+QUESTION_TOKENIZER = "question_tokenizer"  # ... and the question encoder's tokenizer it reads questions through
 
 
 class Seq2SeqGenerator(Generator):
-    """Encoder-decoder generator (BART/T5 family), as in the paper."""
+    """Encoder-decoder generator (BART/T5 family), as in the paper.
 
-    def __init__(self, model: torch.nn.Module, tokenizer, name: str = "seq2seq", max_source_length: int = 512) -> None:
+    ``question_tokenizer``, when given (a RAG checkpoint's question encoder tokenizer), rewrites each question
+    as Hugging Face's ``RagRetriever`` hands it to the generator: tokenised by the question encoder's tokenizer
+    and decoded back (BERT uncased lower-cases it), which is the text RAG checkpoints were trained on."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, name: str = "seq2seq", layout: Seq2SeqPrompt | None = None,
+                 question_tokenizer=None) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.max_source_length = max_source_length
+        self.layout = layout or Seq2SeqPrompt(prefix=getattr(model.config, "prefix", None) or "")
+        self.question_tokenizer = question_tokenizer
+
+    @property
+    def max_source_length(self) -> int:
+        return self.layout.max_combined_length
 
     @classmethod
-    def load(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> Seq2SeqGenerator:
+    def load(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None
+             ) -> Seq2SeqGenerator:
+        """A BART/T5 folder; a prompt layout and question tokenizer saved beside it (:meth:`save`) are kept."""
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         name, folder = generator_path(str(path))
-        model = AutoModelForSeq2SeqLM.from_pretrained(str(folder), dtype=dtype)
+        model = AutoModelForSeq2SeqLM.from_pretrained(str(folder), dtype=dtype).to(devices.resolve(device))
         model.eval()
-        return cls(model, AutoTokenizer.from_pretrained(str(folder)), name)
+        layout = Seq2SeqPrompt(**json.loads((folder / PROMPT_FILE).read_text())) \
+            if (folder / PROMPT_FILE).is_file() else None
+        qtok = AutoTokenizer.from_pretrained(str(folder / QUESTION_TOKENIZER)) \
+            if (folder / QUESTION_TOKENIZER).is_dir() else None
+        return cls(model, AutoTokenizer.from_pretrained(str(folder)), name, layout, qtok)
+
+    def save(self, path: Path, model: torch.nn.Module | None = None) -> None:
+        super().save(path, model)
+        (Path(path) / PROMPT_FILE).write_text(json.dumps(asdict(self.layout)))
+        if self.question_tokenizer is not None:
+            self.question_tokenizer.save_pretrained(Path(path) / QUESTION_TOKENIZER)
+
+    def question_text(self, question: str) -> str:
+        """The question as the generator reads it (see the class docstring)."""
+        if self.question_tokenizer is None:
+            return question
+        ids = self.question_tokenizer([question], truncation=True)["input_ids"]
+        return self.question_tokenizer.batch_decode(ids, skip_special_tokens=True)[0]
 
     def prompt(self, question: str, passage: Passage | None) -> str:
-        """Hugging Face RAG's layout: ``title / text // question`` (user and corpus text guarded)."""
-        question = self.guard(question)
+        """Hugging Face RAG's ``prefix + title + title_sep + text + doc_sep + question`` with double spaces made
+        single and the title's surrounding quotes dropped, as its ``RagRetriever`` builds it (user and corpus
+        text guarded); closed book reads ``prefix + question``."""
+        lay = self.layout
+        question = self.guard(self.question_text(question))
         if passage is None:
-            return question
-        return f"{self.guard(passage.title)} / {self.guard(passage.text)} // {question}"
+            return (lay.prefix + question).replace("  ", " ")
+        title = passage.title.removeprefix('"').removesuffix('"')
+        return (lay.prefix + self.guard(title) + lay.title_sep + self.guard(passage.text) + lay.doc_sep
+                + question).replace("  ", " ")
 
     def target_ids(self, answers: Sequence[str]) -> list[list[int]]:
         return [self.tokenizer(a.strip())["input_ids"] for a in answers]
 
     def _encode(self, prompts: list[str]) -> dict:
+        """Token ids and attention mask of the prompts, right-padded, on the model's device."""
+        return {k: v.to(self.device) for k, v in self._encode_cpu(prompts).items()}
+
+    def _encode_cpu(self, prompts: list[str]) -> dict:
         if not any(USER_OPEN in p for p in prompts):
-            return self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_source_length,
-                                  return_tensors="pt")
+            return dict(self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_source_length,
+                                       return_tensors="pt"))
         head, tail = self._special_frame()
         keep = self.max_source_length - len(head) - len(tail)
         rows = [head + self.tokenize_prompt(p)[:keep] + tail for p in prompts]
@@ -371,11 +445,13 @@ class Seq2SeqGenerator(Generator):
     def start(self, prompts: list[str]) -> tuple[DecodeState, torch.Tensor]:
         enc = self._encode(prompts)
         hidden = self.model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])[0]
-        first = torch.full((len(prompts), 1), self.model.config.decoder_start_token_id, dtype=torch.long)
+        first = torch.full((len(prompts), 1), self.model.config.decoder_start_token_id, dtype=torch.long,
+                           device=self.device)
         out = self.model(encoder_outputs=(hidden,), attention_mask=enc["attention_mask"], decoder_input_ids=first,
                          use_cache=True)
-        state = DecodeState(out.past_key_values, enc["attention_mask"], None, hidden, torch.arange(len(prompts)))
-        return state, torch.log_softmax(out.logits[:, -1].float(), -1)
+        state = DecodeState(out.past_key_values, enc["attention_mask"], None, hidden,
+                            torch.arange(len(prompts), device=self.device))
+        return state, torch.log_softmax(out.logits[:, -1].float(), -1).cpu()
 
     def _extend(self, state: DecodeState, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(encoder_outputs=(state.encoder_hidden,), attention_mask=state.attention_mask,
@@ -387,6 +463,7 @@ class Seq2SeqGenerator(Generator):
         prompt a row reads. Beams keep their rows' prompts from step to step (a beam's parent reads the same
         passage), so after the first step only the decoder's self-attention cache is reordered: the far
         larger cross-attention cache (rows x source length) is not copied at every step as in HF."""
+        parents, tokens = parents.to(self.device), tokens.to(self.device)
         sources = state.source_rows[parents]  # (N',)
         state.cache.self_attention_cache.reorder_cache(parents)
         if not torch.equal(sources, state.source_rows):
@@ -396,4 +473,4 @@ class Seq2SeqGenerator(Generator):
         out = self.model(encoder_outputs=(state.encoder_hidden,), attention_mask=state.attention_mask,
                          decoder_input_ids=tokens[:, None], past_key_values=state.cache, use_cache=True)
         state.cache = out.past_key_values
-        return torch.log_softmax(out.logits[:, -1].float(), -1)
+        return torch.log_softmax(out.logits[:, -1].float(), -1).cpu()

@@ -16,6 +16,7 @@ import torch
 from ragline import vocab
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
+from ragline.index import manifest as mf
 from ragline.models.generators import Generator
 from ragline.rag import marginal
 from ragline.rag.decoding import Decoded, rag_sequence_decode, rag_token_decode, stop_ids
@@ -65,17 +66,19 @@ class RagModel:
     s = 1 (the paper); all-MiniLM-L6-v2 gives cosines in [-1, 1] and was trained contrastively with scale 20,
     so softmax(20 · cos) is its own distribution over passages, while s = 1 leaves the prior nearly uniform
     over the top k (0.18-0.28 for five passages in practice) and lets unrelated passages vote as much as
-    the right one."""
+    the right one. ``None`` (the default) takes the scale the index records for its encoder, from the same
+    snapshot as the passages (:func:`ragline.index.manifest.prior_scale`)."""
 
     def __init__(self, retriever: Retriever | None, generator: Generator, k: int = vocab.DEFAULT_K,
-                 mode: str = vocab.DEFAULT_MODE, prior_scale: float = vocab.DEFAULT_PRIOR_SCALE) -> None:
+                 mode: str = vocab.DEFAULT_MODE, prior_scale: float | None = None) -> None:
         self.retriever, self.generator, self.k, self.mode = retriever, generator, k, mode
         self.prior_scale = prior_scale
 
     def retrieve(self, questions: Sequence[str], k: int, grad: bool = False
-                 ) -> tuple[list[list[Passage]], torch.Tensor]:
-        """Top-k passages per question and their retrieval scores q(x)·d(z), (B, K): with ``grad`` the
-        scores are recomputed from the stored d(z) with gradient to the question encoder."""
+                 ) -> tuple[list[list[Passage]], torch.Tensor, float]:
+        """Top-k passages per question, their retrieval scores q(x)·d(z), (B, K), and the prior scale s for
+        them: with ``grad`` the scores are recomputed from the stored d(z) with gradient to the question
+        encoder."""
         if self.retriever is None:
             raise RaglineError("this model has no retriever", "open it with an index, or use --model closed-book")
         res = self.retriever.retrieve(list(questions), k=k, mode=self.mode, with_vectors=True)
@@ -85,22 +88,24 @@ class RagModel:
         flat = res.index.store.get(res.rows.reshape(-1))  # one fetch for the batch: (B * K) passages
         passages = [flat[b * k : (b + 1) * k] for b in range(len(res.rows))]
         if res.question_vectors is None:  # BM25-only index: no q(x)·d(z); a uniform prior
-            return passages, torch.zeros(res.rows.shape)
+            return passages, torch.zeros(res.rows.shape), 1.0
         # q(x) from the encoder that searched (same snapshot as the index); recomputed only for its gradient
         q = res.encoder.embed(list(questions)) if grad else torch.from_numpy(res.question_vectors)
-        return passages, self.retriever.doc_scores(q, res.rows, res.index)
+        scale = self.prior_scale if self.prior_scale is not None else mf.prior_scale(res.index.manifest)
+        return passages, self.retriever.doc_scores(q, res.rows, res.index), scale
 
     def likelihood(self, questions: Sequence[str], answers: Sequence[str], model: str = vocab.RAG_SEQUENCE,
                    k: int | None = None, eps: float = 0.0) -> marginal.Likelihood:
         """Marginal likelihood of ``answers`` with gradient to the generator and the question encoder."""
         vocab.check(model, None)
         if model == vocab.CLOSED_BOOK:
-            passages, scores = [[None]] * len(questions), torch.zeros(len(questions), 1)
+            passages, scores, scale = [[None]] * len(questions), torch.zeros(len(questions), 1), 1.0
         else:
-            passages, scores = self.retrieve(questions, k or self.k, grad=True)
+            passages, scores, scale = self.retrieve(questions, k or self.k, grad=True)
         s = self.generator.score(questions, passages, answers)
         fn = marginal.rag_token if model == vocab.RAG_TOKEN else marginal.rag_sequence
-        return fn(s.logprobs, marginal.doc_log_probs(self.prior_scale * scores), s.target, s.mask, eps=eps)
+        doc = marginal.doc_log_probs(scale * scores).to(s.logprobs.device)  # (B, K), where the generator runs
+        return fn(s.logprobs, doc, s.target, s.mask, eps=eps)
 
     @torch.no_grad()
     def answer(self, questions: Sequence[str], model: str = vocab.DEFAULT_MODEL, decoding: str | None = None,
@@ -126,10 +131,10 @@ class RagModel:
             raise RaglineError(f"beams={beams} is not a positive number", "give beams of 1 or more")
         k = k or self.k
         if model == vocab.CLOSED_BOOK:
-            passages, scores = [[None] for _ in questions], torch.zeros(len(questions), 1)
+            passages, scores, scale = [[None] for _ in questions], torch.zeros(len(questions), 1), 1.0
         else:
-            passages, scores = self.retrieve(questions, k)
-        doc = marginal.doc_log_probs(self.prior_scale * scores)  # (B, K) log p_eta(z|x)
+            passages, scores, scale = self.retrieve(questions, k)
+        doc = marginal.doc_log_probs(scale * scores)  # (B, K) log p_eta(z|x)
         if on_passages is not None:
             on_passages([_sources(zs, scores[b], doc[b]) for b, zs in enumerate(passages)])
         def each_step(best: list[list[int]]) -> None:

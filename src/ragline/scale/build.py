@@ -32,7 +32,6 @@ import numpy as np
 
 import ragline
 from ragline import atomic
-from ragline.corpus.passages import encoder_text
 from ragline.corpus.readers import ReadStats
 from ragline.corpus.store import PassageStore, PassageStoreWriter
 from ragline.errors import RaglineError
@@ -234,22 +233,23 @@ class _EncodeBatch:
     def __init__(self, stores: list[str], encoder: str, max_seq_length: int, batch_size: int) -> None:
         import torch
 
-        from ragline.models.encoders import TextEncoder
+        from ragline.models.encoders import load_encoder
 
         torch.set_num_threads(1)  # one CPU per actor
         self.paths, self.stores, self.batch_size = stores, {}, batch_size
-        self.encoder = TextEncoder(encoder, max_seq_length=max_seq_length)
+        self.encoder = load_encoder(encoder, max_seq_length=max_seq_length)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pairs = batch["data"]  # (b, 2): shard, row within the shard
+        titles: list[str] = [""] * len(pairs)
         texts: list[str] = [""] * len(pairs)
         for shard in np.unique(pairs[:, 0]).tolist():
             if shard not in self.stores:
                 self.stores[shard] = PassageStore(Path(self.paths[shard]))
             pos = np.flatnonzero(pairs[:, 0] == shard)
             for i, p in zip(pos.tolist(), self.stores[shard].get(pairs[pos, 1]), strict=True):
-                texts[i] = encoder_text(p.title, p.text)
-        return {"data": pairs, "vec": self.encoder.encode(texts, batch_size=self.batch_size)}  # (b, dim)
+                titles[i], texts[i] = p.title, p.text
+        return {"data": pairs, "vec": self.encoder.encode_passages(titles, texts, batch_size=self.batch_size)}
 
 
 def _encode_shards(ray, opts: BuildOptions, work: Path, todo: list[dict], dim: int, actors: int,

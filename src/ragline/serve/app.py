@@ -58,7 +58,7 @@ class Question(BaseModel):
     """A question to search for (``POST /search``)."""
 
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
-    k: int = Field(vocab.DEFAULT_K, ge=1, le=MAX_K)
+    k: int | None = Field(None, ge=1, le=MAX_K)  # default: the server's (a RAG checkpoint's n_docs, else 5)
     mode: Literal[vocab.MODES] = vocab.DEFAULT_MODE  # type: ignore[valid-type]
 
     @field_validator("question")
@@ -77,9 +77,10 @@ class AskRequest(Question):
     beams: int = Field(vocab.DEFAULT_BEAMS, ge=1, le=8)
     max_new_tokens: int = Field(vocab.DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
 
-    def settings(self) -> Settings:
+    def settings(self, default_k: int = vocab.DEFAULT_K) -> Settings:
         vocab.check(self.model, self.decoding)
-        return Settings(self.model, self.decoding, 1 if self.model == vocab.CLOSED_BOOK else self.k, self.mode,
+        return Settings(self.model, self.decoding, 1 if self.model == vocab.CLOSED_BOOK else self.k or default_k,
+                        self.mode,
                         self.beams, self.max_new_tokens)
 
 
@@ -153,7 +154,7 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
                              "fix": "retry; if it fails again, report it with the server's log"}, status_code=500)
 
     def submit(req: AskRequest, **callbacks) -> Any:
-        settings = req.settings()
+        settings = req.settings(rag.k)
         tokens = len(rag.generator.tokenizer(req.question, add_special_tokens=False)["input_ids"])
         cost = worker.budget.check(settings, tokens)
         return worker.submit(req.question, settings, cost, **callbacks)
@@ -167,7 +168,7 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
     @app.get("/vocabulary")
     def vocabulary() -> dict:
         """Models, decodings, retrieval modes and defaults: what the page's controls offer."""
-        return vocab.as_dict()
+        return {**vocab.as_dict(), "k": rag.k}  # the server's default k (a RAG checkpoint's n_docs)
 
     @app.get("/health")
     def health() -> JSONResponse:
@@ -182,7 +183,7 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
 
     @app.post("/search")
     def search(req: Question) -> dict:
-        hits = retriever().search([req.question], k=req.k, mode=req.mode)[0]
+        hits = retriever().search([req.question], k=req.k or rag.k, mode=req.mode)[0]
         return {"question": req.question, "hits": [h.__dict__ for h in hits]}
 
     @app.get("/passages/{pid:path}")

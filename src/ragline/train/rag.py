@@ -19,14 +19,15 @@ import copy
 import json
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ragline import vocab
 from ragline.errors import RaglineError
-from ragline.models.encoders import TextEncoder
+from ragline.models import device as devices
+from ragline.models.encoders import Encoder
 from ragline.models.generators import Generator
 from ragline.train.data import Example, read_examples, split_validation
 from ragline.train.loop import LoopConfig, Trainer
@@ -42,9 +43,9 @@ TRAINING_MODE = vocab.DENSE  # p_eta(z|x) needs q(x)·d(z) of the passages train
 class RagTrainConfig(LoopConfig):
     """The settings of a `ragline train rag` run (the shared loop's settings included)."""
 
-    generator: str = vocab.TRAINING_GENERATOR
+    generator: str = vocab.TRAINING_GENERATOR  # bundled name, causal or seq2seq folder, or RAG checkpoint
     model: str = vocab.DEFAULT_MODEL    # one of vocab.RAG_MODELS
-    k: int = vocab.DEFAULT_K
+    k: int | None = None                # default: a RAG checkpoint's n_docs, else vocab.DEFAULT_K
     generator_training: str = "full"    # full | lora | frozen
     lora_r: int = 8
     lora_alpha: int = 16
@@ -53,7 +54,8 @@ class RagTrainConfig(LoopConfig):
     question_encoder_lr: float = 1e-5
     precision: str = "fp32"             # fp32 | bf16 (autocast, where the CPU has bf16 instructions)
     label_smoothing: float = 0.0
-    prior_scale: float = vocab.DEFAULT_PRIOR_SCALE
+    prior_scale: float | None = None    # default: the index's (index/manifest.py: prior_scale)
+    device: str = vocab.DEFAULT_DEVICE  # auto | cpu | cuda (models/device.py)
 
 
 def check_config(cfg: RagTrainConfig) -> None:
@@ -66,11 +68,11 @@ def check_config(cfg: RagTrainConfig) -> None:
         raise RaglineError("nothing to train: generator frozen and question encoder frozen",
                            "train the generator (--generator-training full|lora) or the question encoder")
     cfg.check()
-    if cfg.k < 1:
+    if cfg.k is not None and cfg.k < 1:
         raise RaglineError("k must be at least 1", "pass a positive -k")
     if cfg.precision not in ("fp32", "bf16"):
         raise RaglineError(f"unknown precision {cfg.precision!r}", "use --precision fp32 or bf16")
-    if cfg.precision == "bf16" and not _cpu_has_bf16():
+    if cfg.precision == "bf16" and devices.resolve(cfg.device).type == "cpu" and not _cpu_has_bf16():
         raise RaglineError("this CPU has no bf16 instructions (AVX512-BF16 / AMX)", "use --precision fp32")
 
 
@@ -102,27 +104,38 @@ class RagTrainer(Trainer):
     """One training run: ``run_training()`` trains (or resumes) to ``cfg.steps`` and exports the models."""
 
     def __init__(self, cfg: RagTrainConfig, out: Path, generator: Generator | None = None,
-                 question_encoder: TextEncoder | None = None, progress: bool = True,
+                 question_encoder: Encoder | None = None, progress: bool = True,
                  log: Callable[[str], None] = print, skip_bad: bool = False) -> None:
         from ragline import paths
-        from ragline.models.generators import CausalGenerator
+        from ragline.index import manifest as mf
+        from ragline.index.registry import open_index
+        from ragline.models.loading import generator_defaults, load_generator
         from ragline.rag.model import RagModel
-        from ragline.retriever import Retriever
+        from ragline.retriever import Retriever, open_retriever
 
         check_config(cfg)
-        self.cfg, self.progress, self.log = cfg, progress, log
+        self.progress, self.log = progress, log
+        index = open_index(cfg.index or paths.default_index_dir())
+        # the defaults that depend on the generator and the index, settled so that the run records them
+        cfg = replace(cfg, k=cfg.k or (generator_defaults(cfg.generator).get("k") if generator is None else None)
+                      or vocab.DEFAULT_K,
+                      prior_scale=mf.prior_scale(index.manifest) if cfg.prior_scale is None else cfg.prior_scale)
+        self.cfg = cfg
         self.examples = read_examples(cfg.train, skip_bad)
         self.train_set, self.val_set = split_validation(self.examples, cfg.val_fraction)
         self.val_set = self.val_set[: cfg.val_limit]
         self.run = RunDir(out)
-        self.run.prepare(asdict(cfg))
+        self.run.prepare({k: v for k, v in asdict(cfg).items() if k != "device"})  # a run may resume elsewhere
         seed_everything(cfg.seed)
-        retriever = Retriever(cfg.index or paths.default_index_dir(), question_encoder)
+        loaded = load_generator(cfg.generator, device=cfg.device) if generator is None else None
+        checkpoint_encoder = loaded.question_encoder if loaded is not None else None
+        retriever = Retriever(index, question_encoder) if question_encoder is not None else \
+            open_retriever(index, None, checkpoint_encoder, log=log, device=cfg.device)
         if retriever.encoder is None:
             raise RaglineError(f"index {retriever.index.name} has no dense part",
                                "RAG training needs p(z|x) from passage embeddings: use a dense or hybrid index")
         self.passage_fingerprint = retriever.index.manifest["encoder"]["passage"]["fingerprint"]
-        gen = generator or CausalGenerator.load(cfg.generator)
+        gen = generator or loaded.generator
         _apply_generator_training(gen, cfg)
         enc = retriever.encoder
         enc.model.eval()
@@ -137,7 +150,8 @@ class RagTrainer(Trainer):
 
     def loss(self, batch: list[Example], grad: bool) -> torch.Tensor:
         """Mean marginal NLL of the batch's first gold answers."""
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.precision == "bf16" else nullcontext()
+        device_type = self.gen.device.type
+        ctx = torch.autocast(device_type, dtype=torch.bfloat16) if self.cfg.precision == "bf16" else nullcontext()
         with ctx, torch.set_grad_enabled(grad):
             ll = self.rag.likelihood([e.question for e in batch], [e.answer for e in batch], model=self.cfg.model,
                                      k=self.cfg.k, eps=self.cfg.label_smoothing)
@@ -160,8 +174,7 @@ class RagTrainer(Trainer):
             model = self.gen.model
             if self.cfg.generator_training == "lora":
                 model = copy.deepcopy(model).merge_and_unload()
-            model.save_pretrained(tmp / "generator")
-            self.gen.tokenizer.save_pretrained(tmp / "generator")
+            self.gen.save(tmp / "generator", model)
             if self.cfg.train_question_encoder:
                 self.enc.save(tmp / "question_encoder", paired_with=self.passage_fingerprint)
             return {"generator": "generator", "model": self.cfg.model, "k": self.cfg.k,
@@ -181,3 +194,27 @@ def load_trained(run: Path) -> dict:
     info["generator"] = base / info["generator"]
     info["question_encoder"] = base / info["question_encoder"] if info["question_encoder"] else None
     return info
+
+
+def export_run(run: Path, out: Path, log: Callable[[str], None] = print) -> Path:
+    """``ragline export``: the finished run ``run`` (a seq2seq generator and a DPR question encoder, trained or
+    the index's own) as a Hugging Face RAG folder at ``out``."""
+    from ragline import paths
+    from ragline.index.registry import open_index
+    from ragline.models.encoders import load_encoder
+    from ragline.models.loading import SEQ2SEQ, generator_kind, load_generator
+    from ragline.models.rag_checkpoint import export_checkpoint
+
+    info = load_trained(run)
+    if generator_kind(str(info["generator"])) != SEQ2SEQ:
+        raise RaglineError(f"run {run} trained a decoder-only generator; a Hugging Face RAG checkpoint holds a BART "
+                           "or T5 generator", "train with `ragline train rag --generator BART_OR_T5_FOLDER`")
+    if info.get("question_encoder"):
+        encoder = load_encoder(str(info["question_encoder"]))
+    else:  # the question encoder was frozen: the index's own
+        question = open_index(info.get("index") or paths.default_index_dir()).manifest["encoder"]["question"]
+        encoder = load_encoder(question["source"], question["max_seq_length"])
+    generator = load_generator(str(info["generator"])).generator
+    folder = export_checkpoint(out, encoder, generator, info["model"], int(info["k"]))
+    log(f"exported {info['model']} with n_docs={info['k']} from {run}")
+    return folder

@@ -16,18 +16,18 @@ the passage encoder trained too, the corpus is re-encoded into a new index direc
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ragline import atomic, vocab
-from ragline.corpus.passages import encoder_text
 from ragline.errors import RaglineError
+from ragline.index import manifest as mf
 from ragline.index.protocol import Index, all_embeddings
 from ragline.index.registry import open_index
-from ragline.models.encoders import TextEncoder
+from ragline.models.encoders import Encoder, load_encoder
 from ragline.train.data import Example, read_examples, split_validation
 from ragline.train.loop import LoopConfig, Trainer
 from ragline.train.run import RunDir, seed_everything
@@ -41,9 +41,10 @@ class RetrieverTrainConfig(LoopConfig):
     val_limit: int | None = 256
     train_passage_encoder: bool = False
     hard_negatives: int = 1
-    scale: float = vocab.DEFAULT_PRIOR_SCALE  # s in softmax(s q·d), as p_eta(z|x) is scaled
+    scale: float | None = None         # s in softmax(s q·d), as p_eta(z|x) is scaled (default: the index's)
     lr: float = 2e-5
     new_index: str | None = None       # with a trained passage encoder: where the re-encoded index goes
+    device: str = vocab.DEFAULT_DEVICE  # auto | cpu | cuda (models/device.py)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def resolve_pairs(examples: list[Example], index: Index, hard_negatives: int) ->
     return pairs, missing
 
 
-def recall_at(encoder: TextEncoder, index: Index, pairs: list[Pair], ks: tuple[int, ...] = (1, 5, 20),
+def recall_at(encoder: Encoder, index: Index, pairs: list[Pair], ks: tuple[int, ...] = (1, 5, 20),
               passage_vectors: np.ndarray | None = None) -> dict[str, float]:
     """Page-level recall@k of the pairs' positive pages by exact search with ``encoder`` over the index's
     passage vectors (or ``passage_vectors``)."""
@@ -113,10 +114,13 @@ class RetrieverTrainer(Trainer):
         if cfg.batch_size < 2 and cfg.hard_negatives < 1:
             raise RaglineError("a batch of 1 without hard negatives has no negative passage",
                                "use --batch-size 2 or more, or --hard-negatives 1 or more")
-        self.cfg, self.progress, self.log = cfg, progress, log
+        self.progress, self.log = progress, log
         self.index = open_index(cfg.index or paths.default_index_dir())
         if self.index.embeddings is None:
             raise RaglineError(f"index {self.index.name} has no dense part", "train against a dense or hybrid index")
+        if cfg.scale is None:  # the index's prior scale: 1 for DPR's inner products (DPR's own loss), 20 for cosines
+            cfg = replace(cfg, scale=mf.prior_scale(self.index.manifest))
+        self.cfg = cfg
         examples = read_examples(cfg.train, skip_bad)
         pairs, missing = resolve_pairs(examples, self.index, cfg.hard_negatives)
         if not pairs:
@@ -129,18 +133,18 @@ class RetrieverTrainer(Trainer):
         self.train_set = [by_id[e.id] for e in train_ex]
         self.val_set = [by_id[e.id] for e in val_ex][: cfg.val_limit]
         self.run = RunDir(out)
-        self.run.prepare(asdict(cfg))
+        self.run.prepare({k: v for k, v in asdict(cfg).items() if k != "device"})  # a run may resume elsewhere
         seed_everything(cfg.seed)
         enc_info = self.index.manifest["encoder"]
         self.passage_fingerprint = enc_info["passage"]["fingerprint"]
-        self.question = TextEncoder(enc_info["question"].get("source") or enc_info["question"]["name"],
-                                    max_seq_length=enc_info["question"]["max_seq_length"])
+        self.question = load_encoder(enc_info["question"].get("source") or enc_info["question"]["name"],
+                                     max_seq_length=enc_info["question"]["max_seq_length"], device=cfg.device)
         self.question.model.eval()
         self.parts = {"question_encoder": (self.question.model, cfg.lr)}
-        self.passage: TextEncoder | None = None
+        self.passage: Encoder | None = None
         if cfg.train_passage_encoder:
-            self.passage = TextEncoder(enc_info["passage"].get("source") or enc_info["passage"]["name"],
-                                       max_seq_length=enc_info["passage"]["max_seq_length"])
+            self.passage = load_encoder(enc_info["passage"].get("source") or enc_info["passage"]["name"],
+                                        max_seq_length=enc_info["passage"]["max_seq_length"], device=cfg.device)
             self.passage.model.eval()
             self.parts["passage_encoder"] = (self.passage.model, cfg.lr)
         self.setup_optimiser({"question_encoder": self.question.name, "index": self.index.fingerprint,
@@ -150,22 +154,23 @@ class RetrieverTrainer(Trainer):
     def _passage_vectors(self, rows: list[int], grad: bool) -> torch.Tensor:
         if self.passage is None:
             return torch.from_numpy(np.asarray(self.index.embeddings[np.array(rows)], dtype=np.float32))
-        texts = [encoder_text(p.title, p.text) for p in self.index.store.get(rows)]
+        passages = self.index.store.get(rows)
         with torch.set_grad_enabled(grad):
-            return self.passage.embed(texts)
+            return self.passage.embed_passages([p.title for p in passages], [p.text for p in passages])
 
     def loss(self, batch: list[Pair], grad: bool) -> torch.Tensor:
         rows = [p.positive for p in batch] + [r for p in batch for r in p.negatives]
         with torch.set_grad_enabled(grad):
             q = self.question.embed([p.question for p in batch])  # (B, d)
-            d = self._passage_vectors(rows, grad)  # (B(1+h), d)
+            d = self._passage_vectors(rows, grad).to(q.device)  # (B(1+h), d)
             scores = self.cfg.scale * q @ d.T  # (B, B(1+h))
-            rows_t = torch.tensor(rows)
+            rows_t = torch.tensor(rows, device=q.device)
             pos = rows_t[: len(batch)]
             clash = (rows_t[None, :] == pos[:, None])  # another copy of question i's positive passage
-            clash[torch.arange(len(batch)), torch.arange(len(batch))] = False
+            diagonal = torch.arange(len(batch), device=q.device)
+            clash[diagonal, diagonal] = False
             scores = scores.masked_fill(clash, float("-inf"))
-            return torch.nn.functional.cross_entropy(scores, torch.arange(len(batch)))
+            return torch.nn.functional.cross_entropy(scores, diagonal)
 
     def validate(self) -> dict[str, float]:
         """recall@k of the held-back pairs (with a trained passage encoder: over the stored vectors, which
@@ -193,7 +198,7 @@ class RetrieverTrainer(Trainer):
             paired = self.passage_fingerprint
             if self.passage is not None:
                 self.passage.save(tmp / "passage_encoder")
-                paired = TextEncoder(str(tmp / "passage_encoder")).fingerprint  # as the new index will record it
+                paired = load_encoder(str(tmp / "passage_encoder")).fingerprint  # as the new index will record it
                 info["passage_encoder"] = "passage_encoder"
             self.question.save(tmp / "question_encoder", paired_with=paired)
             return info
@@ -208,8 +213,8 @@ class RetrieverTrainer(Trainer):
                                 passage_words=m["corpus"]["passage_words"], limit=m["corpus"]["limit"],
                                 index_type=(m.get("dense") or {}).get("type", "flat"), force=True,
                                 progress=self.progress)
-            encoders = BiEncoder(TextEncoder(str(final / "question_encoder")),
-                                 TextEncoder(str(final / "passage_encoder")))
+            encoders = BiEncoder(load_encoder(str(final / "question_encoder")),
+                                 load_encoder(str(final / "passage_encoder")))
             build_index(opts, encoders=encoders, log=self.log)
             info["new_index"] = str(new)
             atomic.write_json(final / "run.json", info)
