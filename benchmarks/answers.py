@@ -78,6 +78,7 @@ def main() -> None:
           f"({loaded.kind}); question encoder {rag.retriever.encoder.name}; beams {args.beams}, length penalty "
           f"{args.length_penalty}, prior scale {scale}; dense retrieval over {index.name}")
     systems = {"closed-book": ("closed-book", "greedy", [1]), "single-passage": ("rag-token", "greedy", [1]),
+               "concat": ("concat", "greedy", None), "concat-beam": ("concat", "beam", None),
                "rag-token": ("rag-token", "beam", None), "rag-token-greedy": ("rag-token", "greedy", None),
                "rag-seq-thorough": ("rag-sequence", "thorough", None),
                "rag-seq-fast": ("rag-sequence", "fast", None)}

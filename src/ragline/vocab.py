@@ -13,16 +13,17 @@ DENSE, BM25, HYBRID = "dense", "bm25", "hybrid"
 MODES = (DENSE, BM25, HYBRID)
 DEFAULT_MODE = DENSE
 
-# Readers. RAG-Sequence and RAG-Token marginalise over the top-k passages; closed book reads no passage.
-RAG_SEQUENCE, RAG_TOKEN, CLOSED_BOOK = "rag-sequence", "rag-token", "closed-book"
-MODELS = (RAG_SEQUENCE, RAG_TOKEN, CLOSED_BOOK)
-RAG_MODELS = (RAG_SEQUENCE, RAG_TOKEN)  # the ones that retrieve (and can be trained)
+# Readers. RAG-Sequence and RAG-Token marginalise over the top-k passages; concat reads the top-k passages
+# numbered in one prompt (what most toolkits do); closed book reads no passage.
+RAG_SEQUENCE, RAG_TOKEN, CONCAT, CLOSED_BOOK = "rag-sequence", "rag-token", "concat", "closed-book"
+MODELS = (RAG_SEQUENCE, RAG_TOKEN, CONCAT, CLOSED_BOOK)
+RAG_MODELS = (RAG_SEQUENCE, RAG_TOKEN)  # the marginalising readers (the ones `train rag` trains)
 DEFAULT_MODEL = RAG_SEQUENCE
 
 # Decodings of each model; the first is its default.
 THOROUGH, FAST, BEAM, GREEDY = "thorough", "fast", "beam", "greedy"
 DECODINGS: dict[str, tuple[str, ...]] = {RAG_SEQUENCE: (THOROUGH, FAST), RAG_TOKEN: (BEAM, GREEDY),
-                                         CLOSED_BOOK: (BEAM, GREEDY)}
+                                         CONCAT: (BEAM, GREEDY), CLOSED_BOOK: (BEAM, GREEDY)}
 ALL_DECODINGS = (THOROUGH, FAST, BEAM, GREEDY)
 
 # Bundled models used when none is named (models/catalog.py locates them).

@@ -57,6 +57,8 @@ def answer(a) -> None:
     for s in sorted(a.sources, key=lambda s: -s.posterior):
         console.print(f"  [{s.rank}] [bold]{escape(s.title)}[/] {s.prior:.2f} -> [bold]{s.posterior:.2f}[/]  "
                       f"[dim]{escape(snippet(s.text, 160))}[/]")
+    if a.cited:
+        console.print("[bold]The answer cites[/] " + ", ".join(f"\\[{n}]" for n in a.cited))
     if a.token_sources:
         console.print("[bold]Tokens[/] (most likely source): " + " ".join(
             f"{escape(tok.strip() or repr(tok))}\\[{max(range(len(p)), key=p.__getitem__) + 1}]"
@@ -81,14 +83,16 @@ def indexes(root: str, found: Sequence[tuple]) -> None:
         console.print(f"no index under {root}; build one with `ragline index`", markup=False)
         return
     table = Table(title=escape(root), title_justify="left")
-    for c in ("name", "fingerprint", "passages", "dense", "bm25", "encoder", "created"):
+    for c in ("name", "fingerprint", "passages", "dense", "bm25", "encoder", "prior scale", "created"):
         table.add_column(c)
     for path, m in found:
         dense = m.get("dense") or {}
         name = path.name + (f" ({len(m['shards'])} shards, Ray)" if m.get("shards") else "")
+        passage = m["encoder"].get("passage") or {}
+        encoder = str(passage.get("name")) + (f" ({passage['kind']})" if passage.get("kind") else "")
         table.add_row(escape(name), m["fingerprint"], str(m["corpus"]["passages"]), dense.get("factory", "-"),
-                      "yes" if m.get("bm25") else "no", escape(str((m["encoder"].get("passage") or {}).get("name"))),
-                      m["created_at"])
+                      "yes" if m.get("bm25") else "no", escape(encoder),
+                      str(m["encoder"].get("prior_scale", "-")) if dense else "-", m["created_at"])
     console.print(table)
 
 

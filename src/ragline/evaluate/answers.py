@@ -116,7 +116,8 @@ def _prediction(qid: str, question: str, answer: Any, seconds: float, index: Ind
                    "pid": s.pid, "score": round(s.score, 5), "prior": round(s.prior, 5),
                    "posterior": round(s.posterior, 5)} for page, s in zip(pages, answer.sources, strict=True)]
     return {"id": qid, "input": question, "output": [{"answer": answer.text, "provenance": provenance}],
-            "meta": {"logprob": answer.logprob, "seconds": seconds}}
+            "meta": {"logprob": answer.logprob, "seconds": seconds,
+                     **({"cited": answer.cited} if answer.cited is not None else {})}}
 
 
 def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool = True,
@@ -186,8 +187,8 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
 # ragline report: (model, decoding, retrieval mode, k) of each run; closed book reads no passage.
 REPORT_GRID: list[tuple[str, str, str, int | None]] = [(vocab.CLOSED_BOOK, vocab.GREEDY, vocab.DENSE, None)] + [
     (model, decoding, vocab.DENSE, k) for k in (1, 5, 10)
-    for model, decoding in ((vocab.RAG_TOKEN, vocab.GREEDY), (vocab.RAG_SEQUENCE, vocab.FAST),
-                            (vocab.RAG_SEQUENCE, vocab.THOROUGH))
+    for model, decoding in ((vocab.CONCAT, vocab.GREEDY), (vocab.RAG_TOKEN, vocab.GREEDY),
+                            (vocab.RAG_SEQUENCE, vocab.FAST), (vocab.RAG_SEQUENCE, vocab.THOROUGH))
 ] + [(vocab.RAG_SEQUENCE, vocab.THOROUGH, mode, 5) for mode in (vocab.BM25, vocab.HYBRID)]
 
 

@@ -21,7 +21,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from ragline.vocab import DEFAULT_GENERATOR
 
 SYSTEM_PROMPT = "Answer the question using the passage. Reply with the answer only, as briefly as possible."
 CLOSED_BOOK_SYSTEM_PROMPT = "Answer the question. Reply with the answer only, as briefly as possible."
+CONCAT_SYSTEM_PROMPT = "Answer the question using the passages. Reply with the answer only, as briefly as possible."
 
 
 @dataclass
@@ -107,6 +108,16 @@ class Generator(ABC):
     @abstractmethod
     def prompt(self, question: str, passage: Passage | None) -> str:
         """The generator's input text for one (question, passage) pair."""
+
+    @abstractmethod
+    def concat_prompt(self, question: str, passages: Sequence[Passage]) -> str:
+        """The input text that reads all ``passages``, numbered [1], [2], ..., before the question (the
+        concatenated-context reader)."""
+
+    def widened(self, passages: int) -> Generator:
+        """This generator for prompts holding ``passages`` passages at once (a seq2seq encoder's input limit
+        grows with them, up to the model's own); the weights are shared."""
+        return self
 
     @abstractmethod
     def _row_logits(self, prompts: list[str], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -236,6 +247,19 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
     return ids, attn
 
 
+def _rag_title(title: str) -> str:
+    """A title as Hugging Face RAG puts it in a prompt: without a surrounding pair of double quotes."""
+    return title.removeprefix('"').removesuffix('"')
+
+
+def _source_limit(model: torch.nn.Module, tokenizer) -> int:
+    """The longest input an encoder takes: its position table (BART), else the tokenizer's limit (T5's relative
+    positions have none; 4096 caps a tokenizer that names no limit)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else 4096
+    return int(min(positions, limit) if positions else limit)
+
+
 def _added_tokens(tokenizer) -> tuple[str, ...]:
     """The strings the tokenizer reads as single special or added tokens."""
     cached = getattr(tokenizer, "_ragline_added", None)
@@ -288,6 +312,16 @@ class CausalGenerator(Generator):
         user = f"Question: {question}" if passage is None else f"Passage: {title}: {text}\nQuestion: {question}"
         system = SYSTEM_PROMPT if passage is not None else CLOSED_BOOK_SYSTEM_PROMPT
         return self.tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                                   {"role": "user", "content": user}],
+                                                  tokenize=False, add_generation_prompt=True)
+
+    def concat_prompt(self, question: str, passages: Sequence[Passage]) -> str:
+        question = self.guard(question)
+        blocks = "\n".join(f"[{i}] {self.guard(z.title)}: {self.guard(z.text)}" for i, z in enumerate(passages, 1))
+        if not self.use_chat:
+            return f"{blocks}\n// {question}\nAnswer:"
+        user = f"Passages:\n{blocks}\nQuestion: {question}"
+        return self.tokenizer.apply_chat_template([{"role": "system", "content": CONCAT_SYSTEM_PROMPT},
                                                    {"role": "user", "content": user}],
                                                   tokenize=False, add_generation_prompt=True)
 
@@ -406,9 +440,25 @@ class Seq2SeqGenerator(Generator):
         question = self.guard(self.question_text(question))
         if passage is None:
             return (lay.prefix + question).replace("  ", " ")
-        title = passage.title.removeprefix('"').removesuffix('"')
-        return (lay.prefix + self.guard(title) + lay.title_sep + self.guard(passage.text) + lay.doc_sep
-                + question).replace("  ", " ")
+        return (lay.prefix + self.guard(_rag_title(passage.title)) + lay.title_sep + self.guard(passage.text)
+                + lay.doc_sep + question).replace("  ", " ")
+
+    def concat_prompt(self, question: str, passages: Sequence[Passage]) -> str:
+        """``prefix + [1] title title_sep text [2] ... doc_sep question``: Hugging Face RAG's layout with the
+        passages numbered one after another."""
+        lay = self.layout
+        question = self.guard(self.question_text(question))
+        docs = " ".join(f"[{i}] {self.guard(_rag_title(z.title))}{lay.title_sep}{self.guard(z.text)}"
+                        for i, z in enumerate(passages, 1))
+        return (lay.prefix + docs + lay.doc_sep + question).replace("  ", " ")
+
+    def widened(self, passages: int) -> Seq2SeqGenerator:
+        limit = min(self.layout.max_combined_length * passages, _source_limit(self.model, self.tokenizer))
+        if limit <= self.layout.max_combined_length:
+            return self
+        out = copy.copy(self)
+        out.layout = replace(self.layout, max_combined_length=limit)
+        return out
 
     def target_ids(self, answers: Sequence[str]) -> list[list[int]]:
         return [self.tokenizer(a.strip())["input_ids"] for a in answers]

@@ -242,10 +242,12 @@ class Decoded:
 @torch.no_grad()
 def rag_token_decode(generator: Generator, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]],
                      doc_logprobs: torch.Tensor, beams: int = 1, max_new_tokens: int = 32,
-                     length_penalty: float = 1.0, n_best: int = 1, on_step: OnStep | None = None) -> list[Decoded]:
+                     length_penalty: float = 1.0, n_best: int = 1, on_step: OnStep | None = None,
+                     prompts: list[str] | None = None) -> list[Decoded]:
     """RAG-Token: greedy (beams=1) or beam search on the marginal next-token distribution; with beams, the
     ``n_best`` (<= beams) finished hypotheses in beam order are kept as alternatives. ``on_step`` receives
-    each question's best running tokens after every step (for streaming)."""
+    each question's best running tokens after every step (for streaming). ``prompts`` (B*K, question-major)
+    replace the (question, passage) prompts: the concatenated reader's one prompt per question, K = 1."""
     b, k = doc_logprobs.shape
     beams_eff = max(beams, 1)
 
@@ -254,7 +256,8 @@ def rag_token_decode(generator: Generator, questions: Sequence[str], passages: S
         doc = doc_logprobs[:, None, :].expand(-1, w, -1).reshape(b * w, k)
         return marginalize(doc, logp.reshape(b * w, k, -1)).view(b, w, -1)
 
-    step = RowStepper(generator, generator.pair_prompts(questions, passages), b, k, beams_eff, combine)
+    prompts = generator.pair_prompts(questions, passages) if prompts is None else prompts
+    step = RowStepper(generator, prompts, b, k, beams_eff, combine)
     stops = stop_ids(generator)
     if beams <= 1:
         return [Decoded(h.tokens, h.logprob, alternatives=[(h.tokens, h.logprob)])

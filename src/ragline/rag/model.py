@@ -1,13 +1,21 @@
-"""RagModel: retriever + generator. Answers questions with RAG-Sequence, RAG-Token or closed book, and
-says where each answer came from; computes the training likelihood with gradient to the question encoder.
+"""RagModel: retriever + generator. Answers questions with RAG-Sequence, RAG-Token, the concatenated-context
+reader or closed book, and says where each answer came from; computes the training likelihood with gradient
+to the question encoder.
 
 Output per question (:class:`Answer`): the answer and log p(y|x) under the chosen model; the top-k passages
 with their prior p_eta(z|x) and posterior p(z|x,y); for RAG-Token the posterior of every answer token
-(which passage produced which words).
+(which passage produced which words). The concatenated reader (``concat``) decodes from one prompt holding
+the k passages numbered [1]..[k]; its posterior scores the answer under each passage alone,
+
+    p(z | x, y) = p_eta(z|x) p_theta(y | x, z) / sum_z' p_eta(z'|x) p_theta(y | x, z'),
+
+RAG-Sequence's posterior of the same answer, and the passage numbers the answer cites, when it cites any, are
+taken out of its text into ``cited``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -50,6 +58,7 @@ class Answer:
     sources: list[Source] = field(default_factory=list)
     token_sources: list[tuple[str, list[float]]] | None = None  # RAG-Token: (token text, p(z_k|x,y_<t,y_t))
     alternatives: list[tuple[str, float]] = field(default_factory=list)  # n-best (text, log p), best first
+    cited: list[int] | None = None     # concat: the passage numbers [n] the answer cited (taken out of its text)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,6 +107,8 @@ class RagModel:
                    k: int | None = None, eps: float = 0.0) -> marginal.Likelihood:
         """Marginal likelihood of ``answers`` with gradient to the generator and the question encoder."""
         vocab.check(model, None)
+        if model not in (*vocab.RAG_MODELS, vocab.CLOSED_BOOK):
+            raise RaglineError(f"{model} has no training likelihood here", f"use {' or '.join(vocab.RAG_MODELS)}")
         if model == vocab.CLOSED_BOOK:
             passages, scores, scale = [[None]] * len(questions), torch.zeros(len(questions), 1), 1.0
         else:
@@ -148,6 +159,13 @@ class RagModel:
             decoded = rag_sequence_decode(self.generator, questions, passages, doc, beams=beams,
                                           max_new_tokens=max_new_tokens, thorough=decoding == vocab.THOROUGH,
                                           length_penalty=length_penalty, n_best=n_best, on_step=texts)
+        elif model == vocab.CONCAT:  # one row per question reading all k passages: no marginal (K = 1)
+            gen = self.generator.widened(k)
+            decoded = rag_token_decode(gen, questions, [[None]] * len(questions), torch.zeros(len(questions), 1),
+                                       beams=1 if decoding == vocab.GREEDY else beams, max_new_tokens=max_new_tokens,
+                                       length_penalty=length_penalty, n_best=n_best, on_step=texts,
+                                       prompts=[gen.concat_prompt(q, zs) for q, zs in zip(questions, passages,
+                                                                                        strict=True)])
         else:
             decoded = rag_token_decode(self.generator, questions, passages, doc,
                                        beams=1 if decoding == vocab.GREEDY else beams, max_new_tokens=max_new_tokens,
@@ -167,6 +185,10 @@ class RagModel:
             return ans
         if model == vocab.RAG_SEQUENCE:
             posterior = marginal.sequence_posterior(doc[None], d.seq_logprobs[None])[0]
+        elif model == vocab.CONCAT:  # the answer scored under each passage alone: RAG-Sequence's posterior of y
+            lp, _, _ = self.generator.target_logprobs([question], [passages], [d.tokens])  # (1, K, T)
+            posterior = marginal.sequence_posterior(doc[None], lp.sum(-1))[0]
+            ans.text, ans.cited = cited_passages(ans.text, len(passages))
         else:  # RAG-Token: p(z | x, y_<t, y_t) per token, and its mean over the answer's tokens
             lp, _, _ = self.generator.target_logprobs([question], [passages], [d.tokens])  # (1, K, T)
             per_token = marginal.token_posterior(doc[None], lp)[0]  # (T, K)
@@ -176,6 +198,19 @@ class RagModel:
             posterior = per_token[keep].mean(0) if keep else per_token.mean(0)
         ans.sources = _sources(passages, scores, doc, posterior)
         return ans
+
+
+_CITATION = re.compile(r"\s*\[(\d+)\]")
+
+
+def cited_passages(text: str, k: int) -> tuple[str, list[int]]:
+    """``text`` without its citation marks [n] (n in 1..k), and the numbers it cited, in order of first mention."""
+    cited: list[int] = []
+    for n in (int(m.group(1)) for m in _CITATION.finditer(text)):
+        if 1 <= n <= k and n not in cited:
+            cited.append(n)
+    clean = _CITATION.sub(lambda m: m.group(0) if not 1 <= int(m.group(1)) <= k else "", text)
+    return clean.strip(), cited
 
 
 def _sources(passages: list[Passage | None], scores: torch.Tensor, doc: torch.Tensor,

@@ -23,9 +23,14 @@ class Settings:
     @property
     def rows(self) -> int:
         """Generator rows decoding runs at once: a beam per passage (RAG-Sequence, RAG-Token), or per question
-        (closed book); greedy decoding keeps one."""
+        (concat, closed book); greedy decoding keeps one."""
         beams = 1 if (self.decoding or vocab.default_decoding(self.model)) == vocab.GREEDY else self.beams
-        return beams * (1 if self.model == vocab.CLOSED_BOOK else self.k)
+        return beams * (self.k if self.model in vocab.RAG_MODELS else 1)
+
+    @property
+    def passages_per_row(self) -> int:
+        """Passages one row's prompt holds: k for concat, none for closed book, else one."""
+        return {vocab.CONCAT: self.k, vocab.CLOSED_BOOK: 0}.get(self.model, 1)
 
 
 class Busy(RaglineError):
@@ -51,8 +56,7 @@ class Budget:
     passage_tokens: int = 256
 
     def cost(self, s: Settings, question_tokens: int) -> int:
-        passage = 0 if s.model == vocab.CLOSED_BOOK else self.passage_tokens
-        return s.rows * (question_tokens + passage + s.max_new_tokens)
+        return s.rows * (question_tokens + s.passages_per_row * self.passage_tokens + s.max_new_tokens)
 
     def check(self, s: Settings, question_tokens: int) -> int:
         """The request's cost, or a refusal naming the limit and what to lower."""
