@@ -79,6 +79,7 @@ def main() -> None:
           f"{args.length_penalty}, prior scale {scale}; dense retrieval over {index.name}")
     systems = {"closed-book": ("closed-book", "greedy", [1]), "single-passage": ("rag-token", "greedy", [1]),
                "concat": ("concat", "greedy", None), "concat-beam": ("concat", "beam", None),
+               "fid": ("fid", "greedy", None), "fid-beam": ("fid", "beam", None),
                "rag-token": ("rag-token", "beam", None), "rag-token-greedy": ("rag-token", "greedy", None),
                "rag-seq-thorough": ("rag-sequence", "thorough", None),
                "rag-seq-fast": ("rag-sequence", "fast", None)}

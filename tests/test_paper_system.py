@@ -420,3 +420,26 @@ def test_answers_on_the_gpu_equal_the_cpu_answers(paper, model, decoding, beams)
     for a, b in zip(cpu, gpu, strict=True):
         assert [s["pid"] for s in a["sources"]] == [s["pid"] for s in b["sources"]]
         np.testing.assert_allclose([s["score"] for s in a["sources"]], [s["score"] for s in b["sources"]], atol=1e-3)
+
+
+def test_fid_through_the_cli_answers_and_trains(paper, tmp_path):
+    """`--model fid` on the BART folder over the DPR index: per-token passage attributions that sum to one, and
+    `train rag --model fid` (FiD's loss plus FiD-Distill into the question encoder) runs and exports."""
+    out = run("ask", "--index", paper["root"] / "index", "--generator", paper["root"] / "bart", "--model", "fid",
+              "--decoding", "greedy", "-k", 3, "--max-new-tokens", 6, "--json", *QUESTIONS[:2])
+    answers = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    for a in answers:
+        assert a["model"] == "fid" and len(a["sources"]) == 3 and a["token_sources"]
+        for _, per_passage in a["token_sources"]:
+            assert sum(per_passage) == pytest.approx(1.0, abs=1e-5)
+        assert sum(s["posterior"] for s in a["sources"]) == pytest.approx(1.0, abs=1e-5)
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"question": q, "answers": [a]}) + "\n"
+                             for q, a in zip(QUESTIONS * 2, ["stanley kubrick", "paris", "nile"] * 2, strict=True)))
+    run("train", "rag", "--train", train, "--index", paper["root"] / "index", "--generator", paper["root"] / "bart",
+        "--model", "fid", "-k", 2, "--steps", 2, "--batch-size", 2, "--val-fraction", 0.2, "--out", tmp_path / "run")
+    trained = json.loads((tmp_path / "run" / "final" / "run.json").read_text())
+    assert trained["model"] == "fid" and trained["question_encoder"] == "question_encoder"
+    result = CliRunner().invoke(cli, ["ask", "who?", "--index", str(paper["root"] / "index"), "--generator",
+                                      str(paper["root"] / "bart"), "--model", "concat", "-k", 2, "--json"])
+    assert result.exit_code == 0, result.output  # the concatenated reader on a seq2seq generator, too

@@ -14,16 +14,18 @@ MODES = (DENSE, BM25, HYBRID)
 DEFAULT_MODE = DENSE
 
 # Readers. RAG-Sequence and RAG-Token marginalise over the top-k passages; concat reads the top-k passages
-# numbered in one prompt (what most toolkits do); closed book reads no passage.
-RAG_SEQUENCE, RAG_TOKEN, CONCAT, CLOSED_BOOK = "rag-sequence", "rag-token", "concat", "closed-book"
-MODELS = (RAG_SEQUENCE, RAG_TOKEN, CONCAT, CLOSED_BOOK)
-RAG_MODELS = (RAG_SEQUENCE, RAG_TOKEN)  # the marginalising readers (the ones `train rag` trains)
+# numbered in one prompt (what most toolkits do); fid (Fusion-in-Decoder, seq2seq generators) encodes each
+# passage with the question and decodes from all of them at once; closed book reads no passage.
+RAG_SEQUENCE, RAG_TOKEN, CONCAT, FID, CLOSED_BOOK = "rag-sequence", "rag-token", "concat", "fid", "closed-book"
+MODELS = (RAG_SEQUENCE, RAG_TOKEN, CONCAT, FID, CLOSED_BOOK)
+RAG_MODELS = (RAG_SEQUENCE, RAG_TOKEN)  # the marginalising readers
+TRAINABLE_MODELS = (RAG_SEQUENCE, RAG_TOKEN, FID)  # what `train rag --model` trains
 DEFAULT_MODEL = RAG_SEQUENCE
 
 # Decodings of each model; the first is its default.
 THOROUGH, FAST, BEAM, GREEDY = "thorough", "fast", "beam", "greedy"
 DECODINGS: dict[str, tuple[str, ...]] = {RAG_SEQUENCE: (THOROUGH, FAST), RAG_TOKEN: (BEAM, GREEDY),
-                                         CONCAT: (BEAM, GREEDY), CLOSED_BOOK: (BEAM, GREEDY)}
+                                         CONCAT: (BEAM, GREEDY), FID: (BEAM, GREEDY), CLOSED_BOOK: (BEAM, GREEDY)}
 ALL_DECODINGS = (THOROUGH, FAST, BEAM, GREEDY)
 
 # Bundled models used when none is named (models/catalog.py locates them).

@@ -453,7 +453,7 @@ def train() -> None:
               help="Training examples: JSONL (question, answers, optional positive) or KILT, or 'fanoutqa-dev'.")
 @_index_option
 @click.option("--generator", default=vocab.TRAINING_GENERATOR, show_default=True, help=GENERATOR_HELP)
-@click.option("--model", "model_name", type=click.Choice(vocab.RAG_MODELS), default=vocab.DEFAULT_MODEL,
+@click.option("--model", "model_name", type=click.Choice(vocab.TRAINABLE_MODELS), default=vocab.DEFAULT_MODEL,
               show_default=True)
 @click.option("-k", "k", default=None, type=click.IntRange(1, 50), help=K_HELP)
 @click.option("--generator-training", type=click.Choice(["full", "lora", "frozen"]), default="full", show_default=True)

@@ -189,6 +189,7 @@ REPORT_GRID: list[tuple[str, str, str, int | None]] = [(vocab.CLOSED_BOOK, vocab
     (model, decoding, vocab.DENSE, k) for k in (1, 5, 10)
     for model, decoding in ((vocab.CONCAT, vocab.GREEDY), (vocab.RAG_TOKEN, vocab.GREEDY),
                             (vocab.RAG_SEQUENCE, vocab.FAST), (vocab.RAG_SEQUENCE, vocab.THOROUGH))
+] + [(vocab.FID, vocab.GREEDY, vocab.DENSE, k) for k in (1, 5, 10)  # seq2seq generators only
 ] + [(vocab.RAG_SEQUENCE, vocab.THOROUGH, mode, 5) for mode in (vocab.BM25, vocab.HYBRID)]
 
 
@@ -196,10 +197,13 @@ def run_report(base: EvalConfig, out: Path, log: Callable[[str], None] = print) 
     """``ragline report``: every system of :data:`REPORT_GRID` as a resumable eval run under ``out`` (``base``
     gives the task and decoding settings), then
     ``out/README.md`` and ``out/comparison.png``; returns the comparison table."""
+    from ragline.models.loading import CAUSAL, generator_kind
+
     runs = []
-    for i, (model, decoding, mode, k) in enumerate(REPORT_GRID, 1):
+    grid = [g for g in REPORT_GRID if g[0] != vocab.FID or generator_kind(base.generator) != CAUSAL]
+    for i, (model, decoding, mode, k) in enumerate(grid, 1):
         name = model if k is None else f"{model}-{decoding}-{mode}-k{k}"
-        log(f"run {i}/{len(REPORT_GRID)}: {name}")
+        log(f"run {i}/{len(grid)}: {name}")
         run_eval(replace(base, model=model, decoding=decoding, mode=mode, k=k or 1), out / name, log=log)
         runs.append(out / name)
     table = compare(runs, out / "comparison.png")

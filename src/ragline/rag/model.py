@@ -26,7 +26,7 @@ from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
 from ragline.models.generators import Generator
-from ragline.rag import marginal
+from ragline.rag import fid, marginal
 from ragline.rag.decoding import Decoded, rag_sequence_decode, rag_token_decode, stop_ids
 from ragline.retriever import Retriever
 
@@ -107,12 +107,16 @@ class RagModel:
                    k: int | None = None, eps: float = 0.0) -> marginal.Likelihood:
         """Marginal likelihood of ``answers`` with gradient to the generator and the question encoder."""
         vocab.check(model, None)
-        if model not in (*vocab.RAG_MODELS, vocab.CLOSED_BOOK):
-            raise RaglineError(f"{model} has no training likelihood here", f"use {' or '.join(vocab.RAG_MODELS)}")
+        if model not in (*vocab.TRAINABLE_MODELS, vocab.CLOSED_BOOK):
+            raise RaglineError(f"{model} has no training likelihood here",
+                               f"use {' or '.join(vocab.TRAINABLE_MODELS)}")
         if model == vocab.CLOSED_BOOK:
             passages, scores, scale = [[None]] * len(questions), torch.zeros(len(questions), 1), 1.0
         else:
             passages, scores, scale = self.retrieve(questions, k or self.k, grad=True)
+        if model == vocab.FID:
+            return fid.likelihood(fid.FusedReader(self.generator, len(passages[0])), questions, passages, answers,
+                                  marginal.doc_log_probs(scale * scores), eps=eps)
         s = self.generator.score(questions, passages, answers)
         fn = marginal.rag_token if model == vocab.RAG_TOKEN else marginal.rag_sequence
         doc = marginal.doc_log_probs(scale * scores).to(s.logprobs.device)  # (B, K), where the generator runs
@@ -159,6 +163,11 @@ class RagModel:
             decoded = rag_sequence_decode(self.generator, questions, passages, doc, beams=beams,
                                           max_new_tokens=max_new_tokens, thorough=decoding == vocab.THOROUGH,
                                           length_penalty=length_penalty, n_best=n_best, on_step=texts)
+        elif model == vocab.FID:  # one decoder row per question over the k passages' fused encoder states
+            decoded = rag_token_decode(fid.FusedReader(self.generator, k), questions, [[None]] * len(questions),
+                                       torch.zeros(len(questions), 1), beams=1 if decoding == vocab.GREEDY else beams,
+                                       max_new_tokens=max_new_tokens, length_penalty=length_penalty, n_best=n_best,
+                                       on_step=texts, prompts=self.generator.pair_prompts(questions, passages))
         elif model == vocab.CONCAT:  # one row per question reading all k passages: no marginal (K = 1)
             gen = self.generator.widened(k)
             decoded = rag_token_decode(gen, questions, [[None]] * len(questions), torch.zeros(len(questions), 1),
@@ -185,19 +194,27 @@ class RagModel:
             return ans
         if model == vocab.RAG_SEQUENCE:
             posterior = marginal.sequence_posterior(doc[None], d.seq_logprobs[None])[0]
+        elif model == vocab.FID:  # the decoder's cross-attention mass per passage, per answer token
+            _, _, _, mass = fid.FusedReader(self.generator, len(passages)).forward([question], [passages], [d.tokens],
+                                                                                   attentions=True)
+            posterior = self._token_sources(ans, d.tokens, mass[0].cpu())
         elif model == vocab.CONCAT:  # the answer scored under each passage alone: RAG-Sequence's posterior of y
             lp, _, _ = self.generator.target_logprobs([question], [passages], [d.tokens])  # (1, K, T)
             posterior = marginal.sequence_posterior(doc[None], lp.sum(-1))[0]
             ans.text, ans.cited = cited_passages(ans.text, len(passages))
         else:  # RAG-Token: p(z | x, y_<t, y_t) per token, and its mean over the answer's tokens
             lp, _, _ = self.generator.target_logprobs([question], [passages], [d.tokens])  # (1, K, T)
-            per_token = marginal.token_posterior(doc[None], lp)[0]  # (T, K)
-            stops = set(stop_ids(self.generator))
-            keep = [i for i, t in enumerate(d.tokens) if t not in stops]
-            ans.token_sources = [(self.generator.tokenizer.decode([d.tokens[i]]), per_token[i].tolist()) for i in keep]
-            posterior = per_token[keep].mean(0) if keep else per_token.mean(0)
+            posterior = self._token_sources(ans, d.tokens, marginal.token_posterior(doc[None], lp)[0])
         ans.sources = _sources(passages, scores, doc, posterior)
         return ans
+
+    def _token_sources(self, ans: Answer, tokens: list[int], per_token: torch.Tensor) -> torch.Tensor:
+        """Set ``ans.token_sources`` from a distribution over the passages per answer token, (T, K), stop
+        tokens left out; returns its mean over those tokens, (K,)."""
+        stops = set(stop_ids(self.generator))
+        keep = [i for i, t in enumerate(tokens) if t not in stops]
+        ans.token_sources = [(self.generator.tokenizer.decode([tokens[i]]), per_token[i].tolist()) for i in keep]
+        return per_token[keep].mean(0) if keep else per_token.mean(0)
 
 
 _CITATION = re.compile(r"\s*\[(\d+)\]")

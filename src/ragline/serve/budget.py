@@ -23,14 +23,14 @@ class Settings:
     @property
     def rows(self) -> int:
         """Generator rows decoding runs at once: a beam per passage (RAG-Sequence, RAG-Token), or per question
-        (concat, closed book); greedy decoding keeps one."""
+        (concat, fid, closed book); greedy decoding keeps one."""
         beams = 1 if (self.decoding or vocab.default_decoding(self.model)) == vocab.GREEDY else self.beams
         return beams * (self.k if self.model in vocab.RAG_MODELS else 1)
 
     @property
     def passages_per_row(self) -> int:
-        """Passages one row's prompt holds: k for concat, none for closed book, else one."""
-        return {vocab.CONCAT: self.k, vocab.CLOSED_BOOK: 0}.get(self.model, 1)
+        """Passages one row reads: k for concat and fid, none for closed book, else one."""
+        return {vocab.CONCAT: self.k, vocab.FID: self.k, vocab.CLOSED_BOOK: 0}.get(self.model, 1)
 
 
 class Busy(RaglineError):

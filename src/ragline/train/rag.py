@@ -2,9 +2,11 @@
 
 Minimises the marginal negative log-likelihood  -log p(y|x)  (RAG-Sequence or RAG-Token,
 :mod:`ragline.rag.marginal`) of each example's first gold answer, with no supervision of which passage is
-relevant. The passage encoder and the index stay frozen: the top-k passages are searched with the current
-question encoder, and p_eta(z|x) = softmax(s · q(x)·d(z)) is recomputed from the stored d(z), so the gradient
-reaches the question encoder through the prior and the generator through p_theta(y|x,z).
+relevant; or, with ``--model fid``, Fusion-in-Decoder's -log p(y | x, z_1..z_K) plus FiD-Distill's pull of the
+prior towards the reader's cross-attention (:mod:`ragline.rag.fid`). The passage encoder and the index stay
+frozen: the top-k passages are searched with the current question encoder, and p_eta(z|x) =
+softmax(s · q(x)·d(z)) is recomputed from the stored d(z), so the gradient reaches the question encoder through
+the prior and the generator through p_theta(y|x,z).
 
 Trained parts: the generator fully, through LoRA adapters (peft), or not at all; the question encoder or not.
 AdamW (one learning rate per part), linear warm-up then linear decay, gradient accumulation, gradient clipping
@@ -44,7 +46,7 @@ class RagTrainConfig(LoopConfig):
     """The settings of a `ragline train rag` run (the shared loop's settings included)."""
 
     generator: str = vocab.TRAINING_GENERATOR  # bundled name, causal or seq2seq folder, or RAG checkpoint
-    model: str = vocab.DEFAULT_MODEL    # one of vocab.RAG_MODELS
+    model: str = vocab.DEFAULT_MODEL    # one of vocab.TRAINABLE_MODELS
     k: int | None = None                # default: a RAG checkpoint's n_docs, else vocab.DEFAULT_K
     generator_training: str = "full"    # full | lora | frozen
     lora_r: int = 8
@@ -59,8 +61,8 @@ class RagTrainConfig(LoopConfig):
 
 
 def check_config(cfg: RagTrainConfig) -> None:
-    if cfg.model not in vocab.RAG_MODELS:
-        raise RaglineError(f"cannot train model {cfg.model!r}", f"use --model {' or '.join(vocab.RAG_MODELS)}")
+    if cfg.model not in vocab.TRAINABLE_MODELS:
+        raise RaglineError(f"cannot train model {cfg.model!r}", f"use --model {' or '.join(vocab.TRAINABLE_MODELS)}")
     if cfg.generator_training not in GENERATOR_TRAINING:
         raise RaglineError(f"unknown generator training {cfg.generator_training!r}",
                            f"use one of {', '.join(GENERATOR_TRAINING)}")
@@ -136,6 +138,10 @@ class RagTrainer(Trainer):
                                "RAG training needs p(z|x) from passage embeddings: use a dense or hybrid index")
         self.passage_fingerprint = retriever.index.manifest["encoder"]["passage"]["fingerprint"]
         gen = generator or loaded.generator
+        if cfg.model == vocab.FID:
+            from ragline.rag.fid import FusedReader
+
+            FusedReader(gen, cfg.k)  # refuses a decoder-only generator before any training
         _apply_generator_training(gen, cfg)
         enc = retriever.encoder
         enc.model.eval()
