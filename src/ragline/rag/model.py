@@ -1,16 +1,16 @@
 """RagModel: retriever + generator. Answers questions with RAG-Sequence, RAG-Token, the concatenated-context
-reader or closed book, and says where each answer came from; computes the training likelihood with gradient
-to the question encoder.
+reader, Fusion-in-Decoder or closed book, and says where each answer came from; computes the training
+likelihood with gradient to the question encoder.
 
 Output per question (:class:`Answer`): the answer and log p(y|x) under the chosen model; the top-k passages
-with their prior p_eta(z|x) and posterior p(z|x,y); for RAG-Token the posterior of every answer token
-(which passage produced which words). The concatenated reader (``concat``) decodes from one prompt holding
-the k passages numbered [1]..[k]; its posterior scores the answer under each passage alone,
+with their prior p_eta(z|x) and a posterior; for RAG-Token and FiD a distribution over the passages for every
+answer token (which passage produced which words). The posteriors by reader:
 
-    p(z | x, y) = p_eta(z|x) p_theta(y | x, z) / sum_z' p_eta(z'|x) p_theta(y | x, z'),
-
-RAG-Sequence's posterior of the same answer, and the passage numbers the answer cites, when it cites any, are
-taken out of its text into ``cited``.
+* RAG-Sequence (and concat, which decodes from one prompt holding the k passages numbered [1]..[k], scoring
+  its answer under each passage alone): p(z | x, y) = p_eta(z|x) p_theta(y|x,z) / sum_z' p_eta(z'|x) p_theta(y|x,z');
+  the passage numbers a concat answer cites are taken out of its text into ``cited``;
+* RAG-Token: p(z | x, y_<t, y_t) per token, and its mean over the answer's tokens;
+* FiD: the decoder's cross-attention mass per passage per token (:mod:`ragline.rag.fid`), and its mean.
 """
 
 from __future__ import annotations
