@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +26,34 @@ from ragline.models.loading import load_generator
 from ragline.questions import dev_questions
 from ragline.rag.model import RagModel
 from ragline.retriever import open_retriever
+
+
+class PeakRss:
+    """The process's peak resident memory while the block runs, sampled every 20 ms from /proc (MiB): what a
+    system adds on top of the models already loaded shows as the peak above the memory at the start."""
+
+    def __init__(self) -> None:
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _rss() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
 
 
 def run(rag: RagModel, questions, model: str, decoding: str, k: int, beams: int, batch: int, max_new: int,
@@ -84,14 +114,18 @@ def main() -> None:
                "rag-seq-thorough": ("rag-sequence", "thorough", None),
                "rag-seq-fast": ("rag-sequence", "fast", None)}
     ks = [int(k) for k in args.ks.split(",")]
-    print("| system | k | EM | F1 | s/question |\n|---|---|---|---|---|", flush=True)
+    # warm-up, untimed: the first forward pass pages the memory-mapped weights in, which no row should pay for
+    rag.answer([questions[0].question], model="rag-token", decoding="greedy", k=1, max_new_tokens=2)
+    print("| system | k | EM | F1 | s/question | peak RSS MiB (+ over start) |\n|---|---|---|---|---|---|", flush=True)
     out = []
     for name in args.systems.split(","):
         model, decoding, fixed_ks = systems[name]
         for k in fixed_ks or ks:
-            em, f1, secs, preds = run(rag, questions, model, decoding, k, args.beams, args.batch, args.max_new_tokens,
-                                      args.length_penalty)
-            print(f"| {name} | {k if name != 'closed-book' else '-'} | {em:.3f} | {f1:.3f} | {secs:.1f} |", flush=True)
+            with PeakRss() as mem:
+                em, f1, secs, preds = run(rag, questions, model, decoding, k, args.beams, args.batch,
+                                          args.max_new_tokens, args.length_penalty)
+            print(f"| {name} | {k if name != 'closed-book' else '-'} | {em:.3f} | {f1:.3f} | {secs:.1f} | "
+                  f"{mem.peak:.0f} (+{mem.peak - mem.start:.0f}) |", flush=True)
             out.extend({"system": name, "k": k, **p} for p in preds)
     if args.predictions:
         args.predictions.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in out))
