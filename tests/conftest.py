@@ -122,6 +122,42 @@ def tiny_generator():
     return tiny_causal()
 
 
+def run_cli(*args) -> str:
+    """``ragline ARGS`` in-process; fails the test unless it exits 0; returns what it printed."""
+    from click.testing import CliRunner
+
+    from ragline.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def word_tokenizer(words: list[str], pre_tokenizer=None):
+    """A word-level fast tokenizer over ``words`` (ids after BART's <s> <pad> </s> <unk>), wrapping each text in
+    <s> ... </s>; words are split by ``pre_tokenizer`` (default: whitespace)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<s>", "<pad>", "</s>", "<unk>", *words])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizer or pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def tiny_bart_config(vocab_size: int, d_model: int = 32, layers: int = 2, max_positions: int = 128, **extra):
+    """A tiny BART config for :func:`word_tokenizer`'s ids (pad 1, <s> 0, </s> 2, decoding starts at </s>):
+    two heads, feed-forward twice the width; ``extra`` sets any other field."""
+    from transformers import BartConfig
+
+    return BartConfig(vocab_size=vocab_size, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * d_model,
+                      decoder_ffn_dim=2 * d_model, max_position_embeddings=max_positions, pad_token_id=1,
+                      bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=None, **extra)
+
+
 @contextmanager
 def running_server(app) -> Iterator[str]:
     """Serve ``app`` with uvicorn on a free loopback port in a thread; yields the base URL."""

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_bart_config, word_tokenizer
 
 from ragline import vocab
 from ragline.corpus.passages import Passage
@@ -54,24 +55,16 @@ def test_concat_answer_is_its_joined_prompts_likelihood_with_every_passage_attri
 def test_seq2seq_concat_reads_all_passages_past_the_single_prompt_limit():
     """A BART generator's concatenated prompt may exceed the per-passage limit (max_combined_length): the
     reader widens it to the model's own, and its score equals a direct forward pass over the joined prompt."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+    from tokenizers import pre_tokenizers
+    from transformers import BartForConditionalGeneration
 
     from ragline.models.generators import Seq2SeqGenerator, Seq2SeqPrompt
     from ragline.rag.decoding import rag_token_decode
 
     words = [f"w{i}" for i in range(60)] + ["who", "what", "/", "//", "[", "]", "1", "2", "3"]
-    vocab_ = {w: i for i, w in enumerate(["<s>", "<pad>", "</s>", "<unk>", *words])}
-    tk = Tokenizer(models.WordLevel(vocab_, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
+    tok = word_tokenizer(words, pre_tokenizers.BertPreTokenizer())
     torch.manual_seed(0)
-    cfg = BartConfig(vocab_size=len(vocab_), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=512,
-                     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-                     forced_bos_token_id=None, init_std=0.5)
+    cfg = tiny_bart_config(len(tok), d_model=16, layers=1, max_positions=512, init_std=0.5)
     gen = Seq2SeqGenerator(BartForConditionalGeneration(cfg).eval(), tok, "tiny-bart",
                            Seq2SeqPrompt(max_combined_length=40))
     passages = [Passage(f"p{i}#0", f"p{i}", f"w{i}", " ".join(f"w{(i * 7 + j) % 60}" for j in range(30)))

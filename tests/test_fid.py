@@ -3,6 +3,7 @@ encoded (question, passage) inputs, trainable, with cross-attention attribution 
 
 import pytest
 import torch
+from conftest import tiny_bart_config, word_tokenizer
 
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
@@ -20,20 +21,11 @@ PASSAGES = [[Passage("a#0", "a", "w1", "w3 w5 w7 w9 w11"), Passage("b#0", "b", "
 
 @pytest.fixture(scope="module")
 def gen():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+    from transformers import BartForConditionalGeneration
 
-    vocab = {w: i for i, w in enumerate(["<s>", "<pad>", "</s>", "<unk>", *WORDS])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
+    tok = word_tokenizer(WORDS)
     torch.manual_seed(3)
-    cfg = BartConfig(vocab_size=len(vocab), d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
-                     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-                     forced_bos_token_id=None, init_std=0.5)
+    cfg = tiny_bart_config(len(tok), d_model=16, max_positions=64, init_std=0.5)
     return Seq2SeqGenerator(BartForConditionalGeneration(cfg).eval(), tok, "tiny-bart")
 
 

@@ -3,6 +3,7 @@ initialised BART generator and DPR question encoder, with the same passages and 
 
 import pytest
 import torch
+from conftest import tiny_bart_config, word_tokenizer
 
 from ragline.corpus.passages import Passage
 from ragline.models.generators import Seq2SeqGenerator
@@ -15,29 +16,13 @@ WORDS = ["who", "what", "where", "when", "directed", "wrote", "painted", "film",
 
 @pytest.fixture(scope="module")
 def tiny():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import (
-        BartConfig,
-        BartForConditionalGeneration,
-        DPRConfig,
-        DPRQuestionEncoder,
-        PreTrainedTokenizerFast,
-        RagConfig,
-    )
+    from transformers import BartForConditionalGeneration, DPRConfig, DPRQuestionEncoder, RagConfig
 
-    vocab = {w: i for i, w in enumerate(["<s>", "<pad>", "</s>", "<unk>", *WORDS])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
+    tok = word_tokenizer(WORDS)
     torch.manual_seed(0)
-    bart_cfg = BartConfig(vocab_size=len(vocab), d_model=32, encoder_layers=2, decoder_layers=2,
-                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                          decoder_ffn_dim=64, max_position_embeddings=128, pad_token_id=1, bos_token_id=0,
-                          eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=None)
+    bart_cfg = tiny_bart_config(len(tok))
     bart = BartForConditionalGeneration(bart_cfg).eval()
-    dpr_cfg = DPRConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    dpr_cfg = DPRConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)
     dpr = DPRQuestionEncoder(dpr_cfg).eval()
     rag_cfg = RagConfig.from_question_encoder_generator_configs(dpr_cfg, bart_cfg, n_docs=3)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import run_cli, tiny_bart_config, word_tokenizer
 
 from ragline.cli import cli
 from ragline.corpus.passages import split_words
@@ -33,26 +34,14 @@ N_PASSAGES = 300
 GEN = dict(max_new_tokens=12, length_penalty=1.0)
 
 
-def run(*args) -> str:
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def _word_tokenizer(texts: list[str]):
+def _cased_word_tokenizer(texts: list[str]):
     """A cased word-level tokenizer over the words of ``texts`` and their lower-cased forms (BART's special
     tokens around it): "Who" and "who" are different tokens, as in BART's own vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import pre_tokenizers
 
     pre = pre_tokenizers.BertPreTokenizer()
     words = sorted({w for t in texts for form in (t, t.lower()) for w, _ in pre.pre_tokenize_str(form)})
-    vocab = {w: i for i, w in enumerate(["<s>", "<pad>", "</s>", "<unk>", *words])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return word_tokenizer(words, pre)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +49,6 @@ def paper(tmp_path_factory):
     """Folders of the paper's system in Hugging Face's formats, psgs.tsv, and ragline's index over it."""
     from transformers import (
         AutoTokenizer,
-        BartConfig,
         BartForConditionalGeneration,
         DPRConfig,
         DPRContextEncoder,
@@ -97,12 +85,9 @@ def paper(tmp_path_factory):
         model.save_pretrained(root / name)
         qtok.save_pretrained(root / name)
 
-    gtok = _word_tokenizer([t for _, text, title in rows for t in (text, title)] + QUESTIONS)
-    bart_cfg = BartConfig(vocab_size=len(gtok), d_model=32, encoder_layers=2, decoder_layers=2,
-                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                          decoder_ffn_dim=64, max_position_embeddings=512, pad_token_id=1, bos_token_id=0,
-                          eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=None,
-                          forced_eos_token_id=None, no_repeat_ngram_size=0, init_std=0.5)
+    gtok = _cased_word_tokenizer([t for _, text, title in rows for t in (text, title)] + QUESTIONS)
+    bart_cfg = tiny_bart_config(len(gtok), max_positions=512, forced_eos_token_id=None, no_repeat_ngram_size=0,
+                                init_std=0.5)
     torch.manual_seed(1)  # a seed whose answers differ between the questions (see the last assert of the ask test)
     bart = BartForConditionalGeneration(bart_cfg).eval()
     bart.save_pretrained(root / "bart")
@@ -116,8 +101,8 @@ def paper(tmp_path_factory):
         RagTokenizer(qtok, gtok).save_pretrained(str(root / name))
         rags[name] = root / name
 
-    run("index", "--source", root / "psgs.tsv", "--encoder", root / "dpr-ctx", "--query-encoder", root / "dpr-q",
-        "--out", root / "index", "--no-bm25")
+    run_cli("index", "--source", root / "psgs.tsv", "--encoder", root / "dpr-ctx", "--query-encoder", root / "dpr-q",
+            "--out", root / "index", "--no-bm25")
     return {"root": root, "rows": rows, "rags": rags, "qtok": qtok, "gtok": gtok}
 
 
@@ -172,9 +157,9 @@ CASES = [("rag-sequence", "thorough", 1), ("rag-sequence", "thorough", 3), ("rag
 
 @pytest.mark.parametrize(("model", "decoding", "beams"), CASES)
 def test_ask_with_a_rag_checkpoint_equals_transformers(paper, model, decoding, beams):
-    out = run("ask", "--index", paper["root"] / "index", "--generator", paper["rags"][model], "--model", model,
-              "--decoding", decoding, "--beams", beams, "--max-new-tokens", GEN["max_new_tokens"],
-              "--length-penalty", GEN["length_penalty"], "--json", *QUESTIONS)
+    out = run_cli("ask", "--index", paper["root"] / "index", "--generator", paper["rags"][model], "--model", model,
+                  "--decoding", decoding, "--beams", beams, "--max-new-tokens", GEN["max_new_tokens"],
+                  "--length-penalty", GEN["length_penalty"], "--json", *QUESTIONS)
     ours = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     hf, retriever = _hf_rag(paper, model)
     seen = set()
@@ -203,9 +188,9 @@ def test_eval_with_a_rag_checkpoint_equals_transformers(paper, tmp_path):
     task = tmp_path / "task.jsonl"
     task.write_text("".join(json.dumps({"id": f"q{i}", "input": q, "output": [{"answer": "x"}]}) + "\n"
                             for i, q in enumerate(QUESTIONS)))
-    run("eval", "--task", task, "--index", paper["root"] / "index", "--generator", paper["rags"]["rag-token"],
-        "--model", "rag-token", "--decoding", "greedy", "--max-new-tokens", GEN["max_new_tokens"],
-        "--length-penalty", GEN["length_penalty"], "--out", tmp_path / "run")
+    run_cli("eval", "--task", task, "--index", paper["root"] / "index", "--generator", paper["rags"]["rag-token"],
+            "--model", "rag-token", "--decoding", "greedy", "--max-new-tokens", GEN["max_new_tokens"],
+            "--length-penalty", GEN["length_penalty"], "--out", tmp_path / "run")
     preds = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["k"] == 3 and config["prior_scale"] == 1.0  # the checkpoint's n_docs, the index's scale
@@ -263,19 +248,19 @@ def test_a_trained_run_exports_as_a_rag_checkpoint_that_transformers_loads(paper
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"question": q, "answers": [a]}) + "\n" for q, a in
                              zip(QUESTIONS * 2, ["stanley kubrick", "paris", "nile"] * 2, strict=True)))
-    run("train", "rag", "--train", train, "--index", paper["root"] / "index", "--generator", paper["root"] / "bart",
-        "--model", model, "-k", 2, "--steps", 2, "--batch-size", 2, "--val-fraction", 0.2, "--lr", 1e-2,
-        "--out", tmp_path / "run")
+    run_cli("train", "rag", "--train", train, "--index", paper["root"] / "index", "--generator", paper["root"] / "bart",
+            "--model", model, "-k", 2, "--steps", 2, "--batch-size", 2, "--val-fraction", 0.2, "--lr", 1e-2,
+            "--out", tmp_path / "run")
     info = json.loads((tmp_path / "run" / "final" / "run.json").read_text())
     assert info["prior_scale"] == 1.0 and info["k"] == 2  # the index's scale, recorded
-    run("export", "--run", tmp_path / "run", "--out", tmp_path / "exported")
+    run_cli("export", "--run", tmp_path / "run", "--out", tmp_path / "exported")
     cls = RagSequenceForGeneration if model == "rag-sequence" else RagTokenForGeneration
     assert json.loads((tmp_path / "exported" / "config.json").read_text())["architectures"] == [cls.__name__]
     paper = {**paper, "rags": {model: tmp_path / "exported"}}
     hf, _ = _hf_rag(paper, model)
     assert hf.config.n_docs == 2
-    out = run("ask", "--index", paper["root"] / "index", "--generator", tmp_path / "exported", "--max-new-tokens", 8,
-              "--model", model, "--beams", 1, "--json", *QUESTIONS)
+    out = run_cli("ask", "--index", paper["root"] / "index", "--generator", tmp_path / "exported",
+                  "--max-new-tokens", 8, "--model", model, "--beams", 1, "--json", *QUESTIONS)
     tokens = [json.loads(line)["tokens"] for line in out.splitlines() if line.startswith("{")]
     loaded = load_generator(str(tmp_path / "exported"))
     rag = RagModel(open_retriever(paper["root"] / "index", None, loaded.question_encoder), loaded.generator, k=2)
@@ -363,7 +348,7 @@ def test_index_from_precomputed_embeddings_equals_an_encoded_one(paper, tmp_path
         np.save(shards / f"shard_{i}.npy", part)
     common = ("index", "--source", paper["root"] / "psgs.tsv", "--encoder", paper["root"] / "dpr-ctx",
               "--query-encoder", paper["root"] / "dpr-q", "--no-bm25")
-    run(*common, "--embeddings", shards, "--out", tmp_path / "imported")
+    run_cli(*common, "--embeddings", shards, "--out", tmp_path / "imported")
     imported = open_index(tmp_path / "imported")
     assert imported.fingerprint == built.fingerprint
     questions = QUESTIONS + ["When was the Eiffel Tower built?", "Who painted the Mona Lisa?"]
@@ -372,7 +357,7 @@ def test_index_from_precomputed_embeddings_equals_an_encoded_one(paper, tmp_path
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
 
     np.save(tmp_path / "half.npy", vectors.astype(np.float16))  # float16 is read (and widened)
-    run(*common, "--embeddings", tmp_path / "half.npy", "--out", tmp_path / "half")
+    run_cli(*common, "--embeddings", tmp_path / "half.npy", "--out", tmp_path / "half")
     np.testing.assert_allclose(np.asarray(open_index(tmp_path / "half").embeddings[np.arange(N_PASSAGES)]),
                                vectors.astype(np.float16).astype(np.float32))
     for bad, match in ((vectors[:-1], "hold 299 vectors but the corpus has 300 passages"),
@@ -410,9 +395,9 @@ def test_device_names_resolve_and_a_missing_gpu_is_refused_with_the_fix(paper):
 @pytest.mark.parametrize(("model", "decoding", "beams"), CASES)
 def test_answers_on_the_gpu_equal_the_cpu_answers(paper, model, decoding, beams):
     def answers(device):
-        out = run("ask", "--index", paper["root"] / "index", "--generator", paper["rags"][model], "--model", model,
-                  "--decoding", decoding, "--beams", beams, "--max-new-tokens", 8, "--device", device, "--json",
-                  *QUESTIONS)
+        out = run_cli("ask", "--index", paper["root"] / "index", "--generator", paper["rags"][model], "--model", model,
+                      "--decoding", decoding, "--beams", beams, "--max-new-tokens", 8, "--device", device, "--json",
+                      *QUESTIONS)
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
     cpu, gpu = answers("cpu"), answers("cuda")
@@ -425,8 +410,8 @@ def test_answers_on_the_gpu_equal_the_cpu_answers(paper, model, decoding, beams)
 def test_fid_through_the_cli_answers_and_trains(paper, tmp_path):
     """`--model fid` on the BART folder over the DPR index: per-token passage attributions that sum to one, and
     `train rag --model fid` (FiD's loss plus FiD-Distill into the question encoder) runs and exports."""
-    out = run("ask", "--index", paper["root"] / "index", "--generator", paper["root"] / "bart", "--model", "fid",
-              "--decoding", "greedy", "-k", 3, "--max-new-tokens", 6, "--json", *QUESTIONS[:2])
+    out = run_cli("ask", "--index", paper["root"] / "index", "--generator", paper["root"] / "bart", "--model", "fid",
+                  "--decoding", "greedy", "-k", 3, "--max-new-tokens", 6, "--json", *QUESTIONS[:2])
     answers = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     for a in answers:
         assert a["model"] == "fid" and len(a["sources"]) == 3 and a["token_sources"]
@@ -436,8 +421,9 @@ def test_fid_through_the_cli_answers_and_trains(paper, tmp_path):
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"question": q, "answers": [a]}) + "\n"
                              for q, a in zip(QUESTIONS * 2, ["stanley kubrick", "paris", "nile"] * 2, strict=True)))
-    run("train", "rag", "--train", train, "--index", paper["root"] / "index", "--generator", paper["root"] / "bart",
-        "--model", "fid", "-k", 2, "--steps", 2, "--batch-size", 2, "--val-fraction", 0.2, "--out", tmp_path / "run")
+    run_cli("train", "rag", "--train", train, "--index", paper["root"] / "index", "--generator", paper["root"] / "bart",
+            "--model", "fid", "-k", 2, "--steps", 2, "--batch-size", 2, "--val-fraction", 0.2,
+            "--out", tmp_path / "run")
     trained = json.loads((tmp_path / "run" / "final" / "run.json").read_text())
     assert trained["model"] == "fid" and trained["question_encoder"] == "question_encoder"
     result = CliRunner().invoke(cli, ["ask", "who?", "--index", str(paper["root"] / "index"), "--generator",
