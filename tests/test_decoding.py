@@ -38,7 +38,7 @@ def test_plain_beam_search_equals_hugging_face_generate(tiny, model):  # noqa: F
                            num_return_sequences=4, max_length=11, min_length=0, no_repeat_ngram_size=0,
                            forced_bos_token_id=None, forced_eos_token_id=None, length_penalty=1.0,
                            early_stopping=False, output_scores=True, return_dict_in_generate=True)
-    step = RowStepper(gen, prompts, len(prompts), 1, 4, lambda logp: logp[:, :, 0])
+    step = RowStepper(gen, prompts, len(prompts), 1, 4, lambda logp, _: logp[:, :, 0])
     ours = beam_search(step, len(prompts), 4, stop_ids(gen), 10)
     assert [[h.tokens for h in hs] for hs in ours] == [[_strip(s, gen.pad_id) for s in hf.sequences[i * 4 : i * 4 + 4]]
                                                        for i in range(len(prompts))]

@@ -199,7 +199,7 @@ def test_hugging_face_rag_sequence_generation_ignores_the_passage_mask(tiny):
         masked = [_strip(s, gen.pad_id) for s in out]
         unmasked = [_strip(s, gen.pad_id) for s in bart.generate(enc["input_ids"], **kw)]
     ours = [h.tokens for h in greedy(RowStepper(gen, gen.pair_prompts(questions, passages), 6, 1, 1,
-                                                lambda logp: logp[:, :, 0]), 6, stop_ids(gen), 12)]
+                                                lambda logp, _: logp[:, :, 0]), 6, stop_ids(gen), 12)]
     assert ours == masked and masked != unmasked
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ragline import vocab
+from ragline import profile, vocab
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
 from ragline.index.hybrid import rrf_fuse
@@ -111,9 +111,17 @@ class Retriever:
         _validate(questions, k, mode, index)
         wanted = mode != vocab.BM25 or with_vectors
         if wanted and index.dense is not None and question_vectors is None and encoder is not None:
-            question_vectors = encoder.encode(questions)  # (B, dim)
+            with profile.stage(profile.ENCODE):
+                question_vectors = encoder.encode(questions)  # (B, dim)
         if mode != vocab.BM25 and question_vectors is None:
             raise RaglineError("this retriever has no question encoder", "open a dense index")
+        with profile.stage(profile.SEARCH):
+            scores, rows = self._search(index, questions, question_vectors, k, mode)
+        return Retrieved(rows=rows.astype(np.int64), scores=scores.astype(np.float32), index=index,
+                         question_vectors=question_vectors, encoder=encoder)
+
+    def _search(self, index: Index, questions: list[str], question_vectors: np.ndarray | None, k: int, mode: str
+                ) -> tuple[np.ndarray, np.ndarray]:
         if mode == vocab.DENSE:
             scores, rows = index.dense.search(question_vectors, k)
         elif mode == vocab.BM25:
@@ -123,8 +131,7 @@ class Retriever:
             _, dense_rows = index.dense.search(question_vectors, depth)
             _, bm25_rows = index.bm25.search(questions, depth)
             scores, rows = rrf_fuse([dense_rows, bm25_rows], k, c=self.rrf_c, weights=(1.0, self.bm25_weight))
-        return Retrieved(rows=rows.astype(np.int64), scores=scores.astype(np.float32), index=index,
-                         question_vectors=question_vectors, encoder=encoder)
+        return scores, rows
 
     def search(self, questions: list[str], k: int = 10, mode: str = vocab.DEFAULT_MODE) -> list[list[Hit]]:
         """Ranked hits (id, title, text, score) for each question."""

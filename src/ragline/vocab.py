@@ -47,6 +47,16 @@ DEFAULT_LENGTH_PENALTY = 0.0
 DEFAULT_PRIOR_SCALE = 20.0    # unit-normalised vectors (cosines)
 DPR_PRIOR_SCALE = 1.0         # raw inner products (DPR, the paper)
 
+# Number formats a generator answers in (models/precision.py); auto picks the fastest this CPU runs natively
+# among those checked against fp32's answers for the generator.
+FP32, BF16, INT8, AUTO = "fp32", "bf16", "int8", "auto"
+PRECISIONS = (FP32, BF16, INT8, AUTO)
+DEFAULT_PRECISION = AUTO
+
+# Decoder-only generators keep the key/value states of prompt blocks they have read (the system prompt,
+# passages) for reuse by later prompts (models/prefill.py): this many MiB per generator, least recent out first.
+DEFAULT_KV_CACHE_MB = 512
+
 # Hybrid fusion (index/hybrid.py): weight of the BM25 ranking (dense has weight 1) and the RRF constant c.
 RRF_C = 20.0
 BM25_WEIGHT = 0.3
@@ -75,6 +85,12 @@ def check(model: str, decoding: str | None = None) -> None:
         raise RaglineError(f"unknown model {model!r}", f"use one of {', '.join(MODELS)}")
     if decoding is not None and decoding not in DECODINGS[model]:
         raise RaglineError(f"{model} has no {decoding!r} decoding", f"use --decoding {' or '.join(DECODINGS[model])}")
+
+
+def check_precision(precision: str) -> None:
+    """Refuse an unknown precision with the names to use."""
+    if precision not in PRECISIONS:
+        raise RaglineError(f"unknown precision {precision!r}", f"use --precision {' or '.join(PRECISIONS)}")
 
 
 def as_dict() -> dict:

@@ -62,6 +62,14 @@ def _device_option(f):
                         help="Where the encoders and the generator run (auto: a GPU when torch sees one).")(f)
 
 
+def _precision_option(f):
+    return click.option("--precision", type=click.Choice(vocab.PRECISIONS), default=vocab.DEFAULT_PRECISION,
+                        show_default=True,
+                        help="The generator's number format: fp32, bf16 (CPUs with AVX512-BF16/AMX, GPUs), int8 (CPU, "
+                             "VNNI; answers may differ from fp32's); auto: the fastest checked against fp32's "
+                             "answers for this generator that the hardware runs natively, else fp32.")(f)
+
+
 def _query_encoder_option(f):
     return click.option("--query-encoder", default=None,
                         help="Question encoder, e.g. a `ragline train retriever` run's (default: the index's own).")(f)
@@ -120,12 +128,15 @@ def _open_retriever(index_dir: Path | None, query_encoder: str | None, allow_mis
                           device=device)
 
 
-def _load_generator(name: str, device: str | None, announce: bool = False):
+def _load_generator(name: str, device: str | None, announce: bool = False, precision: str = vocab.FP32):
     from ragline.models.loading import load_generator
 
     if announce:
         render.log(f"loading the generator {name}")
-    return load_generator(name, device=device)
+    loaded = load_generator(name, device=device, precision=precision, log=render.log)
+    if announce and loaded.precision != vocab.FP32:
+        render.log(f"the generator answers in {loaded.precision}")
+    return loaded
 
 
 def _from_run(ctx: click.Context, run_dir: Path | None, settings: dict) -> dict:
@@ -245,17 +256,18 @@ def search(questions, index_dir, k, mode, query_encoder, allow_encoder_mismatch,
                    "(model, k, prior scale, mode, index), unless given here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full answer structure as JSON lines.")
 @_device_option
+@_precision_option
 @click.pass_context
 def ask(ctx, questions, index_dir, model_name, decoding, k, mode, generator, beams, max_new_tokens, length_penalty,
         prior_scale, n_best, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, run_dir, as_json,
-        device) -> None:
+        device, precision) -> None:
     """Answer each QUESTION with RAG and print the answer with its cited passages."""
     from ragline.rag.model import RagModel
 
     s = _from_run(ctx, run_dir, {"generator": generator, "model_name": model_name, "k": k, "prior_scale": prior_scale,
                                  "mode": mode, "index_dir": index_dir, "query_encoder": query_encoder})
     vocab.check(s["model_name"], decoding)
-    loaded = _load_generator(s["generator"], device)
+    loaded = _load_generator(s["generator"], device, precision=precision)
     retriever = None
     if s["model_name"] != vocab.CLOSED_BOOK:
         retriever = _open_retriever(s["index_dir"], s["query_encoder"], allow_encoder_mismatch, bm25_weight, rrf_c,
@@ -306,6 +318,7 @@ def eval_retrieval(index_dir, questions, modes, ks, query_encoder, allow_encoder
 
 def _eval_options(f):
     f = _device_option(f)
+    f = _precision_option(f)
     f = _reader_options(f)
     f = _query_encoder_option(f)
     f = click.option("--limit", type=click.IntRange(1), default=None, help="The first N questions only.")(f)
@@ -327,7 +340,7 @@ def _eval_options(f):
               help="Run directory (rerun with the same settings to resume).")
 @_skip_bad_option
 def eval_cmd(task, fmt, index_dir, model_name, decoding, k, mode, generator, beams, max_new_tokens, length_penalty,
-             prior_scale, query_encoder, limit, batch, out, skip_bad, device) -> None:
+             prior_scale, query_encoder, limit, batch, out, skip_bad, device, precision) -> None:
     """Answer a task's questions into a run directory: KILT-format predictions and a report."""
     from ragline.evaluate.answers import EvalConfig, run_eval
     from ragline.evaluate.report import markdown
@@ -336,7 +349,8 @@ def eval_cmd(task, fmt, index_dir, model_name, decoding, k, mode, generator, bea
     cfg = EvalConfig(task=task, format=fmt, index=str(index_dir) if index_dir else None, model=model_name,
                      decoding=decoding, k=k, mode=mode, generator=generator,
                      beams=beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
-                     prior_scale=prior_scale, limit=limit, batch=batch, query_encoder=query_encoder, device=device)
+                     prior_scale=prior_scale, limit=limit, batch=batch, query_encoder=query_encoder, device=device,
+                     precision=precision)
     report = run_eval(cfg, Path(out), skip_bad=skip_bad, log=render.log)
     render.markdown(markdown(report))
 
@@ -379,14 +393,14 @@ def compare(runs, png) -> None:
 @click.option("--task", default="fanoutqa-dev", show_default=True,
               help="The task every run answers ('fanoutqa-dev-answerable': the 35 answerable dev questions).")
 def report(index_dir, generator, beams, max_new_tokens, length_penalty, prior_scale, query_encoder, limit, batch,
-           out, task, device) -> None:
+           out, task, device, precision) -> None:
     """The comparison report: closed book, RAG-Token, RAG-Sequence fast and thorough at k = 1, 5, 10, and
     BM25 / dense / hybrid retrieval, each a resumable run under OUT, then OUT/README.md and OUT/comparison.png."""
     from ragline.evaluate.answers import EvalConfig, run_report
 
     base = EvalConfig(task=task, index=str(index_dir) if index_dir else None, generator=generator, beams=beams,
                       max_new_tokens=max_new_tokens, length_penalty=length_penalty, prior_scale=prior_scale,
-                      limit=limit, batch=batch, query_encoder=query_encoder, device=device)
+                      limit=limit, batch=batch, query_encoder=query_encoder, device=device, precision=precision)
     render.markdown(run_report(base, Path(out), log=render.log))
 
 
@@ -411,9 +425,10 @@ def report(index_dir, generator, beams, max_new_tokens, length_penalty, prior_sc
 @click.option("--max-queue", default=Budget.max_queue, show_default=True, type=click.IntRange(1),
               help="Requests waiting at most; more are refused with 503 and Retry-After.")
 @_device_option
+@_precision_option
 @click.pass_context
 def serve(ctx, index_dir, generator, query_encoder, run_dir, host, port, max_batch, prior_scale, api_key,
-          max_request_tokens, max_batch_tokens, max_queue, device) -> None:
+          max_request_tokens, max_batch_tokens, max_queue, device, precision) -> None:
     """Serve the HTTP API (POST /ask, /ask/stream, /search; GET /passages/ID, /indexes, /health) and the page."""
     import ipaddress
 
@@ -433,7 +448,7 @@ def serve(ctx, index_dir, generator, query_encoder, run_dir, host, port, max_bat
 
     s = _from_run(ctx, run_dir, {"generator": generator, "prior_scale": prior_scale, "index_dir": index_dir,
                                  "query_encoder": query_encoder})
-    loaded = _load_generator(s["generator"], device, announce=True)
+    loaded = _load_generator(s["generator"], device, announce=True, precision=precision)
     retriever = _open_retriever(s["index_dir"], s["query_encoder"], checkpoint_encoder=loaded.question_encoder,
                                 device=device)
     rag = RagModel(retriever, loaded.generator, k=loaded.n_docs or vocab.DEFAULT_K, prior_scale=s["prior_scale"])
@@ -585,7 +600,8 @@ def indexes(root) -> None:
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Build the default index from the first N documents only (a quick look).")
 @_device_option
-def demo(question, k, mode, model_name, generator, limit, device) -> None:
+@_precision_option
+def demo(question, k, mode, model_name, generator, limit, device, precision) -> None:
     """The main job on the embedded default: build the bundled index if missing, then answer a question
     with RAG and print the answer with its sources."""
     from ragline.index.build import BuildOptions, build_index
@@ -598,7 +614,7 @@ def demo(question, k, mode, model_name, generator, limit, device) -> None:
                    "(a few minutes on 2 cores; interrupt and rerun to resume)")
         build_index(BuildOptions(source="wiki-leads", out=out, limit=limit, device=device), log=render.log)
     render.log("the first use of a bundled generator converts its weights once")
-    loaded = _load_generator(generator, device, announce=True)
+    loaded = _load_generator(generator, device, announce=True, precision=precision)
     retriever = _open_retriever(out, None, checkpoint_encoder=loaded.question_encoder, device=device)
     rag = RagModel(retriever, loaded.generator, k=k, mode=mode)
     for a in rag.answer([question], model=model_name):

@@ -52,18 +52,24 @@ class EvalConfig:
     batch: int = 4
     query_encoder: str | None = None    # a trained question encoder (default: the index's own)
     device: str = vocab.DEFAULT_DEVICE  # auto | cpu | cuda (models/device.py); not part of a run's identity
+    precision: str = vocab.DEFAULT_PRECISION  # fp32 | bf16 | int8 | auto (models/precision.py); settled to
+    #                                           the one used, which is part of the run's identity
 
 
 def settled(cfg: EvalConfig, index: Index | None) -> EvalConfig:
     """``cfg`` with the defaults that depend on the generator and the index filled in: k (a RAG checkpoint's
     n_docs) and the prior scale (the index's), so that a run records the values it used."""
+    from ragline.models import device as devices
+    from ragline.models import precision as precisions
     from ragline.models.loading import generator_defaults
 
+    vocab.check_precision(cfg.precision)
+    precision, _ = precisions.resolve(cfg.precision, cfg.generator, devices.resolve(cfg.device))
     k = cfg.k or generator_defaults(cfg.generator).get("k") or vocab.DEFAULT_K
     scale = cfg.prior_scale
     if scale is None:
         scale = mf.prior_scale(index.manifest) if index is not None else vocab.DEFAULT_PRIOR_SCALE
-    return replace(cfg, k=1 if cfg.model == vocab.CLOSED_BOOK else k, prior_scale=scale)
+    return replace(cfg, k=1 if cfg.model == vocab.CLOSED_BOOK else k, prior_scale=scale, precision=precision)
 
 
 def load_eval_task(cfg: EvalConfig, index: Callable[[], Index], skip_bad: bool = False) -> Task:
@@ -148,7 +154,7 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
     if todo:
         log(f"{len(done)} of {len(task.questions)} questions already answered in {out}" if done else
             f"answering {len(task.questions)} questions of {task.name} into {out}")
-        loaded = load_generator(cfg.generator, device=cfg.device)
+        loaded = load_generator(cfg.generator, device=cfg.device, precision=cfg.precision, log=log)
         retriever = None
         if cfg.model != vocab.CLOSED_BOOK:
             retriever = open_retriever(index, cfg.query_encoder, loaded.question_encoder, log=log, device=cfg.device)

@@ -26,11 +26,13 @@ from pathlib import Path
 
 import torch
 
+from ragline import profile
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.models import device as devices
 from ragline.models.catalog import generator_path
-from ragline.vocab import DEFAULT_GENERATOR
+from ragline.models.prefill import PrefixCache, prefill
+from ragline.vocab import DEFAULT_GENERATOR, DEFAULT_KV_CACHE_MB
 
 SYSTEM_PROMPT = "Answer the question using the passage. Reply with the answer only, as briefly as possible."
 CLOSED_BOOK_SYSTEM_PROMPT = "Answer the question. Reply with the answer only, as briefly as possible."
@@ -70,7 +72,8 @@ class Generator(ABC):
 
     @property
     def vocab_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        weight = self.model.get_output_embeddings().weight
+        return int((weight() if callable(weight) else weight).shape[0])  # int8 layers hold it behind a call
 
     @property
     def pad_id(self) -> int:
@@ -281,10 +284,18 @@ def _ensure_pad_token(tokenizer, name: str) -> None:
 
 
 class CausalGenerator(Generator):
-    """Decoder-only generator; the default back end (Qwen2.5-0.5B-Instruct, SmolLM2-135M-Instruct)."""
+    """Decoder-only generator; the default back end (Qwen2.5-0.5B-Instruct, SmolLM2-135M-Instruct).
 
-    def __init__(self, model: torch.nn.Module, tokenizer, name: str = "causal") -> None:
+    Without gradient, prompts are prefilled packed (:mod:`ragline.models.prefill`): no padding computed, the
+    shared system-prompt blocks once, and blocks already in ``kv_cache`` (the system prompt, passages read
+    before, ``kv_cache_mb`` MiB of them; 0 turns the cache off) not at all. ``packed=False`` restores the
+    padded prefill (what benchmarks/latency.py compares against)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, name: str = "causal",
+                 kv_cache_mb: float = DEFAULT_KV_CACHE_MB, packed: bool = True) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.packed = packed
+        self.kv_cache = PrefixCache(int(kv_cache_mb * 2**20)) if kv_cache_mb > 0 else None
         self.tokenizer.padding_side = "left"
         _ensure_pad_token(tokenizer, name)
         chat = getattr(tokenizer, "chat_template", None)
@@ -332,12 +343,33 @@ class CausalGenerator(Generator):
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and attention mask, (N, L) each."""
+        return _pad(self.prompt_ids(prompts), self.pad_id, left=True)  # as the tokenizer pads
+
+    def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Each prompt's token ids (guarded parts as plain text, :meth:`tokenize_prompt`)."""
         if not any(USER_OPEN in p for p in prompts):
-            enc = self.tokenizer(list(prompts), add_special_tokens=False, padding=True, return_tensors="pt")
-            return enc["input_ids"], enc["attention_mask"]
-        return _pad([self.tokenize_prompt(p) for p in prompts], self.pad_id, left=True)  # as the tokenizer pads
+            return self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        return [self.tokenize_prompt(p) for p in prompts]
+
+    def _packed(self) -> bool:
+        """Whether this call prefills packed (inference only: training needs the padded graph's gradient)."""
+        return self.packed and not torch.is_grad_enabled() and not self.model.training
+
+    def _prefill(self, rows: list[list[int]], keep_last: list[int] | None = None):
+        if self.kv_cache is not None:
+            self.kv_cache.check_weights(self.model)
+        return prefill(self.model, rows, self.kv_cache, keep_last)
 
     def _row_logits(self, prompts: list[str], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self._packed():  # each row is its prompt and its answer but the last token: no padding computed
+            lengths = mask.sum(1).tolist()
+            rows = [p + target[r, : n - 1].tolist() for r, (p, n) in enumerate(zip(self.prompt_ids(prompts), lengths,
+                                                                                  strict=True))]
+            right = self._prefill(rows, lengths).logits  # (N, max n, V), right-aligned
+            out = torch.zeros((len(rows), target.shape[1], right.shape[-1]), dtype=right.dtype, device=right.device)
+            for r, n in enumerate(lengths):
+                out[r, :n] = right[r, right.shape[1] - n :]
+            return out  # (N, T, V), zeros at padding
         ids, attn = (x.to(self.device) for x in self.encode_prompts(prompts))  # (N, L), left-padded
         t = target.shape[1]
         full = torch.cat([ids, target], 1)  # (N, L+T): [pads][prompt][answer][answer pads]
@@ -347,7 +379,13 @@ class CausalGenerator(Generator):
         return out.logits[:, :t]  # (N, T, V): position L-1+i predicts answer token i
 
     def start(self, prompts: list[str]) -> tuple[DecodeState, torch.Tensor]:
+        if self._packed():
+            pre = self._prefill(self.prompt_ids(prompts))
+            return (DecodeState(pre.cache, pre.attention_mask, pre.positions),
+                    torch.log_softmax(pre.logits[:, -1].float(), -1).cpu())
         ids, attn = (x.to(self.device) for x in self.encode_prompts(prompts))  # (N, L)
+        profile.count(profile.PROMPT_TOKENS, int(attn.sum()))
+        profile.count(profile.COMPUTED_TOKENS, attn.numel())
         positions = (attn.cumsum(1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True,
                          logits_to_keep=1)

@@ -8,12 +8,16 @@ as the default k) from its config alone, so commands can settle their settings b
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ragline import vocab
 from ragline.errors import RaglineError
+from ragline.models import device as devices
+from ragline.models import precision as precisions
 from ragline.models import rag_checkpoint
 from ragline.models.catalog import generator_path, is_bundled_generator
 from ragline.models.encoders import Encoder
@@ -32,6 +36,7 @@ class LoadedGenerator:
     question_encoder: Encoder | None = None
     n_docs: int | None = None
     model: str | None = None  # the RAG model the checkpoint was saved as
+    precision: str = vocab.FP32  # the precision it answers in (--precision, resolved)
 
 
 def generator_kind(name_or_path: str) -> str:
@@ -58,12 +63,21 @@ def generator_defaults(name_or_path: str) -> dict:
     return {"k": int(config.get("n_docs", 5))}
 
 
-def load_generator(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | None = None
-                   ) -> LoadedGenerator:
-    """Load ``--generator`` as its kind onto ``device`` (models/device.py; None: auto)."""
+def load_generator(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | None = None,
+                   precision: str = vocab.FP32, log: Callable[[str], None] | None = None) -> LoadedGenerator:
+    """Load ``--generator`` as its kind onto ``device`` (models/device.py; None: auto) in ``precision``
+    (models/precision.py; a precision the hardware lacks falls back to fp32 with a notice to ``log``)."""
+    vocab.check_precision(precision)
     kind = generator_kind(name_or_path)
     if kind == RAG:
         ckpt = rag_checkpoint.open_checkpoint(Path(name_or_path).expanduser(), dtype, device)
-        return LoadedGenerator(ckpt.generator, kind, ckpt.question_encoder, ckpt.n_docs, ckpt.model)
-    cls = Seq2SeqGenerator if kind == SEQ2SEQ else CausalGenerator
-    return LoadedGenerator(cls.load(name_or_path, dtype=dtype, device=device), kind)
+        loaded = LoadedGenerator(ckpt.generator, kind, ckpt.question_encoder, ckpt.n_docs, ckpt.model)
+    else:
+        cls = Seq2SeqGenerator if kind == SEQ2SEQ else CausalGenerator
+        loaded = LoadedGenerator(cls.load(name_or_path, dtype=dtype, device=device), kind)
+    chosen, notice = precisions.resolve(precision, name_or_path, devices.resolve(device))
+    if notice and log is not None:
+        log(notice)
+    loaded.generator.model = precisions.apply(loaded.generator.model, chosen)
+    loaded.precision = chosen
+    return loaded

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ragline import profile
 from ragline.corpus.passages import Passage
 from ragline.models.generators import DecodeState, Generator
 from ragline.rag.marginal import marginalize
@@ -33,10 +34,11 @@ from ragline.rag.marginal import marginalize
 NEG = -1.0e9
 SCORING_LOGITS = 2**24  # thorough decoding scores missing pairs in passes of at most this many logits (64 MB)
 
-StepFn = Callable[[torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+StepFn = Callable[[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 OnStep = Callable[[list[list[int]]], None]  # after each step: the best running tokens of every group
-# step(parents (G, W) or None, tokens (G, W) or None) -> log-probs (G, W, V) of the next token of each beam;
-# None, None on the first call (the prompts only).
+# step(parents (G, W) or None, tokens (G, W) or None, live (G,) bool or None) -> log-probs (G, W, V) of the
+# next token of each beam; None, None, None on the first call (the prompts only). Groups not ``live`` have
+# finished: their rows need not be computed, and their log-probs are ignored.
 
 
 @dataclass
@@ -64,8 +66,9 @@ def beam_search(step: StepFn, groups: int, beams: int, stop_ids: Sequence[int], 
     fin_done = torch.zeros((groups, beams), dtype=torch.bool)
     improvable = torch.ones((groups, 1), dtype=torch.bool)
     parents = tokens = None
+    shown: list[list[int]] = [[] for _ in range(groups)]  # on_step: a finished group keeps its last best
     for t in range(max_new_tokens):
-        logp = step(parents, tokens)  # (G, W, V)
+        logp = step(parents, tokens, None if parents is None else improvable[:, 0])  # (G, W, V)
         vocab = logp.shape[-1]
         acc = (logp + run_scores[:, :, None]).view(groups, -1)  # (G, W*V)
         cand_scores, cand = torch.topk(acc, n_keep)  # (G, n_keep), best first
@@ -90,7 +93,9 @@ def beam_search(step: StepFn, groups: int, beams: int, stop_ids: Sequence[int], 
         run_tokens = cand_seq[g_idx[:, None], live]
         parents, tokens = cand_parent.gather(1, live), cand_token.gather(1, live)
         if on_step is not None:
-            on_step(run_tokens[:, 0].tolist())
+            for g in torch.nonzero(improvable[:, 0]).flatten().tolist():
+                shown[g] = run_tokens[g, 0].tolist()
+            on_step(shown)
         best_running = run_scores[:, :1] / ((t + 1) ** length_penalty)
         worst_finished = torch.where(fin_done, fin_scores.min(1, keepdim=True).values, torch.full_like(fin_scores, NEG))
         improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
@@ -118,7 +123,7 @@ def greedy(step: StepFn, groups: int, stop_ids: Sequence[int], max_new_tokens: i
     parents = torch.zeros((groups, 1), dtype=torch.long)
     tokens = None
     for _ in range(max_new_tokens):
-        logp = step(None if tokens is None else parents, tokens)[:, 0]  # (G, V)
+        logp = step(None if tokens is None else parents, tokens, None if tokens is None else ~done)[:, 0]  # (G, V)
         lp, tok = logp.max(-1)
         for g in torch.nonzero(~done).flatten().tolist():
             seqs[g].append(int(tok[g]))
@@ -134,34 +139,45 @@ def greedy(step: StepFn, groups: int, stop_ids: Sequence[int], max_new_tokens: i
 
 class RowStepper:
     """The step callback over generator rows: each beam of each group owns ``rows`` consecutive rows;
-    ``combine`` turns their log-probs (G, W, rows, V) into the beam's (G, W, V)."""
+    ``combine(logp, groups)`` turns the log-probs (G', W, rows, V) of groups ``groups`` (G',) into the beams'
+    (G', W, V). The rows of groups that
+    have finished leave the batch (their log-probs come back as 0, which the searches ignore)."""
 
     def __init__(self, generator: Generator, prompts: list[str], groups: int, rows: int, beams: int,
-                 combine: Callable[[torch.Tensor], torch.Tensor], keep_prefill: bool = False) -> None:
+                 combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], keep_prefill: bool = False) -> None:
         self.gen, self.groups, self.rows, self.beams, self.combine = generator, groups, rows, beams, combine
         self.prompts, self.state, self.width = prompts, None, 1  # width: live beams per group in the rows
+        self.held = torch.arange(groups)  # the groups whose rows the state holds, in order
         self.keep_prefill = keep_prefill
         self.prefill: tuple[DecodeState, torch.Tensor] | None = None  # the prompts' cache, next-token log-probs
 
     @torch.no_grad()
-    def __call__(self, parents: torch.Tensor | None, tokens: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, parents: torch.Tensor | None, tokens: torch.Tensor | None,
+                 live: torch.Tensor | None = None) -> torch.Tensor:
         if tokens is None:
-            self.state, logp = self.gen.start(self.prompts)  # (G*rows, V)
-            if self.keep_prefill:  # a copy that the beams' reordering leaves alone
-                self.prefill = (self.gen.fork(self.state, torch.arange(len(self.prompts))), logp)
-        else:
-            g, w = parents.shape
-            if self.width == 1:  # right after the prompts every beam of a group is a copy of the one row
-                parents = torch.zeros_like(parents)
-            r = torch.arange(self.rows)
-            base = (torch.arange(g)[:, None] * self.width + parents) * self.rows  # (G, W) first row of parent
-            rows = (base[:, :, None] + r).reshape(-1)  # (G*W*rows,)
-            logp = self.gen.advance(self.state, rows, tokens[:, :, None].expand(-1, -1, self.rows).reshape(-1))
-            self.width = w
-        logp = self.combine(logp.view(self.groups, self.width, self.rows, -1))  # (G, width, V)
-        if self.width == 1 < self.beams:  # first step: the other beams are dead copies of the first
-            logp = logp.expand(-1, self.beams, -1)
-        return logp
+            with profile.stage(profile.PREFILL):
+                self.state, logp = self.gen.start(self.prompts)  # (G*rows, V)
+                if self.keep_prefill:  # a copy that the beams' reordering leaves alone
+                    self.prefill = (self.gen.fork(self.state, torch.arange(len(self.prompts))), logp)
+            logp = self.combine(logp.view(self.groups, 1, self.rows, -1), self.held)  # (G, 1, V)
+            return logp.expand(-1, self.beams, -1) if self.beams > 1 else logp
+        g, w = parents.shape
+        keep = self.held if live is None else self.held[live[self.held]]  # groups computed this step
+        if self.width == 1:  # right after the prompts every beam of a group is a copy of the one row
+            parents = torch.zeros_like(parents)
+        slot = torch.full((g,), -1, dtype=torch.long)
+        slot[self.held] = torch.arange(len(self.held))  # each held group's place in the state
+        r = torch.arange(self.rows)
+        base = (slot[keep][:, None] * self.width + parents[keep]) * self.rows  # (G', W) first row of parent
+        rows = (base[:, :, None] + r).reshape(-1)  # (G'*W*rows,)
+        profile.count(profile.DECODE_STEPS, 1)
+        profile.count(profile.DECODE_ROWS, len(rows))
+        with profile.stage(profile.DECODE):
+            logp = self.gen.advance(self.state, rows, tokens[keep][:, :, None].expand(-1, -1, self.rows).reshape(-1))
+        self.width, self.held = w, keep
+        out = torch.zeros((g, w, logp.shape[-1]), dtype=logp.dtype)
+        out[keep] = self.combine(logp.view(len(keep), w, self.rows, -1), keep)  # (G', W, V)
+        return out
 
 
 def _token_budget_chunks(items: list[tuple[int, tuple[int, ...], int]], budget: int
@@ -251,10 +267,10 @@ def rag_token_decode(generator: Generator, questions: Sequence[str], passages: S
     b, k = doc_logprobs.shape
     beams_eff = max(beams, 1)
 
-    def combine(logp: torch.Tensor) -> torch.Tensor:  # (B, W, K, V) -> (B, W, V)
-        w = logp.shape[1]
-        doc = doc_logprobs[:, None, :].expand(-1, w, -1).reshape(b * w, k)
-        return marginalize(doc, logp.reshape(b * w, k, -1)).view(b, w, -1)
+    def combine(logp: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:  # (B', W, K, V) -> (B', W, V)
+        n, w = logp.shape[:2]
+        doc = doc_logprobs[groups][:, None, :].expand(-1, w, -1).reshape(n * w, k)
+        return marginalize(doc, logp.reshape(n * w, k, -1)).view(n, w, -1)
 
     prompts = generator.pair_prompts(questions, passages) if prompts is None else prompts
     step = RowStepper(generator, prompts, b, k, beams_eff, combine)
@@ -279,7 +295,7 @@ def rag_sequence_decode(generator: Generator, questions: Sequence[str],
     b, k = doc_logprobs.shape
     groups = b * k
     step = RowStepper(generator, generator.pair_prompts(questions, passages), groups, 1, beams,
-                      lambda logp: logp[:, :, 0], keep_prefill=thorough)  # (G, W, 1, V) -> (G, W, V)
+                      lambda logp, _: logp[:, :, 0], keep_prefill=thorough)  # (G, W, 1, V) -> (G, W, V)
     stops = stop_ids(generator)
     on_first = None if on_step is None else (lambda best: on_step(best[::k]))  # group q*k: passage 1 of q
     if beams <= 1:
@@ -294,7 +310,8 @@ def rag_sequence_decode(generator: Generator, questions: Sequence[str],
             cands[q].setdefault(tuple(h.tokens), {})[z] = h.logprob
     if thorough:  # score the (y, z) pairs whose beam did not produce y, over z's cached prompt
         state, first = step.prefill
-        _score_missing_pairs(generator, cands, doc_logprobs, state, first, n_best)
+        with profile.stage(profile.SCORE):
+            _score_missing_pairs(generator, cands, doc_logprobs, state, first, n_best)
     out = []
     for q in range(b):
         ranked = []

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ragline import vocab
+from ragline import profile, vocab
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
@@ -179,8 +179,9 @@ class RagModel:
             decoded = rag_token_decode(self.generator, questions, passages, doc,
                                        beams=1 if decoding == vocab.GREEDY else beams, max_new_tokens=max_new_tokens,
                                        length_penalty=length_penalty, n_best=n_best, on_step=texts)
-        return [self._explain(q, d, zs, scores[b], doc[b], model, decoding)
-                for b, (q, d, zs) in enumerate(zip(questions, decoded, passages, strict=True))]
+        with profile.stage(profile.SCORE):
+            return [self._explain(q, d, zs, scores[b], doc[b], model, decoding)
+                    for b, (q, d, zs) in enumerate(zip(questions, decoded, passages, strict=True))]
 
     def _text(self, tokens: list[int]) -> str:
         stops = set(stop_ids(self.generator))

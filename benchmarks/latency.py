@@ -1,0 +1,164 @@
+"""Seconds per answer, one question at a time, and where they go; with the floor and EM measured in the same run.
+
+How it measures and what it prints: docs/benchmarks.md (latency.py).
+
+    python3 benchmarks/latency.py [--generator qwen2.5-0.5b] [--limit N] [--ks 1,5,10] [--precisions fp32,int8]
+                                  [--systems rag-seq-thorough,rag-token-greedy,...] [--paths before,cold,warm]
+
+Paths: ``before`` is the padded prefill without any cache (the answer path before issue 15); ``cold`` the
+packed prefill with an empty passage cache at the start of each row (the system prompt is shared within each
+question only); ``warm`` the same questions again with the cache holding what ``cold`` read (a server that has
+seen these passages before). Every row answers the questions one at a time, as one user asking would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ragline import paths, profile
+from ragline.evaluate.metrics import exact_match
+from ragline.index.registry import open_index
+from ragline.models import precision as precisions
+from ragline.models.loading import load_generator
+from ragline.questions import dev_questions
+from ragline.rag.model import RagModel
+from ragline.retriever import open_retriever
+
+SYSTEMS = {"closed-book": ("closed-book", "greedy", [1]), "single-passage": ("rag-token", "greedy", [1]),
+           "rag-seq-thorough": ("rag-sequence", "thorough", None), "rag-seq-fast": ("rag-sequence", "fast", None),
+           "rag-token-greedy": ("rag-token", "greedy", None), "rag-token-beam": ("rag-token", "beam", None),
+           "concat": ("concat", "greedy", None)}
+GEMM = (512, 896, 4864)  # (tokens, d_model, d_ff) of Qwen2.5-0.5B's MLP: the shape prefill spends its time in
+
+
+def matmul_rate(precision: str, repeats: int = 20) -> float:
+    """GFLOP/s of the prefill's main product in ``precision``, measured now (median of ``repeats``)."""
+    m, k, n = GEMM
+    x = torch.randn(m, k)
+    layer = torch.nn.Linear(k, n, bias=False)
+    if precision == "bf16":
+        layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
+    elif precision == "int8":
+        layer = precisions.apply(torch.nn.Sequential(layer), "int8")
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 3):
+            t0 = time.perf_counter()
+            layer(x)
+            times.append(time.perf_counter() - t0)
+    return 2 * m * k * n / sorted(times[3:])[repeats // 2] / 1e9
+
+
+def flops_per_token(model: torch.nn.Module) -> float:
+    """2 x the weights every prompt token multiplies (the decoder layers' linear layers; not the embedding,
+    whose lookup is free, nor the output layer, which prefill runs for the last token only)."""
+    return 2.0 * sum(m.weight.numel() for name, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}")
+
+
+def run_row(rag: RagModel, questions, model: str, decoding: str, k: int, beams: int, max_new: int) -> dict:
+    total: dict = {"seconds": 0.0, "stages": {s: 0.0 for s in profile.STAGES}, "counts": {}, "em": 0.0,
+                   "answers": []}
+    for q in questions:
+        with profile.recording() as rec:
+            t0 = time.perf_counter()
+            [a] = rag.answer([q.question], model=model, decoding=decoding, k=k, beams=beams, max_new_tokens=max_new)
+            total["seconds"] += time.perf_counter() - t0
+        for s in profile.STAGES:
+            total["stages"][s] += rec.seconds.get(s, 0.0)
+        for c, n in rec.counts.items():
+            total["counts"][c] = total["counts"].get(c, 0) + n
+        total["em"] += exact_match(a.text, q.answers)
+        total["answers"].append(a.tokens)
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--index", type=Path, default=paths.default_index_dir())
+    ap.add_argument("--generator", default="qwen2.5-0.5b")
+    ap.add_argument("--limit", type=int, default=None, help="first N questions only")
+    ap.add_argument("--ks", default="1,5,10")
+    ap.add_argument("--beams", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--precisions", default="fp32,int8", help="fp32, bf16, int8 (each where this CPU runs it)")
+    ap.add_argument("--paths", default="before,cold,warm")
+    ap.add_argument("--systems", default="closed-book,single-passage,rag-seq-thorough,rag-seq-fast,"
+                                         "rag-token-greedy,rag-token-beam")
+    ap.add_argument("--json", type=Path, default=None, help="also write every row as JSON lines")
+    args = ap.parse_args()
+
+    index = open_index(args.index)
+    questions = dev_questions(index.store.values("title"), index.store.values("text"),
+                              answerable_only=True)[: args.limit]
+    ks = [int(k) for k in args.ks.split(",")]
+    base = load_generator(args.generator)
+    fpt = flops_per_token(base.generator.model)
+    flags = sorted(precisions.cpu_flags() & {"avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni", "amx_int8"})
+    print(f"{len(questions)} answerable dev questions, one at a time; generator {base.generator.name}; "
+          f"{fpt / 1e9:.2f} GFLOP per prompt token; beams {args.beams}; {torch.get_num_threads()} threads; "
+          f"CPU flags: {' '.join(flags) or 'no bf16 or VNNI'}")
+    rates: dict[str, float] = {}
+    reference: dict[tuple[str, int], list] = {}
+    rows = []
+    head = ("| precision | path | system | k | EM | s/question | " + " | ".join(profile.STAGES)
+            + " | prompt tok | computed tok | cached tok | floor s |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for prec in args.precisions.split(","):
+        ok, why = precisions.native(prec, torch.device("cpu"))
+        if not ok:
+            print(f"| {prec} | skipped: {why} |")
+            continue
+        loaded = load_generator(args.generator, precision=prec)
+        rates[prec] = matmul_rate(prec)
+        rag = RagModel(open_retriever(index, None, loaded.question_encoder), loaded.generator, mode="dense")
+        gen = rag.generator
+        rag.answer([questions[0].question], model="rag-token", decoding="greedy", k=1, max_new_tokens=2)  # warm-up
+        for path in args.paths.split(","):
+            gen.packed = path != "before"
+            for name in args.systems.split(","):
+                model, decoding, fixed = SYSTEMS[name]
+                for k in fixed or ks:
+                    if gen.kv_cache is not None and path != "warm":
+                        gen.kv_cache.clear()
+                    cache = gen.kv_cache if path != "before" else None
+                    saved, gen.kv_cache = gen.kv_cache, cache
+                    r = run_row(rag, questions, model, decoding, k, args.beams, args.max_new_tokens)
+                    gen.kv_cache = saved
+                    n = len(questions)
+                    key = (name, k)
+                    same = None
+                    if prec == "fp32" and path == "before":
+                        reference[key] = r["answers"]
+                    elif key in reference:
+                        same = sum(a == b for a, b in zip(r["answers"], reference[key], strict=True))
+                    computed = r["counts"].get(profile.COMPUTED_TOKENS, 0) / n
+                    floor = computed * fpt / (rates[prec] * 1e9)
+                    row = {"precision": prec, "path": path, "system": name, "k": k, "em": r["em"] / n,
+                           "seconds": r["seconds"] / n, **{s: v / n for s, v in r["stages"].items()},
+                           "prompt_tokens": r["counts"].get(profile.PROMPT_TOKENS, 0) / n,
+                           "computed_tokens": computed, "cached_tokens": r["counts"].get(profile.CACHED_TOKENS, 0) / n,
+                           "floor": floor, "same_answers_as_fp32_before": same, "questions": n,
+                           "gflops": rates[prec]}
+                    rows.append(row)
+                    same_txt = "" if same is None else f" ({same}/{n} same)"
+                    print(f"| {prec} | {path} | {name} | {k if name != 'closed-book' else '-'} | "
+                          f"{row['em']:.3f}{same_txt} | {row['seconds']:.2f} | "
+                          + " | ".join(f"{row[s]:.2f}" for s in profile.STAGES)
+                          + f" | {row['prompt_tokens']:.0f} | {computed:.0f} | {row['cached_tokens']:.0f} | "
+                          f"{floor:.2f} |", flush=True)
+        del rag, loaded
+    print("matrix-multiply rates measured in this run (GFLOP/s, "
+          f"{GEMM[0]}x{GEMM[1]} @ {GEMM[1]}x{GEMM[2]}): " + ", ".join(f"{p} {r:.0f}" for p, r in rates.items()))
+    if args.json:
+        args.json.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+if __name__ == "__main__":
+    main()

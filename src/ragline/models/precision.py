@@ -1,0 +1,92 @@
+"""``--precision fp32|bf16|int8|auto``: the number format a generator answers in.
+
+* fp32: the weights as trained.
+* bf16: weights and activations in bfloat16; worth it on CPUs with AVX512-BF16 or AMX (and on GPUs).
+* int8: every ``nn.Linear`` of the network body quantised to int8 weights, one scale per output channel, with
+  int8 activations quantised per batch at run time (torch's dynamic quantisation, fbgemm; VNNI instructions
+  make it fast). The output layer stays fp32: quantised, its 150k-way logits lost every answer on the dev split
+  (Qwen2.5-0.5B: EM 0 of 6 where fp32 has 4); so do embeddings, norms and the attention arithmetic. CPU only.
+* auto: the fastest of these that this CPU runs natively and whose answers were checked against fp32 on the
+  dev split for this generator (``benchmarks/latency.py`` measures it; :data:`CHECKED` records the result);
+  fp32 otherwise.
+
+A precision the CPU lacks the instructions for is not attempted: the generator stays fp32 and a one-line
+notice says why (:func:`resolve`). Training keeps its own ``--precision fp32|bf16`` (autocast).
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from ragline.vocab import AUTO, BF16, FP32, INT8
+
+# Precisions whose answers benchmarks/latency.py found within one question of fp32's EM on the answerable dev
+# questions (ids 0-7), per bundled generator; auto picks among these only. None yet: int8 (per-channel, output
+# layer fp32) kept single-passage EM on 12 questions (7 of 12 either way) but moved RAG-Sequence and RAG-Token
+# k=5 by one to four questions in 6 (Qwen2.5-0.5B, 2026-11-25; docs/benchmarks.md); bf16 is unmeasured
+# here (no bf16 CPU). A measured precision goes here, with its figures.
+CHECKED: dict[str, tuple[str, ...]] = {"qwen2.5-0.5b": (), "smollm2": ()}
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty where unreadable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native(precision: str, device: torch.device) -> tuple[bool, str]:
+    """Whether ``precision`` runs natively on ``device``, and if not, why."""
+    if precision == FP32:
+        return True, ""
+    flags = cpu_flags()
+    if precision == BF16:
+        if device.type == "cuda":
+            return bool(torch.cuda.is_bf16_supported()), "this GPU has no bf16 support"
+        return bool(flags & {"avx512_bf16", "amx_bf16"}), "this CPU has no bf16 instructions (AVX512-BF16 or AMX)"
+    if precision == INT8:
+        if device.type != "cpu":
+            return False, "int8 dynamic quantisation runs on the CPU only"
+        return (bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}) and "fbgemm" in torch.backends.quantized.
+                supported_engines), "this CPU has no int8 dot-product instructions (VNNI)"
+    raise ValueError(precision)
+
+
+def resolve(precision: str, generator: str, device: torch.device) -> tuple[str, str | None]:
+    """The precision to use for ``--precision`` with ``generator`` on ``device``, and a notice when it is not
+    the one asked for (or auto's choice needs saying)."""
+    if precision == AUTO:
+        for option in CHECKED.get(generator, ()):
+            if native(option, device)[0]:
+                return option, None
+        return FP32, None
+    ok, why = native(precision, device)
+    if ok:
+        return precision, None
+    return FP32, f"--precision {precision}: {why}; answering in fp32"
+
+
+def apply(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """``model`` in ``precision`` (a resolved one: fp32, bf16 or int8); int8 returns a quantised copy."""
+    if precision == BF16:
+        return model.to(torch.bfloat16)
+    if precision == INT8:
+        torch.backends.quantized.engine = "fbgemm"
+        with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+            warnings.simplefilter("ignore")
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            spec = {name: per_channel_dynamic_qconfig for name, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and m is not head}
+            return quantize_dynamic(model, spec, dtype=torch.qint8)
+    return model

@@ -1,0 +1,174 @@
+"""The packed prefill with shared blocks and the passage key/value cache (models/prefill.py) computes what the
+padded prefill computes, and --precision falls back cleanly (models/precision.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ragline import profile, vocab
+from ragline.corpus.passages import Passage
+from ragline.errors import RaglineError
+from ragline.models import precision as precisions
+from ragline.models.generators import CausalGenerator
+from ragline.models.prefill import BLOCK, PrefixCache, block_keys
+from ragline.models.tiny import tiny_causal
+from ragline.rag.decoding import rag_sequence_decode, rag_token_decode
+
+
+def _passages(wiki_docs, n: int) -> list[Passage]:
+    return [Passage(f"{d['id']}#0", d["id"], d["title"], " ".join(d["text"].split()[: 20 + 13 * i]))
+            for i, d in enumerate(wiki_docs[:n])]
+
+
+QUESTIONS = ["Who founded it?", "In which year did the events described in the passage take place, and where?"]
+
+
+def _padded(gen: CausalGenerator) -> CausalGenerator:
+    """The same weights with the padded prefill and no cache (the path before the packed one)."""
+    return CausalGenerator(gen.model, gen.tokenizer, gen.name, kv_cache_mb=0, packed=False)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return CausalGenerator.load("smollm2")
+
+
+@torch.no_grad()
+def test_packed_prefill_equals_padded_prefill_and_its_cache_continues_the_same(wiki_docs):
+    gen = tiny_causal(seed=3)
+    zs = _passages(wiki_docs, 4)
+    prompts = gen.pair_prompts(QUESTIONS, [zs[:3], zs[1:]])
+    lengths = [len(r) for r in gen.prompt_ids(prompts)]
+    assert len(set(lengths)) == len(lengths)  # rows of different lengths: the padded path pads them
+    gen.kv_cache = None
+    packed_state, packed = gen.start(prompts)
+    padded_state, padded = _padded(gen).start(prompts)
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+    # the gathered cache continues exactly as the padded one: a step from each
+    rows, tokens = torch.tensor([0, 2, 5, 5]), torch.tensor([11, 12, 13, 14])
+    torch.testing.assert_close(gen.advance(packed_state, rows, tokens),
+                               _padded(gen).advance(padded_state, rows, tokens), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_shared_blocks_are_computed_once_and_cached_passages_not_again(wiki_docs):
+    gen = tiny_causal(seed=4)
+    zs = _passages(wiki_docs, 3)
+    prompts = gen.pair_prompts(QUESTIONS, [zs, zs])
+    reference = _padded(gen).start(prompts)[1]
+    with profile.recording() as cold:
+        first = gen.start(prompts)[1]
+    # the system prompt and each passage's blocks once, though six rows read them
+    assert cold.counts[profile.COMPUTED_TOKENS] < cold.counts[profile.PROMPT_TOKENS] * 0.6
+    assert cold.counts[profile.CACHED_TOKENS] == 0 and len(gen.kv_cache) > 0
+    with profile.recording() as warm:
+        second = gen.start(gen.pair_prompts(["What is it?"], [zs]))[1]
+    assert warm.counts[profile.CACHED_TOKENS] > 0
+    assert warm.counts[profile.COMPUTED_TOKENS] < 3 * (BLOCK + 20)  # tails only: passage ends and the question
+    torch.testing.assert_close(first, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second, _padded(gen).start(gen.pair_prompts(["What is it?"], [zs]))[1],
+                               atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_cache_is_keyed_by_tokens_so_an_edited_passage_is_never_served_stale(wiki_docs):
+    gen = tiny_causal(seed=5)
+    z = _passages(wiki_docs, 1)[0]
+    gen.start(gen.pair_prompts(QUESTIONS[:1], [[z]]))
+    edited = Passage(z.pid, z.doc_id, z.title, z.text.replace(z.text.split()[3], "zebra"))  # same pid
+    got = gen.start(gen.pair_prompts(QUESTIONS[:1], [[edited]]))[1]
+    torch.testing.assert_close(got, _padded(gen).start(gen.pair_prompts(QUESTIONS[:1], [[edited]]))[1],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_scoring_with_the_cache_equals_the_padded_scoring(wiki_docs):
+    gen = tiny_causal(seed=6)
+    zs = _passages(wiki_docs, 3)
+    with torch.no_grad():
+        gen.start(gen.pair_prompts(QUESTIONS[:1], [zs]))  # warm the cache
+        ours, target, mask = gen.target_logprobs(QUESTIONS, [zs[:2], zs[1:]], ["Ada Lovelace", "1843 in London"])
+        theirs, _, _ = _padded(gen).target_logprobs(QUESTIONS, [zs[:2], zs[1:]], ["Ada Lovelace", "1843 in London"])
+    assert mask.sum(1).tolist()[0] != mask.sum(1).tolist()[1]  # answers of different lengths
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-5)
+    # with gradient (training) the padded path runs, whatever the flag says
+    s = gen.score(QUESTIONS[:1], [zs[:2]], ["Ada"])
+    assert s.logprobs.requires_grad
+
+
+def test_answers_are_unchanged_token_for_token(smol, wiki_docs):
+    zs = _passages(wiki_docs, 6)
+    questions = ["Who is this passage about?", "What is the first thing the passage says?"]
+    passages = [zs[:3], zs[3:]]
+    doc = torch.log_softmax(torch.tensor([[1.0, 0.5, 0.0], [0.2, 0.1, 0.0]]), -1)
+    padded = _padded(smol)
+    for run in range(2):  # cold cache, then warm
+        for fn, kw in ((rag_sequence_decode, {"beams": 3, "thorough": True}), (rag_token_decode, {"beams": 1}),
+                       (rag_token_decode, {"beams": 3})):
+            ours = fn(smol, questions, passages, doc, max_new_tokens=12, **kw)
+            theirs = fn(padded, questions, passages, doc, max_new_tokens=12, **kw)
+            assert [d.tokens for d in ours] == [d.tokens for d in theirs], (run, fn.__name__, kw)
+            assert [d.logprob for d in ours] == pytest.approx([d.logprob for d in theirs], abs=1e-3)
+    assert smol.kv_cache.hits > 0
+
+
+def test_prefix_cache_is_bounded_in_bytes_and_forgets_least_recent_first():
+    kv = torch.zeros(2, 2, 1, BLOCK, 4)  # 1 KiB
+    size = kv.numel() * kv.element_size()
+    cache = PrefixCache(3 * size)
+    for key in (b"a", b"b", b"c"):
+        cache.put(key, kv.clone())
+    assert cache.get(b"a") is not None  # a is now the most recent
+    cache.put(b"d", kv.clone())
+    assert cache.bytes <= 3 * size and len(cache) == 3
+    assert cache.get(b"b") is None and cache.get(b"a") is not None and cache.get(b"d") is not None
+
+
+def test_block_keys_chain_the_whole_prefix():
+    a = list(range(3 * BLOCK + 1))
+    b = [99] + a[1:]
+    assert len(block_keys(a)) == 3
+    assert block_keys(a)[:2] == block_keys(a[: 2 * BLOCK + 5])[:2]
+    assert not set(block_keys(a)) & set(block_keys(b))  # one token apart at the start: no block shared
+    assert len(block_keys(a, keep_last=BLOCK + 1)) == 2  # the scored positions stay out of the blocks
+
+
+@torch.no_grad()
+def test_an_optimiser_step_empties_the_cache(wiki_docs):
+    gen = tiny_causal(seed=7)
+    zs = _passages(wiki_docs, 2)
+    gen.start(gen.pair_prompts(QUESTIONS[:1], [zs]))
+    assert len(gen.kv_cache) > 0
+    next(gen.model.parameters()).add_(0.1)  # what an optimiser step does
+    got = gen.start(gen.pair_prompts(QUESTIONS[:1], [zs]))[1]
+    torch.testing.assert_close(got, _padded(gen).start(gen.pair_prompts(QUESTIONS[:1], [zs]))[1],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_precision_without_the_instructions_falls_back_to_fp32_with_a_notice(monkeypatch):
+    monkeypatch.setattr(precisions, "cpu_flags", lambda: frozenset({"avx2"}))
+    cpu = torch.device("cpu")
+    assert precisions.resolve(vocab.BF16, "qwen2.5-0.5b", cpu)[0] == vocab.FP32
+    chosen, notice = precisions.resolve(vocab.INT8, "qwen2.5-0.5b", cpu)
+    assert chosen == vocab.FP32 and "VNNI" in notice and "fp32" in notice
+    assert precisions.resolve(vocab.AUTO, "qwen2.5-0.5b", cpu) == (vocab.FP32, None)
+    monkeypatch.setattr(precisions, "cpu_flags", lambda: frozenset({"avx512_vnni"}))
+    assert precisions.resolve(vocab.INT8, "qwen2.5-0.5b", cpu) == (vocab.INT8, None)
+    monkeypatch.setitem(precisions.CHECKED, "tiny-checked", (vocab.BF16, vocab.INT8))
+    assert precisions.resolve(vocab.AUTO, "tiny-checked", cpu) == (vocab.INT8, None)  # bf16 not native here
+    assert precisions.resolve(vocab.AUTO, "some/folder", cpu) == (vocab.FP32, None)  # unchecked: fp32
+    with pytest.raises(RaglineError, match="--precision"):
+        vocab.check_precision("fp8")
+
+
+@torch.no_grad()
+def test_int8_keeps_the_output_layer_in_fp32_and_decodes(wiki_docs):
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch build has no fbgemm int8 engine")
+    gen = tiny_causal(seed=8)
+    gen.model = precisions.apply(gen.model, vocab.INT8)
+    assert type(gen.model.get_output_embeddings()) is torch.nn.Linear
+    assert "quantized" in type(gen.model.model.layers[0].mlp.down_proj).__module__
+    zs = _passages(wiki_docs, 2)
+    out = rag_token_decode(gen, QUESTIONS[:1], [zs], torch.zeros(1, 2), beams=2, max_new_tokens=3)
+    assert len(out[0].tokens) >= 1 and gen.vocab_size == len(gen.tokenizer)
