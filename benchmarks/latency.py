@@ -125,10 +125,10 @@ def main() -> None:
             for name in args.systems.split(","):
                 model, decoding, fixed = SYSTEMS[name]
                 for k in fixed or ks:
-                    if gen.kv_cache is not None and path != "warm":
-                        gen.kv_cache.clear()
-                    cache = gen.kv_cache if path != "before" else None
-                    saved, gen.kv_cache = gen.kv_cache, cache
+                    saved = getattr(gen, "kv_cache", None)  # decoder-only generators have one
+                    if saved is not None and path != "warm":
+                        saved.clear()
+                    gen.kv_cache = saved if path != "before" else None
                     r = run_row(rag, questions, model, decoding, k, args.beams, args.max_new_tokens)
                     gen.kv_cache = saved
                     n = len(questions)

@@ -11,7 +11,7 @@ from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.models import precision as precisions
 from ragline.models.generators import CausalGenerator
-from ragline.models.prefill import BLOCK, PrefixCache, block_keys
+from ragline.models.prefill import BLOCK, PrefixCache, block_keys, prefill
 from ragline.models.tiny import tiny_causal
 from ragline.rag.decoding import rag_sequence_decode, rag_token_decode
 
@@ -49,6 +49,20 @@ def test_packed_prefill_equals_padded_prefill_and_its_cache_continues_the_same(w
     rows, tokens = torch.tensor([0, 2, 5, 5]), torch.tensor([11, 12, 13, 14])
     torch.testing.assert_close(gen.advance(packed_state, rows, tokens),
                                _padded(gen).advance(padded_state, rows, tokens), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_rows_split_into_several_packs_give_the_same_states(wiki_docs):
+    gen = tiny_causal(seed=9)
+    zs = _passages(wiki_docs, 4)
+    rows = gen.prompt_ids(gen.pair_prompts(QUESTIONS, [zs[:3], zs[1:]]))
+    one = prefill(gen.model, rows, PrefixCache(2**30))
+    many = prefill(gen.model, rows, None, pack_tokens=2 * max(map(len, rows)))  # three packs, no cache
+    torch.testing.assert_close(many.logits, one.logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(many.attention_mask, one.attention_mask) and torch.equal(many.positions, one.positions)
+    for a, b in zip(many.cache.layers, one.cache.layers, strict=True):
+        real = one.attention_mask.bool()[:, None, :, None]  # padding holds no state worth comparing
+        torch.testing.assert_close(a.keys * real, b.keys * real, atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()

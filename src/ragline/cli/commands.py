@@ -424,11 +424,14 @@ def report(index_dir, generator, beams, max_new_tokens, length_penalty, prior_sc
               help="Work one batch may hold, in the same tokens.")
 @click.option("--max-queue", default=Budget.max_queue, show_default=True, type=click.IntRange(1),
               help="Requests waiting at most; more are refused with 503 and Retry-After.")
+@click.option("--kv-cache-mb", default=vocab.DEFAULT_KV_CACHE_MB, show_default=True, type=click.FloatRange(0),
+              help="Memory for the key/value states of prompt blocks already read (system prompt, passages), "
+                   "reused by later questions without recomputing them (decoder-only generators; 0: off).")
 @_device_option
 @_precision_option
 @click.pass_context
 def serve(ctx, index_dir, generator, query_encoder, run_dir, host, port, max_batch, prior_scale, api_key,
-          max_request_tokens, max_batch_tokens, max_queue, device, precision) -> None:
+          max_request_tokens, max_batch_tokens, max_queue, kv_cache_mb, device, precision) -> None:
     """Serve the HTTP API (POST /ask, /ask/stream, /search; GET /passages/ID, /indexes, /health) and the page."""
     import ipaddress
 
@@ -449,6 +452,10 @@ def serve(ctx, index_dir, generator, query_encoder, run_dir, host, port, max_bat
     s = _from_run(ctx, run_dir, {"generator": generator, "prior_scale": prior_scale, "index_dir": index_dir,
                                  "query_encoder": query_encoder})
     loaded = _load_generator(s["generator"], device, announce=True, precision=precision)
+    if hasattr(loaded.generator, "kv_cache"):
+        from ragline.models.prefill import PrefixCache
+
+        loaded.generator.kv_cache = PrefixCache(int(kv_cache_mb * 2**20)) if kv_cache_mb > 0 else None
     retriever = _open_retriever(s["index_dir"], s["query_encoder"], checkpoint_encoder=loaded.question_encoder,
                                 device=device)
     rag = RagModel(retriever, loaded.generator, k=loaded.n_docs or vocab.DEFAULT_K, prior_scale=s["prior_scale"])

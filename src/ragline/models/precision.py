@@ -25,10 +25,10 @@ import torch
 from ragline.vocab import AUTO, BF16, FP32, INT8
 
 # Precisions whose answers benchmarks/latency.py found within one question of fp32's EM on the answerable dev
-# questions (ids 0-7), per bundled generator; auto picks among these only. None yet: int8 (per-channel, output
-# layer fp32) kept single-passage EM on 12 questions (7 of 12 either way) but moved RAG-Sequence and RAG-Token
-# k=5 by one to four questions in 6 (Qwen2.5-0.5B, 2026-11-25; docs/benchmarks.md); bf16 is unmeasured
-# here (no bf16 CPU). A measured precision goes here, with its figures.
+# questions (ids 0-7), per bundled generator; auto picks among these only. None yet. int8 (per-channel, output
+# layer fp32) on Qwen2.5-0.5B, 2026-11-25: single-passage EM 7 of 12 either way, but RAG-Sequence and RAG-Token
+# k=5 moved by one to four questions in 6 and closed book fell from 10 to 2 of 35 (README, answer latency);
+# bf16 is unmeasured (no bf16 CPU here). A precision that passes goes here, with its figures.
 CHECKED: dict[str, tuple[str, ...]] = {"qwen2.5-0.5b": (), "smollm2": ()}
 
 

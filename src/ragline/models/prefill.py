@@ -34,6 +34,7 @@ import torch
 from ragline import profile
 
 BLOCK = 16  # tokens per cached block: the tail each row recomputes is shorter than this plus its question
+PACK_TOKENS = 1024  # tokens per packed pass (see prefill)
 
 
 def block_keys(ids: Sequence[int], block: int = BLOCK, keep_last: int = 1) -> list[bytes]:
@@ -127,12 +128,54 @@ class Prefilled:
 
 
 def prefill(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: PrefixCache | None = None,
-            keep_last: Sequence[int] | None = None, block: int = BLOCK) -> Prefilled:
+            keep_last: Sequence[int] | None = None, block: int = BLOCK, pack_tokens: int = PACK_TOKENS
+            ) -> Prefilled:
     """Run ``model`` over token rows as described in the module docstring; the logits of each row's last
-    ``keep_last[r]`` positions (default 1) come back right-aligned in (N, max keep_last, V), zeros before."""
+    ``keep_last[r]`` positions (default 1) come back right-aligned in (N, max keep_last, V), zeros before.
+
+    Rows go in packs of about ``pack_tokens`` tokens, one after another: the packed attention is dense over
+    its pack (pack² per layer), which stays a small share of the linear layers' cost at this size, where
+    one pack of every row would grow quadratically. Blocks a pack computes enter the cache before the next
+    pack looks them up."""
+    keep = list(keep_last) if keep_last is not None else [1] * len(rows)
+    packs: list[list[int]] = [[]]
+    held = 0
+    for r, ids in enumerate(rows):
+        if packs[-1] and held + len(ids) > pack_tokens:
+            packs.append([])
+            held = 0
+        packs[-1].append(r)
+        held += len(ids)
+    if len(packs) == 1:
+        return _prefill_pack(model, rows, cache, keep, block)
+    parts = [_prefill_pack(model, [rows[r] for r in p], cache, [keep[r] for r in p], block) for p in packs]
+    return _stack(parts)
+
+
+def _stack(parts: list[Prefilled]) -> Prefilled:
+    """Packs' results as one left-padded batch, rows in order."""
     from transformers import DynamicCache
 
-    keep = list(keep_last) if keep_last is not None else [1] * len(rows)
+    width = max(p.attention_mask.shape[1] for p in parts)
+    t = max(p.logits.shape[1] for p in parts)
+
+    def left(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:  # zeros before, along ``dim``
+        pad = list(x.shape)
+        pad[dim] = size - x.shape[dim]
+        return torch.cat([x.new_zeros(pad), x], dim)
+
+    layers = [(torch.cat([left(p.cache.layers[i].keys, 2, width) for p in parts]),
+               torch.cat([left(p.cache.layers[i].values, 2, width) for p in parts]))
+              for i in range(len(parts[0].cache.layers))]
+    return Prefilled(DynamicCache(ddp_cache_data=layers),
+                     torch.cat([left(p.attention_mask, 1, width) for p in parts]),
+                     torch.cat([p.positions for p in parts]), torch.cat([left(p.logits, 1, t) for p in parts]))
+
+
+def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: PrefixCache | None,
+                  keep: list[int], block: int) -> Prefilled:
+    from transformers import DynamicCache
+
     nodes: list[_Node] = []
     by_key: dict[bytes, int] = {}
     chains: list[list[int]] = []
