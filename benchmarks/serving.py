@@ -1,9 +1,10 @@
-"""Serving under load: a bounded load test of `ragline serve` on loopback with the tiny generator, and a soak
-with faults (the real default generator, index swaps, clients leaving mid-stream).
+"""Serving under load: a bounded load test of `ragline serve` on loopback with the tiny generator or the real
+default one, and a soak with faults (the real default generator, index swaps, clients leaving mid-stream).
 
 How it measures and what it prints: docs/benchmarks.md (serving.py).
 
     python3 benchmarks/serving.py [--index DIR] [--requests 200] [--concurrency 8] [--docs 300]
+    python3 benchmarks/serving.py --real [--requests 16] [--generator qwen2.5-0.5b] [--max-batch 8]
     python3 benchmarks/serving.py --soak 300 [--generator qwen2.5-0.5b] [--index DIR]
 """
 
@@ -40,7 +41,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index: Path, generator: Path, port: int, max_batch: int, log: Path) -> subprocess.Popen:
+def start_server(index: Path, generator: Path | str, port: int, max_batch: int, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ragline", "serve", "--index", str(index), "--generator", str(generator),
            "--port", str(port), "--max-batch", str(max_batch)]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -112,6 +113,13 @@ def load(url: str, path: str, body: dict, questions: list[str], n: int, concurre
             "first_token_p50": statistics.median(firsts) if firsts else None,
             "per_batch": (after["questions"] - before["questions"]) / batches if batches else None}
 
+
+# --real: the default answer settings a user of the page gets (RAG-Sequence thorough, k=5, 4 beams)
+REAL_WORKLOADS = {
+    "ask rag-sequence": ("/ask", {"model": "rag-sequence", "decoding": "thorough", "k": 5, "beams": 4,
+                                  "max_new_tokens": 24}),
+    "ask rag-token": ("/ask", {"model": "rag-token", "decoding": "greedy", "k": 5, "max_new_tokens": 24}),
+}
 
 SOAK_ASK = {"model": "rag-token", "decoding": "greedy", "k": 3, "max_new_tokens": 16}
 SOAK_KINDS = ("ask", "stream", "search", "stream, client leaves")
@@ -241,45 +249,72 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="Also write the rows here.")
     ap.add_argument("--soak", type=float, default=None, metavar="SECONDS",
                     help="Run the soak with faults for this long instead of the load rows.")
-    ap.add_argument("--generator", default="qwen2.5-0.5b", help="The soak's generator (the real default).")
+    ap.add_argument("--generator", default="qwen2.5-0.5b", help="The soak's and --real's generator.")
+    ap.add_argument("--real", action="store_true",
+                    help="Load rows with the real generator over the bundled index (default answer settings; "
+                         "the dev questions' first --requests, 16 unless given), in place of the tiny one.")
     ap.add_argument("--swap-every", type=float, default=20.0, help="Seconds between index swaps in the soak.")
     args = ap.parse_args()
     if args.soak:
         run_soak(args)
         return
 
+    from ragline import paths
     from ragline.index.build import BuildOptions, build_index
     from ragline.models.tiny import save_tiny_causal
     from ragline.questions import load_fanoutqa
 
     work = Path(tempfile.mkdtemp(prefix="ragline-serving-"))
-    index = args.index
+    workloads = REAL_WORKLOADS if args.real else WORKLOADS
+    if args.real:
+        args.requests = args.requests if args.requests != 200 else 16
+        args.workloads = args.workloads if args.workloads != ",".join(WORKLOADS) else ",".join(REAL_WORKLOADS)
+    index = args.index or (paths.default_index_dir() if args.real else None)
     if index is None:
         print(f"building an index of the first {args.docs} documents", file=sys.stderr)
         index = build_index(BuildOptions(source="wiki-leads", out=work / "index", limit=args.docs, progress=False),
                             log=lambda m: None)
-    generator = save_tiny_causal(work / "tiny-llama")
+    generator = args.generator if args.real else save_tiny_causal(work / "tiny-llama")
     questions = [q.question for q in load_fanoutqa("dev")]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(index, generator, port, args.max_batch, work / "server.log")
     rows = []
-    try:
+    if args.real:  # a fresh server per row: every row starts with the same (empty) passage cache
         for name in args.workloads.split(","):
-            path, body = WORKLOADS[name]
-            load(url, path, body, questions, min(16, args.requests), args.concurrency)  # warm-up
-            for conc in (args.concurrency, 1):
-                row = {"workload": name, "concurrency": conc,
-                       **load(url, path, body, questions, args.requests, conc)}
-                rows.append(row)
-                print(f"{name:18s} c={conc}: {row['rps']:.1f} req/s, p50 {1000 * row['p50']:.0f} ms, "
-                      f"errors {row['errors']}", file=sys.stderr)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+            path, body = workloads[name]
+            for conc in (1, args.concurrency):
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                server = start_server(index, generator, port, args.max_batch, work / "server.log")
+                try:
+                    load(url, path, body, questions[-1:], 1, 1)  # warm-up on a question no row asks
+                    rows.append({"workload": name, "concurrency": conc,
+                                 **load(url, path, body, questions, args.requests, conc)})
+                finally:
+                    server.terminate()
+                    server.wait(timeout=60)
+                print(f"{name:18s} c={conc}: {rows[-1]['rps']:.2f} req/s, p50 {rows[-1]['p50']:.1f} s",
+                      file=sys.stderr)
+    else:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = start_server(index, generator, port, args.max_batch, work / "server.log")
+        try:
+            for name in args.workloads.split(","):
+                path, body = workloads[name]
+                load(url, path, body, questions, min(16, args.requests), args.concurrency)  # warm-up
+                for conc in (args.concurrency, 1):
+                    row = {"workload": name, "concurrency": conc,
+                           **load(url, path, body, questions, args.requests, conc)}
+                    rows.append(row)
+                    print(f"{name:18s} c={conc}: {row['rps']:.1f} req/s, p50 {1000 * row['p50']:.0f} ms, "
+                          f"errors {row['errors']}", file=sys.stderr)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
     serial = {r["workload"]: r["rps"] for r in rows if r["concurrency"] == 1}
-    print(f"\n{args.requests} requests per row on loopback; tiny generator; {os.cpu_count()} cores\n")
+    print(f"\n{args.requests} requests per row on loopback; "
+          f"{'generator ' + str(generator) if args.real else 'tiny generator'}; {os.cpu_count()} cores; "
+          f"--max-batch {args.max_batch}\n")
     print("| workload | concurrency | req/s | vs one at a time | p50 ms | p95 ms | first token p50 ms | "
           "questions per batch | errors |")
     print("|---|---|---|---|---|---|---|---|---|")

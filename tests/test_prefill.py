@@ -176,13 +176,29 @@ def test_precision_without_the_instructions_falls_back_to_fp32_with_a_notice(mon
 
 
 @torch.no_grad()
-def test_int8_keeps_the_output_layer_in_fp32_and_decodes(wiki_docs):
+def test_int8_keeps_the_output_layer_and_feed_forward_outputs_in_fp32_and_decodes(wiki_docs):
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         pytest.skip("this torch build has no fbgemm int8 engine")
     gen = tiny_causal(seed=8)
     gen.model = precisions.apply(gen.model, vocab.INT8)
+    layer = gen.model.model.layers[0]
     assert type(gen.model.get_output_embeddings()) is torch.nn.Linear
-    assert "quantized" in type(gen.model.model.layers[0].mlp.down_proj).__module__
+    assert type(layer.mlp.down_proj) is torch.nn.Linear  # reads the activation outliers: fp32
+    assert all("quantized" in type(m).__module__ for m in (layer.mlp.up_proj, layer.mlp.gate_proj,
+                                                            layer.self_attn.q_proj, layer.self_attn.o_proj))
     zs = _passages(wiki_docs, 2)
     out = rag_token_decode(gen, QUESTIONS[:1], [zs], torch.zeros(1, 2), beams=2, max_new_tokens=3)
     assert len(out[0].tokens) >= 1 and gen.vocab_size == len(gen.tokenizer)
+
+
+@torch.no_grad()
+def test_greedy_rag_token_keeps_each_passages_token_logprobs_as_a_scoring_pass_computes_them(smol, wiki_docs):
+    zs = _passages(wiki_docs, 6)
+    questions = ["Who is this passage about?", "What is the first thing the passage says?"]
+    passages = [zs[:3], zs[3:]]
+    doc = torch.log_softmax(torch.tensor([[1.0, 0.5, 0.0], [0.2, 0.1, 0.0]]), -1)
+    decoded = rag_token_decode(smol, questions, passages, doc, beams=1, max_new_tokens=12)
+    for q, z, d in zip(questions, passages, decoded, strict=True):
+        scored, _, _ = _padded(smol).target_logprobs([q], [z], [d.tokens])  # (1, K, T)
+        assert d.token_logprobs.shape == scored[0].shape and len(d.tokens) > 1
+        torch.testing.assert_close(d.token_logprobs, scored[0], atol=1e-3, rtol=1e-4)

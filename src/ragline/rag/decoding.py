@@ -144,13 +144,34 @@ class RowStepper:
     have finished leave the batch (their log-probs come back as 0, which the searches ignore)."""
 
     def __init__(self, generator: Generator, prompts: list[str], groups: int, rows: int, beams: int,
-                 combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], keep_prefill: bool = False) -> None:
+                 combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], keep_prefill: bool = False,
+                 record: bool = False) -> None:
         self.gen, self.groups, self.rows, self.beams, self.combine = generator, groups, rows, beams, combine
         self.prompts, self.state, self.width = prompts, None, 1  # width: live beams per group in the rows
         self.held = torch.arange(groups)  # the groups whose rows the state holds, in order
         self.keep_prefill = keep_prefill
         self.prefill: tuple[DecodeState, torch.Tensor] | None = None  # the prompts' cache, next-token log-probs
+        # record (one beam): each step's rows' log-probs of the token chosen, (G, rows) per step (NaN: not held)
+        self.record, self.recorded, self._last = record, [], None
 
+    def _keep(self, tokens: torch.Tensor) -> None:
+        """Record the last step's rows' log-probs of ``tokens`` (G, 1), the tokens the search chose."""
+        logp, held = self._last
+        out = torch.full((self.groups, self.rows), float("nan"))
+        out[held] = logp.view(len(held), self.rows, -1).gather(2, tokens[held][:, :, None].expand(-1, self.rows, 1)
+                                                              ).squeeze(2)
+        self.recorded.append(out)
+
+    def token_logprobs(self, group: int, tokens: list[int]) -> torch.Tensor:
+        """(rows, T): log p_theta(y_t | row's prompt, y_<t) of the decoded ``tokens`` of ``group`` (record)."""
+        if self._last is not None:  # the final step's choice
+            self._keep(torch.tensor([[t[-1] if t else 0] for t in self._final]))
+            self._last = None
+        return torch.stack([step[group] for step in self.recorded[: len(tokens)]], 1)
+
+    def finish(self, tokens: list[list[int]]) -> None:
+        """The searched tokens of every group, for :meth:`token_logprobs` (record)."""
+        self._final = tokens
     @torch.no_grad()
     def __call__(self, parents: torch.Tensor | None, tokens: torch.Tensor | None,
                  live: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,8 +180,12 @@ class RowStepper:
                 self.state, logp = self.gen.start(self.prompts)  # (G*rows, V)
                 if self.keep_prefill:  # a copy that the beams' reordering leaves alone
                     self.prefill = (self.gen.fork(self.state, torch.arange(len(self.prompts))), logp)
+            if self.record:
+                self._last = (logp, self.held)
             logp = self.combine(logp.view(self.groups, 1, self.rows, -1), self.held)  # (G, 1, V)
             return logp.expand(-1, self.beams, -1) if self.beams > 1 else logp
+        if self.record:
+            self._keep(tokens)
         g, w = parents.shape
         keep = self.held if live is None else self.held[live[self.held]]  # groups computed this step
         if self.width == 1:  # right after the prompts every beam of a group is a copy of the one row
@@ -175,6 +200,8 @@ class RowStepper:
         with profile.stage(profile.DECODE):
             logp = self.gen.advance(self.state, rows, tokens[keep][:, :, None].expand(-1, -1, self.rows).reshape(-1))
         self.width, self.held = w, keep
+        if self.record:
+            self._last = (logp, keep)
         out = torch.zeros((g, w, logp.shape[-1]), dtype=logp.dtype)
         out[keep] = self.combine(logp.view(len(keep), w, self.rows, -1), keep)  # (G', W, V)
         return out
@@ -252,6 +279,7 @@ class Decoded:
     tokens: list[int]
     logprob: float                  # log p(y|x) under the model's own marginal
     seq_logprobs: torch.Tensor | None = None  # (K,) RAG-Sequence: log p_theta(y|x,z_k) (-inf: not scored, fast)
+    token_logprobs: torch.Tensor | None = None  # (K, T) greedy RAG-Token: log p_theta(y_t|x,z_k,y_<t) as decoded
     alternatives: list[tuple[list[int], float]] = field(default_factory=list)  # n-best (tokens, log p), best first
 
 
@@ -273,11 +301,13 @@ def rag_token_decode(generator: Generator, questions: Sequence[str], passages: S
         return marginalize(doc, logp.reshape(n * w, k, -1)).view(n, w, -1)
 
     prompts = generator.pair_prompts(questions, passages) if prompts is None else prompts
-    step = RowStepper(generator, prompts, b, k, beams_eff, combine)
+    step = RowStepper(generator, prompts, b, k, beams_eff, combine, record=beams <= 1)
     stops = stop_ids(generator)
-    if beams <= 1:
-        return [Decoded(h.tokens, h.logprob, alternatives=[(h.tokens, h.logprob)])
-                for h in greedy(step, b, stops, max_new_tokens, on_step)]
+    if beams <= 1:  # each passage's log-probs of the chosen tokens come with the answer (its token posteriors)
+        hyps = greedy(step, b, stops, max_new_tokens, on_step)
+        step.finish([h.tokens for h in hyps])
+        return [Decoded(h.tokens, h.logprob, alternatives=[(h.tokens, h.logprob)],
+                        token_logprobs=step.token_logprobs(g, h.tokens)) for g, h in enumerate(hyps)]
     hyps = beam_search(step, b, beams, stops, max_new_tokens, length_penalty, on_step)
     return [Decoded(h[0].tokens, h[0].logprob, alternatives=[(x.tokens, x.logprob) for x in h[:n_best]])
             for h in hyps]

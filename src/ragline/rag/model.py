@@ -204,7 +204,8 @@ class RagModel:
             posterior = marginal.sequence_posterior(doc[None], lp.sum(-1))[0]
             ans.text, ans.cited = cited_passages(ans.text, len(passages))
         else:  # RAG-Token: p(z | x, y_<t, y_t) per token, and its mean over the answer's tokens
-            lp, _, _ = self.generator.target_logprobs([question], [passages], [d.tokens])  # (1, K, T)
+            lp = d.token_logprobs[None] if d.token_logprobs is not None else \
+                self.generator.target_logprobs([question], [passages], [d.tokens])[0]  # (1, K, T)
             posterior = self._token_sources(ans, d.tokens, marginal.token_posterior(doc[None], lp)[0])
         ans.sources = _sources(passages, scores, doc, posterior)
         return ans
