@@ -202,3 +202,23 @@ def test_greedy_rag_token_keeps_each_passages_token_logprobs_as_a_scoring_pass_c
         scored, _, _ = _padded(smol).target_logprobs([q], [z], [d.tokens])  # (1, K, T)
         assert d.token_logprobs.shape == scored[0].shape and len(d.tokens) > 1
         torch.testing.assert_close(d.token_logprobs, scored[0], atol=1e-3, rtol=1e-4)
+
+
+def test_cli_precision_falls_back_with_a_notice_and_eval_records_what_ran(tmp_path, small_index, monkeypatch):
+    import json
+
+    from conftest import run_cli
+
+    from ragline.models.tiny import save_tiny_causal
+
+    folder = save_tiny_causal(tmp_path / "tiny")
+    monkeypatch.setattr(precisions, "cpu_flags", lambda: frozenset({"avx2"}))  # a CPU without bf16 or VNNI
+    out = run_cli("ask", "Who wrote Candide?", "--index", small_index, "--generator", folder, "-k", 2,
+                  "--max-new-tokens", 2, "--precision", "bf16", "--json")
+    assert "--precision bf16: this CPU has no bf16 instructions" in out and "answering in fp32" in out
+    assert json.loads(next(line for line in out.splitlines() if line.startswith("{")))["text"] is not None
+    out = run_cli("eval", "--task", "fanoutqa-dev", "--limit", 1, "--index", small_index, "--generator", folder,
+                  "-k", 2, "--max-new-tokens", 2, "--precision", "int8", "--out", tmp_path / "run")
+    assert "--precision int8: this machine cannot run it natively; answering in fp32" in out
+    identity = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert identity["precision"] == "fp32"  # what ran, not what was asked

@@ -140,7 +140,10 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
     index = None
     if cfg.model != vocab.CLOSED_BOOK or cfg.task in BUNDLED_TASKS:
         index = open_index(cfg.index or paths.default_index_dir())
+    asked = cfg.precision
     cfg = settled(cfg, index)
+    if asked not in (vocab.AUTO, cfg.precision):
+        log(f"--precision {asked}: this machine cannot run it natively; answering in {cfg.precision}")
     task = load_eval_task(cfg, lambda: index, skip_bad)
     # what the answers depend on besides the settings: a rebuilt index or an edited task file is another run
     identity = {**asdict(cfg), "index_fingerprint": index.fingerprint if index is not None else None,
