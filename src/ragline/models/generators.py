@@ -31,7 +31,7 @@ from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.models import device as devices
 from ragline.models.catalog import generator_path
-from ragline.models.prefill import PrefixCache, prefill
+from ragline.models.prefill import PrefixCache, cache_kwarg, output_cache, prefill
 from ragline.vocab import DEFAULT_GENERATOR, DEFAULT_KV_CACHE_MB
 
 SYSTEM_PROMPT = "Answer the question using the passage. Reply with the answer only, as briefly as possible."
@@ -389,14 +389,14 @@ class CausalGenerator(Generator):
         positions = (attn.cumsum(1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
-        state = DecodeState(out.past_key_values, attn, positions[:, -1] + 1)
+        state = DecodeState(output_cache(out), attn, positions[:, -1] + 1)
         return state, torch.log_softmax(out.logits[:, -1].float(), -1).cpu()
 
     def _extend(self, state: DecodeState, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         attn = torch.cat([state.attention_mask, mask.long()], 1)
         pos = state.positions[:, None] + torch.arange(tokens.shape[1], device=tokens.device)  # (N, T)
-        return self.model(input_ids=tokens, attention_mask=attn, position_ids=pos, past_key_values=state.cache,
-                          use_cache=True).logits
+        return self.model(input_ids=tokens, attention_mask=attn, position_ids=pos,
+                          **cache_kwarg(self.model, state.cache), use_cache=True).logits
 
     def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         parents, tokens = parents.to(self.device), tokens.to(self.device)
@@ -405,8 +405,8 @@ class CausalGenerator(Generator):
         attn = torch.cat([state.attention_mask[parents], ones], 1)
         pos = state.positions[parents]
         out = self.model(input_ids=tokens[:, None], attention_mask=attn, position_ids=pos[:, None],
-                         past_key_values=state.cache, use_cache=True)
-        state.cache, state.attention_mask, state.positions = out.past_key_values, attn, pos + 1
+                         **cache_kwarg(self.model, state.cache), use_cache=True)
+        state.cache, state.attention_mask, state.positions = output_cache(out), attn, pos + 1
         return torch.log_softmax(out.logits[:, -1].float(), -1).cpu()  # (N', V)
 
 
@@ -537,13 +537,13 @@ class Seq2SeqGenerator(Generator):
                            device=self.device)
         out = self.model(encoder_outputs=(hidden,), attention_mask=enc["attention_mask"], decoder_input_ids=first,
                          use_cache=True)
-        state = DecodeState(out.past_key_values, enc["attention_mask"], None, hidden,
+        state = DecodeState(output_cache(out), enc["attention_mask"], None, hidden,
                             torch.arange(len(prompts), device=self.device))
         return state, torch.log_softmax(out.logits[:, -1].float(), -1).cpu()
 
     def _extend(self, state: DecodeState, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(encoder_outputs=(state.encoder_hidden,), attention_mask=state.attention_mask,
-                          decoder_input_ids=tokens, decoder_attention_mask=None, past_key_values=state.cache,
+                          decoder_input_ids=tokens, decoder_attention_mask=None, **cache_kwarg(self.model, state.cache),
                           use_cache=True).logits  # padding comes after the real tokens: causal, so harmless
 
     def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -559,6 +559,6 @@ class Seq2SeqGenerator(Generator):
             state.attention_mask, state.encoder_hidden = state.attention_mask[parents], state.encoder_hidden[parents]
             state.source_rows = sources
         out = self.model(encoder_outputs=(state.encoder_hidden,), attention_mask=state.attention_mask,
-                         decoder_input_ids=tokens[:, None], past_key_values=state.cache, use_cache=True)
-        state.cache = out.past_key_values
+                         decoder_input_ids=tokens[:, None], **cache_kwarg(self.model, state.cache), use_cache=True)
+        state.cache = output_cache(out)
         return torch.log_softmax(out.logits[:, -1].float(), -1).cpu()

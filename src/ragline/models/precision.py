@@ -84,7 +84,7 @@ def resolve(precision: str, generator: str, device: torch.device) -> tuple[str, 
 
 
 def apply(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """``model`` in ``precision`` (a resolved one: fp32, bf16 or int8); int8 returns a quantised copy."""
+    """``model`` in ``precision`` (a resolved one: fp32, bf16 or int8), converted in place."""
     if precision == BF16:
         return model.to(torch.bfloat16)
     if precision == INT8:
@@ -96,6 +96,6 @@ def apply(model: torch.nn.Module, precision: str) -> torch.nn.Module:
             head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
             spec = {name: per_channel_dynamic_qconfig for name, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear) and m is not head and name.rsplit(".", 1)[-1] not in FP32_LAYERS}
-            return quantize_dynamic(model, spec, dtype=torch.qint8)
+            return quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)  # no second copy in memory
     return model
 

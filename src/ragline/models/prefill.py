@@ -23,6 +23,7 @@ the cached decoding steps, as a padded prefill would have left them. Blocks comp
 from __future__ import annotations
 
 import hashlib
+import inspect
 import threading
 from array import array
 from collections import OrderedDict
@@ -226,8 +227,8 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
     profile.count(profile.COMPUTED_TOKENS, s)
     profile.count(profile.CACHED_TOKENS, past_len)
     out = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
-                past_key_values=past, use_cache=True, logits_to_keep=want.to(device))
-    layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # (1, kv_heads, past + S, d)
+                **cache_kwarg(model, past), use_cache=True, logits_to_keep=want.to(device))
+    layers = [(layer.keys, layer.values) for layer in output_cache(out).layers]  # (1, kv_heads, past + S, d)
 
     if cache is not None:  # blocks computed now enter the cache
         for n in fresh:
@@ -257,6 +258,25 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
         at += k
     return Prefilled(DynamicCache(ddp_cache_data=gathered), attn.to(device),
                      torch.tensor(lengths, device=device), right)
+
+
+def cache_kwarg(model: torch.nn.Module, cache: object) -> dict:
+    """``{name: cache}`` under the name the model's forward takes its key/value cache by: ``cache`` in newer
+    transformers 5 releases (which warn about the old name), ``past_key_values`` before."""
+    kind = type(model)
+    name = _CACHE_NAMES.get(kind)
+    if name is None:
+        params = inspect.signature(model.forward).parameters
+        name = _CACHE_NAMES[kind] = "cache" if "cache" in params else "past_key_values"
+    return {name: cache}
+
+
+_CACHE_NAMES: dict[type, str] = {}
+
+
+def output_cache(out: object) -> object:
+    """The key/value cache a forward pass returned (``cache`` in newer transformers 5 releases)."""
+    return out["cache"] if "cache" in out else out.past_key_values  # noqa: SIM401 - reading it warns
 
 
 def _dtype(model: torch.nn.Module) -> torch.dtype:

@@ -25,6 +25,7 @@ import torch
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.models.generators import DecodeState, Generator, Seq2SeqGenerator
+from ragline.models.prefill import output_cache
 from ragline.rag.marginal import Likelihood
 
 
@@ -54,7 +55,7 @@ class FusedReader:
         first = torch.full((b, 1), self.gen.model.config.decoder_start_token_id, dtype=torch.long,
                            device=hidden.device)
         out = self.gen.model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=first, use_cache=True)
-        state = DecodeState(out.past_key_values, mask, None, hidden, torch.arange(b, device=hidden.device))
+        state = DecodeState(output_cache(out), mask, None, hidden, torch.arange(b, device=hidden.device))
         return state, torch.log_softmax(out.logits[:, -1].float(), -1).cpu()
 
     def forward(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]], answers,
