@@ -73,13 +73,18 @@ def run(rag: RagModel, questions, model: str, decoding: str, k: int, beams: int,
     return em / n, f1 / n, (time.perf_counter() - t0) / n, preds
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def question_set_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options answers.py and latency.py share: index, generator, questions, k values, beams."""
     ap.add_argument("--index", type=Path, default=paths.default_index_dir())
     ap.add_argument("--generator", default="qwen2.5-0.5b")
     ap.add_argument("--limit", type=int, default=None, help="first N questions only")
     ap.add_argument("--ks", default="1,5,10")
     ap.add_argument("--beams", type=int, default=4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    question_set_arguments(ap)
     ap.add_argument("--batch", type=int, default=4, help="questions decoded together")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--length-penalty", type=float, default=1.0, help="beam ranking: log p / len ** this")

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 import torch
+from answers import question_set_arguments
 
-from ragline import paths, profile
+from ragline import profile
 from ragline.evaluate.metrics import exact_match
 from ragline.index.registry import open_index
 from ragline.models import precision as precisions
@@ -80,11 +81,7 @@ def run_row(rag: RagModel, questions, model: str, decoding: str, k: int, beams: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--index", type=Path, default=paths.default_index_dir())
-    ap.add_argument("--generator", default="qwen2.5-0.5b")
-    ap.add_argument("--limit", type=int, default=None, help="first N questions only")
-    ap.add_argument("--ks", default="1,5,10")
-    ap.add_argument("--beams", type=int, default=4)
+    question_set_arguments(ap)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--precisions", default="fp32,int8", help="fp32, bf16, int8 (each where this CPU runs it)")
     ap.add_argument("--paths", default="before,cold,warm")
