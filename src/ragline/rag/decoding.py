@@ -140,8 +140,8 @@ def greedy(step: StepFn, groups: int, stop_ids: Sequence[int], max_new_tokens: i
 class RowStepper:
     """The step callback over generator rows: each beam of each group owns ``rows`` consecutive rows;
     ``combine(logp, groups)`` turns the log-probs (G', W, rows, V) of groups ``groups`` (G',) into the beams'
-    (G', W, V). The rows of groups that
-    have finished leave the batch (their log-probs come back as 0, which the searches ignore)."""
+    (G', W, V). The rows of groups that have finished leave the batch (their log-probs come back as 0, which
+    the searches ignore). With ``record`` (greedy), it keeps each row's log-prob of every chosen token."""
 
     def __init__(self, generator: Generator, prompts: list[str], groups: int, rows: int, beams: int,
                  combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], keep_prefill: bool = False,
@@ -153,6 +153,7 @@ class RowStepper:
         self.prefill: tuple[DecodeState, torch.Tensor] | None = None  # the prompts' cache, next-token log-probs
         # record (one beam): each step's rows' log-probs of the token chosen, (G, rows) per step (NaN: not held)
         self.record, self.recorded, self._last = record, [], None
+        self._final: list[list[int]] | None = None
 
     def _keep(self, tokens: torch.Tensor) -> None:
         """Record the last step's rows' log-probs of ``tokens`` (G, 1), the tokens the search chose."""
@@ -172,6 +173,7 @@ class RowStepper:
     def finish(self, tokens: list[list[int]]) -> None:
         """The searched tokens of every group, for :meth:`token_logprobs` (record)."""
         self._final = tokens
+
     @torch.no_grad()
     def __call__(self, parents: torch.Tensor | None, tokens: torch.Tensor | None,
                  live: torch.Tensor | None = None) -> torch.Tensor:
