@@ -175,6 +175,7 @@ def _stack(parts: list[Prefilled]) -> Prefilled:
 
 def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: PrefixCache | None,
                   keep: list[int], block: int) -> Prefilled:
+    """One packed pass over ``rows`` (the module docstring's algorithm)."""
     from transformers import DynamicCache
 
     nodes: list[_Node] = []
@@ -217,12 +218,10 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
     tails = [nodes[c[-1]] for c in chains]
     want = torch.tensor([t.offset - past_len + len(t.tokens) - k + i
                          for t, k in zip(tails, keep, strict=True) for i in range(k)])  # packed positions
-    past = None
+    past = DynamicCache()
     if cached:
         kv = torch.cat([n.kv for n in cached], 3)  # (layers, 2, kv_heads, P, head_dim)
         past = DynamicCache(ddp_cache_data=[(kv[i, 0][None], kv[i, 1][None]) for i in range(kv.shape[0])])
-    else:
-        past = DynamicCache()
     profile.count(profile.PROMPT_TOKENS, sum(len(r) for r in rows))
     profile.count(profile.COMPUTED_TOKENS, s)
     profile.count(profile.CACHED_TOKENS, past_len)
