@@ -94,10 +94,11 @@ def main() -> None:
     questions = dev_questions(index.store.values("title"), index.store.values("text"),
                               answerable_only=True)[: args.limit]
     ks = [int(k) for k in args.ks.split(",")]
-    base = load_generator(args.generator)
-    fpt = flops_per_token(base.generator.model)
+    base = load_generator(args.generator)  # fp32, for its FLOPs per token only; freed before the rows load theirs
+    fpt, generator_name = flops_per_token(base.generator.model), base.generator.name
+    del base
     flags = sorted(precisions.cpu_flags() & {"avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni", "amx_int8"})
-    print(f"{len(questions)} answerable dev questions, one at a time; generator {base.generator.name}; "
+    print(f"{len(questions)} answerable dev questions, one at a time; generator {generator_name}; "
           f"{fpt / 1e9:.2f} GFLOP per prompt token; beams {args.beams}; {torch.get_num_threads()} threads; "
           f"CPU flags: {' '.join(flags) or 'no bf16 or VNNI'}")
     rates: dict[str, float] = {}
@@ -141,7 +142,7 @@ def main() -> None:
                            "seconds": r["seconds"] / n, **{s: v / n for s, v in r["stages"].items()},
                            "prompt_tokens": r["counts"].get(profile.PROMPT_TOKENS, 0) / n,
                            "computed_tokens": computed, "cached_tokens": r["counts"].get(profile.CACHED_TOKENS, 0) / n,
-                           "floor": floor, "same_answers_as_fp32_before": same, "questions": n,
+                           "floor": floor, "same_answers_as_fp32_first_path": same, "questions": n,
                            "gflops": rates[prec]}
                     rows.append(row)
                     same_txt = "" if same is None else f" ({same}/{n} same)"

@@ -453,9 +453,9 @@ def serve(ctx, index_dir, generator, query_encoder, run_dir, host, port, max_bat
                                  "query_encoder": query_encoder})
     loaded = _load_generator(s["generator"], device, announce=True, precision=precision)
     if hasattr(loaded.generator, "kv_cache"):
-        from ragline.models.prefill import PrefixCache
+        from ragline.models.prefill import cache_of_mb
 
-        loaded.generator.kv_cache = PrefixCache(int(kv_cache_mb * 2**20)) if kv_cache_mb > 0 else None
+        loaded.generator.kv_cache = cache_of_mb(kv_cache_mb)
     retriever = _open_retriever(s["index_dir"], s["query_encoder"], checkpoint_encoder=loaded.question_encoder,
                                 device=device)
     rag = RagModel(retriever, loaded.generator, k=loaded.n_docs or vocab.DEFAULT_K, prior_scale=s["prior_scale"])

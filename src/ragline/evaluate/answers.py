@@ -56,15 +56,18 @@ class EvalConfig:
     #                                           the one used, which is part of the run's identity
 
 
-def settled(cfg: EvalConfig, index: Index | None) -> EvalConfig:
+def settled(cfg: EvalConfig, index: Index | None, log: Callable[[str], None] = print) -> EvalConfig:
     """``cfg`` with the defaults that depend on the generator and the index filled in: k (a RAG checkpoint's
-    n_docs) and the prior scale (the index's), so that a run records the values it used."""
+    n_docs), the prior scale (the index's) and the precision that will run (a fallback's notice to ``log``),
+    so that a run records the values it used."""
     from ragline.models import device as devices
     from ragline.models import precision as precisions
     from ragline.models.loading import generator_defaults
 
     vocab.check_precision(cfg.precision)
-    precision, _ = precisions.resolve(cfg.precision, cfg.generator, devices.resolve(cfg.device))
+    precision, notice = precisions.resolve(cfg.precision, cfg.generator, devices.resolve(cfg.device))
+    if notice:
+        log(notice)
     k = cfg.k or generator_defaults(cfg.generator).get("k") or vocab.DEFAULT_K
     scale = cfg.prior_scale
     if scale is None:
@@ -140,10 +143,7 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
     index = None
     if cfg.model != vocab.CLOSED_BOOK or cfg.task in BUNDLED_TASKS:
         index = open_index(cfg.index or paths.default_index_dir())
-    asked = cfg.precision
-    cfg = settled(cfg, index)
-    if asked not in (vocab.AUTO, cfg.precision):
-        log(f"--precision {asked}: this machine cannot run it natively; answering in {cfg.precision}")
+    cfg = settled(cfg, index, log)
     task = load_eval_task(cfg, lambda: index, skip_bad)
     # what the answers depend on besides the settings: a rebuilt index or an edited task file is another run
     identity = {**asdict(cfg), "index_fingerprint": index.fingerprint if index is not None else None,

@@ -31,7 +31,7 @@ from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.models import device as devices
 from ragline.models.catalog import generator_path
-from ragline.models.prefill import PrefixCache, cache_kwarg, output_cache, prefill
+from ragline.models.prefill import cache_kwarg, cache_of_mb, output_cache, prefill
 from ragline.vocab import DEFAULT_GENERATOR, DEFAULT_KV_CACHE_MB
 
 SYSTEM_PROMPT = "Answer the question using the passage. Reply with the answer only, as briefly as possible."
@@ -72,8 +72,7 @@ class Generator(ABC):
 
     @property
     def vocab_size(self) -> int:
-        weight = self.model.get_output_embeddings().weight
-        return int((weight() if callable(weight) else weight).shape[0])  # int8 layers hold it behind a call
+        return int(self.model.get_output_embeddings().weight.shape[0])
 
     @property
     def pad_id(self) -> int:
@@ -295,7 +294,7 @@ class CausalGenerator(Generator):
                  kv_cache_mb: float = DEFAULT_KV_CACHE_MB, packed: bool = True) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.packed = packed
-        self.kv_cache = PrefixCache(int(kv_cache_mb * 2**20)) if kv_cache_mb > 0 else None
+        self.kv_cache = cache_of_mb(kv_cache_mb)
         self.tokenizer.padding_side = "left"
         _ensure_pad_token(tokenizer, name)
         chat = getattr(tokenizer, "chat_template", None)

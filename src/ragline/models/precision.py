@@ -70,8 +70,8 @@ def native(precision: str, device: torch.device) -> tuple[bool, str]:
 
 
 def resolve(precision: str, generator: str, device: torch.device) -> tuple[str, str | None]:
-    """The precision to use for ``--precision`` with ``generator`` on ``device``, and a notice when it is not
-    the one asked for (or auto's choice needs saying)."""
+    """The precision to use for ``--precision`` with ``generator`` on ``device``, and a notice when an explicit
+    request falls back to fp32 (auto's choice needs none)."""
     if precision == AUTO:
         for option in CHECKED.get(generator, ()):
             if native(option, device)[0]:

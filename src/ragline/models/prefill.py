@@ -106,6 +106,11 @@ class PrefixCache:
             self._weights_version = version
 
 
+def cache_of_mb(mb: float) -> PrefixCache | None:
+    """A cache of ``mb`` MiB, or None for 0 (no cache)."""
+    return PrefixCache(int(mb * 2**20)) if mb > 0 else None
+
+
 @dataclass
 class _Node:
     """A span of one or more rows' tokens: a shared block (``key``) or a row's tail (``key`` None)."""
