@@ -26,12 +26,17 @@ from pathlib import Path
 
 import httpx
 
+CHAT = "/v1/chat/completions"
 WORKLOADS = {
     "search": ("/search", {"k": 5, "mode": "dense"}),
     "ask rag-token": ("/ask", {"model": "rag-token", "decoding": "greedy", "k": 5, "max_new_tokens": 16}),
     "ask rag-sequence": ("/ask", {"model": "rag-sequence", "decoding": "thorough", "beams": 2, "k": 5,
                                   "max_new_tokens": 16}),
     "stream rag-token": ("/ask/stream", {"model": "rag-token", "decoding": "greedy", "k": 5, "max_new_tokens": 16}),
+    # the same answers through the OpenAI-compatible route: what the adapter costs
+    "chat rag-token": (CHAT, {"model": "ragline-rag-token", "decoding": "greedy", "k": 5, "max_tokens": 16}),
+    "chat stream rag-token": (CHAT, {"model": "ragline-rag-token", "decoding": "greedy", "k": 5, "max_tokens": 16,
+                                     "stream": True}),
 }
 
 
@@ -62,6 +67,8 @@ def start_server(index: Path, generator: Path | str, port: int, max_batch: int, 
 def one_request(client: httpx.Client, path: str, body: dict) -> tuple[float, float | None, bool]:
     """(latency s, time to the first streamed token s or None, ok)."""
     t0 = time.perf_counter()
+    if path == CHAT:
+        return chat_request(client, body, t0)
     if not path.endswith("/stream"):
         r = client.post(path, json=body)
         return time.perf_counter() - t0, None, r.status_code == 200
@@ -74,6 +81,25 @@ def one_request(client: httpx.Client, path: str, body: dict) -> tuple[float, flo
                 if line == "event: partial" and first is None:
                     first = time.perf_counter() - t0
     ok = ok and events[:1] == ["passages"] and events[-2:] == ["answer", "done"] and "error" not in events
+    return time.perf_counter() - t0, first, ok
+
+
+def chat_request(client: httpx.Client, body: dict, t0: float) -> tuple[float, float | None, bool]:
+    """One OpenAI chat completion (streamed when the body says so): (latency s, first content s, ok)."""
+    body = {**body, "messages": [{"role": "user", "content": body.pop("question")}]}
+    if not body.get("stream"):
+        r = client.post(CHAT, json=body)
+        return time.perf_counter() - t0, None, r.status_code == 200 and bool(r.json().get("choices"))
+    first, lines = None, []
+    with client.stream("POST", CHAT, json=body) as r:
+        ok = r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                lines.append(line[6:])
+                if first is None and line[6:].startswith("{") and any(
+                        c.get("delta", {}).get("content") for c in json.loads(line[6:]).get("choices", [])):
+                    first = time.perf_counter() - t0
+    ok = ok and lines[-1:] == ["[DONE]"] and not any(x.startswith('{"error"') for x in lines)
     return time.perf_counter() - t0, first, ok
 
 

@@ -115,6 +115,14 @@ def make_encoder_copy(dst: Path, noise: float = 0.0, dim: int | None = None) -> 
     return dst
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled SmolLM2 (135M): small, but its answers are words, not the tiny generator's noise."""
+    from ragline.models.generators import CausalGenerator
+
+    return CausalGenerator.load("smollm2")
+
+
 def tiny_generator():
     """A randomly initialised two-layer Llama with SmolLM2's tokenizer (``ragline.models.tiny``)."""
     from ragline.models.tiny import tiny_causal
@@ -184,9 +192,9 @@ def running_server(app) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def app_over_copies(root: Path, index: Path, names: tuple[str, ...] = ("a", "b"), **kwargs):
-    """The HTTP app over copies of ``index`` named ``names`` under ``root`` (the first active), with the tiny
-    generator and k = 3; ``kwargs`` go to ``create_app``."""
+def app_over_copies(root: Path, index: Path, names: tuple[str, ...] = ("a", "b"), generator=None, **kwargs):
+    """The HTTP app over copies of ``index`` named ``names`` under ``root`` (the first active), with
+    ``generator`` (default: the tiny one) and k = 3; ``kwargs`` go to ``create_app``."""
     import shutil
 
     from ragline.rag.model import RagModel
@@ -196,4 +204,4 @@ def app_over_copies(root: Path, index: Path, names: tuple[str, ...] = ("a", "b")
     for name in names:
         if not (root / name).exists():
             shutil.copytree(index, root / name)
-    return create_app(RagModel(Retriever(root / names[0]), tiny_generator(), k=3), root, **kwargs)
+    return create_app(RagModel(Retriever(root / names[0]), generator or tiny_generator(), k=3), root, **kwargs)

@@ -1,14 +1,16 @@
-"""The web page in headless Chromium (Debian's /usr/bin/chromium driven by Playwright): ask a question, wait
-for the streamed answer, check the ranked passages with their weights and the per-token colouring, and save a
-screenshot. Skips, saying why, only where Chromium or Playwright is missing (`scripts/test.sh` installs both
-where it can)."""
+"""The web page in headless Chromium (Debian's /usr/bin/chromium driven by Playwright), with SmolLM2 so answers
+are words: ask a question, wait for the streamed answer, check the ranked passages with their weights, the
+per-token colouring with its legend, citation marks that land on their passage, passage links, the copy
+button and the history, at phone (390 px) and desktop (1280 px) widths, saving screenshots; and that hostile
+passages are shown as text. Skips, saying why, only where Chromium or Playwright is missing (`scripts/test.sh`
+installs both where it can)."""
 
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import running_server, tiny_generator
+from conftest import running_server
 
 CHROMIUM = os.environ.get("RAGLINE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # As root in a sandbox-less container, with no network: no sandbox, no GPU, no background connections.
@@ -33,7 +35,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory, small_index):
+def site(tmp_path_factory, small_index, smollm2):
     from ragline.rag.model import RagModel
     from ragline.retriever import Retriever
     from ragline.serve.app import create_app
@@ -41,7 +43,7 @@ def site(tmp_path_factory, small_index):
     root = tmp_path_factory.mktemp("site")
     for name in ("first", "second"):
         shutil.copytree(small_index, root / name)
-    app = create_app(RagModel(Retriever(root / "first"), tiny_generator(), k=3), root)
+    app = create_app(RagModel(Retriever(root / "first"), smollm2, k=3), root)
     with running_server(app) as url:
         yield url
 
@@ -105,7 +107,7 @@ HOSTILE_INDEX = '<img src=x onerror="window.__xss=5">'
 
 
 @pytest.fixture(scope="module")
-def hostile_site(tmp_path_factory, encoders):
+def hostile_site(tmp_path_factory, encoders, smollm2):
     """An index whose passages and titles, and a sibling index whose name, carry markup and quotes."""
     from conftest import write_jsonl
 
@@ -120,7 +122,7 @@ def hostile_site(tmp_path_factory, encoders):
     build_index(BuildOptions(source=str(src), out=root / "evil", progress=False), encoders=encoders,
                 log=lambda m: None)
     shutil.copytree(root / "evil", root / HOSTILE_INDEX)
-    app = create_app(RagModel(Retriever(root / "evil"), tiny_generator(), k=3), root)
+    app = create_app(RagModel(Retriever(root / "evil"), smollm2, k=3), root)
     with running_server(app) as url:
         yield url
 
@@ -146,4 +148,93 @@ def test_passages_titles_and_index_names_are_shown_as_text_never_run(browser, ho
     assert any(HOSTILE_TITLE in t for t in titles)
     tips = [t.get_attribute("title") for t in page.query_selector_all("#answer .tok")]
     assert all("<img" in t for t in tips if "Rome" in t or "Evil" in t)  # whole, not cut at the first quote
+    legend = page.eval_on_selector_all("#legend li", "es => es.map(e => e.textContent)")
+    assert legend and all(t.startswith("[") for t in legend)
+    page.click("#passages li:first-child a.permalink")  # the passage's own page shows it as text too
+    page.wait_for_function("document.getElementById('pv-text').textContent.length > 0")
+    assert page.text_content("#pv-text") == HOSTILE_TEXT
+    assert page.query_selector_all("#passage-view img, #passage-view script") == []
+    assert page.evaluate("window.__xss") is None
     page.close()
+
+
+def _no_sideways_scroll(page) -> None:
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), "the page scrolls sideways"
+
+
+@pytest.mark.parametrize("width, height", [(390, 844), (1280, 900)])
+def test_page_citations_passages_history_and_copy_at_phone_and_desktop_widths(browser, site, width, height):
+    context = browser.new_context(viewport={"width": width, "height": height})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=site)
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(site)
+    page.wait_for_selector("#index option", state="attached")
+    _no_sideways_scroll(page)
+
+    _ask(page, "Who designed the Chrysler Building?", "rag-token", "greedy", 3)
+    assert page.text_content("#error") == ""
+    marks = page.query_selector_all("#answer a.cite")
+    assert marks, "a RAG-Token answer carries citation marks"
+    legend = page.eval_on_selector_all("#legend li", "es => es.map(e => e.textContent)")
+    used = sorted({int(t.get_attribute("data-passage")) for t in page.query_selector_all("#answer .tok")})
+    assert [int(x[1:x.index("]")]) for x in legend] == used  # every colour named in words
+    _no_sideways_scroll(page)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shot = SCREENSHOTS / f"page-{width}px.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+
+    # a citation mark lands on its passage: the URL names it, it is opened and on screen
+    n = marks[-1].get_attribute("data-passage")
+    assert not page.eval_on_selector(f"#p{n} details", "d => d.open") or n == "1"
+    marks[-1].click()
+    page.wait_for_function(f"location.hash === '#p{n}'")
+    assert page.eval_on_selector(f"#p{n} details", "d => d.open")
+    page.wait_for_function(f"""() => {{ const r = document.getElementById('p{n}').getBoundingClientRect();
+                                   return r.top >= -1 && r.top < window.innerHeight; }}""")
+
+    # copy: the answer with its marks, then its sources with their links
+    page.click("#copy")
+    page.wait_for_function("document.getElementById('copy').textContent === 'Copied'")
+    copied = page.evaluate("navigator.clipboard.readText()")
+    assert "[" in copied.split("\n")[0] and "Sources:" in copied and "/passages/" in copied
+
+    # a second question; the first comes back from the history as it was
+    first = page.text_content("#answer")
+    _ask(page, "Who wrote Candide?", "rag-sequence", "thorough", 2)
+    assert page.query_selector_all("#answer a.cite") and not page.query_selector_all("#answer .tok")
+    assert page.text_content("#history-count") == "2"
+    page.click("#history-box summary")
+    page.click("#history li:last-child button")
+    assert page.text_content("#answer") == first and page.input_value("#question").startswith("Who designed")
+    _no_sideways_scroll(page)
+
+    # a passage's link opens it on its own page, a URL one can share
+    href = page.get_attribute("#p1 a.permalink", "href")
+    assert href.startswith("/passages/")
+    if not page.eval_on_selector("#p1 details", "d => d.open"):
+        page.click("#p1 summary")
+    page.click("#p1 a.permalink")
+    page.wait_for_function("document.getElementById('pv-text').textContent.length > 0")
+    assert page.url.endswith(href) and page.is_hidden("#ask-view")
+    shot = SCREENSHOTS / f"passage-{width}px.png"
+    page.screenshot(path=str(shot), full_page=True)
+    _no_sideways_scroll(page)
+    assert errors == []
+    context.close()
+
+
+def test_passage_page_needs_no_key_but_its_data_does(tmp_path_factory, small_index):
+    """The page a passage link opens holds no passage: without the key a browser gets only the page."""
+    import httpx
+    from conftest import app_over_copies
+
+    app = app_over_copies(tmp_path_factory.mktemp("keyed"), small_index, api_key="k")
+    with running_server(app) as url:
+        page = httpx.get(f"{url}/passages/Art%20Deco%230", headers={"Accept": "text/html"})
+        assert page.status_code == 200 and "Art Deco, short for" not in page.text and "<script>" in page.text
+        assert httpx.get(f"{url}/passages/Art%20Deco%230").status_code == 401
+        data = httpx.get(f"{url}/passages/Art%20Deco%230", headers={"Authorization": "Bearer k"})
+        assert data.status_code == 200 and data.json()["text"].startswith("Art Deco")

@@ -13,7 +13,8 @@ from ragline import vocab
 from ragline.corpus.passages import Passage
 from ragline.models.generators import CausalGenerator
 from ragline.rag import marginal
-from ragline.rag.model import RagModel, cited_passages
+from ragline.rag.citations import from_marks
+from ragline.rag.model import RagModel
 from ragline.retriever import Retriever
 from ragline.serve.budget import Budget, Settings
 
@@ -85,8 +86,11 @@ def test_seq2seq_concat_reads_all_passages_past_the_single_prompt_limit():
 
 
 def test_citation_marks_are_taken_out_of_the_answer():
-    assert cited_passages("Paris [2], and Lyon [1][2] [7]", 5) == ("Paris, and Lyon [7]", [2, 1])
-    assert cited_passages("Voltaire", 5) == ("Voltaire", [])
+    text, cited, runs = from_marks("Paris [2], and Lyon [1][2] [7]", 5)
+    assert (text, cited) == ("Paris, and Lyon [7]", [2, 1])
+    assert [(r.text, r.passages) for r in runs] == [("Paris", [2]), (", and Lyon", [1, 2]), (" [7]", [])]
+    assert from_marks("Voltaire", 5)[:2] == ("Voltaire", [])
+    assert from_marks("[3] Voltaire", 5)[1] == [3]
 
 
 def test_concat_costs_one_row_holding_k_passages():

@@ -30,8 +30,9 @@ def _padded(gen: CausalGenerator) -> CausalGenerator:
 
 
 @pytest.fixture(scope="module")
-def smol():
-    return CausalGenerator.load("smollm2")
+def smol(smollm2):
+    """The session's SmolLM2 weights behind an empty passage cache of their own."""
+    return CausalGenerator(smollm2.model, smollm2.tokenizer, smollm2.name)
 
 
 @torch.no_grad()

@@ -57,6 +57,10 @@ DEFAULT_PRECISION = AUTO
 # passages) for reuse by later prompts (models/prefill.py): this many MiB per generator, least recent out first.
 DEFAULT_KV_CACHE_MB = 512
 
+# Citation marks (rag/citations.py): an answer read whole (RAG-Sequence) cites the fewest passages, largest
+# posterior p(z|x,y) first, that hold at least this share of it.
+CITATION_MASS = 0.5
+
 # Hybrid fusion (index/hybrid.py): weight of the BM25 ranking (dense has weight 1) and the RRF constant c.
 RRF_C = 20.0
 BM25_WEIGHT = 0.3
@@ -98,4 +102,4 @@ def as_dict() -> dict:
     return {"modes": list(MODES), "default_mode": DEFAULT_MODE, "models": list(MODELS), "default_model": DEFAULT_MODEL,
             "decodings": {m: list(d) for m, d in DECODINGS.items()}, "k": DEFAULT_K, "beams": DEFAULT_BEAMS,
             "max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "length_penalty": DEFAULT_LENGTH_PENALTY,
-            "prior_scale": DEFAULT_PRIOR_SCALE}
+            "prior_scale": DEFAULT_PRIOR_SCALE, "citation_mass": CITATION_MASS}

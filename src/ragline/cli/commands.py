@@ -404,41 +404,63 @@ def report(index_dir, generator, beams, max_new_tokens, length_penalty, prior_sc
     render.markdown(run_report(base, Path(out), log=render.log))
 
 
-@cli.command()
-@_index_option
-@click.option("--generator", default=vocab.DEFAULT_GENERATOR, show_default=True, help=GENERATOR_HELP)
-@_query_encoder_option
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
-              help="Serve the models of a finished `ragline train rag` run, with the prior scale and index it "
-                   "trained with unless given here.")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 64),
-              help="Questions arriving together with the same settings are decoded in one batch of at most this.")
-@click.option("--prior-scale", default=None, type=float, help=PRIOR_HELP)
-@click.option("--api-key", envvar="RAGLINE_API_KEY", default=None,
-              help="Require 'Authorization: Bearer KEY' on every route but the page (also from RAGLINE_API_KEY).")
-@click.option("--max-request-tokens", default=Budget.max_request_tokens, show_default=True, type=click.IntRange(1),
-              help="Work one request may ask: generator rows (k x beams) x (prompt + new tokens).")
-@click.option("--max-batch-tokens", default=Budget.max_batch_tokens, show_default=True, type=click.IntRange(1),
-              help="Work one batch may hold, in the same tokens.")
-@click.option("--max-queue", default=Budget.max_queue, show_default=True, type=click.IntRange(1),
-              help="Requests waiting at most; more are refused with 503 and Retry-After.")
-@click.option("--kv-cache-mb", default=vocab.DEFAULT_KV_CACHE_MB, show_default=True, type=click.FloatRange(0),
-              help="Memory for the key/value states of prompt blocks already read (system prompt, passages), "
-                   "reused by later questions without recomputing them (decoder-only generators; 0: off).")
-@_device_option
-@_precision_option
-@click.pass_context
-def serve(ctx, index_dir, generator, query_encoder, run_dir, host, port, max_batch, prior_scale, api_key,
-          max_request_tokens, max_batch_tokens, max_queue, kv_cache_mb, device, precision) -> None:
-    """Serve the HTTP API (POST /ask, /ask/stream, /search; GET /passages/ID, /indexes, /health) and the page."""
-    import ipaddress
+def _serving_options(f):
+    """What ``serve`` and ``mcp`` share: the models, the work budget, the API key."""
+    options = [
+        _index_option,
+        click.option("--generator", default=vocab.DEFAULT_GENERATOR, show_default=True, help=GENERATOR_HELP),
+        _query_encoder_option,
+        click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+                     help="Serve the models of a finished `ragline train rag` run, with the prior scale and index it "
+                          "trained with unless given here."),
+        click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 64),
+                     help="Questions arriving together with the same settings are decoded in one batch of at most "
+                          "this."),
+        click.option("--prior-scale", default=None, type=float, help=PRIOR_HELP),
+        click.option("--api-key", envvar="RAGLINE_API_KEY", default=None,
+                     help="Require 'Authorization: Bearer KEY' on every HTTP route but the page (also from "
+                          "RAGLINE_API_KEY)."),
+        click.option("--max-request-tokens", default=Budget.max_request_tokens, show_default=True,
+                     type=click.IntRange(1), help="Work one request may ask: generator rows (k x beams) x (prompt + "
+                                                  "new tokens)."),
+        click.option("--max-batch-tokens", default=Budget.max_batch_tokens, show_default=True,
+                     type=click.IntRange(1), help="Work one batch may hold, in the same tokens."),
+        click.option("--max-queue", default=Budget.max_queue, show_default=True, type=click.IntRange(1),
+                     help="Requests waiting at most; more are refused (HTTP 503 with Retry-After)."),
+        click.option("--kv-cache-mb", default=vocab.DEFAULT_KV_CACHE_MB, show_default=True,
+                     type=click.FloatRange(0),
+                     help="Memory for the key/value states of prompt blocks already read (system prompt, passages), "
+                          "reused by later questions without recomputing them (decoder-only generators; 0: off)."),
+        _device_option,
+        _precision_option,
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
-    import uvicorn
 
+def _serving_model(ctx: click.Context, o: dict):
+    """The RAG model ``serve`` and ``mcp`` answer with, and the worker that owns it, from their options."""
     from ragline.rag.model import RagModel
-    from ragline.serve.app import create_app
+    from ragline.serve.worker import ModelWorker
+
+    s = _from_run(ctx, o["run_dir"], {"generator": o["generator"], "prior_scale": o["prior_scale"],
+                                      "index_dir": o["index_dir"], "query_encoder": o["query_encoder"]})
+    loaded = _load_generator(s["generator"], o["device"], announce=True, precision=o["precision"])
+    if hasattr(loaded.generator, "kv_cache"):
+        from ragline.models.prefill import cache_of_mb
+
+        loaded.generator.kv_cache = cache_of_mb(o["kv_cache_mb"])
+    retriever = _open_retriever(s["index_dir"], s["query_encoder"], checkpoint_encoder=loaded.question_encoder,
+                                device=o["device"])
+    rag = RagModel(retriever, loaded.generator, k=loaded.n_docs or vocab.DEFAULT_K, prior_scale=s["prior_scale"])
+    budget = Budget(max_request_tokens=o["max_request_tokens"], max_batch_tokens=o["max_batch_tokens"],
+                    max_queue=o["max_queue"])
+    return rag, ModelWorker(rag, max_batch=o["max_batch"], budget=budget)
+
+
+def _warn_open(host: str, api_key: str | None) -> None:
+    import ipaddress
 
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -449,20 +471,55 @@ def serve(ctx, index_dir, generator, query_encoder, run_dir, host, port, max_bat
                    "can reach it can ask questions, read the passages and switch the index; pass --api-key "
                    "(or set RAGLINE_API_KEY)")
 
-    s = _from_run(ctx, run_dir, {"generator": generator, "prior_scale": prior_scale, "index_dir": index_dir,
-                                 "query_encoder": query_encoder})
-    loaded = _load_generator(s["generator"], device, announce=True, precision=precision)
-    if hasattr(loaded.generator, "kv_cache"):
-        from ragline.models.prefill import cache_of_mb
 
-        loaded.generator.kv_cache = cache_of_mb(kv_cache_mb)
-    retriever = _open_retriever(s["index_dir"], s["query_encoder"], checkpoint_encoder=loaded.question_encoder,
-                                device=device)
-    rag = RagModel(retriever, loaded.generator, k=loaded.n_docs or vocab.DEFAULT_K, prior_scale=s["prior_scale"])
-    render.log(f"serving index {retriever.index.name} on http://{host}:{port} (API schema at /docs)")
-    budget = Budget(max_request_tokens=max_request_tokens, max_batch_tokens=max_batch_tokens, max_queue=max_queue)
-    app = create_app(rag, max_batch=max_batch, budget=budget, api_key=api_key)
+@cli.command()
+@_serving_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.pass_context
+def serve(ctx, host, port, **o) -> None:
+    """Serve the HTTP API (POST /ask, /ask/stream, /search; GET /passages/ID, /indexes, /health), the
+    OpenAI-compatible routes (/v1/chat/completions, /v1/models, /v1/embeddings) and the page."""
+    import uvicorn
+
+    from ragline.serve.app import create_app
+
+    _warn_open(host, o["api_key"])
+    rag, worker = _serving_model(ctx, o)
+    render.log(f"serving index {rag.retriever.index.name} on http://{host}:{port} (API schema at /docs; "
+               f"OpenAI-compatible at http://{host}:{port}/v1)")
+    app = create_app(rag, worker=worker, api_key=o["api_key"])
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@cli.command()
+@_serving_options
+@click.option("--transport", type=click.Choice(["stdio", "http"]), default="stdio", show_default=True,
+              help="stdio: talk over stdin/stdout (what desktop MCP clients launch); http: streamable HTTP at /mcp.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="With --transport http.")
+@click.option("--port", default=8001, show_default=True, type=click.IntRange(1, 65535), help="With --transport http.")
+@click.pass_context
+def mcp(ctx, transport, host, port, **o) -> None:
+    """Serve the Model Context Protocol: tools `search` and `ask` with typed inputs and structured results."""
+    import contextlib
+    import sys
+
+    from ragline.serve.mcp_server import create_mcp, require_key
+
+    if transport == "http":
+        _warn_open(host, o["api_key"])
+    with contextlib.redirect_stdout(sys.stderr):  # over stdio, stdout carries the protocol alone
+        rag, worker = _serving_model(ctx, o)
+    server = create_mcp(rag, worker)
+    if transport == "stdio":
+        render.log(f"MCP over stdio: index {rag.retriever.index.name}, tools search and ask")
+        server.run("stdio")
+        return
+    import uvicorn
+
+    app = server.streamable_http_app(host=host)
+    render.log(f"MCP over streamable HTTP at http://{host}:{port}/mcp: index {rag.retriever.index.name}")
+    uvicorn.run(require_key(app, o["api_key"]) if o["api_key"] else app, host=host, port=port, log_level="warning")
 
 
 @cli.group()

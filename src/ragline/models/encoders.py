@@ -152,6 +152,12 @@ class Encoder(ABC):
     def encode(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
         """Embed questions (or any texts) without gradient; returns float32 (n, dim)."""
 
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        """Tokens the encoder reads of ``texts``, truncated as it truncates them."""
+        tokenizer = getattr(self, "tokenizer", None) or self.model.tokenizer
+        ids = tokenizer(list(texts), truncation=True, max_length=self.max_seq_length)["input_ids"]
+        return sum(len(x) for x in ids)
+
     def embed_passages(self, titles: Sequence[str], texts: Sequence[str]) -> torch.Tensor:
         """d(z) of (title, text) passages with gradient, read as this kind was trained to: (n, dim)."""
         return self.embed([encoder_text(t, x) for t, x in zip(titles, texts, strict=True)])

@@ -11,11 +11,13 @@ answer token (which passage produced which words). The posteriors by reader:
   the passage numbers a concat answer cites are taken out of its text into ``cited``;
 * RAG-Token: p(z | x, y_<t, y_t) per token, and its mean over the answer's tokens;
 * FiD: the decoder's cross-attention mass per passage per token (:mod:`ragline.rag.fid`), and its mean.
+
+Every answer that read passages also carries ``citations``: its text cut into runs, each with the passages it
+cites (:mod:`ragline.rag.citations`).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -26,6 +28,7 @@ from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
 from ragline.models.generators import Generator
+from ragline.rag import citations as cite
 from ragline.rag import fid, marginal
 from ragline.rag.decoding import Decoded, rag_sequence_decode, rag_token_decode, stop_ids
 from ragline.retriever import Retriever
@@ -59,6 +62,7 @@ class Answer:
     token_sources: list[tuple[str, list[float]]] | None = None  # RAG-Token: (token text, p(z_k|x,y_<t,y_t))
     alternatives: list[tuple[str, float]] = field(default_factory=list)  # n-best (text, log p), best first
     cited: list[int] | None = None     # concat: the passage numbers [n] the answer cited (taken out of its text)
+    citations: list[cite.Citation] = field(default_factory=list)  # the text in runs, each with the passages it cites
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -202,12 +206,17 @@ class RagModel:
         elif model == vocab.CONCAT:  # the answer scored under each passage alone: RAG-Sequence's posterior of y
             lp, _, _ = self.generator.target_logprobs([question], [passages], [d.tokens])  # (1, K, T)
             posterior = marginal.sequence_posterior(doc[None], lp.sum(-1))[0]
-            ans.text, ans.cited = cited_passages(ans.text, len(passages))
+            ans.text, ans.cited, runs = cite.from_marks(ans.text, len(passages))
         else:  # RAG-Token: p(z | x, y_<t, y_t) per token, and its mean over the answer's tokens
             lp = d.token_logprobs[None] if d.token_logprobs is not None else \
                 self.generator.target_logprobs([question], [passages], [d.tokens])[0]  # (1, K, T)
             posterior = self._token_sources(ans, d.tokens, marginal.token_posterior(doc[None], lp)[0])
         ans.sources = _sources(passages, scores, doc, posterior)
+        if model == vocab.CONCAT and ans.cited:
+            ans.citations = runs
+        else:
+            ans.citations = (ans.token_sources and cite.per_token(ans.text, ans.token_sources)) or \
+                cite.whole_answer(ans.text, posterior.tolist())
         return ans
 
     def _token_sources(self, ans: Answer, tokens: list[int], per_token: torch.Tensor) -> torch.Tensor:
@@ -217,19 +226,6 @@ class RagModel:
         keep = [i for i, t in enumerate(tokens) if t not in stops]
         ans.token_sources = [(self.generator.tokenizer.decode([tokens[i]]), per_token[i].tolist()) for i in keep]
         return per_token[keep].mean(0) if keep else per_token.mean(0)
-
-
-_CITATION = re.compile(r"\s*\[(\d+)\]")
-
-
-def cited_passages(text: str, k: int) -> tuple[str, list[int]]:
-    """``text`` without its citation marks [n] (n in 1..k), and the numbers it cited, in order of first mention."""
-    cited: list[int] = []
-    for n in (int(m.group(1)) for m in _CITATION.finditer(text)):
-        if 1 <= n <= k and n not in cited:
-            cited.append(n)
-    clean = _CITATION.sub(lambda m: m.group(0) if not 1 <= int(m.group(1)) <= k else "", text)
-    return clean.strip(), cited
 
 
 def _sources(passages: list[Passage | None], scores: torch.Tensor, doc: torch.Tensor,

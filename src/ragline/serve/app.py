@@ -5,13 +5,15 @@
                            best answer text so far: with greedy decoding it only grows, with beams it may be
                            rewritten), then `answer` (the full structure), then `done`
     POST /search           ranked passages
-    GET  /passages/{pid}   one passage by id (``Title#n``)
+    GET  /passages/{pid}   one passage by id (``Title#n``); a browser asking for HTML gets the page showing it
     GET  /indexes          the index directories beside the active one
     POST /indexes/active   hot-swap to another index: requests in flight finish on the old one
     GET  /health           status, active index, generator, questions and batches decoded so far
     GET  /vocabulary       models, decodings, retrieval modes and defaults (read by the page)
     GET  /                 the web page: question box, streamed answer, ranked passages with their weights,
                            RAG-Token answer tokens coloured by the passage that produced them (no CDN)
+    /v1/...                the OpenAI-compatible routes (:mod:`ragline.serve.openai_api`): chat completions,
+                           models, embeddings, with OpenAI's error objects
 
 Bad requests get a 4xx with ``{"error": ..., "fix": ...}``: 422 for invalid fields (empty question, k out of
 range, unknown model), 404 for an unknown index or passage, 413 for a request over the work budget (generator
@@ -26,7 +28,6 @@ requires ``Authorization: Bearer KEY``.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -39,20 +40,27 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ragline import vocab
 from ragline.errors import RaglineError
 from ragline.index.registry import list_indexes, open_index
 from ragline.rag.model import RagModel
-from ragline.serve.budget import Budget, Busy, Settings, TooLarge
+from ragline.serve import events, openai_api
+from ragline.serve.budget import (
+    MAX_BEAMS,
+    MAX_BODY_BYTES,
+    MAX_K,
+    MAX_NEW_TOKENS,
+    MAX_QUESTION_CHARS,
+    Budget,
+    Busy,
+    Settings,
+    TooLarge,
+)
 from ragline.serve.worker import ModelWorker
 
 log = logging.getLogger("ragline.serve")
-
-MAX_QUESTION_CHARS = 1000
-MAX_K = 20
-MAX_NEW_TOKENS = 128
-
 
 class Question(BaseModel):
     """A question to search for (``POST /search``)."""
@@ -74,7 +82,7 @@ class AskRequest(Question):
 
     model: Literal[vocab.MODELS] = vocab.DEFAULT_MODEL  # type: ignore[valid-type]
     decoding: Literal[vocab.ALL_DECODINGS] | None = None  # type: ignore[valid-type]
-    beams: int = Field(vocab.DEFAULT_BEAMS, ge=1, le=8)
+    beams: int = Field(vocab.DEFAULT_BEAMS, ge=1, le=MAX_BEAMS)
     max_new_tokens: int = Field(vocab.DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
 
     def settings(self, default_k: int = vocab.DEFAULT_K) -> Settings:
@@ -96,29 +104,71 @@ class NotFound(RaglineError):
 
 STATUS = {NotFound: 404, TooLarge: 413, Busy: 503}
 PUBLIC = frozenset({"/"})  # the page: everything it fetches carries the key
+PASSAGES = "/passages/"
+
+
+def _wants_page(request: Request) -> bool:
+    """A browser opening a passage's link (it asks for HTML): it gets the page, which fetches the passage as
+    JSON with the key; the page holds no passage itself, so it needs no key."""
+    return request.url.path.startswith(PASSAGES) and "text/html" in request.headers.get("accept", "")
 
 
 def _status(e: RaglineError) -> int:
-    return next((code for kind, code in STATUS.items() if isinstance(e, kind)), 400)
+    return getattr(e, "status", None) or next((code for kind, code in STATUS.items() if isinstance(e, kind)), 400)
+
+
+def _refusal(path: str, status: int, e: RaglineError, headers: dict | None = None) -> JSONResponse:
+    """A refusal in the shape its route's clients read: OpenAI's error object under /v1/, else ragline's."""
+    if path.startswith(openai_api.PREFIX):
+        return openai_api.error_response(e, status, headers)
+    return JSONResponse({"error": e.problem, "fix": e.fix}, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware refusing (413) a request body over ``max_bytes``: by its Content-Length before it is
+    read, or once the bytes of a chunked body pass the bound."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _refused(self, scope: Scope) -> TooLarge:
+        return TooLarge(f"the request body is over {self.max_bytes} bytes", "send a smaller request")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await _refusal(scope["path"], 413, self._refused(scope))(scope, receive, send)
+        seen = 0
+
+        async def bounded() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise self._refused(scope)
+            return message
+
+        await self.app(scope, bounded, send)
 
 
 def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8, budget: Budget | None = None,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, worker: ModelWorker | None = None) -> FastAPI:
     """The API over ``rag`` (its retriever's index is the active one; ``index_root`` holds the others), with
-    the work ``budget`` and, when given, an ``api_key`` every route but the page requires."""
+    the work ``budget`` and, when given, an ``api_key`` every route but the page requires; ``worker`` (one
+    owning ``rag``) replaces the one made from ``max_batch`` and ``budget``."""
     app = FastAPI(title="ragline", version="1", description="Retrieval-Augmented Generation with cited passages.")
-    worker = ModelWorker(rag, max_batch=max_batch, budget=budget)
+    worker = worker or ModelWorker(rag, max_batch=max_batch, budget=budget)
     root = Path(index_root) if index_root else rag.retriever.index.path.parent
     app.state.worker = worker
+    app.add_middleware(BodyLimit)
 
     def retriever():
         if rag.retriever is None:
             raise RaglineError("this server has no index", "start it with --index")
         return rag.retriever
 
-    def error(e: RaglineError) -> JSONResponse:
-        headers = {"Retry-After": str(Busy.retry_after)} if isinstance(e, Busy) else None
-        return JSONResponse({"error": e.problem, "fix": e.fix}, status_code=_status(e), headers=headers)
 
     if api_key:
         expected = f"Bearer {api_key}".encode()
@@ -126,38 +176,40 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
         @app.middleware("http")
         async def _require_key(request: Request, call_next):
             given = request.headers.get("authorization", "").encode()
-            if request.url.path in PUBLIC or hmac.compare_digest(given, expected):
+            if request.url.path in PUBLIC or _wants_page(request) or hmac.compare_digest(given, expected):
                 return await call_next(request)
-            return JSONResponse({"error": "this server requires an API key",
-                                 "fix": "send the header Authorization: Bearer <key>"}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
+            return _refusal(request.url.path, 401, RaglineError("this server requires an API key",
+                                                                "send the header Authorization: Bearer <key>"),
+                            {"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(RaglineError)
     async def _ragline_error(request: Request, e: RaglineError) -> JSONResponse:
-        return error(e)
+        headers = {"Retry-After": str(Busy.retry_after)} if isinstance(e, Busy) else None
+        return _refusal(request.url.path, _status(e), e, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}"
                              for err in e.errors())
+        if request.url.path.startswith(openai_api.PREFIX):  # OpenAI answers invalid parameters with 400
+            param = ".".join(str(x) for x in e.errors()[0]["loc"][1:]) if e.errors() else None
+            return JSONResponse(openai_api.error_body(400, f"{problems}; see the request schema at /docs", param),
+                                status_code=400)
         return JSONResponse({"error": problems, "fix": "see the request schema at /docs"}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:  # unknown route, wrong method
-        return JSONResponse({"error": str(e.detail), "fix": "see the API schema at /docs"}, status_code=e.status_code,
-                            headers=getattr(e, "headers", None))
+        return _refusal(request.url.path, e.status_code, RaglineError(str(e.detail), "see the API schema at /docs"),
+                        getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse({"error": f"the server failed on this request ({type(e).__name__})",
-                             "fix": "retry; if it fails again, report it with the server's log"}, status_code=500)
+        return _refusal(request.url.path, 500, RaglineError(f"the server failed on this request ({type(e).__name__})",
+                                                           "retry; if it fails again, report it with the server's log"))
 
     def submit(req: AskRequest, **callbacks) -> Any:
-        settings = req.settings(rag.k)
-        tokens = len(rag.generator.tokenizer(req.question, add_special_tokens=False)["input_ids"])
-        cost = worker.budget.check(settings, tokens)
-        return worker.submit(req.question, settings, cost, **callbacks)
+        return worker.ask(req.question, req.settings(rag.k), **callbacks)
 
     page = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 
@@ -186,8 +238,11 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
         hits = retriever().search([req.question], k=req.k or rag.k, mode=req.mode)[0]
         return {"question": req.question, "hits": [h.__dict__ for h in hits]}
 
-    @app.get("/passages/{pid:path}")
-    def passage(pid: str) -> dict:
+    @app.get("/passages/{pid:path}", response_model=None)
+    def passage(pid: str, request: Request) -> dict | HTMLResponse:
+        """One passage as JSON; a browser (asking for HTML) gets the page, which shows it."""
+        if _wants_page(request):
+            return HTMLResponse(page)
         ix = retriever().index
         row = ix.store.row_of(pid)
         if row is None:
@@ -212,42 +267,19 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
 
     @app.post("/ask")
     async def ask(req: AskRequest) -> dict:
-        job = submit(req)
-        try:
-            return (await asyncio.wrap_future(job.future)).to_dict()
-        except asyncio.CancelledError:  # the client went away (or a timeout cancelled the request)
-            job.abandon()
-            raise
+        return (await events.result(submit(req))).to_dict()
 
     @app.post("/ask/stream")
     async def ask_stream(req: AskRequest) -> StreamingResponse:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def post(item: tuple) -> None:  # from the worker thread; a client whose event loop has closed is gone
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, item)
-            except RuntimeError:
-                job.abandon()
-
-        def on_passages(sources: list) -> None:  # once retrieved
-            post(("passages", {"passages": [asdict(x) for x in sources]}))
-
-        def on_step(text: str) -> None:  # after every decoding step
-            post(("partial", {"text": text}))
-
-        job = submit(req, on_step=on_step, on_passages=on_passages)
-        job.future.add_done_callback(lambda f: post(("end", f)))
+        job = events.JobEvents(worker, req.question, req.settings(rag.k))
 
         async def stream():
-            finished = False
-            try:
-                while True:
-                    kind, data = await events.get()
-                    if kind != "end":
-                        yield _sse(kind, data)
-                        continue
-                    finished = True
+            async for kind, data in job:
+                if kind == events.PASSAGES:
+                    yield _sse("passages", {"passages": [asdict(x) for x in data]})
+                elif kind == events.PARTIAL:
+                    yield _sse("partial", {"text": data})
+                else:
                     try:
                         yield _sse("answer", data.result().to_dict())
                     except RaglineError as e:
@@ -257,13 +289,10 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
                         yield _sse("error", {"error": f"the server failed on this request ({type(e).__name__})",
                                              "fix": "retry; if it fails again, report it with the server's log"})
                     yield _sse("done", {})
-                    return
-            finally:
-                if not finished:  # the client left mid-stream: stop decoding for it
-                    job.abandon()
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    app.include_router(openai_api.routes(rag, worker))
     return app
 
 

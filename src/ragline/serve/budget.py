@@ -8,6 +8,13 @@ from dataclasses import dataclass
 from ragline import vocab
 from ragline.errors import RaglineError
 
+# Bounds on the fields of one request, for every protocol (native, OpenAI-compatible, MCP).
+MAX_QUESTION_CHARS = 1000
+MAX_K = 20
+MAX_BEAMS = 8
+MAX_NEW_TOKENS = 128
+MAX_BODY_BYTES = 4 * 2**20  # a request body: room for 256 texts to embed, or a long conversation
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -19,6 +26,7 @@ class Settings:
     mode: str
     beams: int
     max_new_tokens: int
+    n_best: int = 1  # answers returned, best first (at most beams)
 
     @property
     def rows(self) -> int:

@@ -81,6 +81,18 @@ class ModelWorker:
                 "abandoned": self.abandoned, "failed_batches": self.failed_batches, "restarts": self.restarts,
                 "budget": asdict(self.budget), "max_batch": self.max_batch}
 
+    def ask(self, question: str, settings: Settings, on_step: Callable[[str], None] | None = None,
+            on_passages: Callable[[list[Source]], None] | None = None) -> Job:
+        """Queue a question after checking its cost against the budget (:class:`TooLarge` when over it): what
+        every protocol (native, OpenAI-compatible, MCP) calls; :class:`Busy` when the queue is full."""
+        tokens = self.question_tokens(question)
+        cost = self.budget.check(settings, tokens)
+        return self.submit(question, settings, cost, on_step=on_step, on_passages=on_passages)
+
+    def question_tokens(self, text: str) -> int:
+        """Generator tokens of ``text`` (what the budget counts a question in)."""
+        return len(self.rag.generator.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def submit(self, question: str, settings: Settings, cost: int = 0,
                on_step: Callable[[str], None] | None = None,
                on_passages: Callable[[list[Source]], None] | None = None) -> Job:
@@ -168,7 +180,7 @@ class ModelWorker:
         try:
             answers: list[Any] = self.rag.answer(
                 [j.question for j in batch], model=s.model, decoding=s.decoding, k=s.k, beams=s.beams,
-                max_new_tokens=s.max_new_tokens, on_step=on_step if streams else None,
+                max_new_tokens=s.max_new_tokens, n_best=s.n_best, on_step=on_step if streams else None,
                 on_passages=on_passages if streams else None,
                 should_stop=lambda: all(j.gone.is_set() for j in batch))
         except DecodingStopped:
