@@ -86,7 +86,8 @@ def one_request(client: httpx.Client, path: str, body: dict) -> tuple[float, flo
 
 def chat_request(client: httpx.Client, body: dict, t0: float) -> tuple[float, float | None, bool]:
     """One OpenAI chat completion (streamed when the body says so): (latency s, first content s, ok)."""
-    body = {**body, "messages": [{"role": "user", "content": body.pop("question")}]}
+    body = dict(body)
+    body["messages"] = [{"role": "user", "content": body.pop("question")}]
     if not body.get("stream"):
         r = client.post(CHAT, json=body)
         return time.perf_counter() - t0, None, r.status_code == 200 and bool(r.json().get("choices"))
