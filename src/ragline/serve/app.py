@@ -17,8 +17,8 @@
 
 Bad requests get a 4xx with ``{"error": ..., "fix": ...}``: 422 for invalid fields (empty question, k out of
 range, unknown model), 404 for an unknown index or passage, 413 for a request over the work budget (generator
-rows x tokens, question tokens), 401 without the API key when the server has one, 400 for other refusals;
-503 with ``Retry-After`` when the queue is full. Model calls go through one worker thread
+rows x tokens, question tokens) or a body over 4 MiB, 401 without the API key when the server has one, 400
+for other refusals; 503 with ``Retry-After`` when the queue is full. Model calls go through one worker thread
 (:mod:`ragline.serve.worker`), which batches questions that arrive together within the budget; a request
 whose client goes away is dropped (or its decoding stopped).
 
@@ -126,31 +126,35 @@ def _refusal(path: str, status: int, e: RaglineError, headers: dict | None = Non
 
 class BodyLimit:
     """ASGI middleware refusing (413) a request body over ``max_bytes``: by its Content-Length before it is
-    read, or once the bytes of a chunked body pass the bound."""
+    read; a body sent without one (chunked) is read here first, at most ``max_bytes`` of it, then replayed."""
 
     def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
         self.app, self.max_bytes = app, max_bytes
 
-    def _refused(self, scope: Scope) -> TooLarge:
-        return TooLarge(f"the request body is over {self.max_bytes} bytes", "send a smaller request")
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        refused = TooLarge(f"the request body is over {self.max_bytes} bytes", "send a smaller request")
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
-            return await _refusal(scope["path"], 413, self._refused(scope))(scope, receive, send)
-        seen = 0
-
-        async def bounded() -> Message:
-            nonlocal seen
+            return await _refusal(scope["path"], 413, refused)(scope, receive, send)
+        if length or b"chunked" not in headers.get(b"transfer-encoding", b""):
+            return await self.app(scope, receive, send)
+        messages: list[Message] = []
+        seen, more = 0, True
+        while more:
             message = await receive()
+            messages.append(message)
             seen += len(message.get("body", b""))
+            more = message["type"] == "http.request" and message.get("more_body", False)
             if seen > self.max_bytes:
-                raise self._refused(scope)
-            return message
+                return await _refusal(scope["path"], 413, refused)(scope, receive, send)
 
-        await self.app(scope, bounded, send)
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
 
 def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8, budget: Budget | None = None,

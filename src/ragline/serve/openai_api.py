@@ -31,8 +31,9 @@ completion, or on a stream's last chunk. A non-streamed completion also sends th
 and posterior as JSON in the ``X-Ragline-Sources`` header (LangChain's ``include_response_headers``).
 
 **Streaming.** Greedy decoding sends the answer as it grows, one chunk per step; decodings whose best text
-can still change (beam search, RAG-Sequence), several answers (``n``), ``stop`` strings and ``citations``
-send the answer whole in one chunk once decoded, since a chunk cannot be taken back.
+can still change (beam search, RAG-Sequence), concat (whose marks leave its text once decoded), several
+answers (``n``), ``stop`` strings and ``citations`` send the answer whole in one chunk once decoded, since a
+chunk cannot be taken back.
 
 **Usage** counts the question's generator tokens (not the passages read with it) and the answer's tokens.
 """
@@ -41,13 +42,14 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -60,6 +62,8 @@ from ragline.rag.model import Answer, RagModel
 from ragline.serve import events
 from ragline.serve.budget import MAX_BEAMS, MAX_K, MAX_NEW_TOKENS, MAX_QUESTION_CHARS, Settings
 from ragline.serve.worker import ModelWorker
+
+log = logging.getLogger("ragline.serve")
 
 PREFIX = "/v1/"
 MODEL_PREFIX = "ragline-"
@@ -180,7 +184,7 @@ def routes(rag: RagModel, worker: ModelWorker) -> APIRouter:
         return model_entry(name)
 
     @router.post("/chat/completions", response_model=None)
-    async def chat(req: ChatRequest, request: Request) -> Response:
+    async def chat(req: ChatRequest) -> Response:
         """An answer with its sources, in OpenAI's chat-completion format (streamed with ``stream: true``)."""
         settings, stops = _settings(req, rag)
         question, turns = _question(req, worker.question_tokens, worker.budget.max_question_tokens)
@@ -364,7 +368,9 @@ def _sources_header(answer: Answer) -> str:
 def _stream(req: ChatRequest, settings: Settings, stops: list[str], question: str, turns: int, worker: ModelWorker,
             meta: dict) -> StreamingResponse:
     """The answer as ``chat.completion.chunk`` server-sent events, then ``[DONE]``."""
-    growing = settings.decoding == vocab.GREEDY and req.n == 1 and not stops and not req.citations
+    # greedy text only grows; concat's partial text still holds the marks its answer drops
+    growing = (settings.decoding == vocab.GREEDY and settings.model != vocab.CONCAT and req.n == 1 and not stops
+               and not req.citations)
     job = events.JobEvents(worker, question, settings, steps=growing)
     usage = req.stream_options is not None and req.stream_options.include_usage
 
@@ -380,6 +386,7 @@ def _stream(req: ChatRequest, settings: Settings, stops: list[str], question: st
         sent = ""
         async for kind, data in job:
             if kind == events.PARTIAL:
+                data = data.rstrip("\ufffd")  # a character whose bytes are not all decoded yet waits for them
                 if data.startswith(sent) and len(data) > len(sent):
                     yield chunk([delta(0, data[len(sent):])])
                     sent = data
@@ -393,6 +400,8 @@ def _stream(req: ChatRequest, settings: Settings, stops: list[str], question: st
                     yield _data(error_body(500, f"the server failed on this request ({type(e).__name__}); retry"))
                     break
                 choices = _choices(answer, req, settings, stops, worker.rag)
+                if sent and not choices[0][0].startswith(sent):
+                    log.warning("a streamed answer changed after it was sent: %r, then %r", sent, choices[0][0])
                 for i, (text, _) in enumerate(choices):
                     rest = text[len(sent):] if i == 0 and text.startswith(sent) else text
                     if rest:
