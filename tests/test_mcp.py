@@ -1,6 +1,7 @@
 """The MCP server (`ragline mcp`) driven by the official SDK's own client: over streamable HTTP in-process
-(sharing one model worker with the native API, behind an API key) and over stdio as a subprocess launched the
-way desktop clients launch it. Its tools give the answer and sources ``POST /ask`` gives."""
+(sharing one model worker with the native API, behind an API key), at `/mcp` of `ragline serve`, and over
+stdio as a subprocess launched the way desktop clients launch it. Its tools give the answer and sources
+``POST /ask`` gives."""
 
 import asyncio
 import os
@@ -109,6 +110,25 @@ def test_streamable_http_requires_the_key(servers):
         asyncio.run(run())
     r = httpx.post(f"{url}/mcp", json={}, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["fix"]
+
+
+def test_serve_also_speaks_mcp_at_slash_mcp(servers, tmp_path_factory, small_index):
+    """`ragline serve` answers MCP at /mcp with the worker of its other routes, behind its API key."""
+    from conftest import app_over_copies
+
+    native, _ = servers
+    want = _native(native, ASK)
+
+    async def run():
+        async with Client(f"{native}/mcp") as c:
+            return await c.list_tools(), await c.call_tool("ask", ASK)
+
+    tools, answer = asyncio.run(run())
+    _check_tools(tools)
+    _same_answer(answer.structured_content, want)
+    with running_server(app_over_copies(tmp_path_factory.mktemp("mcp-key"), small_index, api_key=KEY)) as url:
+        r = httpx.post(f"{url}/mcp", json={}, headers={"Accept": "application/json, text/event-stream"})
+        assert r.status_code == 401 and r.json()["fix"]
 
 
 @pytest.mark.slow

@@ -479,7 +479,7 @@ def _warn_open(host: str, api_key: str | None) -> None:
 @click.pass_context
 def serve(ctx, host, port, **o) -> None:
     """Serve the HTTP API (POST /ask, /ask/stream, /search; GET /passages/ID, /indexes, /health), the
-    OpenAI-compatible routes (/v1/chat/completions, /v1/models, /v1/embeddings) and the page."""
+    OpenAI-compatible routes (/v1/chat/completions, /v1/models, /v1/embeddings), MCP at /mcp and the page."""
     import uvicorn
 
     from ragline.serve.app import create_app
@@ -487,8 +487,8 @@ def serve(ctx, host, port, **o) -> None:
     _warn_open(host, o["api_key"])
     rag, worker = _serving_model(ctx, o)
     render.log(f"serving index {rag.retriever.index.name} on http://{host}:{port} (API schema at /docs; "
-               f"OpenAI-compatible at http://{host}:{port}/v1)")
-    app = create_app(rag, worker=worker, api_key=o["api_key"])
+               f"OpenAI-compatible at http://{host}:{port}/v1; MCP at http://{host}:{port}/mcp)")
+    app = create_app(rag, worker=worker, api_key=o["api_key"], host=host)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -14,6 +14,8 @@
                            RAG-Token answer tokens coloured by the passage that produced them (no CDN)
     /v1/...                the OpenAI-compatible routes (:mod:`ragline.serve.openai_api`): chat completions,
                            models, embeddings, with OpenAI's error objects
+    /mcp                   the Model Context Protocol over streamable HTTP (:mod:`ragline.serve.mcp_server`):
+                           tools search and ask, as `ragline mcp` serves them
 
 Bad requests get a 4xx with ``{"error": ..., "fix": ...}``: 422 for invalid fields (empty question, k out of
 range, unknown model), 404 for an unknown index or passage, 413 for a request over the work budget (generator
@@ -58,6 +60,7 @@ from ragline.serve.budget import (
     Settings,
     TooLarge,
 )
+from ragline.serve.mcp_server import create_mcp
 from ragline.serve.worker import ModelWorker
 
 log = logging.getLogger("ragline.serve")
@@ -158,12 +161,16 @@ class BodyLimit:
 
 
 def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8, budget: Budget | None = None,
-               api_key: str | None = None, worker: ModelWorker | None = None) -> FastAPI:
+               api_key: str | None = None, worker: ModelWorker | None = None, host: str = "127.0.0.1") -> FastAPI:
     """The API over ``rag`` (its retriever's index is the active one; ``index_root`` holds the others), with
     the work ``budget`` and, when given, an ``api_key`` every route but the page requires; ``worker`` (one
-    owning ``rag``) replaces the one made from ``max_batch`` and ``budget``."""
-    app = FastAPI(title="ragline", version="1", description="Retrieval-Augmented Generation with cited passages.")
+    owning ``rag``) replaces the one made from ``max_batch`` and ``budget``. ``host`` is where it is served
+    (on loopback, MCP refuses requests naming another host: DNS rebinding)."""
     worker = worker or ModelWorker(rag, max_batch=max_batch, budget=budget)
+    mcp = create_mcp(rag, worker).streamable_http_app(host=host)  # /mcp: the MCP tools over the same worker
+    app = FastAPI(title="ragline", version="1", description="Retrieval-Augmented Generation with cited passages.",
+                  lifespan=lambda _: mcp.router.lifespan_context(mcp))  # runs MCP's session manager
+    app.router.routes.extend(mcp.routes)
     root = Path(index_root) if index_root else rag.retriever.index.path.parent
     app.state.worker = worker
     app.add_middleware(BodyLimit)

@@ -69,7 +69,8 @@ class Answered(Answer):
 def create_mcp(rag: RagModel, worker: ModelWorker | None = None) -> MCPServer:
     """The MCP server over ``rag``, answering through ``worker`` (a new one when not given)."""
     worker = worker or ModelWorker(rag)
-    server = MCPServer(name="ragline", title="ragline", instructions=INSTRUCTIONS, version=__version__)
+    server = MCPServer(name="ragline", title="ragline", instructions=INSTRUCTIONS, version=__version__,
+                       log_level="WARNING")  # not the SDK's INFO lines (sessions, tool errors the client gets)
     read_only = ToolAnnotations(readOnlyHint=True, idempotentHint=True, openWorldHint=False)
 
     @server.tool(annotations=read_only)
