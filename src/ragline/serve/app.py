@@ -59,6 +59,7 @@ from ragline.serve.budget import (
     Busy,
     Settings,
     TooLarge,
+    settings_k,
 )
 from ragline.serve.mcp_server import create_mcp
 from ragline.serve.worker import ModelWorker
@@ -90,7 +91,7 @@ class AskRequest(Question):
 
     def settings(self, default_k: int = vocab.DEFAULT_K) -> Settings:
         vocab.check(self.model, self.decoding)
-        return Settings(self.model, self.decoding, 1 if self.model == vocab.CLOSED_BOOK else self.k or default_k,
+        return Settings(self.model, self.decoding, settings_k(self.model, self.k, default_k),
                         self.mode,
                         self.beams, self.max_new_tokens)
 

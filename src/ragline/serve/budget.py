@@ -16,6 +16,12 @@ MAX_NEW_TOKENS = 128
 MAX_BODY_BYTES = 4 * 2**20  # a request body: room for 256 texts to embed, or a long conversation
 
 
+def settings_k(model: str, k: int | None, default_k: int) -> int:
+    """The k a request's settings hold: the one asked, else the server's; 1 for closed book (one row, no
+    passage), so closed-book requests batch together whatever k they named."""
+    return 1 if model == vocab.CLOSED_BOOK else k or default_k
+
+
 @dataclass(frozen=True)
 class Settings:
     """What a request asks of the model; requests with equal settings can share a batch."""

@@ -16,7 +16,7 @@ clients launch) and streamable HTTP (``--transport http``, at ``/mcp``, with ``-
 from __future__ import annotations
 
 import hmac
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -34,7 +34,7 @@ from ragline.rag import citations as cite
 from ragline.rag.model import Answer, RagModel
 from ragline.retriever import Hit
 from ragline.serve import events
-from ragline.serve.budget import MAX_BEAMS, MAX_K, MAX_NEW_TOKENS, MAX_QUESTION_CHARS, Settings
+from ragline.serve.budget import MAX_BEAMS, MAX_K, MAX_NEW_TOKENS, MAX_QUESTION_CHARS, Settings, settings_k
 from ragline.serve.worker import ModelWorker
 
 INSTRUCTIONS = ("ragline answers questions from its own passage index (Retrieval-Augmented Generation) and says "
@@ -97,8 +97,7 @@ def create_mcp(rag: RagModel, worker: ModelWorker | None = None) -> MCPServer:
         question = _question(question)
         try:
             vocab.check(model, decoding)
-            settings = Settings(model, decoding, 1 if model == vocab.CLOSED_BOOK else k or rag.k, mode, beams,
-                                max_new_tokens)
+            settings = Settings(model, decoding, settings_k(model, k, rag.k), mode, beams, max_new_tokens)
             answer: Answer = await events.result(worker.ask(question, settings))
         except RaglineError as e:
             raise ToolError(f"{e.problem}; {e.fix}") from None
@@ -114,8 +113,8 @@ def _question(text: str) -> str:
 
 
 def _fields(answer: Answer) -> dict[str, Any]:
-    """``answer``'s fields, nested dataclasses kept as they are."""
-    return {name: getattr(answer, name) for name in asdict(answer)}
+    """``answer``'s fields, nested dataclasses kept as they are (no deep copy)."""
+    return {f.name: getattr(answer, f.name) for f in fields(answer)}
 
 
 def require_key(app: ASGIApp, api_key: str) -> ASGIApp:

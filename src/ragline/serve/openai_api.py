@@ -60,7 +60,7 @@ from ragline.rag import citations as cite
 from ragline.rag.decoding import stop_ids
 from ragline.rag.model import Answer, RagModel
 from ragline.serve import events
-from ragline.serve.budget import MAX_BEAMS, MAX_K, MAX_NEW_TOKENS, MAX_QUESTION_CHARS, Settings
+from ragline.serve.budget import MAX_BEAMS, MAX_K, MAX_NEW_TOKENS, MAX_QUESTION_CHARS, Settings, settings_k
 from ragline.serve.worker import ModelWorker
 
 log = logging.getLogger("ragline.serve")
@@ -157,6 +157,8 @@ NO_OP = (("logprobs", (None, False), "ragline returns the passages' posteriors, 
          ("reasoning_effort", (None,), "ragline's readers do not reason in steps"),
          ("web_search_options", (None,), "ragline searches its own index only"))
 
+NO_OP_NAMES = frozenset(name for name, _, _ in NO_OP)
+
 
 def offered_models(rag: RagModel) -> list[str]:
     """The chat model ids this server answers with: every reader its generator can run."""
@@ -239,7 +241,7 @@ def _unknown_model(name: str, rag: RagModel) -> OpenAIError:
 def _settings(req: ChatRequest, rag: RagModel) -> tuple[Settings, list[str]]:
     """The worker settings a chat request asks for, and its stop strings; refuses what ragline cannot honour."""
     for name in (req.model_extra or {}):
-        if name not in IGNORED and name not in {n for n, _, _ in NO_OP}:
+        if name not in IGNORED and name not in NO_OP_NAMES:
             raise OpenAIError(f"ragline does not support the parameter {name!r}",
                               "leave it out (ragline's own fields: k, mode, decoding, beams, history, citations)",
                               name, "unsupported_parameter")
@@ -271,8 +273,8 @@ def _settings(req: ChatRequest, rag: RagModel) -> tuple[Settings, list[str]]:
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > MAX_STOPS or not all(stops):
         raise OpenAIError(f"stop takes up to {MAX_STOPS} non-empty strings", "send fewer stop strings", "stop")
-    k = 1 if reader == vocab.CLOSED_BOOK else req.k or rag.k
-    return Settings(reader, decoding, k, req.mode, max(req.beams, req.n), new_tokens, req.n), stops
+    return Settings(reader, decoding, settings_k(reader, req.k, rag.k), req.mode, max(req.beams, req.n), new_tokens,
+                    req.n), stops
 
 
 def _text(message: dict[str, Any], i: int) -> str:
