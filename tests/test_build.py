@@ -81,7 +81,7 @@ def test_every_input_format_builds_a_searchable_index(tmp_path, encoders, wiki_d
     folder.mkdir()
     for i, d in enumerate(docs):
         (folder / f"{i:02d}.md").write_text(f"# {d['title']}\n\n{d['text']}\n")
-    for name, src in [("jsonl", jsonl), ("kilt", kilt), ("text", folder)]:
+    for name, src in [("jsonl", jsonl), ("kilt", kilt), ("files", folder)]:
         out = tmp_path / f"idx-{name}"
         _build(out, encoders, source=str(src), limit=None, passage_words=50)
         r = Retriever(out, encoders.question)

@@ -75,8 +75,11 @@ def test_unknown_format_and_missing_source(tmp_path):
         list(read_corpus(tmp_path, "xml"))
     with pytest.raises(RaglineError, match="does not exist"):
         list(read_corpus(tmp_path / "nope.jsonl"))
-    (tmp_path / "x.pdf").write_bytes(b"%PDF")
+    (tmp_path / "x.xyz").write_bytes(b"%PDF")
     with pytest.raises(RaglineError, match="cannot tell the format"):
+        list(read_corpus(tmp_path / "x.xyz"))
+    (tmp_path / "x.pdf").write_bytes(b"%PDF")  # a PDF is a document: read as one, and refused as malformed
+    with pytest.raises(RaglineError, match=r"x\.pdf: not a readable PDF"):
         list(read_corpus(tmp_path / "x.pdf"))
     (tmp_path / "e.jsonl").write_text("")
     with pytest.raises(RaglineError, match="is empty"):

@@ -87,6 +87,11 @@ def test_sharded_results_equal_the_single_index(sharded, small_index):
     assert np.allclose(single.index.embeddings[rows.reshape(-1)], many.index.embeddings[rows].reshape(4, -1))
     pid = hits_a[0][0].pid
     assert many.index.store.row_of(pid) == single.index.store.row_of(pid) and many.index.store.row_of("x#9") is None
+    for filters in ([f"title!={hits_a[0][0].title}"], [f"doc_id={hits_a[0][1].doc_id}", f"pid={hits_a[1][0].pid}"]):
+        for mode in ("dense", "bm25", "hybrid"):  # each shard searches its slice of the filter's rows
+            a, b = single.retrieve(QUESTIONS, 5, mode, filters=filters), many.retrieve(QUESTIONS, 5, mode,
+                                                                                        filters=filters)
+            assert np.array_equal(a.rows, b.rows), (mode, filters)
 
 
 def test_rag_answers_through_the_sharded_index_as_through_one(sharded, small_index):

@@ -3,14 +3,19 @@
 The index in use can be swapped at run time (:meth:`Retriever.swap`, the paper's index hot-swapping):
 the new index is opened and checked against the question encoder first, then replaces the old one in a
 single reference assignment. A search already running keeps the index it started with, so no request
-fails or mixes two indexes.
+fails or mixes two indexes. A retriever also follows its index directory: when ``ragline add``, ``update``,
+``delete`` or ``compact`` writes a new generation there, the next search opens it and swaps to it the same way
+(:meth:`Retriever.refresh`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +24,23 @@ import torch
 from ragline import profile, vocab
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
+from ragline.index.filters import Condition, allowed_rows
 from ragline.index.hybrid import rrf_fuse
 from ragline.index.protocol import Index
 from ragline.index.registry import open_index
 from ragline.models.encoders import Encoder, load_encoder
+
+log = logging.getLogger(__name__)
+RETRY_SECONDS = 1.0  # after a failed attempt to open a new generation, the old one serves this long first
+
+
+def _stamp(index: Index) -> tuple[int, int] | None:
+    """What identifies the manifest file now on disk in ``index``'s directory (a new generation replaces it)."""
+    try:
+        st = os.stat(index.path / mf.MANIFEST)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 @dataclass(frozen=True)
@@ -36,6 +54,7 @@ class Hit:
     title: str
     text: str
     score: float
+    meta: dict = field(default_factory=dict, hash=False)  # source, page or section, the document's metadata
 
 
 @dataclass(frozen=True)
@@ -55,8 +74,9 @@ class Retriever:
 
     def __init__(self, index: Index | str | Path, question_encoder: Encoder | None = None, *,
                  allow_encoder_mismatch: bool = False, bm25_weight: float = vocab.BM25_WEIGHT,
-                 rrf_c: float = vocab.RRF_C, device: str | None = None) -> None:
-        """``device`` places the index's own question encoder when none is given (models/device.py)."""
+                 rrf_c: float = vocab.RRF_C, device: str | None = None, follow: bool = True) -> None:
+        """``device`` places the index's own question encoder when none is given (models/device.py); ``follow``
+        swaps to a new generation of the index directory when one is written (:meth:`refresh`)."""
         self.allow_encoder_mismatch = allow_encoder_mismatch
         self.bm25_weight, self.rrf_c = bm25_weight, rrf_c  # hybrid fusion (index/hybrid.py)
         index = open_index(index) if isinstance(index, str | Path) else index
@@ -66,6 +86,9 @@ class Retriever:
         self._check(index)
         self._index = index
         self._swap_lock = threading.Lock()
+        self.follow = follow
+        self._stamp, self._retry_at = _stamp(index), 0.0
+        self._refresh_lock = threading.Lock()
 
     @property
     def index(self) -> Index:
@@ -85,7 +108,35 @@ class Retriever:
             _check_encoder(new, enc, self.allow_encoder_mismatch)
         with self._swap_lock:
             old, self._index, self.encoder = self._index, new, enc
+            self._stamp = _stamp(new)
         return old
+
+    def refresh(self) -> bool:
+        """Swap to the generation now on disk in the index's directory if it is not the one in use (one thread
+        opens it; the others keep searching the old one meanwhile). True if a new generation was taken up. A
+        generation that fails to open is logged and retried a second later; the old one keeps serving."""
+        index = self._index
+        stamp = _stamp(index)
+        if stamp is None or stamp == self._stamp or time.monotonic() < self._retry_at:
+            return False
+        if not self._refresh_lock.acquire(blocking=False):
+            return False
+        try:
+            if self._index is not index:  # swapped meanwhile
+                return False
+            try:
+                new = open_index(index.path)
+                self.swap(new)
+                self._stamp = stamp  # what was on disk before the open: a newer one is taken up next time
+            except (RaglineError, OSError, ValueError) as e:
+                self._retry_at = time.monotonic() + RETRY_SECONDS
+                log.warning("index %s changed on disk but cannot be opened yet (%s); still serving the previous "
+                            "generation", index.name, e)
+                return False
+            log.info("index %s: now serving generation %s", new.name, new.manifest.get("generation", 0))
+            return True
+        finally:
+            self._refresh_lock.release()
 
     def doc_scores(self, question_vectors: torch.Tensor, rows: np.ndarray, index: Index) -> torch.Tensor:
         """Retrieval scores q(x)·d(z) for the passages ``rows`` (B, K), with d(z) read from ``index``'s stored
@@ -102,13 +153,19 @@ class Retriever:
             return self._index, self.encoder
 
     def retrieve(self, questions: list[str], k: int = vocab.DEFAULT_K, mode: str = vocab.DEFAULT_MODE,
-                 question_vectors: np.ndarray | None = None, with_vectors: bool = False) -> Retrieved:
+                 question_vectors: np.ndarray | None = None, with_vectors: bool = False,
+                 filters: Sequence[str | Condition] | None = None) -> Retrieved:
         """Top-k rows and scores for each question, as arrays, with the q(x) used. Dense scores are q(x)·d(z);
         BM25 scores are BM25; hybrid scores are reciprocal-rank-fusion scores. ``question_vectors`` (B, dim),
         if given, are used as q(x) instead of encoding the questions; ``with_vectors`` encodes them for BM25
-        too (RAG's prior p(z|x) needs q(x) in every mode)."""
+        too (RAG's prior p(z|x) needs q(x) in every mode). ``filters`` (``field=value``, ``field!=value``,
+        ``field=prefix*``: :mod:`ragline.index.filters`) limit the search to the passages that pass, exactly."""
+        if self.follow:
+            self.refresh()
         index, encoder = self.snapshot()  # one pair for the whole call, whatever swap happens meanwhile
         _validate(questions, k, mode, index)
+        conditions = [c if isinstance(c, Condition) else Condition.parse(c) for c in filters or ()]
+        allowed = allowed_rows(index, conditions)
         wanted = mode != vocab.BM25 or with_vectors
         if wanted and index.dense is not None and question_vectors is None and encoder is not None:
             with profile.stage(profile.ENCODE):
@@ -116,26 +173,32 @@ class Retriever:
         if mode != vocab.BM25 and question_vectors is None:
             raise RaglineError("this retriever has no question encoder", "open a dense index")
         with profile.stage(profile.SEARCH):
-            scores, rows = self._search(index, questions, question_vectors, k, mode)
+            scores, rows = self._search(index, questions, question_vectors, k, mode, allowed)
         return Retrieved(rows=rows.astype(np.int64), scores=scores.astype(np.float32), index=index,
                          question_vectors=question_vectors, encoder=encoder)
 
-    def _search(self, index: Index, questions: list[str], question_vectors: np.ndarray | None, k: int, mode: str
-                ) -> tuple[np.ndarray, np.ndarray]:
+    def _search(self, index: Index, questions: list[str], question_vectors: np.ndarray | None, k: int, mode: str,
+                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        def search(searcher, queries, depth: int) -> tuple[np.ndarray, np.ndarray]:
+            # without a filter, as every Searcher is called (a format's own searcher may not take one)
+            return searcher.search(queries, depth) if allowed is None else searcher.search(queries, depth, allowed)
+
         if mode == vocab.DENSE:
-            scores, rows = index.dense.search(question_vectors, k)
+            scores, rows = search(index.dense, question_vectors, k)
         elif mode == vocab.BM25:
-            scores, rows = index.bm25.search(questions, k)
+            scores, rows = search(index.bm25, questions, k)
         else:
             depth = min(max(k, vocab.HYBRID_DEPTH), len(index))
-            _, dense_rows = index.dense.search(question_vectors, depth)
-            _, bm25_rows = index.bm25.search(questions, depth)
+            _, dense_rows = search(index.dense, question_vectors, depth)
+            _, bm25_rows = search(index.bm25, questions, depth)
             scores, rows = rrf_fuse([dense_rows, bm25_rows], k, c=self.rrf_c, weights=(1.0, self.bm25_weight))
         return scores, rows
 
-    def search(self, questions: list[str], k: int = 10, mode: str = vocab.DEFAULT_MODE) -> list[list[Hit]]:
-        """Ranked hits (id, title, text, score) for each question."""
-        res = self.retrieve(questions, k, mode)
+    def search(self, questions: list[str], k: int = 10, mode: str = vocab.DEFAULT_MODE,
+               filters: Sequence[str | Condition] | None = None) -> list[list[Hit]]:
+        """Ranked hits (id, title, text, score, metadata) for each question, among the passages that pass
+        ``filters``."""
+        res = self.retrieve(questions, k, mode, filters=filters)
         valid = res.rows[res.rows >= 0]
         passages = dict(zip(valid.tolist(), res.index.store.get(valid), strict=True))
         out = []
@@ -145,7 +208,7 @@ class Retriever:
                 if row < 0:
                     break
                 p = passages[row]
-                hits.append(Hit(rank, row, p.pid, p.doc_id, p.title, p.text, float(score)))
+                hits.append(Hit(rank, row, p.pid, p.doc_id, p.title, p.text, float(score), p.meta))
             out.append(hits)
         return out
 
@@ -201,6 +264,6 @@ def _validate(questions: list[str], k: int, mode: str, index: Index) -> None:
             raise RaglineError(f"question {i + 1} is empty", "give a non-empty question")
     if not isinstance(k, int | np.integer) or k < 1:
         raise RaglineError(f"k={k} is not a positive number", "use -k 1 or more")
-    if k > len(index):
-        raise RaglineError(f"k={k} is larger than index {index.name}, which holds {len(index)} passages",
-                           f"use -k {len(index)} or less")
+    if k > index.live_passages:
+        raise RaglineError(f"k={k} is larger than index {index.name}, which holds {index.live_passages} passages",
+                           f"use -k {index.live_passages} or less")

@@ -109,6 +109,20 @@ def _model_options(f):
                         help=f"{decodings} (the first is the default).")(f)
 
 
+def _filter_option(f):
+    return click.option("--filter", "filters", multiple=True, callback=_check_filters, metavar="FIELD=VALUE",
+                        help="Only passages whose metadata match (repeatable): field=value, field!=value, or "
+                             "field=prefix* for paths; fields: pid, doc_id, title, source, page, section and a "
+                             "JSONL corpus's own metadata keys.")(f)
+
+
+def _check_filters(ctx, param, value):
+    from ragline.index.filters import parse_filters
+
+    parse_filters(value)  # a malformed condition fails before any model loads
+    return list(value)
+
+
 def _skip_bad_option(f):
     return click.option("--skip-bad", is_flag=True,
                         help="Skip malformed question records (each reported) instead of failing.")(f)
@@ -220,6 +234,58 @@ def index(source, out, fmt, index_type, encoder, query_encoder, embeddings, pass
 
 
 
+def _change_options(f):
+    f = _device_option(f)
+    f = click.option("--skip-bad", is_flag=True, help="Skip malformed records (reported) instead of failing.")(f)
+    f = click.option("--format", "fmt", type=click.Choice(CORPUS_FORMATS), default="auto", show_default=True)(f)
+    f = click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))(f)
+    f = click.argument("sources", nargs=-1, required=True)(f)
+    return _index_option(f)
+
+
+@cli.command()
+@_change_options
+def add(index_dir, sources, batch_size, fmt, skip_bad, device) -> None:
+    """Add the documents of SOURCES (files or folders) to an index as a new generation, without a rebuild.
+    A document already there with the same content is left as it is; one with other content is refused (that
+    is `ragline update`). A running server or retriever takes the new generation up by itself."""
+    from ragline.index.update import add_documents
+
+    add_documents(_resolve_index(index_dir), sources, fmt=fmt, skip_bad=skip_bad, batch_size=batch_size,
+                  device=device, log=render.log)
+
+
+@cli.command()
+@_change_options
+def update(index_dir, sources, batch_size, fmt, skip_bad, device) -> None:
+    """Replace the documents of SOURCES in an index by id (adding those it does not hold), as a new generation;
+    unchanged documents are left as they are."""
+    from ragline.index.update import add_documents
+
+    add_documents(_resolve_index(index_dir), sources, replace=True, fmt=fmt, skip_bad=skip_bad,
+                  batch_size=batch_size, device=device, log=render.log)
+
+
+@cli.command()
+@_index_option
+@click.option("--doc", "doc_ids", multiple=True, required=True, help="A document id to delete (repeatable).")
+def delete(index_dir, doc_ids) -> None:
+    """Delete documents (every passage of each) from an index as a new generation; searches never return them."""
+    from ragline.index.update import delete_documents
+
+    delete_documents(_resolve_index(index_dir), doc_ids, log=render.log)
+
+
+@cli.command()
+@_index_option
+def compact(index_dir) -> None:
+    """Merge an index's base, added segments and deletions into one plain index (no re-encoding), replacing it
+    atomically; searches give the same results, faster once many segments have piled up."""
+    from ragline.index.update import compact_index
+
+    compact_index(_resolve_index(index_dir), log=render.log)
+
+
 @cli.command()
 @click.argument("questions", nargs=-1, required=True)
 @_index_option
@@ -227,12 +293,13 @@ def index(source, out, fmt, index_type, encoder, query_encoder, embeddings, pass
 @_mode_option()
 @_retrieval_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+@_filter_option
 @_device_option
 def search(questions, index_dir, k, mode, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, as_json,
-           device) -> None:
+           filters, device) -> None:
     """Print the top-k passages for each QUESTION with their scores."""
     retriever = _open_retriever(index_dir, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, device=device)
-    results = retriever.search(list(questions), k=k, mode=mode)
+    results = retriever.search(list(questions), k=k, mode=mode, filters=filters)
     for q, hits in zip(questions, results, strict=True):
         if as_json:
             print(json.dumps({"question": q, "mode": mode, "index": retriever.index.fingerprint,
@@ -255,12 +322,13 @@ def search(questions, index_dir, k, mode, query_encoder, allow_encoder_mismatch,
               help="A finished `ragline train rag` run: its trained models and the settings it trained with "
                    "(model, k, prior scale, mode, index), unless given here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full answer structure as JSON lines.")
+@_filter_option
 @_device_option
 @_precision_option
 @click.pass_context
 def ask(ctx, questions, index_dir, model_name, decoding, k, mode, generator, beams, max_new_tokens, length_penalty,
         prior_scale, n_best, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, run_dir, as_json,
-        device, precision) -> None:
+        filters, device, precision) -> None:
     """Answer each QUESTION with RAG and print the answer with its cited passages."""
     from ragline.rag.model import RagModel
 
@@ -274,6 +342,7 @@ def ask(ctx, questions, index_dir, model_name, decoding, k, mode, generator, bea
                                     loaded.question_encoder, device)
     rag = RagModel(retriever, loaded.generator, k=s["k"] or loaded.n_docs or vocab.DEFAULT_K, mode=s["mode"],
                    prior_scale=s["prior_scale"])
+    rag.filters = tuple(filters)
     for a in rag.answer(list(questions), model=s["model_name"], decoding=decoding, beams=beams,
                         max_new_tokens=max_new_tokens, length_penalty=length_penalty, n_best=n_best):
         if as_json:
@@ -339,8 +408,9 @@ def _eval_options(f):
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Run directory (rerun with the same settings to resume).")
 @_skip_bad_option
+@_filter_option
 def eval_cmd(task, fmt, index_dir, model_name, decoding, k, mode, generator, beams, max_new_tokens, length_penalty,
-             prior_scale, query_encoder, limit, batch, out, skip_bad, device, precision) -> None:
+             prior_scale, query_encoder, limit, batch, out, skip_bad, filters, device, precision) -> None:
     """Answer a task's questions into a run directory: KILT-format predictions and a report."""
     from ragline.evaluate.answers import EvalConfig, run_eval
     from ragline.evaluate.report import markdown
@@ -350,7 +420,7 @@ def eval_cmd(task, fmt, index_dir, model_name, decoding, k, mode, generator, bea
                      decoding=decoding, k=k, mode=mode, generator=generator,
                      beams=beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
                      prior_scale=prior_scale, limit=limit, batch=batch, query_encoder=query_encoder, device=device,
-                     precision=precision)
+                     precision=precision, filters=list(filters))
     report = run_eval(cfg, Path(out), skip_bad=skip_bad, log=render.log)
     render.markdown(markdown(report))
 

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ragline.corpus.documents import locator
+
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
@@ -40,7 +42,9 @@ def hits(question: str, found: Sequence, mode: str) -> None:
     table.add_column("title", style="bold")
     table.add_column("passage")
     for h in found:
-        table.add_row(str(h.rank), f"{h.score:.4f}", escape(h.title), escape(snippet(h.text, 200)))
+        where = locator(h.meta)
+        title = escape(h.title) + (f"\n[dim]{escape(where)}[/]" if where else "")
+        table.add_row(str(h.rank), f"{h.score:.4f}", title, escape(snippet(h.text, 200)))
     console.print(table)
 
 
@@ -55,8 +59,9 @@ def answer(a) -> None:
         return
     console.print("[bold]Sources[/] (prior p(z|x) -> posterior p(z|x,y)):")
     for s in sorted(a.sources, key=lambda s: -s.posterior):
-        console.print(f"  [{s.rank}] [bold]{escape(s.title)}[/] {s.prior:.2f} -> [bold]{s.posterior:.2f}[/]  "
-                      f"[dim]{escape(snippet(s.text, 160))}[/]")
+        where = locator(s.meta)
+        console.print(f"  [{s.rank}] [bold]{escape(s.title)}[/]" + (f" ({escape(where)})" if where else "")
+                      + f" {s.prior:.2f} -> [bold]{s.posterior:.2f}[/]  [dim]{escape(snippet(s.text, 160))}[/]")
     if a.cited:
         console.print("[bold]The answer cites[/] " + ", ".join(f"\\[{n}]" for n in a.cited))
     if a.token_sources:

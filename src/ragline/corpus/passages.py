@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ragline.corpus.readers import Document
 from ragline.errors import RaglineError
@@ -19,6 +19,7 @@ class Passage:
     doc_id: str
     title: str
     text: str
+    meta: dict = field(default_factory=dict, hash=False)  # source, page or section, the document's metadata
 
 
 def split_words(text: str, max_words: int = DEFAULT_WORDS) -> list[str]:
@@ -30,14 +31,19 @@ def split_words(text: str, max_words: int = DEFAULT_WORDS) -> list[str]:
 
 
 def split_documents(docs: Iterable[Document], max_words: int = DEFAULT_WORDS) -> Iterator[Passage]:
-    """The passages of ``docs``: ``<id>#<n>`` chunks, or the record itself when it already is one passage
-    (DPR's passages keep DPR's id; their document is their page title)."""
+    """The passages of ``docs``: ``<id>#<n>`` chunks (numbered through the document's sections, none
+    straddling two), or the record itself when it already is one passage (DPR's passages keep DPR's id; their
+    document is their page title)."""
     for doc in docs:
         if doc.passage:
-            yield Passage(doc.id, doc.title or doc.id, doc.title, doc.text)
+            yield Passage(doc.id, doc.title or doc.id, doc.title, doc.text, doc.meta)
             continue
-        for i, chunk in enumerate(split_words(doc.text, max_words)):
-            yield Passage(f"{doc.id}#{i}", doc.id, doc.title, chunk)
+        n = 0
+        for text, meta in ((s.text, {**doc.meta, **s.meta}) for s in doc.sections) if doc.sections else \
+                [(doc.text, doc.meta)]:
+            for chunk in split_words(text, max_words):  # passages never straddle two sections (pages)
+                yield Passage(f"{doc.id}#{n}", doc.id, doc.title, chunk, meta)
+                n += 1
 
 
 def encoder_text(title: str, text: str) -> str:

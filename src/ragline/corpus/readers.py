@@ -1,5 +1,5 @@
-"""Read documents from JSONL, the KILT knowledge source, DPR's passage TSV, folders of text files, or the
-bundled corpus.
+"""Read documents from JSONL, the KILT knowledge source, DPR's passage TSV, folders of documents (PDF, HTML,
+Markdown, DOCX, text: :mod:`ragline.corpus.documents`), or the bundled corpus.
 
 Every reader yields :class:`Document` in file order. Bad records raise :class:`RaglineError` naming the
 file, the line and the fix; with ``skip_bad=True`` they are skipped and counted in ``ReadStats``.
@@ -15,23 +15,29 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ragline.corpus.documents import SOURCE, SUFFIXES, DocumentError, Section, read_document
 from ragline.errors import RaglineError
 
-FORMATS = ("auto", "jsonl", "kilt", "dpr-tsv", "text", "wiki-leads")
+FILES = "files"  # a document file or a folder of them; "text" is its earlier name
+FORMATS = ("auto", "jsonl", "kilt", "dpr-tsv", FILES, "text", "wiki-leads")
 DPR_TSV_HEADER = ["id", "text", "title"]  # psgs_w100.tsv's first line
 BUNDLED_SOURCES = ("wiki-leads",)
-TEXT_SUFFIXES = (".txt", ".md")
+METADATA = "metadata"  # the JSONL field of a document's own metadata
 
 
 @dataclass(frozen=True)
 class Document:
     """One document of a corpus: its id, title and text. ``passage`` marks a record that is already one passage
-    (DPR's psgs_w100): it is kept whole, under its own id."""
+    (DPR's psgs_w100): it is kept whole, under its own id. ``meta`` (its source file, a JSONL ``metadata``
+    object) goes with every passage; ``sections`` (PDF pages, headings' sections), when given, are split
+    separately, each passage also keeping its section's metadata."""
 
     id: str
     title: str
     text: str
     passage: bool = False
+    meta: dict = field(default_factory=dict, hash=False)
+    sections: tuple[Section, ...] = field(default=(), hash=False)
 
 
 @dataclass
@@ -65,10 +71,11 @@ def detect_format(source: str | Path) -> str:
     if not path.exists():
         raise RaglineError(
             f"corpus source {source} does not exist",
-            f"give a JSONL file, a KILT knowledge-source file, a folder of .txt/.md files, or one of {BUNDLED_SOURCES}",
+            f"give a JSONL file, a KILT knowledge-source file, a document file or folder ({', '.join(SUFFIXES)}), "
+            f"or one of {BUNDLED_SOURCES}",
         )
     if path.is_dir():
-        return "text"
+        return FILES
     with open(path, encoding="utf-8", errors="replace") as f:
         if f.readline().rstrip("\r\n").split("\t") == DPR_TSV_HEADER:  # psgs_w100.tsv, whatever its name
             return "dpr-tsv"
@@ -82,12 +89,12 @@ def detect_format(source: str | Path) -> str:
                         return "jsonl"  # the reader reports the bad line with its number
                     return "kilt" if isinstance(rec, dict) and "wikipedia_id" in rec else "jsonl"
         raise RaglineError(f"corpus file {path} is empty", "give a file with one JSON document per line")
-    if path.suffix.lower() in TEXT_SUFFIXES:
-        return "text"
+    if path.suffix.lower() in SUFFIXES:
+        return FILES
     raise RaglineError(
         f"cannot tell the format of {path} (suffix {path.suffix or 'none'})",
-        "pass --format jsonl|kilt|dpr-tsv|text, name the file .jsonl, or start a DPR passage file with the "
-        "header line id<TAB>text<TAB>title",
+        f"pass --format jsonl|kilt|dpr-tsv|files, name the file .jsonl or one of {', '.join(SUFFIXES)}, or start a "
+        "DPR passage file with the header line id<TAB>text<TAB>title",
     )
 
 
@@ -101,8 +108,8 @@ def read_corpus(
     if fmt == "auto":
         fmt = detect_format(source)
     stats = stats if stats is not None else ReadStats()
-    reader = {"jsonl": _read_jsonl, "kilt": _read_kilt, "dpr-tsv": _read_dpr_tsv, "text": _read_text_dir,
-              "wiki-leads": _read_wiki_leads}[fmt]
+    reader = {"jsonl": _read_jsonl, "kilt": _read_kilt, "dpr-tsv": _read_dpr_tsv, FILES: _read_files,
+              "text": _read_files, "wiki-leads": _read_wiki_leads}[fmt]
     seen = IdSet()
     for doc in reader(source, skip_bad, stats):
         if limit is not None and stats.documents >= limit:
@@ -197,7 +204,8 @@ def read_span(path: str | Path, fmt: str, span: Span, *, skip_bad: bool = False,
 
 
 def _read_jsonl(path: str | Path, skip_bad: bool, stats: ReadStats, span: Span = Span()) -> Iterator[Document]:
-    """JSONL with ``text`` (required), ``title`` and ``id`` (default: ``line-N``)."""
+    """JSONL with ``text`` (required), ``title``, ``id`` (default: ``line-N``) and ``metadata`` (an object of
+    strings, numbers, booleans or nulls, kept with every passage and usable in ``--filter``)."""
     for n, rec in _json_lines(Path(path), skip_bad, stats, span):
         text = rec.get("text")
         if not isinstance(text, str) or not text.strip():
@@ -208,8 +216,14 @@ def _read_jsonl(path: str | Path, skip_bad: bool, stats: ReadStats, span: Span =
         if not isinstance(title, str):
             _bad(stats, skip_bad, f'{path}:{n}: "title" is not a string', 'make "title" a string')
             continue
+        meta = rec.get(METADATA) or {}
+        if not isinstance(meta, dict) or not all(
+                isinstance(k, str) and (v is None or isinstance(v, str | int | float | bool)) for k, v in meta.items()):
+            _bad(stats, skip_bad, f'{path}:{n}: "{METADATA}" is not an object of strings, numbers, booleans or nulls',
+                 f'make "{METADATA}" a flat JSON object, e.g. {{"year": 2024, "team": "search"}}')
+            continue
         doc_id = rec.get("id", f"line-{n}")
-        yield Document(str(doc_id), title.strip(), text)
+        yield Document(str(doc_id), title.strip(), text, meta=meta)
 
 
 _KILT_MARKUP = re.compile(r"^(BULLET::::-?\s*|Section::::)")
@@ -263,29 +277,25 @@ def _read_dpr_tsv(path: str | Path, skip_bad: bool, stats: ReadStats) -> Iterato
             yield Document(pid, title, text, passage=True)
 
 
-def _read_text_dir(path: str | Path, skip_bad: bool, stats: ReadStats) -> Iterator[Document]:
-    """A ``.txt``/``.md`` file or a folder of them (recursively, sorted): id is the relative path, title
-    the first Markdown heading or else the file name."""
+def _read_files(path: str | Path, skip_bad: bool, stats: ReadStats) -> Iterator[Document]:
+    """A document file or a folder of them (recursively, sorted; :mod:`ragline.corpus.documents` reads each
+    kind): the id and ``source`` are the path relative to the folder, the title the document's own (PDF or
+    DOCX properties, the page's title, the first level-1 heading) or else the file name."""
     root = Path(path)
     files = [root] if root.is_file() else sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
     if not files:
-        raise RaglineError(f"folder {root} holds no .txt or .md file", "point --source at a folder of text files")
+        raise RaglineError(f"folder {root} holds no document ({', '.join(SUFFIXES)})",
+                           "point --source at a folder of documents")
     for f in files:
         rel = f.name if root.is_file() else f.relative_to(root).as_posix()
         try:
-            raw = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            _bad(stats, skip_bad, f"{f}: not UTF-8 text", "convert it to UTF-8 or remove it")
+            title, sections = read_document(f)
+        except DocumentError as e:
+            _bad(stats, skip_bad, e.problem, e.fix)
             continue
-        title, text = f.stem.replace("_", " "), raw
-        lines = raw.lstrip().splitlines()
-        if lines and f.suffix.lower() == ".md" and lines[0].startswith("#"):
-            title, text = lines[0].lstrip("#").strip(), "\n".join(lines[1:])
-        if not text.strip():
-            _bad(stats, skip_bad, f"{f}: empty file", "remove it or give it text")
-            continue
-        yield Document(rel, title, text)
+        text = "\n".join(s.text for s in sections)
+        yield Document(rel, title or f.stem.replace("_", " "), text, meta={SOURCE: rel}, sections=tuple(sections))
 
 
 def _read_wiki_leads(_: str | Path, skip_bad: bool, stats: ReadStats) -> Iterator[Document]:

@@ -1,11 +1,13 @@
-"""Passages in a memory-mapped Arrow IPC file: columns pid, doc_id, title, text; row number = passage id
-in the indexes. Opening maps the file, so a corpus of tens of millions of passages is never copied into
-Python lists; rows are fetched on demand.
+"""Passages in a memory-mapped Arrow IPC file: columns pid, doc_id, title, text and meta (a JSON object as
+text: source, page or section, the document's metadata; stores written before it existed have no meta column
+and read as empty metadata); row number = passage id in the indexes. Opening maps the file, so a corpus of
+tens of millions of passages is never copied into Python lists; rows are fetched on demand.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -15,7 +17,22 @@ import pyarrow as pa
 from ragline.corpus.passages import Passage, encoder_text
 from ragline.errors import RaglineError
 
-SCHEMA = pa.schema([("pid", pa.string()), ("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())])
+LEGACY_SCHEMA = pa.schema([("pid", pa.string()), ("doc_id", pa.string()), ("title", pa.string()),
+                           ("text", pa.string())])
+SCHEMA = LEGACY_SCHEMA.append(pa.field("meta", pa.string()))
+COLUMNS = tuple(SCHEMA.names)
+
+
+def meta_text(meta: dict) -> str:
+    """A passage's metadata as the store keeps it: compact JSON with sorted keys, or "" for none."""
+    return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")) if meta else ""
+
+
+def _passages(cols: dict[str, list]) -> list[Passage]:
+    """Passages from columns as ``to_pydict`` gives them (a legacy store has no meta column)."""
+    metas = cols.get("meta") or [""] * len(cols["pid"])
+    return [Passage(p, d, t, x, json.loads(m) if m else {})
+            for p, d, t, x, m in zip(cols["pid"], cols["doc_id"], cols["title"], cols["text"], metas, strict=True)]
 
 
 class PassageStoreWriter:
@@ -32,7 +49,8 @@ class PassageStoreWriter:
 
     def add(self, p: Passage) -> None:
         self._batch.append(p)
-        for part in (p.pid, p.title, p.text):
+        meta = meta_text(p.meta)
+        for part in (p.pid, p.title, p.text) + ((meta,) if meta else ()):  # no metadata: earlier fingerprints
             self._hash.update(part.encode())
             self._hash.update(b"\0")
         self.count += 1
@@ -45,7 +63,8 @@ class PassageStoreWriter:
 
     def _flush(self) -> None:
         if self._batch:
-            cols = [[getattr(p, name) for p in self._batch] for name in SCHEMA.names]
+            cols = [[p.pid for p in self._batch], [p.doc_id for p in self._batch], [p.title for p in self._batch],
+                    [p.text for p in self._batch], [meta_text(p.meta) for p in self._batch]]
             self._writer.write_batch(pa.record_batch(cols, schema=SCHEMA))
             self._batch = []
 
@@ -74,7 +93,7 @@ class PassageStore:
             raise RaglineError(f"passage store {self.path} is missing", "rebuild the index with `ragline index`")
         self._source = pa.memory_map(str(self.path), "r")
         self.table = pa.ipc.open_file(self._source).read_all()  # zero-copy over the mapping
-        if self.table.schema != SCHEMA:
+        if self.table.schema not in (SCHEMA, LEGACY_SCHEMA):
             raise RaglineError(f"{self.path} is not a ragline passage store", "rebuild the index")
         self._rows: dict[str, int] | None = None
 
@@ -86,8 +105,7 @@ class PassageStore:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"passage rows out of range 0..{len(self) - 1}")
-        sub = self.table.take(pa.array(rows)).to_pydict()
-        return [Passage(*vals) for vals in zip(*(sub[n] for n in SCHEMA.names), strict=True)]
+        return _passages(self.table.take(pa.array(rows)).to_pydict())
 
     def row_of(self, pid: str) -> int | None:
         """The row of passage ``pid``, or None (a pid -> row map is built on the first call)."""
@@ -96,9 +114,12 @@ class PassageStore:
         return self._rows.get(pid)
 
     def values(self, column: str) -> list[str]:
-        """One column (``pid``, ``doc_id``, ``title`` or ``text``) for every row, in row order."""
-        if column not in SCHEMA.names:
-            raise KeyError(f"no column {column!r} in a passage store (it has {', '.join(SCHEMA.names)})")
+        """One column (``pid``, ``doc_id``, ``title``, ``text`` or ``meta``, as JSON text) for every row, in row
+        order."""
+        if column not in COLUMNS:
+            raise KeyError(f"no column {column!r} in a passage store (it has {', '.join(COLUMNS)})")
+        if column not in self.table.schema.names:  # meta in a legacy store
+            return [""] * len(self)
         return self.table.column(column).to_pylist()
 
     def text_chunks(self, batch_rows: int = 16384) -> Iterator[list[str]]:
@@ -109,5 +130,4 @@ class PassageStore:
     def iter_batches(self, batch_rows: int = 4096, start: int = 0) -> Iterator[tuple[int, list[Passage]]]:
         """(first row, passages) for consecutive slices of the store from ``start``."""
         for lo in range(start, len(self), batch_rows):
-            d = self.table.slice(lo, batch_rows).to_pydict()
-            yield lo, [Passage(*vals) for vals in zip(*(d[n] for n in SCHEMA.names), strict=True)]
+            yield lo, _passages(self.table.slice(lo, batch_rows).to_pydict())

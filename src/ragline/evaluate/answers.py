@@ -17,7 +17,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class EvalConfig:
     device: str = vocab.DEFAULT_DEVICE  # auto | cpu | cuda (models/device.py); not part of a run's identity
     precision: str = vocab.DEFAULT_PRECISION  # fp32 | bf16 | int8 | auto (models/precision.py); settled to
     #                                           the one used, which is part of the run's identity
+    filters: list[str] = field(default_factory=list)  # metadata conditions on the passages (index/filters.py)
 
 
 def settled(cfg: EvalConfig, index: Index | None, log: Callable[[str], None] = print) -> EvalConfig:
@@ -148,6 +149,8 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
     # what the answers depend on besides the settings: a rebuilt index or an edited task file is another run
     identity = {**asdict(cfg), "index_fingerprint": index.fingerprint if index is not None else None,
                 "task_fingerprint": task_fingerprint(task)}
+    if not cfg.filters:  # runs from before filters existed resume
+        del identity["filters"]
     runconfig.prepare(out, identity, ignore=("batch", "device"))  # a run may resume with another batch or device
     for msg in task.skipped:
         log(f"skipped {msg}")
@@ -162,6 +165,7 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
         if cfg.model != vocab.CLOSED_BOOK:
             retriever = open_retriever(index, cfg.query_encoder, loaded.question_encoder, log=log, device=cfg.device)
         rag = RagModel(retriever, loaded.generator, k=cfg.k, mode=cfg.mode, prior_scale=cfg.prior_scale)
+        rag.filters = tuple(cfg.filters)
         with open(preds_path, "a", encoding="utf-8") as f, \
                 tqdm(total=len(task.questions), initial=len(done), disable=not progress, unit="q") as bar:
             for lo in range(0, len(todo), cfg.batch):

@@ -60,31 +60,45 @@ class DenseIndex:
     def dim(self) -> int:
         return int(self.index.d)
 
-    def _params(self, k: int) -> faiss.SearchParameters | None:
+    def _params(self, k: int, selector: faiss.IDSelector | None = None) -> faiss.SearchParameters | None:
         if not self.search_value:
-            return None
+            return faiss.SearchParameters(sel=selector) if selector is not None else None
         if self.search_param == "efSearch":  # tuned for k = 10: keep the same breadth per result
-            return faiss.SearchParametersHNSW(efSearch=max(self.search_value, self.search_value * k // TUNE_K, k))
-        return faiss.SearchParametersIVF(nprobe=self.search_value)
+            ef = max(self.search_value, self.search_value * k // TUNE_K, k)
+            return faiss.SearchParametersHNSW(efSearch=ef, sel=selector)
+        return faiss.SearchParametersIVF(nprobe=self.search_value, sel=selector)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each (B, k). ``allowed`` (n,) bool, if given, limits the search to those rows: the
+        best k among them (FAISS's ID selector: exact for flat and re-ranked indexes, as approximate as the
+        index for the others), never fewer than k while k of them exist."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)  # (B, d)
         if self.kind == "flat" and len(queries) == 1:
-            return self._gemv_top_k(queries[0], k)
+            return self._gemv_top_k(queries[0], k, allowed)
         faiss.omp_set_num_threads(1 if len(queries) == 1 else self.threads)
         depth = min(self.ntotal, k * self.rerank) if self.rerank else k
-        scores, rows = self.index.search(queries, depth, params=self._params(k))  # (B, depth)
+        bitmap = None if allowed is None else np.packbits(allowed, bitorder="little")  # alive through the search
+        selector = None if bitmap is None else faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
+        scores, rows = self.index.search(queries, depth, params=self._params(k, selector))  # (B, depth)
         if self.rerank:
             scores, rows = self._rerank(queries, rows, k)
+        scores[rows < 0] = 0.0
         return scores, rows  # (B, k); rows -1 where fewer than k were found
 
-    def _gemv_top_k(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _gemv_top_k(self, q: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         if self._xb is None:  # zero-copy view of FAISS's vector array, (n, d)
             self._xb = faiss.rev_swig_ptr(self.index.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
         with self._gemv_lock, _numpy_blas_threads(1):  # bandwidth-bound: concurrent scans only slow each other
             s = self._xb @ q  # (n,)
-        top = top_k(s, k)
-        return s[top][None, :].astype(np.float32), top[None, :].astype(np.int64)
+        if allowed is None:
+            top = top_k(s, k)
+            return s[top][None, :].astype(np.float32), top[None, :].astype(np.int64)
+        kept = np.flatnonzero(allowed)
+        top = kept[top_k(s[kept], k, kept)]
+        scores = np.zeros((1, k), dtype=np.float32)
+        rows = np.full((1, k), -1, dtype=np.int64)
+        scores[0, :len(top)], rows[0, :len(top)] = s[top], top
+        return scores, rows
 
     def _rerank(self, queries: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact q·d(z) for each query's candidates (read from the stored vectors), best k kept."""

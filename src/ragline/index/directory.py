@@ -30,32 +30,34 @@ class IndexDir(ManifestFacts):
     modes: tuple[str, ...] = field(default=())
 
     @classmethod
-    def open(cls, path: str | Path) -> IndexDir:
+    def open(cls, path: str | Path, manifest: dict[str, Any] | None = None) -> IndexDir:
+        """Open the index at ``path`` as ``manifest`` (default: read now) describes it; an index changed in place
+        opens as its base only (:func:`ragline.index.segments.open_single` opens it whole)."""
         path = Path(path).expanduser().resolve()
-        manifest = mf.read_manifest(path)
+        manifest = manifest or mf.read_manifest(path)
         n = manifest["corpus"]["passages"]
         store = PassageStore(path / mf.PASSAGES)
         if len(store) != n:
-            raise _corrupt(path, f"{mf.PASSAGES} has {len(store)} passages, the manifest says {n}")
+            raise corrupt(path, f"{mf.PASSAGES} has {len(store)} passages, the manifest says {n}")
         out = cls(path, manifest, store)
         if manifest.get("dense"):
             try:
                 out.embeddings = np.load(path / mf.EMBEDDINGS, mmap_mode="r")
             except (OSError, ValueError) as e:
-                raise _corrupt(path, f"cannot read {mf.EMBEDDINGS} ({e})") from None
+                raise corrupt(path, f"cannot read {mf.EMBEDDINGS} ({e})") from None
             if out.embeddings.shape != (n, manifest["encoder"]["dim"]):
-                raise _corrupt(path, f"{mf.EMBEDDINGS} has shape {out.embeddings.shape}")
+                raise corrupt(path, f"{mf.EMBEDDINGS} has shape {out.embeddings.shape}")
             d = manifest["dense"]
             if not (path / mf.DENSE).is_file():
-                raise _corrupt(path, f"{mf.DENSE} is missing")
+                raise corrupt(path, f"{mf.DENSE} is missing")
             out.dense = DenseIndex.load(path / mf.DENSE, d["type"], d.get("search_param"), d.get("search_value"),
                                         d.get("rerank", 0), out.embeddings)
             if out.dense.ntotal != n:
-                raise _corrupt(path, f"{mf.DENSE} holds {out.dense.ntotal} vectors, the manifest says {n}")
+                raise corrupt(path, f"{mf.DENSE} holds {out.dense.ntotal} vectors, the manifest says {n}")
         if manifest.get("bm25"):
             out.bm25 = BM25Index.load(path / mf.BM25)
             if out.bm25.ntotal != n:
-                raise _corrupt(path, f"the BM25 index holds {out.bm25.ntotal} passages, the manifest says {n}")
+                raise corrupt(path, f"the BM25 index holds {out.bm25.ntotal} passages, the manifest says {n}")
         out.modes = search_modes(out.dense, out.bm25)
         return out
 
@@ -63,6 +65,7 @@ class IndexDir(ManifestFacts):
         return len(self.store)
 
 
-def _corrupt(path: Path, what: str) -> RaglineError:
+def corrupt(path: Path, what: str) -> RaglineError:
+    """The error for a damaged index: what is wrong, and how to rebuild it."""
     return RaglineError(f"index {path} is damaged: {what}", f"rebuild it with `ragline index --out {path} --force`")
 

@@ -6,7 +6,8 @@ An index directory holds::
     passages.arrow    the passage store (row number = passage id in every index below)
     embeddings.npy    d(z) for every passage, float32 (n, dim); read by RAG training for p_eta(z|x)
     dense.faiss       the FAISS index over embeddings.npy
-    bm25/             the bm25s index over the same passages (title + text)
+    bm25/             the bm25s index over the same passages (title + text), and their term counts
+    segments/, tombstones/   passages added and rows deleted in place (:mod:`ragline.index.segments`)
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ from ragline.vocab import DEFAULT_PRIOR_SCALE
 
 FORMAT = "ragline-index"
 FORMAT_VERSION = 1
+LIVING_VERSION = 2  # an index with segments or deleted rows: older ragline would search its base only
+READABLE_VERSIONS = (FORMAT_VERSION, LIVING_VERSION)
 MANIFEST = "manifest.json"
 PASSAGES = "passages.arrow"
 EMBEDDINGS = "embeddings.npy"
 DENSE = "dense.faiss"
 BM25 = "bm25"
+SEGMENTS = "segments"
+TOMBSTONES = "tombstones"
 
 
 def index_fingerprint(manifest: dict[str, Any]) -> str:
@@ -57,10 +62,21 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise RaglineError(f"{path / MANIFEST} is not valid JSON ({e.msg})", "rebuild the index") from None
     if manifest.get("format") != FORMAT:
         raise RaglineError(f"{path} is not a ragline index", "point --index at a directory made by `ragline index`")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise RaglineError(f"index {path} has format version {manifest.get('format_version')}, this ragline reads "
-                           f"{FORMAT_VERSION}", "rebuild the index with this version of ragline")
+                           f"{' and '.join(map(str, READABLE_VERSIONS))}",
+                           "rebuild the index with this version of ragline")
     return manifest
+
+
+def is_living(manifest: dict[str, Any]) -> bool:
+    """Whether the index has delta segments or deleted rows (a generation written by add, update or delete)."""
+    return bool(manifest.get("segments") or manifest.get("tombstones"))
+
+
+def live_passages(manifest: dict[str, Any]) -> int:
+    """Passages a search can return: all of the corpus, less deleted ones, plus added ones."""
+    return int((manifest.get("live") or {}).get("passages", manifest["corpus"]["passages"]))
 
 
 def prior_scale(manifest: dict[str, Any]) -> float:

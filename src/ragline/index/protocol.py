@@ -30,7 +30,8 @@ class Store(Protocol):
         """The row of passage ``pid``, or None."""
 
     def values(self, column: str) -> list[str]:
-        """One column (``pid``, ``doc_id``, ``title`` or ``text``) for every row, in row order."""
+        """One column (``pid``, ``doc_id``, ``title`` or ``text``) for every row, in row order (rows deleted in
+        place included: their pid is taken by the live row if the document was updated)."""
 
 
 @runtime_checkable
@@ -40,8 +41,10 @@ class Searcher(Protocol):
     @property
     def ntotal(self) -> int: ...
 
-    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, rows), each (B, k), best first, ties by row; rows are -1 past the hits found."""
+    def search(self, queries, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each (B, k), best first, ties by row; rows are -1 past the hits found. ``allowed``
+        ((rows,) bool, from :mod:`ragline.index.filters`) limits the search to those rows, exactly: the best k
+        of them, not a filtered best k."""
 
 
 @runtime_checkable
@@ -72,6 +75,9 @@ class Index(Protocol):
     @property
     def name(self) -> str: ...
 
+    @property
+    def live_passages(self) -> int: ...
+
     def __len__(self) -> int: ...
 
 
@@ -88,6 +94,11 @@ class ManifestFacts:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def live_passages(self) -> int:
+        """Passages a search can return (rows less deleted ones)."""
+        return len(self)  # type: ignore[arg-type]
 
 
 def search_modes(dense: object | None, bm25: object | None) -> tuple[str, ...]:

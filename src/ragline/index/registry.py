@@ -16,8 +16,8 @@ from typing import Any
 
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
-from ragline.index.directory import IndexDir
 from ragline.index.protocol import Index
+from ragline.index.segments import open_single
 
 ENTRY_POINTS = "ragline.index_formats"
 
@@ -31,7 +31,7 @@ class IndexFormat:
     open: Callable[[Path], Index]
 
 
-_FORMATS: dict[str, IndexFormat] = {mf.FORMAT: IndexFormat(mf.FORMAT, mf.read_manifest, IndexDir.open)}
+_FORMATS: dict[str, IndexFormat] = {mf.FORMAT: IndexFormat(mf.FORMAT, mf.read_manifest, open_single)}
 
 
 def register(fmt: IndexFormat) -> None:

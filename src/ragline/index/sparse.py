@@ -34,6 +34,8 @@ from ragline.errors import RaglineError
 from ragline.index.topk import top_k
 
 PARAMS_FILE = "ragline_bm25.json"
+TERMS_FILE = "ragline_terms.json"  # TermCounts: the terms, in column order
+COUNTS = ("tf_indptr", "tf_rows", "tf_counts", "doc_len")  # TermCounts' arrays, one .npy file each
 
 
 def _tokenizer(language: str) -> Tokenizer:
@@ -101,6 +103,70 @@ class _CorpusStatsBM25(bm25s.BM25):
         return {"data": m.data, "indices": m.indices, "indptr": m.indptr, "num_docs": n_docs}
 
 
+@dataclass
+class TermCounts:
+    """How often each term occurs in each passage of one part of an index, as a term-major (CSC) sparse matrix:
+    the passages holding term ``terms[j]`` are ``rows[indptr[j]:indptr[j + 1]]``, ``counts`` times each; and
+    every passage's length in tokens. BM25 scores computed from these at query time
+    (:mod:`ragline.index.bm25_live`) follow the live corpus's statistics, which precomputed scores cannot."""
+
+    terms: list[str]
+    indptr: np.ndarray   # (n_terms + 1,) int64
+    rows: np.ndarray     # (nnz,) int32, ascending within a term
+    counts: np.ndarray   # (nnz,) int32
+    doc_len: np.ndarray  # (n_passages,) int32
+
+    @classmethod
+    def of(cls, token_ids: list[list[int]], vocab: dict[str, int]) -> TermCounts:
+        """The counts of passages tokenised to ``token_ids`` over ``vocab`` (token -> id)."""
+        n_terms = max(vocab.values(), default=-1) + 1
+        lens = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
+        flat = np.fromiter((i for t in token_ids for i in t), dtype=np.int64, count=int(lens.sum()))
+        doc = np.repeat(np.arange(len(token_ids), dtype=np.int64), lens)
+        m = sp.csc_matrix((np.ones(len(flat), dtype=np.int32), (doc, flat)), shape=(len(token_ids), n_terms))
+        m.sum_duplicates()
+        m.sort_indices()
+        terms = [""] * n_terms
+        for t, i in vocab.items():
+            terms[i] = t
+        return cls(terms, m.indptr.astype(np.int64), m.indices.astype(np.int32), m.data.astype(np.int32),
+                   lens.astype(np.int32))
+
+    @property
+    def passages(self) -> int:
+        return len(self.doc_len)
+
+    def save(self, out_dir: Path) -> None:
+        """Write the counts into ``out_dir`` (each file through a temporary name)."""
+        from ragline import atomic
+
+        atomic.write_json(out_dir / TERMS_FILE, self.terms)
+        for name, arr in zip(COUNTS, (self.indptr, self.rows, self.counts, self.doc_len), strict=True):
+            tmp = out_dir / f".{name}.tmp.npy"
+            np.save(tmp, arr)
+            tmp.replace(out_dir / f"{name}.npy")
+
+    @staticmethod
+    def saved_in(path: Path) -> bool:
+        return (path / TERMS_FILE).is_file() and all((path / f"{n}.npy").is_file() for n in COUNTS)
+
+    @classmethod
+    def load(cls, path: Path) -> TermCounts:
+        if not cls.saved_in(path):
+            raise RaglineError(f"{path} holds no term counts", "run `ragline compact` or rebuild the index")
+        arrays = [np.load(path / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in COUNTS]
+        return cls(json.loads((path / TERMS_FILE).read_text()), *arrays)
+
+    @classmethod
+    def build(cls, texts: Iterable[list[str]], stemmer: str = "english") -> TermCounts:
+        """Tokenise texts (successive chunks) as :meth:`BM25Index.build` does and count their terms."""
+        tok = _tokenizer(stemmer)
+        ids: list[list[int]] = []
+        for chunk in texts:
+            ids.extend(tok.tokenize(chunk, update_vocab=True, return_as="ids", show_progress=False))
+        return cls.of(ids, tok.get_vocab_dict())
+
+
 class BM25Index:
     """A BM25 index over the passages (bm25s, stemmed, English stop words): build, load, search."""
 
@@ -127,6 +193,7 @@ class BM25Index:
         out_dir.mkdir(parents=True, exist_ok=True)
         retriever.save(str(out_dir), show_progress=False)
         tok.save_vocab(str(out_dir))
+        TermCounts.of(ids, tok.get_vocab_dict()).save(out_dir)  # for updates in place (bm25_live.py)
         params = {"k1": k1, "b": b, "method": method, "stemmer": stemmer, "stopwords": "en", "documents": len(ids)}
         if corpus_stats is not None:
             params["corpus_passages"] = corpus_stats.passages
@@ -145,8 +212,9 @@ class BM25Index:
     def ntotal(self) -> int:
         return int(self.params["documents"])
 
-    def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, rows), each (B, k); rows are -1 past the passages that share a term with the query."""
+    def search(self, queries: list[str], k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each (B, k); rows are -1 past the passages that share a term with the query (and are
+        ``allowed``, (n,) bool, when given)."""
         ids = self.tokenizer.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
         empty = self.tokenizer.get_vocab_dict().get("", -1)  # bm25s maps unknown words to the empty token
         scores = np.zeros((len(queries), k), dtype=np.float32)
@@ -156,6 +224,8 @@ class BM25Index:
             if not terms:
                 continue
             s = self.retriever.get_scores(terms)  # (n,)
+            if allowed is not None:
+                s = np.where(allowed, s, 0).astype(s.dtype)
             top = top_k(s, k)
             top = top[s[top] > 0]  # passages sharing no term are not hits
             rows[b, : len(top)], scores[b, : len(top)] = top, s[top]

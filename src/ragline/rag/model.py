@@ -46,6 +46,7 @@ class Source:
     score: float      # q(x)·d(z)
     prior: float      # p_eta(z|x)
     posterior: float | None  # p(z|x,y); None before the answer is decoded (the streaming 'passages' event)
+    meta: dict = field(default_factory=dict)  # source, page or section, the document's metadata
 
 
 @dataclass
@@ -86,6 +87,7 @@ class RagModel:
                  mode: str = vocab.DEFAULT_MODE, prior_scale: float | None = None) -> None:
         self.retriever, self.generator, self.k, self.mode = retriever, generator, k, mode
         self.prior_scale = prior_scale
+        self.filters: tuple[str, ...] = ()  # metadata conditions on the passages retrieved (index/filters.py)
 
     def retrieve(self, questions: Sequence[str], k: int, grad: bool = False
                  ) -> tuple[list[list[Passage]], torch.Tensor, float]:
@@ -94,10 +96,11 @@ class RagModel:
         encoder."""
         if self.retriever is None:
             raise RaglineError("this model has no retriever", "open it with an index, or use --model closed-book")
-        res = self.retriever.retrieve(list(questions), k=k, mode=self.mode, with_vectors=True)
+        res = self.retriever.retrieve(list(questions), k=k, mode=self.mode, with_vectors=True, filters=self.filters)
         if (res.rows < 0).any():
-            raise RaglineError(f"fewer than k={k} passages matched a question ({self.mode} retrieval)",
-                               "use dense or hybrid retrieval, or a smaller -k")
+            where = f", filter {' '.join(self.filters)}" if self.filters else ""
+            raise RaglineError(f"fewer than k={k} passages matched a question ({self.mode} retrieval{where})",
+                               "use dense or hybrid retrieval, a smaller -k" + (", or wider filters" if where else ""))
         flat = res.index.store.get(res.rows.reshape(-1))  # one fetch for the batch: (B * K) passages
         passages = [flat[b * k : (b + 1) * k] for b in range(len(res.rows))]
         if res.question_vectors is None:  # BM25-only index: no q(x)·d(z); a uniform prior
@@ -235,5 +238,5 @@ def _sources(passages: list[Passage | None], scores: torch.Tensor, doc: torch.Te
         return []
     prior = doc.exp()
     return [Source(i + 1, z.pid, z.doc_id, z.title, z.text, float(scores[i]), float(prior[i]),
-                   None if posterior is None else float(posterior[i])) for i, z in enumerate(passages)]
+                   None if posterior is None else float(posterior[i]), z.meta) for i, z in enumerate(passages)]
 

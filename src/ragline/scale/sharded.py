@@ -80,11 +80,11 @@ class ShardServer:
     def pid(self) -> int:
         return os.getpid()
 
-    def dense(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._global(*self.index.dense.search(queries, min(k, len(self.index))))
+    def dense(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return self._global(*self.index.dense.search(queries, min(k, len(self.index)), allowed))
 
-    def bm25(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._global(*self.index.bm25.search(queries, min(k, len(self.index))))
+    def bm25(self, queries: list[str], k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return self._global(*self.index.bm25.search(queries, min(k, len(self.index)), allowed))
 
     def _global(self, scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return scores, np.where(rows >= 0, rows + self.offset, -1)
@@ -180,9 +180,12 @@ class ShardedSearch:
     def ntotal(self) -> int:
         return len(self.index)
 
-    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, global rows), each (B, k), as one index over the whole corpus would give."""
-        parts = self.index.call(self.kind, [(queries, k)] * len(self.index.actors))
+    def search(self, queries, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, global rows), each (B, k), as one index over the whole corpus would give; ``allowed``
+        (global rows, bool) limits every shard's search to its slice of it."""
+        shards = self.index.manifest["shards"]
+        parts = self.index.call(self.kind, [(queries, k, None if allowed is None else
+                                             allowed[s["offset"]:s["offset"] + s["passages"]]) for s in shards])
         return merge_top_k(parts, k)
 
 

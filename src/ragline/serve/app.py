@@ -52,6 +52,7 @@ from ragline.serve import events, openai_api
 from ragline.serve.budget import (
     MAX_BEAMS,
     MAX_BODY_BYTES,
+    MAX_FILTERS,
     MAX_K,
     MAX_NEW_TOKENS,
     MAX_QUESTION_CHARS,
@@ -59,6 +60,7 @@ from ragline.serve.budget import (
     Busy,
     Settings,
     TooLarge,
+    check_filters,
     settings_k,
 )
 from ragline.serve.mcp_server import create_mcp
@@ -72,6 +74,7 @@ class Question(BaseModel):
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
     k: int | None = Field(None, ge=1, le=MAX_K)  # default: the server's (a RAG checkpoint's n_docs, else 5)
     mode: Literal[vocab.MODES] = vocab.DEFAULT_MODE  # type: ignore[valid-type]
+    filter: list[str] = Field(default_factory=list, max_length=MAX_FILTERS)  # field=value, field!=value, field=p*
 
     @field_validator("question")
     @classmethod
@@ -79,6 +82,11 @@ class Question(BaseModel):
         if not v.strip():
             raise ValueError("the question is empty")
         return v.strip()
+
+    @field_validator("filter")
+    @classmethod
+    def _filters(cls, v: list[str]) -> list[str]:
+        return list(check_filters(v))
 
 
 class AskRequest(Question):
@@ -91,9 +99,8 @@ class AskRequest(Question):
 
     def settings(self, default_k: int = vocab.DEFAULT_K) -> Settings:
         vocab.check(self.model, self.decoding)
-        return Settings(self.model, self.decoding, settings_k(self.model, self.k, default_k),
-                        self.mode,
-                        self.beams, self.max_new_tokens)
+        return Settings(self.model, self.decoding, settings_k(self.model, self.k, default_k), self.mode,
+                        self.beams, self.max_new_tokens, filters=tuple(self.filter))
 
 
 class SwapRequest(BaseModel):
@@ -247,7 +254,7 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
 
     @app.post("/search")
     def search(req: Question) -> dict:
-        hits = retriever().search([req.question], k=req.k or rag.k, mode=req.mode)[0]
+        hits = retriever().search([req.question], k=req.k or rag.k, mode=req.mode, filters=req.filter)[0]
         return {"question": req.question, "hits": [h.__dict__ for h in hits]}
 
     @app.get("/passages/{pid:path}", response_model=None)

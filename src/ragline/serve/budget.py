@@ -14,6 +14,25 @@ MAX_K = 20
 MAX_BEAMS = 8
 MAX_NEW_TOKENS = 128
 MAX_BODY_BYTES = 4 * 2**20  # a request body: room for 256 texts to embed, or a long conversation
+MAX_FILTERS = 16  # metadata conditions on one request (index/filters.py)
+MAX_FILTER_CHARS = 1000
+
+
+def check_filters(specs: list[str] | None) -> tuple[str, ...]:
+    """A request's ``filter`` conditions, checked (:mod:`ragline.index.filters`); ValueError names the bad one."""
+    from ragline.index.filters import Condition
+
+    specs = list(specs or [])
+    if len(specs) > MAX_FILTERS:
+        raise ValueError(f"at most {MAX_FILTERS} filter conditions")
+    for s in specs:
+        if not isinstance(s, str) or len(s) > MAX_FILTER_CHARS:
+            raise ValueError(f"a filter condition is text of at most {MAX_FILTER_CHARS} characters")
+        try:
+            Condition.parse(s)
+        except RaglineError as e:
+            raise ValueError(str(e)) from None
+    return tuple(specs)
 
 
 def settings_k(model: str, k: int | None, default_k: int) -> int:
@@ -33,6 +52,7 @@ class Settings:
     beams: int
     max_new_tokens: int
     n_best: int = 1  # answers returned, best first (at most beams)
+    filters: tuple[str, ...] = ()  # metadata conditions on the passages retrieved (index/filters.py)
 
     @property
     def rows(self) -> int:

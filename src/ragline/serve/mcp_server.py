@@ -34,7 +34,16 @@ from ragline.rag import citations as cite
 from ragline.rag.model import Answer, RagModel
 from ragline.retriever import Hit
 from ragline.serve import events
-from ragline.serve.budget import MAX_BEAMS, MAX_K, MAX_NEW_TOKENS, MAX_QUESTION_CHARS, Settings, settings_k
+from ragline.serve.budget import (
+    MAX_BEAMS,
+    MAX_FILTERS,
+    MAX_K,
+    MAX_NEW_TOKENS,
+    MAX_QUESTION_CHARS,
+    Settings,
+    check_filters,
+    settings_k,
+)
 from ragline.serve.worker import ModelWorker
 
 INSTRUCTIONS = ("ragline answers questions from its own passage index (Retrieval-Augmented Generation) and says "
@@ -44,6 +53,9 @@ INSTRUCTIONS = ("ragline answers questions from its own passage index (Retrieval
 QuestionArg = Annotated[str, Field(min_length=1, max_length=MAX_QUESTION_CHARS, description="The question.")]
 KArg = Annotated[int | None, Field(ge=1, le=MAX_K, description="Passages to retrieve (default: the server's).")]
 ModeArg = Annotated[Literal[vocab.MODES], Field(description="Retrieval: dense, bm25 or hybrid.")]  # type: ignore[valid-type]
+FilterArg = Annotated[list[str] | None, Field(max_length=MAX_FILTERS, description=(
+    "Metadata conditions the passages must meet: field=value, field!=value, or field=prefix* (e.g. "
+    "source=reports/*); fields: pid, doc_id, title, source, page, section and the corpus's own metadata."))]
 ModelArg = Annotated[Literal[vocab.MODELS], Field(  # type: ignore[valid-type]
     description="The reader: rag-sequence and rag-token marginalise over the passages, concat reads them in one "
                 "prompt, fid fuses them (seq2seq generators), closed-book reads none.")]
@@ -74,13 +86,16 @@ def create_mcp(rag: RagModel, worker: ModelWorker | None = None) -> MCPServer:
     read_only = ToolAnnotations(readOnlyHint=True, idempotentHint=True, openWorldHint=False)
 
     @server.tool(annotations=read_only)
-    async def search(question: QuestionArg, k: KArg = None, mode: ModeArg = vocab.DEFAULT_MODE) -> Passages:
+    async def search(question: QuestionArg, k: KArg = None, mode: ModeArg = vocab.DEFAULT_MODE,
+                     filter: FilterArg = None) -> Passages:  # noqa: A002 - the HTTP field's name
         """The passages of the index that best match the question, best first, with their retrieval scores."""
         question = _question(question)
+        filters = _filters(filter)
         if rag.retriever is None:
             raise ToolError("this server has no index; start it with --index")
         try:
-            hits = await anyio.to_thread.run_sync(partial(rag.retriever.search, [question], k=k or rag.k, mode=mode))
+            hits = await anyio.to_thread.run_sync(partial(rag.retriever.search, [question], k=k or rag.k, mode=mode,
+                                                             filters=filters))
         except RaglineError as e:
             raise ToolError(f"{e.problem}; {e.fix}") from None
         return Passages(question, hits[0])
@@ -89,21 +104,30 @@ def create_mcp(rag: RagModel, worker: ModelWorker | None = None) -> MCPServer:
     async def ask(question: QuestionArg, model: ModelArg = vocab.DEFAULT_MODEL, decoding: DecodingArg = None,
                   k: KArg = None, mode: ModeArg = vocab.DEFAULT_MODE,
                   beams: Annotated[int, Field(ge=1, le=MAX_BEAMS)] = vocab.DEFAULT_BEAMS,
-                  max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] = vocab.DEFAULT_MAX_NEW_TOKENS
-                  ) -> Answered:
+                  max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] = vocab.DEFAULT_MAX_NEW_TOKENS,
+                  filter: FilterArg = None) -> Answered:  # noqa: A002 - the HTTP field's name
         """Answer the question from the index's passages: the answer, its log-probability, the passages read
         (rank, pid, title, text, prior and posterior), per-token passages (rag-token) and citation runs;
         ``marked`` is the answer with citation marks [n] (n: a passage's rank)."""
         question = _question(question)
+        filters = _filters(filter)
         try:
             vocab.check(model, decoding)
-            settings = Settings(model, decoding, settings_k(model, k, rag.k), mode, beams, max_new_tokens)
+            settings = Settings(model, decoding, settings_k(model, k, rag.k), mode, beams, max_new_tokens,
+                                filters=filters)
             answer: Answer = await events.result(worker.ask(question, settings))
         except RaglineError as e:
             raise ToolError(f"{e.problem}; {e.fix}") from None
         return Answered(**{**_fields(answer), "marked": cite.marked(answer.citations) or answer.text})
 
     return server
+
+
+def _filters(specs: list[str] | None) -> tuple[str, ...]:
+    try:
+        return check_filters(specs)
+    except ValueError as e:
+        raise ToolError(str(e)) from None
 
 
 def _question(text: str) -> str:

@@ -22,13 +22,14 @@ deterministic), ``top_p`` 1, ``stream`` with ``stream_options.include_usage``; `
 tools, logprobs, penalties, images) is refused with an OpenAI error object naming the parameter.
 
 **ragline's own fields** ride in the request body (``extra_body`` in the ``openai`` client): ``k``,
-``mode`` (dense, bm25, hybrid), ``decoding``, ``beams``, ``history`` and ``citations`` (true: numbered marks
-``[n]`` after the words each passage supports, :mod:`ragline.rag.citations`).
+``mode`` (dense, bm25, hybrid), ``filter`` (metadata conditions), ``decoding``, ``beams``, ``history`` and
+``citations`` (true: numbered marks ``[n]`` after the words each passage supports, :mod:`ragline.rag.citations`).
 
 **The sources.** Every completion carries the native answer structure (question, log p, sources with
 title, pid, prior and posterior, RAG-Token's per-token passages, citations) in a ``ragline`` field: on the
 completion, or on a stream's last chunk. A non-streamed completion also sends the sources' rank, pid, prior
-and posterior as JSON in the ``X-Ragline-Sources`` header (LangChain's ``include_response_headers``).
+and posterior (and where a passage comes from: file, page or section) as JSON in the ``X-Ragline-Sources``
+header (LangChain's ``include_response_headers``).
 
 **Streaming.** Greedy decoding sends the answer as it grows, one chunk per step; decodings whose best text
 can still change (beam search, RAG-Sequence), concat (whose marks leave its text once decoded), several
@@ -51,16 +52,26 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ragline import vocab
+from ragline.corpus.documents import locator
 from ragline.errors import RaglineError
 from ragline.models.generators import Seq2SeqGenerator
 from ragline.rag import citations as cite
 from ragline.rag.decoding import stop_ids
 from ragline.rag.model import Answer, RagModel
 from ragline.serve import events
-from ragline.serve.budget import MAX_BEAMS, MAX_K, MAX_NEW_TOKENS, MAX_QUESTION_CHARS, Settings, settings_k
+from ragline.serve.budget import (
+    MAX_BEAMS,
+    MAX_FILTERS,
+    MAX_K,
+    MAX_NEW_TOKENS,
+    MAX_QUESTION_CHARS,
+    Settings,
+    check_filters,
+    settings_k,
+)
 from ragline.serve.worker import ModelWorker
 
 log = logging.getLogger("ragline.serve")
@@ -127,6 +138,12 @@ class ChatRequest(BaseModel):
     beams: int = Field(vocab.DEFAULT_BEAMS, ge=1, le=MAX_BEAMS)
     history: int | None = Field(None, ge=0)
     citations: bool = False
+    filter: list[str] = Field(default_factory=list, max_length=MAX_FILTERS)
+
+    @field_validator("filter")
+    @classmethod
+    def _filters(cls, v: list[str]) -> list[str]:
+        return list(check_filters(v))
 
 
 class EmbeddingRequest(BaseModel):
@@ -274,7 +291,7 @@ def _settings(req: ChatRequest, rag: RagModel) -> tuple[Settings, list[str]]:
     if len(stops) > MAX_STOPS or not all(stops):
         raise OpenAIError(f"stop takes up to {MAX_STOPS} non-empty strings", "send fewer stop strings", "stop")
     return Settings(reader, decoding, settings_k(reader, req.k, rag.k), req.mode, max(req.beams, req.n), new_tokens,
-                    req.n), stops
+                    req.n, tuple(req.filter)), stops
 
 
 def _text(message: dict[str, Any], i: int) -> str:
@@ -359,7 +376,8 @@ def _fingerprint(rag: RagModel) -> str:
 
 def _sources_header(answer: Answer) -> str:
     """The sources' rank, pid, prior and posterior as ASCII JSON, the top-ranked that fit the header's bound."""
-    rows = [{"rank": s.rank, "pid": s.pid, "prior": s.prior, "posterior": s.posterior} for s in answer.sources]
+    rows = [{"rank": s.rank, "pid": s.pid, "prior": s.prior, "posterior": s.posterior,
+             **({"where": locator(s.meta)} if locator(s.meta) else {})} for s in answer.sources]
     while True:
         text = json.dumps(rows, ensure_ascii=True, separators=(",", ":"))
         if len(text) <= MAX_SOURCES_HEADER or not rows:

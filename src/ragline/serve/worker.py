@@ -176,7 +176,7 @@ class ModelWorker:
             for j, srcs in zip(batch, sources, strict=True):
                 tell(j, j.on_passages, srcs)
 
-        self.rag.mode = s.mode  # only this thread uses the model
+        self.rag.mode, self.rag.filters = s.mode, s.filters  # only this thread uses the model
         try:
             answers: list[Any] = self.rag.answer(
                 [j.question for j in batch], model=s.model, decoding=s.decoding, k=s.k, beams=s.beams,

@@ -1,0 +1,107 @@
+"""BM25 over an index that changes in place: the base and its delta segments, less deleted passages, scored
+at query time with the statistics of the live corpus, so that the scores equal those of an index built from
+scratch over the live passages (:mod:`ragline.index.sparse` with bm25s, Lucene's variant)::
+
+    score(q, d) = sum_{t in q} idf_t * tf_{t,d} / (tf_{t,d} + k1 (1 - b + b |d| / avgdl))
+    idf_t       = log(1 + (N - df_t + 0.5) / (df_t + 0.5))
+
+where N, avgdl and df_t count live passages only. A term repeated in the question counts once per repeat, as
+bm25s sums it. Each part's top k (deleted passages never among them) merge exactly by score, then row
+(:func:`ragline.index.topk.merge_top_k`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ragline.errors import RaglineError
+from ragline.index.sparse import TermCounts, _tokenizer
+from ragline.index.topk import merge_top_k, top_k
+
+METHODS = ("lucene", "robertson")  # the bm25s variants with this idf and term-frequency part
+
+
+class _Part:
+    """One segment's counts, its first global row and which of its passages are live."""
+
+    def __init__(self, counts: TermCounts, offset: int, alive: np.ndarray | None) -> None:
+        self.counts, self.offset, self.alive = counts, offset, alive
+        self.term_id = {t: j for j, t in enumerate(counts.terms)}
+        self.norm = np.zeros(0, dtype=np.float32)  # set by LiveBM25 once avgdl is known
+        if alive is None:
+            self.df = np.diff(counts.indptr)  # (n_terms,) passages holding each term
+            self.live, self.tokens = counts.passages, int(np.sum(counts.doc_len, dtype=np.int64))
+        else:
+            held = np.concatenate([[0], np.cumsum(alive[counts.rows], dtype=np.int64)])  # live nonzeros so far
+            self.df = held[counts.indptr[1:]] - held[counts.indptr[:-1]]
+            self.live, self.tokens = int(alive.sum()), int(np.sum(counts.doc_len[alive], dtype=np.int64))
+
+    def df_of(self, term: str) -> int:
+        j = self.term_id.get(term)
+        return 0 if j is None else int(self.df[j])
+
+
+class LiveBM25:
+    """BM25 search over parts (term counts, first global row, live mask or None) with live statistics;
+    implements :class:`ragline.index.protocol.Searcher`."""
+
+    def __init__(self, parts: list[tuple[TermCounts, int, np.ndarray | None]], params: dict) -> None:
+        method = params.get("method", "lucene")
+        if method not in METHODS:
+            raise RaglineError(f"an index with BM25 method {method!r} cannot be updated in place",
+                               f"rebuild it with one of {', '.join(METHODS)} (the default is lucene)")
+        self.params = params
+        self.k1, self.b = float(params["k1"]), float(params["b"])
+        self.parts = [_Part(c, o, a) for c, o, a in parts]
+        self.live = sum(p.live for p in self.parts)
+        self.avgdl = sum(p.tokens for p in self.parts) / max(self.live, 1)
+        self._stemmer = params.get("stemmer", "english")
+        for p in self.parts:  # k1 (1 - b + b |d| / avgdl) of every passage, (n_part,)
+            p.norm = (self.k1 * ((1 - self.b) + self.b * p.counts.doc_len / self.avgdl)).astype(np.float32)
+
+    @property
+    def ntotal(self) -> int:
+        return sum(p.counts.passages for p in self.parts)
+
+    def idf(self, term: str) -> float:
+        df = sum(p.df_of(term) for p in self.parts)
+        return math.log(1 + (self.live - df + 0.5) / (df + 0.5)) if df else 0.0
+
+    def search(self, queries: list[str], k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, global rows), each (B, k); rows -1 past the live passages sharing a term with the query (and
+        ``allowed``, (rows,) bool, when given)."""
+        terms = _tokenizer(self._stemmer).tokenize(queries, update_vocab=True, return_as="string",
+                                                   show_progress=False)
+        out_s = np.zeros((len(queries), k), dtype=np.float32)
+        out_r = np.full((len(queries), k), -1, dtype=np.int64)
+        for b, q in enumerate(terms):
+            idf = {t: np.float32(self.idf(t)) for t in set(q)}
+            parts = [self._part_top_k(p, q, idf, k, None if allowed is None else
+                                      allowed[p.offset:p.offset + p.counts.passages]) for p in self.parts]
+            out_s[b], out_r[b] = (x[0] for x in merge_top_k(parts, k))
+        return out_s, out_r
+
+    def _part_top_k(self, part: _Part, query: list[str], idf: dict[str, np.float32], k: int,
+                    allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        c = part.counts
+        s = np.zeros(c.passages, dtype=np.float32)  # (n_part,)
+        norm = part.norm
+        for t in query:
+            j = part.term_id.get(t)
+            if j is None or not idf[t]:
+                continue
+            rows = c.rows[c.indptr[j]:c.indptr[j + 1]]
+            tf = c.counts[c.indptr[j]:c.indptr[j + 1]].astype(np.float32)
+            s[rows] += idf[t] * (tf / (norm[rows] + tf))
+        if part.alive is not None:
+            s[~part.alive] = 0.0
+        if allowed is not None:
+            s[~allowed] = 0.0
+        top = top_k(s, k)
+        top = top[s[top] > 0]  # passages sharing no term are not hits
+        scores = np.zeros((1, k), dtype=np.float32)
+        rows = np.full((1, k), -1, dtype=np.int64)
+        scores[0, :len(top)], rows[0, :len(top)] = s[top], top + part.offset
+        return scores, rows

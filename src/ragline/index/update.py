@@ -1,0 +1,353 @@
+"""Change an index in place, one generation at a time: ``ragline add``, ``update``, ``delete`` and ``compact``.
+
+A generation is written beside the current one and switched to by its manifest, written last and atomically
+(:mod:`ragline.index.segments` describes the layout):
+
+1. new passages go to a staging directory ``segments/.gNNNNNN.building`` (passages, embeddings from the index's
+   own passage encoder, an exact flat FAISS index, BM25 term counts), which is renamed into place when complete;
+2. deleted rows (all of them so far) go to ``tombstones/gNNNNNN.npy`` through a temporary name;
+3. the new manifest (segments, tombstone file, live counts, fingerprint, history) replaces the old one.
+
+A crash before step 3 leaves the previous generation whole and loadable; the next change removes what the
+crashed one left. Readers of the previous generation keep working: nothing they read is modified, and the
+previous generation's tombstone file is kept until the next change. ``compact`` writes a plain index over the
+live passages (no re-encoding: the stored vectors are copied) and replaces the directory in one step.
+
+Documents are matched by id. A document whose passages hash the same as the live ones is unchanged, so adding
+it again is a no-op; ``add`` refuses a known id with other content (that is ``update``), ``update`` replaces it
+(and adds ids it does not know), ``delete`` removes every live passage of the ids given.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ragline import atomic
+from ragline.corpus.passages import Passage, split_documents
+from ragline.corpus.readers import ReadStats, read_corpus
+from ragline.corpus.store import PassageStore, PassageStoreWriter
+from ragline.errors import RaglineError
+from ragline.index import dense_build
+from ragline.index import manifest as mf
+from ragline.index.registry import open_index
+from ragline.index.segments import live_rows, segment_dir
+from ragline.index.sparse import TermCounts
+from ragline.models.encoders import Encoder, load_encoder
+
+HISTORY_IDS = 100  # document ids listed per change in the manifest's history (the rest are counted)
+ADD, UPDATE, DELETE, COMPACT = "add", "update", "delete", "compact"
+
+
+@dataclass
+class Change:
+    """What one command changed: document ids added, replaced, left unchanged and deleted; passage counts."""
+
+    action: str
+    added: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    passages_added: int = 0
+    passages_deleted: int = 0
+    generation: int | None = None  # the generation written; None when nothing changed
+    skipped: int = 0               # malformed records skipped (--skip-bad)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.passages_added or self.passages_deleted)
+
+    def summary(self) -> str:
+        parts = [f"{len(v)} {k}" for k, v in (("added", self.added), ("replaced", self.replaced),
+                                               ("deleted", self.deleted), ("unchanged", self.unchanged)) if v]
+        what = ", ".join(parts) or "no"
+        tail = (f" -> generation {self.generation} (+{self.passages_added} / -{self.passages_deleted} passages)"
+                if self.changed else ": nothing to write")
+        return f"documents: {what}{tail}" + (f"; {self.skipped} bad records skipped" if self.skipped else "")
+
+
+def document_hash(passages: Sequence[Passage]) -> str:
+    """The content of one document as its passages hold it (title and text, in order)."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in passages:
+        for part in (p.title, p.text):
+            h.update(part.encode())
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+def live_documents(index) -> dict[str, tuple[list[int], str]]:
+    """Every live document of ``index``: id -> (its rows, :func:`document_hash` of its passages)."""
+    rows = live_rows(index).tolist()
+    doc_ids, titles, texts = (index.store.values(c) for c in ("doc_id", "title", "text"))
+    by_doc: dict[str, list[int]] = {}
+    for r in rows:
+        by_doc.setdefault(doc_ids[r], []).append(r)
+    return {d: (rs, document_hash([Passage("", d, titles[r], texts[r]) for r in rs])) for d, rs in by_doc.items()}
+
+
+def add_documents(path: str | Path, sources: Sequence[str], *, replace: bool = False, fmt: str = "auto",
+                  skip_bad: bool = False, encoder: Encoder | None = None, batch_size: int = 64,
+                  device: str | None = None, log: Callable[[str], None] = print) -> Change:
+    """``ragline add`` (``replace=False``) or ``ragline update`` (``replace=True``): the documents of
+    ``sources`` into the index at ``path`` as a new generation."""
+    path = _index_path(path)
+    with atomic.exclusive_lock(path.parent / f".{path.name}.lock"):
+        index = open_index(path)
+        _check_single(index)
+        _clean_stale(path, index.manifest)
+        change = Change(UPDATE if replace else ADD)
+        docs = _read_sources(sources, fmt, skip_bad, change)
+        live = live_documents(index)
+        words = int(index.manifest["corpus"].get("passage_words") or 100)
+        new: list[Passage] = []
+        dead: list[int] = []
+        refused = []
+        for doc_id, passages in _split(docs, words):
+            known = live.get(doc_id)
+            if known is not None and known[1] == document_hash(passages):
+                change.unchanged.append(doc_id)
+                continue
+            if known is not None and not replace:
+                refused.append(doc_id)
+                continue
+            (change.replaced if known is not None else change.added).append(doc_id)
+            if known is not None:
+                dead.extend(known[0])
+            new.extend(passages)
+        if refused:
+            raise RaglineError(f"{len(refused)} document(s) are already in index {path.name} with other content: "
+                               f"{_ids(refused)}", "use `ragline update` to replace them; nothing was changed")
+        change.passages_added, change.passages_deleted = len(new), len(dead)
+        if change.changed:
+            _write_generation(path, index, new, dead, change, sources, encoder, batch_size, device, log)
+        log(change.summary())
+        return change
+
+
+def delete_documents(path: str | Path, doc_ids: Sequence[str], log: Callable[[str], None] = print) -> Change:
+    """``ragline delete``: every live passage of the documents ``doc_ids``, in a new generation."""
+    path = _index_path(path)
+    if not doc_ids:
+        raise RaglineError("no document id given", "pass --doc ID (repeatable)")
+    with atomic.exclusive_lock(path.parent / f".{path.name}.lock"):
+        index = open_index(path)
+        _check_single(index)
+        _clean_stale(path, index.manifest)
+        live = live_documents(index)
+        unknown = [d for d in dict.fromkeys(doc_ids) if d not in live]
+        if unknown:
+            raise RaglineError(f"index {path.name} holds no live document {_ids(unknown)}",
+                               "check the ids (`ragline search` shows a passage's doc_id); nothing was changed")
+        change = Change(DELETE, deleted=list(dict.fromkeys(doc_ids)))
+        dead = [r for d in change.deleted for r in live[d][0]]
+        change.passages_deleted = len(dead)
+        _write_generation(path, index, [], dead, change, [], None, 64, None, log)
+        log(change.summary())
+        return change
+
+
+def compact_index(path: str | Path, log: Callable[[str], None] = print) -> Change:
+    """``ragline compact``: one plain index over the live passages in row order, replacing the directory
+    atomically; the stored vectors are copied, the dense index is rebuilt with the base's type and BM25 anew."""
+    from ragline.index.build import BuildOptions, finish_index
+
+    path = _index_path(path)
+    with atomic.exclusive_lock(path.parent / f".{path.name}.lock"):
+        index = open_index(path)
+        _check_single(index)
+        m = index.manifest
+        gen = int(m.get("generation", 0)) + 1
+        change = Change(COMPACT, generation=gen)
+        rows = live_rows(index)
+        work = path.parent / f".{path.name}.building"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        with PassageStoreWriter(work / mf.PASSAGES) as w:
+            for lo in range(0, len(rows), 4096):
+                w.add_all(index.store.get(rows[lo:lo + 4096]))
+        dense = m.get("dense") or {}
+        if dense:
+            emb = np.lib.format.open_memmap(work / mf.EMBEDDINGS, mode="w+", dtype=np.float32,
+                                            shape=(len(rows), m["encoder"]["dim"]))
+            for lo in range(0, len(rows), 65536):
+                emb[lo:lo + 65536] = index.embeddings[rows[lo:lo + 65536]]
+            emb.flush()
+            del emb
+        manifest = {k: v for k, v in m.items() if k not in ("segments", "tombstones", "live")}
+        manifest["format_version"] = mf.FORMAT_VERSION
+        doc_ids = index.store.values("doc_id")
+        manifest["corpus"] = {**m["corpus"], "fingerprint": w.fingerprint, "passages": w.count,
+                              "documents": len({doc_ids[r] for r in rows.tolist()})}
+        manifest["generation"] = gen
+        manifest["history"] = [*m.get("history", []), _history(change, [], w.count)]
+        opts = BuildOptions(source=str(m["corpus"].get("source")), out=path, index_type=dense.get("type", "flat"),
+                            dense=bool(dense), bm25=bool(m.get("bm25")), progress=False)
+        finish_index(opts, work, path, manifest, log)
+        log(f"compacted index {path.name}: {w.count} live passages in one segment (generation {gen})")
+        return change
+
+
+# --- writing a generation ---------------------------------------------------------------------------------
+
+def _write_generation(path: Path, index, new: list[Passage], dead: list[int], change: Change,
+                      sources: Sequence[str], encoder: Encoder | None, batch_size: int, device: str | None,
+                      log: Callable[[str], None]) -> None:
+    m = index.manifest
+    gen = int(m.get("generation", 0)) + 1
+    manifest = json.loads(json.dumps(m))  # a deep copy: the open index keeps its own
+    manifest["format_version"] = mf.LIVING_VERSION
+    manifest["generation"] = gen
+    segments = list(m.get("segments") or [])
+    if new:
+        if m.get("bm25") and not TermCounts.saved_in(path / mf.BM25):  # an index built before updates existed
+            log("counting the base index's BM25 terms (once)")
+            TermCounts.build(PassageStore(path / mf.PASSAGES).text_chunks(),
+                             m["bm25"].get("stemmer", "english")).save(path / mf.BM25)
+        segments.append(_write_segment(path, f"g{gen:06d}", new, m, encoder, batch_size, device, log))
+    manifest["segments"] = segments
+    total = len(index) + len(new)
+    previous = np.flatnonzero(~index.alive) if getattr(index, "alive", None) is not None else np.zeros(0, np.int64)
+    all_dead = np.union1d(previous, np.asarray(dead, dtype=np.int64)).astype(np.int64)
+    if len(all_dead):
+        rel = f"{mf.TOMBSTONES}/g{gen:06d}.npy"
+        (path / mf.TOMBSTONES).mkdir(exist_ok=True)
+        tmp = path / mf.TOMBSTONES / f".g{gen:06d}.tmp.npy"
+        np.save(tmp, all_dead)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path / rel)
+        manifest["tombstones"] = {"file": rel, "rows": len(all_dead)}
+    else:
+        manifest["tombstones"] = None
+    live = total - len(all_dead)
+    manifest["live"] = {"passages": live}
+    change.generation = gen
+    manifest["history"] = [*m.get("history", []), _history(change, sources, live)]
+    manifest["fingerprint"] = hashlib.blake2b(json.dumps(
+        {"previous": m["fingerprint"], "generation": gen, "segments": [s["fingerprint"] for s in segments],
+         "dead": hashlib.blake2b(all_dead.tobytes(), digest_size=8).hexdigest()}, sort_keys=True).encode(),
+        digest_size=8).hexdigest()
+    atomic.fsync_dir(path)
+    atomic.write_json(path / mf.MANIFEST, manifest)  # the switch to the new generation
+    atomic.fsync_dir(path)
+
+
+def _write_segment(path: Path, name: str, passages: list[Passage], m: dict, encoder: Encoder | None,
+                   batch_size: int, device: str | None, log: Callable[[str], None]) -> dict:
+    """Write the new passages' segment (staged, then renamed into place); its manifest entry."""
+    (path / mf.SEGMENTS).mkdir(exist_ok=True)
+    final = segment_dir(path, name)
+    work = final.with_name(f".{name}.building")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    with PassageStoreWriter(work / mf.PASSAGES) as w:
+        w.add_all(passages)
+    if m.get("dense"):
+        enc = encoder or _passage_encoder(m, device)
+        log(f"encoding {len(passages)} new passages with {enc.name}")
+        vecs = enc.encode_passages([p.title for p in passages], [p.text for p in passages],
+                                   batch_size=batch_size).astype(np.float32)  # (n, dim)
+        np.save(work / mf.EMBEDDINGS, vecs)
+        dense, _ = dense_build.build(vecs, "flat")
+        dense.save(work / mf.DENSE)
+    if m.get("bm25"):
+        (work / mf.BM25).mkdir()
+        TermCounts.build(PassageStore(work / mf.PASSAGES).text_chunks(),
+                         m["bm25"].get("stemmer", "english")).save(work / mf.BM25)
+    atomic.fsync_tree(work)
+    os.rename(work, final)
+    return {"name": name, "passages": w.count, "fingerprint": w.fingerprint,
+            "dense": {"type": "flat", "factory": "Flat"} if m.get("dense") else None}
+
+
+def _passage_encoder(m: dict, device: str | None) -> Encoder:
+    """The index's own passage encoder, checked to be the one its vectors came from."""
+    p = m["encoder"]["passage"]
+    enc = load_encoder(p.get("source") or p["name"], max_seq_length=p.get("max_seq_length", 256), device=device)
+    if enc.fingerprint != p["fingerprint"]:
+        raise RaglineError(f"the passage encoder {p.get('source') or p['name']} is not the one index {m['name']} was "
+                           f"built with (weights {enc.fingerprint[:12]}, the index says {p['fingerprint'][:12]})",
+                           "restore that encoder, or rebuild the index with `ragline index --force`")
+    return enc
+
+
+def _history(change: Change, sources: Sequence[str], live: int) -> dict:
+    entry = {"generation": change.generation, "action": change.action,
+             "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "live_passages": live,
+             "passages": {"added": change.passages_added, "deleted": change.passages_deleted}}
+    if sources:
+        entry["sources"] = [str(s) for s in sources]
+    for key in ("added", "replaced", "deleted"):
+        ids = getattr(change, key)
+        if ids:
+            entry[key] = {"documents": len(ids), "ids": ids[:HISTORY_IDS]}
+    return entry
+
+
+# --- checks and reading -----------------------------------------------------------------------------------
+
+def _index_path(path: str | Path) -> Path:
+    path = Path(path).expanduser().resolve()
+    if not mf.is_index_dir(path):
+        raise RaglineError(f"index {path} does not exist", f"build it first with `ragline index --out {path}`")
+    return path
+
+
+def _check_single(index) -> None:
+    if index.manifest.get("format") != mf.FORMAT:
+        raise RaglineError(f"index {index.name} is a {index.manifest.get('format')} index, which this command "
+                           "cannot change yet", "change a single index (built without --ray)")
+
+
+def _clean_stale(path: Path, manifest: dict) -> None:
+    """Remove what a crashed change left (staging directories, segments and tombstone files no manifest names),
+    keeping the previous generation's tombstones for readers still opening it."""
+    named = {s["name"] for s in manifest.get("segments") or []}
+    for d in (path / mf.SEGMENTS).glob("*") if (path / mf.SEGMENTS).is_dir() else []:
+        if d.name not in named:
+            shutil.rmtree(d, ignore_errors=True)
+    current = (manifest.get("tombstones") or {}).get("file")
+    gen = int(manifest.get("generation", 0))
+    for f in (path / mf.TOMBSTONES).glob("*") if (path / mf.TOMBSTONES).is_dir() else []:
+        rel = f"{mf.TOMBSTONES}/{f.name}"
+        if rel != current and f.name != f"g{gen - 1:06d}.npy":
+            f.unlink(missing_ok=True)
+
+
+def _read_sources(sources: Sequence[str], fmt: str, skip_bad: bool, change: Change) -> list:
+    if not sources:
+        raise RaglineError("no source given", "pass one or more files or folders of documents")
+    docs, seen = [], {}
+    for src in sources:
+        stats = ReadStats()
+        for d in read_corpus(src, fmt, skip_bad=skip_bad, stats=stats):
+            if d.id in seen:
+                raise RaglineError(f"document id {d.id!r} is in both {seen[d.id]} and {src}",
+                                   "give every document one id across the sources; nothing was changed")
+            seen[d.id] = src
+            docs.append(d)
+        change.skipped += stats.skipped
+    return docs
+
+
+def _split(docs: Iterable, words: int) -> Iterable[tuple[str, list[Passage]]]:
+    """(document id, its passages) for each document, split as the index's corpus was; records that are one
+    passage each (DPR's) group under their document, as the index holds them."""
+    by_doc: dict[str, list[Passage]] = {}
+    for p in split_documents(docs, words):
+        by_doc.setdefault(p.doc_id, []).append(p)
+    return by_doc.items()
+
+
+def _ids(ids: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(repr(i) for i in ids[:n])
+    return shown + (f" and {len(ids) - n} more" if len(ids) > n else "")
