@@ -141,6 +141,25 @@ def test_readding_unchanged_documents_is_a_noop(base_index, corpus, encoders, tm
     assert (ix / mf.MANIFEST).read_bytes() == before and not (ix / mf.SEGMENTS).exists()
 
 
+def test_new_metadata_alone_is_a_change(base_index, corpus, encoders, tmp_path):
+    from ragline.index.registry import open_index
+    from ragline.index.update import add_documents
+
+    ix = _copy(base_index, tmp_path / "ix")
+    doc = corpus[0][3]
+    change = add_documents(ix, [str(write_jsonl(tmp_path / "m.jsonl", [{**doc, "metadata": {"team": "maps"}}]))],
+                           replace=True, encoder=encoders.passage, log=lambda m: None)
+    assert change.replaced == [doc["id"]]
+    index = open_index(ix)
+    row = index.store.row_of(f"{doc['id']}#0")
+    assert index.store.get([row])[0].meta == {"team": "maps"}
+    assert not index.alive[open_index(base_index).store.row_of(f"{doc['id']}#0")]  # the old row is deleted
+    from ragline.retriever import Retriever
+
+    hits = Retriever(index, encoders.question).search([doc["title"]], 3, "dense", filters=["team=maps"])[0]
+    assert {h.doc_id for h in hits} == {doc["id"]} and hits[0].meta == {"team": "maps"}
+
+
 def test_changes_are_refused_with_the_fix_and_nothing_written(base_index, corpus, encoders, tmp_path):
     from ragline.index import manifest as mf
     from ragline.index.update import add_documents, delete_documents
@@ -280,3 +299,52 @@ def test_a_server_under_load_takes_up_20_generations_without_a_failed_request(ba
                                             "mode": "bm25"}).json()["hits"]
     assert len(statuses) > 20 and set(statuses) == {200}
     assert hits[0]["text"].startswith("Keeper 2 tends lighthouse number 18")
+
+
+def test_a_sharded_index_changes_in_place_as_a_rebuild(sharded, wiki_docs, encoders, tmp_path):
+    """add / update / delete / compact on a sharded index (each document routed to its shard, shards opened on
+    Ray): dense, BM25 (live statistics summed over the shards) and hybrid equal a single index built from scratch
+    over the live documents in the same order; a retriever follows every generation."""
+    from ragline.corpus.readers import read_corpus
+    from ragline.index.update import live_documents
+    from ragline.retriever import Retriever
+    from ragline.scale.sharded import read_sharded_manifest
+    from ragline.scale.update import _Shards, change_sharded, compact_sharded
+
+    ix = _copy(sharded[0], tmp_path / "sh")
+    extra = [{"id": d.id, "title": d.title, "text": d.text} for d in read_corpus("wiki-leads", limit=162)][150:]
+    follower = Retriever(ix, encoders.question)
+    docs = {x["id"]: x for x in wiki_docs}
+
+    def check(step: str) -> None:
+        follower.refresh()
+        order = list(dict.fromkeys(d for index in _Shards(ix).indexes for d in live_documents(index)))
+        scratch = Retriever(_scratch([docs[d] for d in order], tmp_path / f"scratch-{step}", encoders),
+                            encoders.question)
+        assert follower.index.live_passages == len(scratch.index), step
+        assert_same_results(follower, scratch)
+
+    change_sharded(ix, [str(write_jsonl(tmp_path / "a.jsonl", extra))], encoder=encoders.passage, log=lambda m: None)
+    docs.update({x["id"]: x for x in extra})
+    check("add")
+    split = [d for d, (held, _) in _Shards(ix).live().items() if len(held) > 1]  # cut across two shards
+    assert split, "the 3-shard build cut no document across shards"
+    edited = [_edited(wiki_docs[2], 1), _edited(wiki_docs[100], 1), _edited(extra[0], 1), _edited(docs[split[0]], 1)]
+    change_sharded(ix, [str(write_jsonl(tmp_path / "u.jsonl", edited))], replace=True, encoder=encoders.passage,
+                   log=lambda m: None)
+    docs.update({x["id"]: x for x in edited})
+    check("update")
+    gone = [wiki_docs[5]["id"], extra[3]["id"], split[-1] if len(split) > 1 else wiki_docs[140]["id"]]
+    assert "3 deleted -> generation 3" in run_cli("delete", "--index", ix, *(a for d in gone for a in ("--doc", d)))
+    for d in gone:
+        docs.pop(d)
+    check("delete")
+    hits = follower.search([wiki_docs[5]["title"]], follower.index.live_passages, "bm25")[0]
+    assert not {h.doc_id for h in hits} & set(gone)
+    before = {s.get("dir", s["name"]) for s in read_sharded_manifest(ix)["shards"]}
+    compact_sharded(ix, log=lambda m: None)
+    check("compact")
+    manifest = read_sharded_manifest(ix)
+    assert manifest["generation"] == 4 and [h["action"] for h in manifest["history"]] == [
+        "add", "update", "delete", "compact"]
+    assert not any((ix / "shards" / d).exists() for d in before)

@@ -234,6 +234,23 @@ def index(source, out, fmt, index_type, encoder, query_encoder, embeddings, pass
 
 
 
+def _changer(what: str):
+    """The function that makes change ``what`` (add, delete, compact) to the index at ``index_dir``, single or
+    sharded (resolved when called: the path is its first argument)."""
+    def run(path: Path, *args, **kwargs):
+        from ragline.scale.update import change_sharded, compact_sharded, delete_sharded, is_sharded
+
+        if is_sharded(path):
+            fn = {"add": change_sharded, "delete": delete_sharded, "compact": compact_sharded}[what]
+        else:
+            from ragline.index import update
+
+            fn = {"add": update.add_documents, "delete": update.delete_documents, "compact": update.compact_index}[what]
+        return fn(path, *args, **kwargs)
+
+    return run
+
+
 def _change_options(f):
     f = _device_option(f)
     f = click.option("--skip-bad", is_flag=True, help="Skip malformed records (reported) instead of failing.")(f)
@@ -249,10 +266,8 @@ def add(index_dir, sources, batch_size, fmt, skip_bad, device) -> None:
     """Add the documents of SOURCES (files or folders) to an index as a new generation, without a rebuild.
     A document already there with the same content is left as it is; one with other content is refused (that
     is `ragline update`). A running server or retriever takes the new generation up by itself."""
-    from ragline.index.update import add_documents
-
-    add_documents(_resolve_index(index_dir), sources, fmt=fmt, skip_bad=skip_bad, batch_size=batch_size,
-                  device=device, log=render.log)
+    _changer("add")(_resolve_index(index_dir), sources, fmt=fmt, skip_bad=skip_bad, batch_size=batch_size,
+                    device=device, log=render.log)
 
 
 @cli.command()
@@ -260,10 +275,8 @@ def add(index_dir, sources, batch_size, fmt, skip_bad, device) -> None:
 def update(index_dir, sources, batch_size, fmt, skip_bad, device) -> None:
     """Replace the documents of SOURCES in an index by id (adding those it does not hold), as a new generation;
     unchanged documents are left as they are."""
-    from ragline.index.update import add_documents
-
-    add_documents(_resolve_index(index_dir), sources, replace=True, fmt=fmt, skip_bad=skip_bad,
-                  batch_size=batch_size, device=device, log=render.log)
+    _changer("add")(_resolve_index(index_dir), sources, replace=True, fmt=fmt, skip_bad=skip_bad,
+                    batch_size=batch_size, device=device, log=render.log)
 
 
 @cli.command()
@@ -271,9 +284,7 @@ def update(index_dir, sources, batch_size, fmt, skip_bad, device) -> None:
 @click.option("--doc", "doc_ids", multiple=True, required=True, help="A document id to delete (repeatable).")
 def delete(index_dir, doc_ids) -> None:
     """Delete documents (every passage of each) from an index as a new generation; searches never return them."""
-    from ragline.index.update import delete_documents
-
-    delete_documents(_resolve_index(index_dir), doc_ids, log=render.log)
+    _changer("delete")(_resolve_index(index_dir), doc_ids, log=render.log)
 
 
 @cli.command()
@@ -281,9 +292,7 @@ def delete(index_dir, doc_ids) -> None:
 def compact(index_dir) -> None:
     """Merge an index's base, added segments and deletions into one plain index (no re-encoding), replacing it
     atomically; searches give the same results, faster once many segments have piled up."""
-    from ragline.index.update import compact_index
-
-    compact_index(_resolve_index(index_dir), log=render.log)
+    _changer("compact")(_resolve_index(index_dir), log=render.log)
 
 
 @cli.command()

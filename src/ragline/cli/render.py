@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ragline.corpus.documents import locator
+from ragline.index.manifest import live_passages
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -92,10 +93,11 @@ def indexes(root: str, found: Sequence[tuple]) -> None:
         table.add_column(c)
     for path, m in found:
         dense = m.get("dense") or {}
-        name = path.name + (f" ({len(m['shards'])} shards, Ray)" if m.get("shards") else "")
+        name = path.name + (f" ({len(m['shards'])} shards, Ray)" if m.get("shards") else "") + (
+            f" (generation {m['generation']})" if m.get("generation") else "")
         passage = m["encoder"].get("passage") or {}
         encoder = str(passage.get("name")) + (f" ({passage['kind']})" if passage.get("kind") else "")
-        table.add_row(escape(name), m["fingerprint"], str(m["corpus"]["passages"]), dense.get("factory", "-"),
+        table.add_row(escape(name), m["fingerprint"], str(live_passages(m)), dense.get("factory", "-"),
                       "yes" if m.get("bm25") else "no", escape(encoder),
                       str(m["encoder"].get("prior_scale", "-")) if dense else "-", m["created_at"])
     console.print(table)

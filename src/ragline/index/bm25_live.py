@@ -56,38 +56,56 @@ class LiveBM25:
         self.k1, self.b = float(params["k1"]), float(params["b"])
         self.parts = [_Part(c, o, a) for c, o, a in parts]
         self.live = sum(p.live for p in self.parts)
-        self.avgdl = sum(p.tokens for p in self.parts) / max(self.live, 1)
+        self.tokens = sum(p.tokens for p in self.parts)
+        self.avgdl = self.tokens / max(self.live, 1)
         self._stemmer = params.get("stemmer", "english")
-        for p in self.parts:  # k1 (1 - b + b |d| / avgdl) of every passage, (n_part,)
-            p.norm = (self.k1 * ((1 - self.b) + self.b * p.counts.doc_len / self.avgdl)).astype(np.float32)
+        for p in self.parts:
+            p.norm = self._norm(p, self.avgdl)
+
+    def _norm(self, part: _Part, avgdl: float) -> np.ndarray:
+        """k1 (1 - b + b |d| / avgdl) of every passage of ``part``, (n_part,)."""
+        return (self.k1 * ((1 - self.b) + self.b * part.counts.doc_len / avgdl)).astype(np.float32)
+
+    def _terms(self, queries: list[str]) -> list[list[str]]:
+        return _tokenizer(self._stemmer).tokenize(queries, update_vocab=True, return_as="string", show_progress=False)
+
+    def stats(self, queries: list[str]) -> tuple[int, int, list[dict[str, int]]]:
+        """This index's share of the statistics a search over several (shards) needs: live passages, their
+        tokens, and each question's terms' live document frequencies."""
+        return self.live, self.tokens, [{t: sum(p.df_of(t) for p in self.parts) for t in set(q)}
+                                        for q in self._terms(queries)]
 
     @property
     def ntotal(self) -> int:
         return sum(p.counts.passages for p in self.parts)
 
-    def idf(self, term: str) -> float:
-        df = sum(p.df_of(term) for p in self.parts)
-        return math.log(1 + (self.live - df + 0.5) / (df + 0.5)) if df else 0.0
+    @staticmethod
+    def idf(df: int, live: int) -> float:
+        return math.log(1 + (live - df + 0.5) / (df + 0.5)) if df else 0.0
 
-    def search(self, queries: list[str], k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: list[str], k: int, allowed: np.ndarray | None = None,
+               corpus: tuple[int, int, list[dict[str, int]]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, global rows), each (B, k); rows -1 past the live passages sharing a term with the query (and
-        ``allowed``, (rows,) bool, when given)."""
-        terms = _tokenizer(self._stemmer).tokenize(queries, update_vocab=True, return_as="string",
-                                                   show_progress=False)
+        ``allowed``, (rows,) bool, when given). ``corpus``, the summed :meth:`stats` of every shard, scores
+        this shard as part of that whole corpus."""
+        live, tokens = (self.live, self.tokens) if corpus is None else corpus[:2]
+        avgdl = tokens / max(live, 1)
+        norms = None if corpus is None else [self._norm(p, avgdl) for p in self.parts]
         out_s = np.zeros((len(queries), k), dtype=np.float32)
         out_r = np.full((len(queries), k), -1, dtype=np.int64)
-        for b, q in enumerate(terms):
-            idf = {t: np.float32(self.idf(t)) for t in set(q)}
+        for b, q in enumerate(self._terms(queries)):
+            df = {t: sum(p.df_of(t) for p in self.parts) for t in set(q)} if corpus is None else corpus[2][b]
+            idf = {t: np.float32(self.idf(df.get(t, 0), live)) for t in set(q)}
             parts = [self._part_top_k(p, q, idf, k, None if allowed is None else
-                                      allowed[p.offset:p.offset + p.counts.passages]) for p in self.parts]
+                                      allowed[p.offset:p.offset + p.counts.passages],
+                                      p.norm if norms is None else norms[i]) for i, p in enumerate(self.parts)]
             out_s[b], out_r[b] = (x[0] for x in merge_top_k(parts, k))
         return out_s, out_r
 
     def _part_top_k(self, part: _Part, query: list[str], idf: dict[str, np.float32], k: int,
-                    allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+                    allowed: np.ndarray | None, norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         c = part.counts
         s = np.zeros(c.passages, dtype=np.float32)  # (n_part,)
-        norm = part.norm
         for t in query:
             j = part.term_id.get(t)
             if j is None or not idf[t]:

@@ -26,6 +26,7 @@ from ragline.errors import RaglineError
 
 COLUMNS = ("pid", "doc_id", "title")  # fields read from the store's own columns; others from the metadata
 EQ, NE, PREFIX = "=", "!=", "prefix"
+MASKS_KEPT = 32  # filters' row masks kept per opened index (an index changed in place is a new object)
 SYNTAX = "write field=value, field!=value or field=prefix* (e.g. --filter source=reports/* --filter year=2024)"
 
 
@@ -75,6 +76,10 @@ def allowed_rows(index, conditions: Sequence[Condition], base: np.ndarray | None
     when there are no conditions and no ``base``."""
     if not conditions:
         return base
+    cache = index.__dict__.setdefault("_filter_masks", {}) if base is None else None
+    key = tuple(sorted(set(conditions), key=lambda c: (c.field, c.op, c.value)))
+    if cache is not None and key in cache:
+        return cache[key]
     n = len(index)
     ok = np.ones(n, dtype=bool) if base is None else base.copy()
     by_field: dict[str, list[Condition]] = {}
@@ -87,6 +92,11 @@ def allowed_rows(index, conditions: Sequence[Condition], base: np.ndarray | None
         keep = np.fromiter(((not eq or any(c.test(v) for c in eq)) and all(c.test(v) for c in ne) for v in values),
                            dtype=bool, count=n)
         ok &= keep
+    ok.flags.writeable = False  # shared by the searches that reuse it
+    if cache is not None:
+        if len(cache) >= MASKS_KEPT:
+            cache.pop(next(iter(cache)))  # the oldest
+        cache[key] = ok
     return ok
 
 

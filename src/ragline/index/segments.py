@@ -219,10 +219,11 @@ def read_alive(path: Path, manifest: dict, total: int) -> np.ndarray | None:
     return alive
 
 
-def open_single(path: Path) -> IndexDir | LiveIndex:
-    """Open a ``ragline-index`` directory: a plain index, or one changed in place."""
+def open_single(path: Path, manifest: dict[str, Any] | None = None) -> IndexDir | LiveIndex:
+    """Open a ``ragline-index`` directory, a plain index or one changed in place, as ``manifest`` (default: its
+    own, read now; a shard's comes from its sharded index) describes it."""
     path = Path(path).expanduser().resolve()
-    manifest = mf.read_manifest(path)
+    manifest = manifest or mf.read_manifest(path)
     if mf.is_living(manifest):
         return LiveIndex.open(path, manifest)
     return IndexDir.open(path, manifest)

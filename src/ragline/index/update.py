@@ -28,13 +28,14 @@ import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ragline import atomic
 from ragline.corpus.passages import Passage, split_documents
 from ragline.corpus.readers import ReadStats, read_corpus
-from ragline.corpus.store import PassageStore, PassageStoreWriter
+from ragline.corpus.store import PassageStore, PassageStoreWriter, meta_text
 from ragline.errors import RaglineError
 from ragline.index import dense_build
 from ragline.index import manifest as mf
@@ -75,23 +76,30 @@ class Change:
 
 
 def document_hash(passages: Sequence[Passage]) -> str:
-    """The content of one document as its passages hold it (title and text, in order)."""
+    """The content of one document as its passages hold it (title, text and metadata, in order)."""
     h = hashlib.blake2b(digest_size=16)
     for p in passages:
-        for part in (p.title, p.text):
+        for part in (p.title, p.text, meta_text(p.meta)):
             h.update(part.encode())
             h.update(b"\0")
     return h.hexdigest()
 
 
+def live_passages_by_document(index) -> dict[str, list[tuple[int, Passage]]]:
+    """Every live document of ``index``: id -> its (row, passage) pairs in row order."""
+    doc_ids, titles, texts, metas = (index.store.values(c) for c in ("doc_id", "title", "text", "meta"))
+    by_doc: dict[str, list[tuple[int, Passage]]] = {}
+    for r in live_rows(index).tolist():
+        d = doc_ids[r]
+        by_doc.setdefault(d, []).append((r, Passage("", d, titles[r], texts[r], json.loads(metas[r]) if metas[r]
+                                                    else {})))
+    return by_doc
+
+
 def live_documents(index) -> dict[str, tuple[list[int], str]]:
     """Every live document of ``index``: id -> (its rows, :func:`document_hash` of its passages)."""
-    rows = live_rows(index).tolist()
-    doc_ids, titles, texts = (index.store.values(c) for c in ("doc_id", "title", "text"))
-    by_doc: dict[str, list[int]] = {}
-    for r in rows:
-        by_doc.setdefault(doc_ids[r], []).append(r)
-    return {d: (rs, document_hash([Passage("", d, titles[r], texts[r]) for r in rs])) for d, rs in by_doc.items()}
+    return {d: ([r for r, _ in ps], document_hash([p for _, p in ps]))
+            for d, ps in live_passages_by_document(index).items()}
 
 
 def add_documents(path: str | Path, sources: Sequence[str], *, replace: bool = False, fmt: str = "auto",
@@ -103,32 +111,18 @@ def add_documents(path: str | Path, sources: Sequence[str], *, replace: bool = F
     with atomic.exclusive_lock(path.parent / f".{path.name}.lock"):
         index = open_index(path)
         _check_single(index)
-        _clean_stale(path, index.manifest)
+        clean_stale(path, index.manifest)
         change = Change(UPDATE if replace else ADD)
-        docs = _read_sources(sources, fmt, skip_bad, change)
+        docs = read_documents(sources, fmt, skip_bad, change, index.manifest)
         live = live_documents(index)
-        words = int(index.manifest["corpus"].get("passage_words") or 100)
-        new: list[Passage] = []
-        dead: list[int] = []
-        refused = []
-        for doc_id, passages in _split(docs, words):
-            known = live.get(doc_id)
-            if known is not None and known[1] == document_hash(passages):
-                change.unchanged.append(doc_id)
-                continue
-            if known is not None and not replace:
-                refused.append(doc_id)
-                continue
-            (change.replaced if known is not None else change.added).append(doc_id)
-            if known is not None:
-                dead.extend(known[0])
-            new.extend(passages)
-        if refused:
-            raise RaglineError(f"{len(refused)} document(s) are already in index {path.name} with other content: "
-                               f"{_ids(refused)}", "use `ragline update` to replace them; nothing was changed")
-        change.passages_added, change.passages_deleted = len(new), len(dead)
+        new = plan(live, docs, change, replace, path.name)
+        dead = [r for d in change.replaced for r in live[d][0]]
+        passages = [p for _, ps in new for p in ps]
+        change.passages_added, change.passages_deleted = len(passages), len(dead)
         if change.changed:
-            _write_generation(path, index, new, dead, change, sources, encoder, batch_size, device, log)
+            gen = int(index.manifest.get("generation", 0)) + 1
+            commit(path, stage_generation(path, index, passages, dead, change, sources, gen, encoder, batch_size,
+                                          device, log))
         log(change.summary())
         return change
 
@@ -136,21 +130,16 @@ def add_documents(path: str | Path, sources: Sequence[str], *, replace: bool = F
 def delete_documents(path: str | Path, doc_ids: Sequence[str], log: Callable[[str], None] = print) -> Change:
     """``ragline delete``: every live passage of the documents ``doc_ids``, in a new generation."""
     path = _index_path(path)
-    if not doc_ids:
-        raise RaglineError("no document id given", "pass --doc ID (repeatable)")
     with atomic.exclusive_lock(path.parent / f".{path.name}.lock"):
         index = open_index(path)
         _check_single(index)
-        _clean_stale(path, index.manifest)
+        clean_stale(path, index.manifest)
         live = live_documents(index)
-        unknown = [d for d in dict.fromkeys(doc_ids) if d not in live]
-        if unknown:
-            raise RaglineError(f"index {path.name} holds no live document {_ids(unknown)}",
-                               "check the ids (`ragline search` shows a passage's doc_id); nothing was changed")
-        change = Change(DELETE, deleted=list(dict.fromkeys(doc_ids)))
+        change = plan_deletion(live, doc_ids, path.name)
         dead = [r for d in change.deleted for r in live[d][0]]
         change.passages_deleted = len(dead)
-        _write_generation(path, index, [], dead, change, [], None, 64, None, log)
+        gen = int(index.manifest.get("generation", 0)) + 1
+        commit(path, stage_generation(path, index, [], dead, change, [], gen, None, 64, None, log))
         log(change.summary())
         return change
 
@@ -158,60 +147,103 @@ def delete_documents(path: str | Path, doc_ids: Sequence[str], log: Callable[[st
 def compact_index(path: str | Path, log: Callable[[str], None] = print) -> Change:
     """``ragline compact``: one plain index over the live passages in row order, replacing the directory
     atomically; the stored vectors are copied, the dense index is rebuilt with the base's type and BM25 anew."""
-    from ragline.index.build import BuildOptions, finish_index
+    from ragline.index.build import finish_index
 
     path = _index_path(path)
     with atomic.exclusive_lock(path.parent / f".{path.name}.lock"):
         index = open_index(path)
         _check_single(index)
-        m = index.manifest
-        gen = int(m.get("generation", 0)) + 1
+        gen = int(index.manifest.get("generation", 0)) + 1
         change = Change(COMPACT, generation=gen)
-        rows = live_rows(index)
         work = path.parent / f".{path.name}.building"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        with PassageStoreWriter(work / mf.PASSAGES) as w:
-            for lo in range(0, len(rows), 4096):
-                w.add_all(index.store.get(rows[lo:lo + 4096]))
-        dense = m.get("dense") or {}
-        if dense:
-            emb = np.lib.format.open_memmap(work / mf.EMBEDDINGS, mode="w+", dtype=np.float32,
-                                            shape=(len(rows), m["encoder"]["dim"]))
-            for lo in range(0, len(rows), 65536):
-                emb[lo:lo + 65536] = index.embeddings[rows[lo:lo + 65536]]
-            emb.flush()
-            del emb
-        manifest = {k: v for k, v in m.items() if k not in ("segments", "tombstones", "live")}
-        manifest["format_version"] = mf.FORMAT_VERSION
-        doc_ids = index.store.values("doc_id")
-        manifest["corpus"] = {**m["corpus"], "fingerprint": w.fingerprint, "passages": w.count,
-                              "documents": len({doc_ids[r] for r in rows.tolist()})}
-        manifest["generation"] = gen
-        manifest["history"] = [*m.get("history", []), _history(change, [], w.count)]
-        opts = BuildOptions(source=str(m["corpus"].get("source")), out=path, index_type=dense.get("type", "flat"),
-                            dense=bool(dense), bm25=bool(m.get("bm25")), progress=False)
+        manifest, opts = compact_into(index, work, change)
         finish_index(opts, work, path, manifest, log)
-        log(f"compacted index {path.name}: {w.count} live passages in one segment (generation {gen})")
+        log(f"compacted index {path.name}: {manifest['corpus']['passages']} live passages in one segment "
+            f"(generation {gen})")
         return change
+
+
+# --- deciding what changes ----------------------------------------------------------------------------------
+
+def plan(live: dict[str, tuple[list[int], str]], docs: Iterable[tuple[str, list[Passage]]], change: Change,
+         replace: bool, name: str) -> list[tuple[str, list[Passage]]]:
+    """The documents to write, (id, passages), of ``docs`` against the ``live`` ones (:func:`live_documents`);
+    ``change`` records which are added, replaced and unchanged. A known id with other content is refused
+    unless ``replace`` (nothing is written then)."""
+    new, refused = [], []
+    for doc_id, passages in docs:
+        known = live.get(doc_id)
+        if known is not None and known[1] == document_hash(passages):
+            change.unchanged.append(doc_id)
+        elif known is not None and not replace:
+            refused.append(doc_id)
+        else:
+            (change.replaced if known is not None else change.added).append(doc_id)
+            new.append((doc_id, passages))
+    if refused:
+        raise RaglineError(f"{len(refused)} document(s) are already in index {name} with other content: "
+                           f"{_ids(refused)}", "use `ragline update` to replace them; nothing was changed")
+    return new
+
+
+def plan_deletion(live: dict[str, tuple[list[int], str]], doc_ids: Sequence[str], name: str) -> Change:
+    """The deletion of ``doc_ids``, every one of which must be live."""
+    if not doc_ids:
+        raise RaglineError("no document id given", "pass --doc ID (repeatable)")
+    unknown = [d for d in dict.fromkeys(doc_ids) if d not in live]
+    if unknown:
+        raise RaglineError(f"index {name} holds no live document {_ids(unknown)}",
+                           "check the ids (`ragline search` shows a passage's doc_id); nothing was changed")
+    return Change(DELETE, deleted=list(dict.fromkeys(doc_ids)))
+
+
+def compact_into(index, work: Path, change: Change) -> tuple[dict, Any]:
+    """Write the live passages of ``index`` (and their stored vectors) into the build directory ``work``:
+    (the plain index's manifest, the BuildOptions that finish it with :func:`ragline.index.build.finish_index`)."""
+    from ragline.index.build import BuildOptions
+
+    m = index.manifest
+    rows = live_rows(index)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    with PassageStoreWriter(work / mf.PASSAGES) as w:
+        for lo in range(0, len(rows), 4096):
+            w.add_all(index.store.get(rows[lo:lo + 4096]))
+    dense = m.get("dense") or {}
+    if dense:
+        emb = np.lib.format.open_memmap(work / mf.EMBEDDINGS, mode="w+", dtype=np.float32,
+                                        shape=(len(rows), m["encoder"]["dim"]))
+        for lo in range(0, len(rows), 65536):
+            emb[lo:lo + 65536] = index.embeddings[rows[lo:lo + 65536]]
+        emb.flush()
+        del emb
+    manifest = {k: v for k, v in m.items() if k not in ("segments", "tombstones", "live")}
+    manifest["format_version"] = mf.FORMAT_VERSION
+    doc_ids = index.store.values("doc_id")
+    manifest["corpus"] = {**m["corpus"], "fingerprint": w.fingerprint, "passages": w.count,
+                          "documents": len({doc_ids[r] for r in rows.tolist()})}
+    manifest["generation"] = change.generation
+    manifest["history"] = [*m.get("history", []), history_entry(change, [], w.count)]
+    opts = BuildOptions(source=str(m["corpus"].get("source")), out=index.path, index_type=dense.get("type", "flat"),
+                        dense=bool(dense), bm25=bool(m.get("bm25")), progress=False)
+    return manifest, opts
 
 
 # --- writing a generation ---------------------------------------------------------------------------------
 
-def _write_generation(path: Path, index, new: list[Passage], dead: list[int], change: Change,
-                      sources: Sequence[str], encoder: Encoder | None, batch_size: int, device: str | None,
-                      log: Callable[[str], None]) -> None:
+def stage_generation(path: Path, index, new: list[Passage], dead: list[int], change: Change,
+                     sources: Sequence[str], gen: int, encoder: Encoder | None = None, batch_size: int = 64,
+                     device: str | None = None, log: Callable[[str], None] = print) -> dict:
+    """Write generation ``gen`` of the single index ``index`` at ``path`` beside the current one: the segment of
+    the ``new`` passages and the tombstones of all deleted rows (``dead`` added); its manifest, to be
+    switched to with :func:`commit` (or, for a shard, inside its sharded index's manifest)."""
     m = index.manifest
-    gen = int(m.get("generation", 0)) + 1
     manifest = json.loads(json.dumps(m))  # a deep copy: the open index keeps its own
     manifest["format_version"] = mf.LIVING_VERSION
     manifest["generation"] = gen
     segments = list(m.get("segments") or [])
+    ensure_term_counts(path, m, log)
     if new:
-        if m.get("bm25") and not TermCounts.saved_in(path / mf.BM25):  # an index built before updates existed
-            log("counting the base index's BM25 terms (once)")
-            TermCounts.build(PassageStore(path / mf.PASSAGES).text_chunks(),
-                             m["bm25"].get("stemmer", "english")).save(path / mf.BM25)
         segments.append(_write_segment(path, f"g{gen:06d}", new, m, encoder, batch_size, device, log))
     manifest["segments"] = segments
     total = len(index) + len(new)
@@ -231,14 +263,28 @@ def _write_generation(path: Path, index, new: list[Passage], dead: list[int], ch
     live = total - len(all_dead)
     manifest["live"] = {"passages": live}
     change.generation = gen
-    manifest["history"] = [*m.get("history", []), _history(change, sources, live)]
+    manifest["history"] = [*m.get("history", []), history_entry(change, sources, live)]
     manifest["fingerprint"] = hashlib.blake2b(json.dumps(
         {"previous": m["fingerprint"], "generation": gen, "segments": [s["fingerprint"] for s in segments],
          "dead": hashlib.blake2b(all_dead.tobytes(), digest_size=8).hexdigest()}, sort_keys=True).encode(),
         digest_size=8).hexdigest()
     atomic.fsync_dir(path)
-    atomic.write_json(path / mf.MANIFEST, manifest)  # the switch to the new generation
+    return manifest
+
+
+def commit(path: Path, manifest: dict) -> None:
+    """Switch the index at ``path`` to the generation ``manifest`` describes (one atomic rename)."""
+    atomic.write_json(path / mf.MANIFEST, manifest)
     atomic.fsync_dir(path)
+
+
+def ensure_term_counts(path: Path, manifest: dict, log: Callable[[str], None] = print) -> None:
+    """Count the BM25 terms of the base passages of the index at ``path`` if an earlier ragline built it
+    without them (live BM25 statistics need them)."""
+    if manifest.get("bm25") and not TermCounts.saved_in(path / mf.BM25):
+        log(f"counting the BM25 terms of {path.name} (once)")
+        TermCounts.build(PassageStore(path / mf.PASSAGES).text_chunks(),
+                         manifest["bm25"].get("stemmer", "english")).save(path / mf.BM25)
 
 
 def _write_segment(path: Path, name: str, passages: list[Passage], m: dict, encoder: Encoder | None,
@@ -280,7 +326,9 @@ def _passage_encoder(m: dict, device: str | None) -> Encoder:
     return enc
 
 
-def _history(change: Change, sources: Sequence[str], live: int) -> dict:
+def history_entry(change: Change, sources: Sequence[str], live: int) -> dict:
+    """The manifest's record of one change: generation, action, time, live passages, what was added and
+    deleted (the first HISTORY_IDS document ids of each kind, and their count)."""
     entry = {"generation": change.generation, "action": change.action,
              "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "live_passages": live,
              "passages": {"added": change.passages_added, "deleted": change.passages_deleted}}
@@ -308,7 +356,7 @@ def _check_single(index) -> None:
                            "cannot change yet", "change a single index (built without --ray)")
 
 
-def _clean_stale(path: Path, manifest: dict) -> None:
+def clean_stale(path: Path, manifest: dict) -> None:
     """Remove what a crashed change left (staging directories, segments and tombstone files no manifest names),
     keeping the previous generation's tombstones for readers still opening it."""
     named = {s["name"] for s in manifest.get("segments") or []}
@@ -321,6 +369,14 @@ def _clean_stale(path: Path, manifest: dict) -> None:
         rel = f"{mf.TOMBSTONES}/{f.name}"
         if rel != current and f.name != f"g{gen - 1:06d}.npy":
             f.unlink(missing_ok=True)
+
+
+def read_documents(sources: Sequence[str], fmt: str, skip_bad: bool, change: Change, manifest: dict
+                   ) -> list[tuple[str, list[Passage]]]:
+    """(document id, its passages) for every document of ``sources``, split as the index's corpus was; ids
+    must be unique across the sources."""
+    docs = _read_sources(sources, fmt, skip_bad, change)
+    return list(_split(docs, int(manifest["corpus"].get("passage_words") or 100)))
 
 
 def _read_sources(sources: Sequence[str], fmt: str, skip_bad: bool, change: Change) -> list:

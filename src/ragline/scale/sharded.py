@@ -13,6 +13,12 @@ shard and the per-shard top k are merged exactly (:mod:`ragline.scale.merge`); B
 the whole corpus's statistics, so their scores merge exactly too, and hybrid retrieval fuses the merged dense
 and BM25 rankings as it does for one index.
 
+Changed in place (``ragline add``, ``update``, ``delete``, ``compact`` on a sharded index:
+:mod:`ragline.scale.update`), the manifest holds each shard's own generation manifest (``manifest``: its
+segments and tombstones) and the directory it is in (``dir``), so that the sharded manifest alone switches every
+shard at once; BM25 is then scored in two rounds, the shards' live statistics summed first, so that scores stay
+those of one index over the live corpus.
+
 Faults: actors restart when their process dies (``max_restarts``) and Ray retries the call in flight
 (``max_task_retries``). A shard that is missing on disk, or whose actor cannot come back, is an error naming
 the shard; a query never answers from a smaller corpus.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +40,33 @@ import numpy as np
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
-from ragline.index.directory import IndexDir
+from ragline.index.bm25_live import LiveBM25
 from ragline.index.protocol import ManifestFacts, search_modes
 from ragline.index.registry import IndexFormat
+from ragline.index.segments import open_single
+from ragline.index.sparse import TermCounts
 from ragline.index.topk import merge_top_k
 from ragline.scale.cluster import connect
 
 FORMAT = "ragline-sharded-index"
 FORMAT_VERSION = 1
+LIVING_VERSION = 2  # changed in place: shards opened from the manifests inside, BM25 with live statistics
 SHARDS = "shards"
 RESTARTS = 4  # actor restarts (and retries of the call in flight) before a shard counts as lost
 
 
 def shard_name(i: int) -> str:
     return f"shard-{i:04d}"
+
+
+def shard_dir(path: Path, entry: dict[str, Any]) -> Path:
+    """The directory of one shard (a compaction moves a shard to a new one)."""
+    return Path(path) / SHARDS / entry.get("dir", entry["name"])
+
+
+def is_living(manifest: dict[str, Any]) -> bool:
+    """Whether the sharded index has been changed in place (its shards' states are in its manifest)."""
+    return bool(manifest.get("generation"))
 
 
 def read_sharded_manifest(path: Path) -> dict[str, Any]:
@@ -56,12 +76,12 @@ def read_sharded_manifest(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise RaglineError(f"cannot read the manifest of sharded index {path} ({e})",
                            "rebuild it with `ragline index --ray`") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in (FORMAT_VERSION, LIVING_VERSION):
         raise RaglineError(f"{path} is not a sharded ragline index of format version {FORMAT_VERSION}",
                            "rebuild it with this version's `ragline index --ray`")
     for s in manifest["shards"]:
-        if not mf.is_index_dir(path / SHARDS / s["name"]):
-            raise RaglineError(f"shard {s['name']} of index {path.name} is missing ({path / SHARDS / s['name']})",
+        if not mf.is_index_dir(shard_dir(path, s)):
+            raise RaglineError(f"shard {s['name']} of index {path.name} is missing ({shard_dir(path, s)})",
                                "restore the shard's directory, or rebuild with the same `ragline index --ray` "
                                "command and --force (finished shards are rebuilt too)")
     return manifest
@@ -70,12 +90,17 @@ def read_sharded_manifest(path: Path) -> dict[str, Any]:
 class ShardServer:
     """One shard's index in a Ray actor: search, and passages and embeddings by row, in global rows."""
 
-    def __init__(self, path: str, offset: int, fingerprint: str) -> None:
-        self.index = IndexDir.open(path)
+    def __init__(self, path: str, offset: int, fingerprint: str, manifest: dict[str, Any] | None = None,
+                 living: bool = False) -> None:
+        self.index = open_single(Path(path), manifest)
         if self.index.fingerprint != fingerprint:
             raise RaglineError(f"shard {path} has fingerprint {self.index.fingerprint}, the manifest says "
                                f"{fingerprint}", "rebuild the sharded index")
         self.offset = offset
+        self.live: LiveBM25 | None = None  # BM25 scored with the whole live corpus's statistics
+        if living and self.index.bm25 is not None:
+            self.live = self.index.bm25 if isinstance(self.index.bm25, LiveBM25) else LiveBM25(
+                [(TermCounts.load(Path(path) / mf.BM25), 0, None)], self.index.bm25.params)
 
     def pid(self) -> int:
         return os.getpid()
@@ -83,8 +108,15 @@ class ShardServer:
     def dense(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         return self._global(*self.index.dense.search(queries, min(k, len(self.index)), allowed))
 
-    def bm25(self, queries: list[str], k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        return self._global(*self.index.bm25.search(queries, min(k, len(self.index)), allowed))
+    def bm25(self, queries: list[str], k: int, allowed: np.ndarray | None = None,
+             corpus: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, len(self.index))
+        if self.live is not None:
+            return self._global(*self.live.search(queries, k, allowed, corpus))
+        return self._global(*self.index.bm25.search(queries, k, allowed))
+
+    def bm25_stats(self, queries: list[str]) -> tuple[int, int, list[dict[str, int]]]:
+        return self.live.stats(queries)
 
     def _global(self, scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return scores, np.where(rows >= 0, rows + self.offset, -1)
@@ -121,14 +153,18 @@ class ShardedIndex(ManifestFacts):
         manifest = read_sharded_manifest(path)
         ray = connect(address)
         server = ray.remote(max_restarts=RESTARTS, max_task_retries=RESTARTS, num_cpus=0)(ShardServer)
-        actors = [server.remote(str(path / SHARDS / s["name"]), s["offset"], s["fingerprint"])
-                  for s in manifest["shards"]]
+        actors = [server.remote(str(shard_dir(path, s)), s["offset"], s["fingerprint"], s.get("manifest"),
+                                is_living(manifest)) for s in manifest["shards"]]
         index = cls(path, manifest, actors)
         index.call("pid", [()] * len(actors))  # every shard opened, or a clear error now
         return index
 
     def __len__(self) -> int:
-        return int(self.manifest["corpus"]["passages"])
+        return sum(int(s["passages"]) for s in self.manifest["shards"])
+
+    @property
+    def live_passages(self) -> int:
+        return mf.live_passages(self.manifest)
 
     def call(self, method: str, args: list[tuple], shards: list[int] | None = None) -> list:
         """Call ``method`` on the given shards (all by default) with one argument tuple each; every answer or
@@ -184,8 +220,14 @@ class ShardedSearch:
         """(scores, global rows), each (B, k), as one index over the whole corpus would give; ``allowed``
         (global rows, bool) limits every shard's search to its slice of it."""
         shards = self.index.manifest["shards"]
+        extra: tuple = ()
+        if self.kind == "bm25" and is_living(self.index.manifest):  # first round: the live corpus's statistics
+            stats = self.index.call("bm25_stats", [(queries,)] * len(shards))
+            extra = ((sum(s[0] for s in stats), sum(s[1] for s in stats),
+                      [dict(sum((Counter(s[2][b]) for s in stats), Counter())) for b in range(len(queries))]),)
         parts = self.index.call(self.kind, [(queries, k, None if allowed is None else
-                                             allowed[s["offset"]:s["offset"] + s["passages"]]) for s in shards])
+                                             allowed[s["offset"]:s["offset"] + s["passages"]], *extra)
+                                            for s in shards])
         return merge_top_k(parts, k)
 
 

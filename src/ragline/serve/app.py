@@ -46,6 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ragline import vocab
 from ragline.errors import RaglineError
+from ragline.index import manifest as mf
 from ragline.index.registry import list_indexes, open_index
 from ragline.rag.model import RagModel
 from ragline.serve import events, openai_api
@@ -272,7 +273,8 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
     def indexes() -> dict:
         active = rag.retriever.index.path.resolve() if rag.retriever else None
         return {"root": str(root), "indexes": [
-            {"name": p.name, "fingerprint": m["fingerprint"], "passages": m["corpus"]["passages"],
+            {"name": p.name, "fingerprint": m["fingerprint"], "passages": mf.live_passages(m),
+             "generation": m.get("generation", 0),
              "dense": (m.get("dense") or {}).get("factory"), "bm25": bool(m.get("bm25")),
              "active": p.resolve() == active} for p, m in list_indexes(root)]}
 
