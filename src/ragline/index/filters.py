@@ -17,6 +17,7 @@ a post-filter that returns fewer than k while more pass.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from ragline.errors import RaglineError
 
 COLUMNS = ("pid", "doc_id", "title")  # fields read from the store's own columns; others from the metadata
 EQ, NE, PREFIX = "=", "!=", "prefix"
+_LOCK = threading.Lock()
 MASKS_KEPT = 32  # filters' row masks kept per opened index (an index changed in place is a new object)
 SYNTAX = "write field=value, field!=value or field=prefix* (e.g. --filter source=reports/* --filter year=2024)"
 
@@ -71,17 +73,17 @@ def as_text(value: object) -> str | None:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def allowed_rows(index, conditions: Sequence[Condition], base: np.ndarray | None = None) -> np.ndarray | None:
-    """(rows,) bool: the passages of ``index`` that pass every condition (and ``base``, e.g. not deleted); None
-    when there are no conditions and no ``base``."""
+def allowed_rows(index, conditions: Sequence[Condition]) -> np.ndarray | None:
+    """(rows,) bool, read-only: the passages of ``index`` that pass every condition; None for no condition.
+    The masks of recent filters are kept with the opened index (a new generation is a new object)."""
     if not conditions:
-        return base
-    cache = index.__dict__.setdefault("_filter_masks", {}) if base is None else None
+        return None
     key = tuple(sorted(set(conditions), key=lambda c: (c.field, c.op, c.value)))
-    if cache is not None and key in cache:
+    cache = index.__dict__.setdefault("_filter_masks", {})
+    if key in cache:
         return cache[key]
     n = len(index)
-    ok = np.ones(n, dtype=bool) if base is None else base.copy()
+    ok = np.ones(n, dtype=bool)
     by_field: dict[str, list[Condition]] = {}
     for c in conditions:
         by_field.setdefault(c.field, []).append(c)
@@ -89,12 +91,11 @@ def allowed_rows(index, conditions: Sequence[Condition], base: np.ndarray | None
         values = _column(index, field)
         eq = [c for c in conds if c.op != NE]
         ne = [c for c in conds if c.op == NE]
-        keep = np.fromiter(((not eq or any(c.test(v) for c in eq)) and all(c.test(v) for c in ne) for v in values),
-                           dtype=bool, count=n)
-        ok &= keep
+        ok &= np.fromiter(((not eq or any(c.test(v) for c in eq)) and all(c.test(v) for c in ne) for v in values),
+                          dtype=bool, count=n)
     ok.flags.writeable = False  # shared by the searches that reuse it
-    if cache is not None:
-        if len(cache) >= MASKS_KEPT:
+    with _LOCK:  # requests filter from several threads
+        while len(cache) >= MASKS_KEPT:
             cache.pop(next(iter(cache)))  # the oldest
         cache[key] = ok
     return ok

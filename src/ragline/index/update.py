@@ -352,8 +352,9 @@ def _index_path(path: str | Path) -> Path:
 
 def _check_single(index) -> None:
     if index.manifest.get("format") != mf.FORMAT:
-        raise RaglineError(f"index {index.name} is a {index.manifest.get('format')} index, which this command "
-                           "cannot change yet", "change a single index (built without --ray)")
+        raise RaglineError(f"index {index.name} is a {index.manifest.get('format')} index, not a single one",
+                           "use the ragline add / update / delete / compact commands, which route a sharded index "
+                           "to ragline.scale.update")
 
 
 def clean_stale(path: Path, manifest: dict) -> None:
