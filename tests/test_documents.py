@@ -284,3 +284,18 @@ def test_http_routes_take_filters(meta_index, tmp_path):
         assert bad.status_code == 422 and "has no '='" in bad.text
         few = client.post("/ask", json={"question": "q", "k": 3, "filter": ["source=notes.md", "section=Pay"]})
         assert few.status_code == 400 and "filter" in few.json()["error"]
+
+
+def test_ask_and_eval_take_filters(meta_index, wiki_docs, tmp_path):
+    from ragline.models.tiny import save_tiny_causal
+
+    tiny = save_tiny_causal(tmp_path / "tiny")
+    common = ["--index", meta_index, "--generator", tiny, "-k", 2, "--max-new-tokens", 2, "--filter", "team=maps"]
+    answer = json.loads(run_cli("ask", "Who painted the Mona Lisa?", "--model", "rag-token", "--json", *common))
+    assert [s["meta"]["team"] for s in answer["sources"]] == ["maps", "maps"]
+    run_cli("eval", "--task", "fanoutqa-dev", "--limit", 2, "--out", tmp_path / "run", *common)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["filters"] == ["team=maps"]
+    maps = {x["title"] for i, x in enumerate(wiki_docs[:60]) if i % 3 == 2}
+    for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines():
+        titles = {p["title"] for o in json.loads(line)["output"] for p in o.get("provenance", [])}
+        assert titles and titles <= maps

@@ -260,6 +260,7 @@ def test_a_server_under_load_takes_up_20_generations_without_a_failed_request(ba
                                                                               tmp_path):
     import httpx
 
+    from ragline.index.registry import open_index
     from ragline.index.update import add_documents, delete_documents
     from ragline.rag.model import RagModel
     from ragline.retriever import Retriever
@@ -297,7 +298,9 @@ def test_a_server_under_load_takes_up_20_generations_without_a_failed_request(ba
                 t.join()
         hits = client.post("/search", json={"question": "lighthouse number 18 Quendor", "k": 1,
                                             "mode": "bm25"}).json()["hits"]
+        health = client.get("/health").json()["index"]
     assert len(statuses) > 20 and set(statuses) == {200}
+    assert health["generation"] == 20 and health["passages"] == len(open_index(base_index)) + 3
     assert hits[0]["text"].startswith("Keeper 2 tends lighthouse number 18")
 
 

@@ -235,8 +235,8 @@ def index(source, out, fmt, index_type, encoder, query_encoder, embeddings, pass
 
 
 def _changer(what: str):
-    """The function that makes change ``what`` (add, delete, compact) to the index at ``index_dir``, single or
-    sharded (resolved when called: the path is its first argument)."""
+    """The function that makes change ``what`` (add, delete, compact) to an index, single or sharded (told
+    apart when called, from the manifest at its first argument, the index's path)."""
     def run(path: Path, *args, **kwargs):
         from ragline.scale.update import change_sharded, compact_sharded, delete_sharded, is_sharded
 

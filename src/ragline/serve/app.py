@@ -248,7 +248,9 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
         ix = rag.retriever.index if rag.retriever else None
         w = app.state.worker
         body = {"status": "ok" if w.alive else "down", "generator": rag.generator.name,
-                "index": None if ix is None else {"name": ix.name, "fingerprint": ix.fingerprint, "passages": len(ix),
+                "index": None if ix is None else {"name": ix.name, "fingerprint": ix.fingerprint,
+                                                  "passages": ix.live_passages,
+                                                  "generation": ix.manifest.get("generation", 0),
                                                   "modes": list(ix.modes)},
                 "decoded": {"batches": w.batch_count, "questions": w.question_count}, "worker": w.status()}
         return JSONResponse(body, status_code=200 if w.alive else 503)
