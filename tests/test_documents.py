@@ -293,9 +293,12 @@ def test_ask_and_eval_take_filters(meta_index, wiki_docs, tmp_path):
     common = ["--index", meta_index, "--generator", tiny, "-k", 2, "--max-new-tokens", 2, "--filter", "team=maps"]
     answer = json.loads(run_cli("ask", "Who painted the Mona Lisa?", "--model", "rag-token", "--json", *common))
     assert [s["meta"]["team"] for s in answer["sources"]] == ["maps", "maps"]
-    run_cli("eval", "--task", "fanoutqa-dev", "--limit", 2, "--out", tmp_path / "run", *common)
+    task = write_jsonl(tmp_path / "task.jsonl", [{"id": f"q{i}", "input": q, "output": [{"answer": "x"}]} for i, q in
+                                                 enumerate(["Who painted the Mona Lisa?", "What is jazz?"])])
+    run_cli("eval", "--task", task, "--out", tmp_path / "run", *common)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["filters"] == ["team=maps"]
     maps = {x["title"] for i, x in enumerate(wiki_docs[:60]) if i % 3 == 2}
     for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines():
         titles = {p["title"] for o in json.loads(line)["output"] for p in o.get("provenance", [])}
         assert titles and titles <= maps
+    assert len((tmp_path / "run" / "predictions.jsonl").read_text().splitlines()) == 2

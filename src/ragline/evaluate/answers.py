@@ -187,7 +187,7 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
         "task": {"name": task.name, "format": task.format, "kind": task.kind, "questions": len(task.questions),
                  "skipped": task.skipped},
         "index": None if index is None else {"name": index.name, "fingerprint": index.fingerprint,
-                                             "passages": len(index)},
+                                             "passages": index.live_passages},
         "metrics": score_run(task.questions, task.kind, done, ks),
         "timing": {"seconds_per_question": sum(done[q.id]["meta"]["seconds"] for q in task.questions)
                    / max(len(task.questions), 1),
