@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ragline import atomic
-from ragline.corpus.passages import Passage, split_documents
+from ragline.corpus.passages import Passage, encoder_text, split_documents
 from ragline.corpus.readers import ReadStats, read_corpus
 from ragline.corpus.store import PassageStore, PassageStoreWriter, meta_text
 from ragline.errors import RaglineError
@@ -307,7 +307,7 @@ def _write_segment(path: Path, name: str, passages: list[Passage], m: dict, enco
         dense.save(work / mf.DENSE)
     if m.get("bm25"):
         (work / mf.BM25).mkdir()
-        TermCounts.build(PassageStore(work / mf.PASSAGES).text_chunks(),
+        TermCounts.build([[encoder_text(p.title, p.text) for p in passages]],  # the texts just written
                          m["bm25"].get("stemmer", "english")).save(work / mf.BM25)
     atomic.fsync_tree(work)
     os.rename(work, final)

@@ -200,11 +200,8 @@ def _stage(shards: _Shards, added: list[list], dead: list[list[int]], change: Ch
 
 
 def is_sharded(path: str | Path) -> bool:
-    """Whether ``path`` holds a sharded index (its manifest's format)."""
+    """Whether ``path`` holds a sharded index (its manifest's format, as the registry reads it)."""
+    from ragline.index.registry import format_of
     from ragline.scale.sharded import FORMAT
 
-    try:
-        return json.loads((Path(path) / mf.MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
+    return format_of(Path(path)) == FORMAT
