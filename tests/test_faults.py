@@ -80,6 +80,12 @@ class Child:
         return rc
 
 
+def _after(phase: str) -> tuple[str, ...]:
+    """The log lines that open the phases after ``phase`` (the last one's: the build's final line)."""
+    later = PHASES[PHASES.index(phase) + 1:]
+    return (*(m for m, p in MARKS.items() if p in later), "index ready")
+
+
 def _phase_windows(child: Child) -> dict[str, float]:
     """Seconds from each phase's opening log line to the next one, in an uninterrupted run."""
     times = {phase: child.seen(mark) for mark, phase in MARKS.items()}
@@ -103,13 +109,14 @@ def test_index_builds_killed_at_random_moments(tmp_path, wiki_docs):
     new_src = write_jsonl(tmp_path / "new.jsonl", wiki_docs[:80])
     common = ["--index-type", "hnsw", "--chunk-rows", "16", "--batch-size", "16"]
     # each index in a folder of its own: a build reuses the embeddings of a finished sibling of the same corpus
+    # the old index first: it loads the encoder from a cold disk, so the reference run's windows are warm ones
+    saved_old = tmp_path / "saved" / "old"
+    assert Child(_ragline("index", "--source", old_src, "--out", saved_old, *common)).finish() == 0
     reference = tmp_path / "ref" / "reference"
     ref = Child(_ragline("index", "--source", new_src, "--out", reference, *common))
     assert ref.finish() == 0, ref.lines
     windows = _phase_windows(ref)
     assert set(windows) >= {"encoding", "bm25", "finish"}, windows
-    saved_old = tmp_path / "saved" / "old"
-    assert Child(_ragline("index", "--source", old_src, "--out", saved_old, *common)).finish() == 0
     out = tmp_path / "live" / "index"
     shutil.copytree(saved_old, out)
     old_fp = IndexDir.open(out).fingerprint
@@ -119,7 +126,7 @@ def test_index_builds_killed_at_random_moments(tmp_path, wiki_docs):
     landed: dict[str, int] = {}
     kills = attempts = 0
     building = out.parent / f".{out.name}.building"
-    while kills < 20 and attempts < 60:
+    while kills < 20 and attempts < 100:
         attempts += 1
         phase = PHASES[kills % len(PHASES)]
         if phase not in windows:
@@ -130,8 +137,8 @@ def test_index_builds_killed_at_random_moments(tmp_path, wiki_docs):
         child = Child(_ragline("index", "--source", new_src, "--out", out, "--force", *common))
         if child.wait_for(mark) is None:  # a resumed build that had passed this phase ran to the end
             assert child.finish() == 0
-        else:
-            time.sleep(rng.uniform(0, windows[phase]))
+        else:  # a random moment of the phase; a phase that runs shorter than measured ends the wait early
+            child.wait_for(*_after(phase), timeout=rng.uniform(0, windows[phase]))
             child.kill()
         if child.seen("index ready"):  # the new index is in place: put the old one back for the next attempt
             assert IndexDir.open(out).fingerprint == new_fp
