@@ -177,6 +177,51 @@ def test_precision_without_the_instructions_falls_back_to_fp32_with_a_notice(mon
 
 
 @torch.no_grad()
+def test_bf16_prefill_cache_and_decoding_match_the_padded_bf16_path(wiki_docs):
+    """What --precision bf16 (auto's choice on a CPU with AVX512-BF16) runs: the packed prefill and the passage
+    cache in bf16 give the padded bf16 path's log-probs (to bf16's rounding), the cache holds bf16 states (half
+    fp32's bytes), and RAG-Sequence and RAG-Token decode whole, the seq2seq generator too."""
+    from conftest import tiny_bart_config, word_tokenizer
+    from transformers import BartForConditionalGeneration
+
+    from ragline.models.generators import Seq2SeqGenerator
+
+    gen = tiny_causal(seed=10)
+    zs = _passages(wiki_docs, 3)
+    prompts = gen.pair_prompts(QUESTIONS, [zs[:2], zs[1:]])
+    gen.start(prompts)
+    fp32_bytes = gen.kv_cache.bytes
+    gen.model = precisions.apply(gen.model, vocab.BF16)
+    gen.kv_cache.clear()
+    cold = gen.start(prompts)[1]
+    assert gen.kv_cache.bytes == fp32_bytes // 2
+    assert all(kv.dtype == torch.bfloat16 for kv in gen.kv_cache._blocks.values())
+    warm = gen.start(prompts)[1]
+    padded = _padded(gen).start(prompts)[1]
+    assert cold.dtype == torch.float32 and torch.isfinite(cold).all()
+    torch.testing.assert_close(warm, cold, atol=0, rtol=0)  # the cache returns what it stored
+    torch.testing.assert_close(cold, padded, atol=3e-2, rtol=0)  # bf16 keeps 8 bits of mantissa
+    doc = torch.log_softmax(torch.tensor([[0.5, 0.0], [0.3, 0.0]]), -1)
+    for fn, kw in ((rag_sequence_decode, {"beams": 2, "thorough": True}), (rag_token_decode, {"beams": 1})):
+        out = fn(gen, QUESTIONS, [zs[:2], zs[1:]], doc, max_new_tokens=4, **kw)
+        assert all(d.tokens and torch.isfinite(torch.tensor(d.logprob)) for d in out), fn.__name__
+
+    words = sorted({w for z in zs for w in z.text.split()} | {w for q in QUESTIONS for w in q.split()})
+    tok = word_tokenizer(words)
+    bart = Seq2SeqGenerator(BartForConditionalGeneration(tiny_bart_config(len(tok))).eval(), tok,
+                            "tiny-bart")
+    answers = [" ".join(words[:3]), words[3]]
+    reference = bart.target_logprobs(QUESTIONS, [zs[:2], zs[1:]], answers)[0]  # (B, K, T)
+    bart.model = precisions.apply(bart.model, vocab.BF16)
+    assert next(bart.model.parameters()).dtype == torch.bfloat16
+    for fn, kw in ((rag_sequence_decode, {"beams": 2, "thorough": True}), (rag_token_decode, {"beams": 2})):
+        out = fn(bart, QUESTIONS, [zs[:2], zs[1:]], doc, max_new_tokens=4, **kw)
+        assert all(d.tokens and torch.isfinite(torch.tensor(d.logprob)) for d in out), fn.__name__
+    torch.testing.assert_close(bart.target_logprobs(QUESTIONS, [zs[:2], zs[1:]], answers)[0], reference,
+                               atol=1e-2, rtol=0)  # the same answers' log-probs, to bf16's rounding
+
+
+@torch.no_grad()
 def test_int8_keeps_the_output_layer_and_feed_forward_outputs_in_fp32_and_decodes(wiki_docs):
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         pytest.skip("this torch build has no fbgemm int8 engine")

@@ -28,11 +28,15 @@ import torch
 from ragline.vocab import AUTO, BF16, FP32, INT8
 
 # Precisions whose answers benchmarks/latency.py found within one question of fp32's EM on the 35 answerable dev
-# questions (ids 0-7) for the RAG readers, per bundled generator; auto picks among these only. Qwen2.5-0.5B int8
-# (2026-11-25, README "Answer latency"): RAG-Sequence thorough k=5 EM 0.743 cold / 0.714 warm (fp32 0.743),
-# RAG-Token greedy 0.686 (fp32 0.714), single passage 0.657 (same); closed book 0.371 (fp32 0.286). SmolLM2 and
-# bf16 are unmeasured (no bf16 CPU here).
-CHECKED: dict[str, tuple[str, ...]] = {"qwen2.5-0.5b": (INT8,), "smollm2": ()}
+# questions (ids 0-7) for the RAG readers, per bundled generator, fastest first; auto takes the first this CPU
+# runs natively. Qwen2.5-0.5B (README "Answer latency"), k=5, against fp32's RAG-Sequence thorough 0.743,
+# RAG-Token greedy 0.714, single passage 0.657, closed book 0.286:
+# * bf16 (2026-11-30, AVX512-BF16): the same EM in every row, cold and warm, 33-35 of 35 answers token for
+#   token fp32's; RAG-Sequence thorough 2.29 s cold against int8's 3.80 and fp32's 6.94.
+# * int8 (2026-11-25 and 2026-11-30, VNNI): RAG-Sequence 0.714-0.743, RAG-Token greedy 0.686, single passage
+#   0.629-0.657.
+# SmolLM2 is unmeasured.
+CHECKED: dict[str, tuple[str, ...]] = {"qwen2.5-0.5b": (BF16, INT8), "smollm2": ()}
 
 
 # Feed-forward output projections by architecture (Llama/Qwen/Mistral, BART/OPT, T5, GPT-NeoX, Mixtral experts):
