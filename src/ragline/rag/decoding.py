@@ -36,9 +36,9 @@ SCORING_LOGITS = 2**24  # thorough decoding scores missing pairs in passes of at
 
 StepFn = Callable[[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 OnStep = Callable[[list[list[int]]], None]  # after each step: the best running tokens of every group
-# step(parents (G, W) or None, tokens (G, W) or None, live (G,) bool or None) -> log-probs (G, W, V) of the
-# next token of each beam; None, None, None on the first call (the prompts only). Groups not ``live`` have
-# finished: their rows need not be computed, and their log-probs are ignored.
+# step(parents (G, W) or None, tokens (G, W) or None, live (G,) bool or None) -> log-probs (G', W, V) of the
+# next token of each beam of the G' ``live`` groups, in group order; None, None, None on the first call (the
+# prompts only, every group). Groups not ``live`` have finished: their rows are not computed.
 
 
 @dataclass
@@ -68,32 +68,37 @@ def beam_search(step: StepFn, groups: int, beams: int, stop_ids: Sequence[int], 
     parents = tokens = None
     shown: list[list[int]] = [[] for _ in range(groups)]  # on_step: a finished group keeps its last best
     for t in range(max_new_tokens):
-        logp = step(parents, tokens, None if parents is None else improvable[:, 0])  # (G, W, V)
+        live = None if parents is None else improvable[:, 0]
+        at = g_idx if live is None else torch.nonzero(live).flatten()  # (G',) the groups still searching
+        n = len(at)
+        logp = step(parents, tokens, live)  # (G', W, V)
         vocab = logp.shape[-1]
-        acc = (logp + run_scores[:, :, None]).view(groups, -1)  # (G, W*V)
-        cand_scores, cand = torch.topk(acc, n_keep)  # (G, n_keep), best first
+        acc = (logp + run_scores[at][:, :, None]).view(n, -1)  # (G', W*V)
+        cand_scores, cand = torch.topk(acc, n_keep)  # (G', n_keep), best first
         cand_parent, cand_token = cand // vocab, cand % vocab
-        cand_seq = torch.cat([run_tokens[g_idx[:, None], cand_parent], cand_token[..., None]], -1)  # (G, n_keep, t+1)
-        hits = torch.isin(cand_token, stop) | (t + 1 >= max_new_tokens)  # (G, n_keep)
+        cand_seq = torch.cat([run_tokens[at[:, None], cand_parent], cand_token[..., None]], -1)  # (G', n_keep, t+1)
+        hits = torch.isin(cand_token, stop) | (t + 1 >= max_new_tokens)  # (G', n_keep)
         # finished: top-W candidates that hit a stop, merged with those finished before
-        norm = cand_scores / ((t + 1) ** length_penalty)
-        norm = norm + (~improvable).float() * NEG + (~(hits & top_mask)).float() * NEG
+        norm = cand_scores / ((t + 1) ** length_penalty) + (~(hits & top_mask)).float() * NEG
         pad = torch.zeros((groups, beams, 1), dtype=torch.long)
-        merged_tokens = torch.cat([torch.cat([fin_tokens, pad], -1), cand_seq], 1)
-        merged_scores = torch.cat([fin_scores, norm], 1)
-        merged_logprob = torch.cat([fin_logprob, cand_scores], 1)
-        merged_done = torch.cat([fin_done, hits & top_mask], 1)
+        fin_tokens, run_tokens = torch.cat([fin_tokens, pad], -1), torch.cat([run_tokens, pad], -1)  # (G, W, t+1)
+        merged_tokens = torch.cat([fin_tokens[at], cand_seq], 1)
+        merged_scores = torch.cat([fin_scores[at], norm], 1)
+        merged_logprob = torch.cat([fin_logprob[at], cand_scores], 1)
+        merged_done = torch.cat([fin_done[at], hits & top_mask], 1)
         keep = torch.topk(merged_scores, beams).indices
-        fin_tokens = merged_tokens[g_idx[:, None], keep]
-        fin_scores, fin_logprob = merged_scores.gather(1, keep), merged_logprob.gather(1, keep)
-        fin_done = merged_done.gather(1, keep)
+        fin_tokens[at] = merged_tokens[torch.arange(n)[:, None], keep]
+        fin_scores[at], fin_logprob[at] = merged_scores.gather(1, keep), merged_logprob.gather(1, keep)
+        fin_done[at] = merged_done.gather(1, keep)
         # running: the best W candidates that did not stop
-        live = torch.topk(cand_scores + hits.float() * NEG, beams).indices  # (G, W)
-        run_scores = (cand_scores + hits.float() * NEG).gather(1, live)
-        run_tokens = cand_seq[g_idx[:, None], live]
-        parents, tokens = cand_parent.gather(1, live), cand_token.gather(1, live)
+        best = torch.topk(cand_scores + hits.float() * NEG, beams).indices  # (G', W)
+        run_scores[at] = (cand_scores + hits.float() * NEG).gather(1, best)
+        run_tokens[at] = cand_seq[torch.arange(n)[:, None], best]
+        parents = torch.zeros((groups, beams), dtype=torch.long) if parents is None else parents
+        tokens = torch.zeros((groups, beams), dtype=torch.long) if tokens is None else tokens
+        parents[at], tokens[at] = cand_parent.gather(1, best), cand_token.gather(1, best)
         if on_step is not None:
-            for g in torch.nonzero(improvable[:, 0]).flatten().tolist():
+            for g in at.tolist():
                 shown[g] = run_tokens[g, 0].tolist()
             on_step(shown)
         best_running = run_scores[:, :1] / ((t + 1) ** length_penalty)
@@ -123,8 +128,10 @@ def greedy(step: StepFn, groups: int, stop_ids: Sequence[int], max_new_tokens: i
     parents = torch.zeros((groups, 1), dtype=torch.long)
     tokens = None
     for _ in range(max_new_tokens):
-        logp = step(None if tokens is None else parents, tokens, None if tokens is None else ~done)[:, 0]  # (G, V)
-        lp, tok = logp.max(-1)
+        at = torch.nonzero(~done).flatten()  # (G',) the groups still decoding
+        logp = step(None if tokens is None else parents, tokens, None if tokens is None else ~done)[:, 0]  # (G', V)
+        lp, tok = torch.zeros(groups), torch.zeros(groups, dtype=torch.long)
+        lp[at], tok[at] = logp.max(-1)
         for g in torch.nonzero(~done).flatten().tolist():
             seqs[g].append(int(tok[g]))
         logprob = logprob + torch.where(done, torch.zeros_like(lp), lp)
@@ -140,8 +147,9 @@ def greedy(step: StepFn, groups: int, stop_ids: Sequence[int], max_new_tokens: i
 class RowStepper:
     """The step callback over generator rows: each beam of each group owns ``rows`` consecutive rows;
     ``combine(logp, groups)`` turns the log-probs (G', W, rows, V) of groups ``groups`` (G',) into the beams'
-    (G', W, V). The rows of groups that have finished leave the batch (their log-probs come back as 0, which
-    the searches ignore). With ``record`` (greedy), it keeps each row's log-prob of every chosen token."""
+    (G', W, V). The rows of groups that have finished leave the batch, and only the groups still searching
+    get log-probs back (no vocabulary-sized work for the others). With ``record`` (greedy), it keeps each
+    row's log-prob of every chosen token."""
 
     def __init__(self, generator: Generator, prompts: list[str], groups: int, rows: int, beams: int,
                  combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], keep_prefill: bool = False,
@@ -204,9 +212,7 @@ class RowStepper:
         self.width, self.held = w, keep
         if self.record:
             self._last = (logp, keep)
-        out = torch.zeros((g, w, logp.shape[-1]), dtype=logp.dtype)
-        out[keep] = self.combine(logp.view(len(keep), w, self.rows, -1), keep)  # (G', W, V)
-        return out
+        return self.combine(logp.view(len(keep), w, self.rows, -1), keep)  # (G', W, V)
 
 
 def _token_budget_chunks(items: list[tuple[int, tuple[int, ...], int]], budget: int
