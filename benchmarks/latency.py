@@ -2,7 +2,7 @@
 
 How it measures and what it prints: docs/benchmarks.md (latency.py).
 
-    python3 benchmarks/latency.py [--generator qwen2.5-0.5b] [--limit N] [--ks 1,5,10] [--precisions fp32,int8]
+    python3 benchmarks/latency.py [--generator qwen2.5-0.5b] [--limit N] [--ks 1,5,10] [--precisions fp32,bf16,int8]
                                   [--systems rag-seq-thorough,rag-token-greedy,...] [--paths before,cold,warm]
 
 Paths: ``before`` is the padded prefill without any cache (the answer path before issue 15); ``cold`` the
@@ -83,7 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     question_set_arguments(ap)
     ap.add_argument("--max-new-tokens", type=int, default=24)
-    ap.add_argument("--precisions", default="fp32,int8", help="fp32, bf16, int8 (each where this CPU runs it)")
+    ap.add_argument("--precisions", default="fp32,bf16,int8", help="fp32, bf16, int8 (each where this CPU runs it)")
     ap.add_argument("--paths", default="before,cold,warm")
     ap.add_argument("--systems", default="closed-book,single-passage,rag-seq-thorough,rag-seq-fast,"
                                          "rag-token-greedy,rag-token-beam")
