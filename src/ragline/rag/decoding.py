@@ -65,13 +65,14 @@ def beam_search(step: StepFn, groups: int, beams: int, stop_ids: Sequence[int], 
     fin_tokens = torch.zeros((groups, beams, 0), dtype=torch.long)
     fin_done = torch.zeros((groups, beams), dtype=torch.bool)
     improvable = torch.ones((groups, 1), dtype=torch.bool)
-    parents = tokens = None
+    parents = torch.zeros((groups, beams), dtype=torch.long)  # (G, W) each beam's parent and last token
+    tokens = torch.zeros((groups, beams), dtype=torch.long)
     shown: list[list[int]] = [[] for _ in range(groups)]  # on_step: a finished group keeps its last best
     for t in range(max_new_tokens):
-        live = None if parents is None else improvable[:, 0]
+        live = None if t == 0 else improvable[:, 0]
         at = g_idx if live is None else torch.nonzero(live).flatten()  # (G',) the groups still searching
         n = len(at)
-        logp = step(parents, tokens, live)  # (G', W, V)
+        logp = step(None, None, None) if t == 0 else step(parents, tokens, live)  # (G', W, V)
         vocab = logp.shape[-1]
         acc = (logp + run_scores[at][:, :, None]).view(n, -1)  # (G', W*V)
         cand_scores, cand = torch.topk(acc, n_keep)  # (G', n_keep), best first
@@ -94,8 +95,6 @@ def beam_search(step: StepFn, groups: int, beams: int, stop_ids: Sequence[int], 
         best = torch.topk(cand_scores + hits.float() * NEG, beams).indices  # (G', W)
         run_scores[at] = (cand_scores + hits.float() * NEG).gather(1, best)
         run_tokens[at] = cand_seq[torch.arange(n)[:, None], best]
-        parents = torch.zeros((groups, beams), dtype=torch.long) if parents is None else parents
-        tokens = torch.zeros((groups, beams), dtype=torch.long) if tokens is None else tokens
         parents[at], tokens[at] = cand_parent.gather(1, best), cand_token.gather(1, best)
         if on_step is not None:
             for g in at.tolist():
@@ -132,7 +131,7 @@ def greedy(step: StepFn, groups: int, stop_ids: Sequence[int], max_new_tokens: i
         logp = step(None if tokens is None else parents, tokens, None if tokens is None else ~done)[:, 0]  # (G', V)
         lp, tok = torch.zeros(groups), torch.zeros(groups, dtype=torch.long)
         lp[at], tok[at] = logp.max(-1)
-        for g in torch.nonzero(~done).flatten().tolist():
+        for g in at.tolist():
             seqs[g].append(int(tok[g]))
         logprob = logprob + torch.where(done, torch.zeros_like(lp), lp)
         done = done | torch.isin(tok, stop)
