@@ -398,11 +398,15 @@ class CausalGenerator(Generator):
                           **cache_kwarg(self.model, state.cache), use_cache=True).logits
 
     def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """One decoding step; rows that continue one for one (greedy, every row still decoding) keep their
+        cache where it is instead of copying it."""
         parents, tokens = parents.to(self.device), tokens.to(self.device)
-        state.cache.reorder_cache(parents)  # index_select per layer: rows follow their beams
+        attn, pos = state.attention_mask, state.positions
+        if len(parents) != len(pos) or not torch.equal(parents, torch.arange(len(pos), device=parents.device)):
+            state.cache.reorder_cache(parents)  # index_select per layer: rows follow their beams
+            attn, pos = attn[parents], pos[parents]
         ones = torch.ones(len(parents), 1, dtype=torch.long, device=self.device)
-        attn = torch.cat([state.attention_mask[parents], ones], 1)
-        pos = state.positions[parents]
+        attn = torch.cat([attn, ones], 1)
         out = self.model(input_ids=tokens[:, None], attention_mask=attn, position_ids=pos[:, None],
                          **cache_kwarg(self.model, state.cache), use_cache=True)
         state.cache, state.attention_mask, state.positions = output_cache(out), attn, pos + 1

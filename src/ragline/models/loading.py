@@ -22,6 +22,7 @@ from ragline.models import rag_checkpoint
 from ragline.models.catalog import generator_path, is_bundled_generator
 from ragline.models.encoders import Encoder
 from ragline.models.generators import CausalGenerator, Generator, Seq2SeqGenerator
+from ragline.models.packed_linear import pack_linears
 
 CAUSAL, SEQ2SEQ, RAG = "causal", "seq2seq", "rag"
 GENERATOR_KINDS = (CAUSAL, SEQ2SEQ, RAG)
@@ -80,4 +81,6 @@ def load_generator(name_or_path: str, dtype: torch.dtype = torch.float32, device
         log(notice)
     loaded.generator.model = precisions.apply(loaded.generator.model, chosen)
     loaded.precision = chosen
+    if loaded.generator.device.type == "cpu":
+        pack_linears(loaded.generator.model)  # oneDNN-laid-out weights for inference (models/packed_linear.py)
     return loaded

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from ragline import profile
+from ragline.models import packed_attention
+from ragline.models.packed_attention import LAYOUT, PackedRows
 
 BLOCK = 16  # tokens per cached block: the tail each row recomputes is shorter than this plus its question
 PACK_TOKENS = 1024  # tokens per packed pass (see prefill)
@@ -186,8 +188,10 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
     nodes: list[_Node] = []
     by_key: dict[bytes, int] = {}
     chains: list[list[int]] = []
+    owned: list[range] = []  # the nodes each row adds (first seen there): the ones whose queries it computes
     for ids, k in zip(rows, keep, strict=True):
         ids = list(ids)
+        first = len(nodes)
         chain: list[int] = []
         for j, key in enumerate(block_keys(ids, block, k)):
             if key not in by_key:
@@ -198,6 +202,7 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
         start = len(chain) * block
         nodes.append(_Node(None, ids[start:], start, list(chain), None))
         chains.append(chain + [len(nodes) - 1])
+        owned.append(range(first, len(nodes)))
 
     cached = [n for n in nodes if n.kv is not None]
     fresh = [n for n in nodes if n.kv is None]
@@ -210,6 +215,9 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
     s = packed_len - past_len  # tokens computed now
 
     dtype, device = _dtype(model), next(model.parameters()).device
+    spans = [torch.cat([torch.arange(nodes[c].offset, nodes[c].offset + len(nodes[c].tokens)) for c in chain])
+             for chain in chains]  # each row's tokens on the past + packed axis, in row order
+    layout = {LAYOUT: _rows_layout(nodes, owned, spans, past_len, device)} if packed_attention.enable(model) else {}
     allowed = torch.zeros((s, packed_len), dtype=torch.bool)  # (S, past + S)
     for n in fresh:
         rows_ = slice(n.offset - past_len, n.offset - past_len + len(n.tokens))
@@ -231,7 +239,7 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
     profile.count(profile.COMPUTED_TOKENS, s)
     profile.count(profile.CACHED_TOKENS, past_len)
     out = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
-                **cache_kwarg(model, past), use_cache=True, logits_to_keep=want.to(device))
+                **cache_kwarg(model, past), use_cache=True, logits_to_keep=want.to(device), **layout)
     layers = [(layer.keys, layer.values) for layer in output_cache(out).layers]  # (1, kv_heads, past + S, d)
 
     if cache is not None:  # blocks computed now enter the cache
@@ -245,10 +253,9 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
     width = max(lengths)
     index = torch.zeros((len(rows), width), dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, chain in enumerate(chains):
-        spans = torch.cat([torch.arange(nodes[c].offset, nodes[c].offset + len(nodes[c].tokens)) for c in chain])
-        index[r, width - len(spans) :] = spans
-        attn[r, width - len(spans) :] = 1
+    for r, span in enumerate(spans):
+        index[r, width - len(span) :] = span
+        attn[r, width - len(span) :] = 1
     flat = index.flatten().to(device)
     gathered = [(k[0].index_select(1, flat).view(k.shape[1], len(rows), width, -1).transpose(0, 1).contiguous(),
                  v[0].index_select(1, flat).view(v.shape[1], len(rows), width, -1).transpose(0, 1).contiguous())
@@ -262,6 +269,21 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
         at += k
     return Prefilled(DynamicCache(ddp_cache_data=gathered), attn.to(device),
                      torch.tensor(lengths, device=device), right)
+
+
+def _rows_layout(nodes: list[_Node], owned: list[range], spans: list[torch.Tensor], past_len: int,
+                 device: torch.device) -> PackedRows:
+    """Each row's queries (the fresh nodes it adds, contiguous on the packed axis), its keys (``spans``) and
+    the causal rule between them by position within the row (:mod:`ragline.models.packed_attention`)."""
+    queries, keys, masks = [], [], []
+    for mine, span in zip(owned, spans, strict=True):
+        fresh = [nodes[i] for i in mine if nodes[i].kv is None]  # consecutive on the packed axis
+        lo, hi = fresh[0].offset - past_len, fresh[-1].offset + len(fresh[-1].tokens) - past_len
+        q_pos = torch.cat([torch.arange(n.start, n.start + len(n.tokens)) for n in fresh])  # (hi - lo,)
+        queries.append((lo, hi))
+        keys.append(span.to(device))
+        masks.append((torch.arange(len(span))[None, :] <= q_pos[:, None]).to(device))  # (hi - lo, n_r)
+    return PackedRows(queries, keys, masks)
 
 
 def cache_kwarg(model: torch.nn.Module, cache: object) -> dict:
