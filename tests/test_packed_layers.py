@@ -29,6 +29,12 @@ def _layers(seed: int = 0) -> torch.nn.Sequential:
     return torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.SiLU(), torch.nn.Linear(96, 40, bias=False))
 
 
+def _packed(seed: int = 0) -> torch.nn.Sequential:
+    net = _layers(seed)
+    pack_linears(net)
+    return net
+
+
 def _plain(net: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     h = torch.nn.functional.silu(torch.nn.functional.linear(x, net[0].weight, net[0].bias))
     return torch.nn.functional.linear(h, net[2].weight)
@@ -52,9 +58,7 @@ def test_packed_linear_equals_linear_bit_for_bit_in_bf16_and_to_rounding_in_fp32
 
 @torch.no_grad()
 def test_a_changed_weight_is_laid_out_again():
-    net = _layers()
-    pack_linears(net)
-    x = torch.randn(3, 48)
+    net, x = _packed(), torch.randn(3, 48)
     before = net(x)
     net[0].weight.add_(0.5)  # an optimiser step, in place
     torch.testing.assert_close(net(x), _plain(net, x), atol=1e-5, rtol=1e-5)
@@ -67,8 +71,7 @@ def test_a_changed_weight_is_laid_out_again():
 
 
 def test_training_runs_plain_linear_and_gets_the_same_gradients():
-    net, ref = _layers(), _layers()
-    pack_linears(net)
+    net, ref = _packed(), _layers()
     x = torch.randn(4, 48)
     with torch.no_grad():
         net(x)  # a packed copy exists; training must not read it
@@ -79,10 +82,16 @@ def test_training_runs_plain_linear_and_gets_the_same_gradients():
 
 
 @torch.no_grad()
+def test_autocast_keeps_computing_in_its_own_dtype():
+    net, x = _packed(), torch.randn(3, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = net(x), _plain(net, x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+@torch.no_grad()
 def test_packed_layers_copy_pickle_and_save_like_linear():
-    net = _layers()
-    pack_linears(net)
-    x = torch.randn(2, 48)
+    net, x = _packed(), torch.randn(2, 48)
     y = net(x)
     twin = copy.deepcopy(net)  # the packed copy stays behind and is made again
     assert "_packed" not in twin[0].__dict__ and torch.equal(twin(x), y)

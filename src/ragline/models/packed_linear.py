@@ -9,10 +9,10 @@ and 9 ms and 17 ms on a weight laid out beforehand (``benchmarks/latency.py`` me
 :func:`pack_linears` turns a model's ``nn.Linear`` layers into :class:`PackedLinear` in place (the same module
 with the same parameters, state dict and saved form). Without gradient, on the CPU, a layer computes
 ``y = x W^T + b`` with oneDNN on a copy of ``W`` laid out for it, made on first use and made again whenever
-``W`` changes (an optimiser step, a loaded state dict); with gradient, or on another device or dtype, it is
-``torch.nn.functional.linear``. bf16 results are bit for bit those of ``linear`` (the same oneDNN kernel); fp32
-ones differ from MKL's by float rounding (a different summation order, about 1e-6 relative). The copies cost
-the weights' memory once more.
+``W`` changes (an optimiser step, a loaded state dict); with gradient, under autocast, or on another device
+or dtype, it is ``torch.nn.functional.linear``. bf16 results are bit for bit those of ``linear`` (the same
+oneDNN kernel); fp32 ones differ from MKL's by float rounding (a different summation order, about 1e-6
+relative). The copies cost the weights' memory once more.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ class PackedLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or x.device.type != "cpu" \
-                or x.dtype != w.dtype or w.dtype not in (torch.float32, torch.bfloat16):
+                or x.dtype != w.dtype or w.dtype not in (torch.float32, torch.bfloat16) \
+                or torch.is_autocast_enabled("cpu"):  # autocast picks its own dtype through linear
             return torch.nn.functional.linear(x, w, self.bias)
         stamp = (w.data_ptr(), w._version, w.dtype)
         if self._packed_for != stamp:

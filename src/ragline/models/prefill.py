@@ -14,9 +14,11 @@ One prefill (:func:`prefill`) runs the model once over a single packed sequence 
 * every distinct block of the batch that the :class:`PrefixCache` does not hold, once, and
 * every row's tail,
 
-each token attending through a 4-D mask to its row's earlier blocks (read from the cache as past keys and
-values, or computed in the same pass) and to the earlier tokens of its own block; position ids are positions
-within the row. Then each row's keys and values are gathered, in row order, into one left-padded cache for
+each token attending to its row's earlier blocks (read from the cache as past keys and values, or computed in
+the same pass) and to the earlier tokens of its own block; position ids are positions within the row. On a
+model that uses sdpa attention each row's queries attend to that row's keys alone
+(:mod:`ragline.models.packed_attention`); on others one attention over the pack applies this rule as a 4-D
+mask. Then each row's keys and values are gathered, in row order, into one left-padded cache for
 the cached decoding steps, as a padded prefill would have left them. Blocks computed here enter the cache.
 """
 
@@ -141,10 +143,10 @@ def prefill(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: Prefix
     """Run ``model`` over token rows as described in the module docstring; the logits of each row's last
     ``keep_last[r]`` positions (default 1) come back right-aligned in (N, max keep_last, V), zeros before.
 
-    Rows go in packs of about ``pack_tokens`` tokens, one after another: the packed attention is dense over
-    its pack (pack² per layer), which stays a small share of the linear layers' cost at this size, where
-    one pack of every row would grow quadratically. Blocks a pack computes enter the cache before the next
-    pack looks them up."""
+    Rows go in packs of about ``pack_tokens`` tokens, one after another: where the attention over a pack is
+    one dense masked pass (pack² per layer, models without sdpa), it stays a small share of the linear
+    layers' cost at this size, where one pack of every row would grow quadratically. Blocks a pack computes
+    enter the cache before the next pack looks them up."""
     keep = list(keep_last) if keep_last is not None else [1] * len(rows)
     packs: list[list[int]] = [[]]
     held = 0
