@@ -81,6 +81,18 @@ def test_training_runs_plain_linear_and_gets_the_same_gradients():
         assert torch.equal(a.grad, b.grad)
 
 
+def test_a_layer_onednn_refuses_stays_plain_linear(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("this oneDNN has no such layout")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    net, x = _packed(), torch.randn(3, 48)
+    with torch.no_grad():
+        got = net(x)
+    assert net[0]._unsupported and net[0]._packed is None
+    assert torch.equal(got, _plain(net, x))
+
+
 @torch.no_grad()
 def test_autocast_keeps_computing_in_its_own_dtype():
     net, x = _packed(), torch.randn(3, 48)

@@ -36,18 +36,24 @@ class PackedLinear(torch.nn.Linear):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         return {k: v for k, v in state.items() if k not in ("_packed", "_packed_for")}
 
+    _unsupported = False  # oneDNN refused this layer once: it stays plain linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or x.device.type != "cpu" \
-                or x.dtype != w.dtype or w.dtype not in (torch.float32, torch.bfloat16) \
-                or torch.is_autocast_enabled("cpu"):  # autocast picks its own dtype through linear
+                or x.dtype != w.dtype or w.dtype not in (torch.float32, torch.bfloat16) or x.dim() < 2 \
+                or torch.is_autocast_enabled("cpu") or self._unsupported:  # autocast picks its own dtype
             return torch.nn.functional.linear(x, w, self.bias)
         stamp = (w.data_ptr(), w._version, w.dtype)
-        if self._packed_for != stamp:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
-            self._packed_for = stamp
         bias = None if self.bias is None else self.bias.detach()
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")  # (..., out_features)
+        try:
+            if self._packed_for != stamp:
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+                self._packed_for = stamp
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")  # (..., out_features)
+        except RuntimeError:  # a oneDNN build without this layout or dtype (some non-x86 CPUs)
+            self._unsupported, self._packed, self._packed_for = True, None, None
+            return torch.nn.functional.linear(x, w, self.bias)
 
 
 def pack_linears(model: torch.nn.Module) -> int:
