@@ -39,6 +39,14 @@ def wiki_docs() -> list[dict]:
     return [{"id": d.id, "title": d.title, "text": d.text} for d in read_corpus("wiki-leads", limit=SLICE_DOCS)]
 
 
+def lead_passages(wiki_docs: list[dict], n: int) -> list:
+    """The first ``n`` bundled leads as passages of different lengths (20, 33, 46, ... words)."""
+    from ragline.corpus.passages import Passage
+
+    return [Passage(f"{d['id']}#0", d["id"], d["title"], " ".join(d["text"].split()[: 20 + 13 * i]))
+            for i, d in enumerate(wiki_docs[:n])]
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

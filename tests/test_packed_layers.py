@@ -9,8 +9,8 @@ import io
 
 import pytest
 import torch
+from conftest import lead_passages
 
-from ragline.corpus.passages import Passage
 from ragline.models import packed_attention
 from ragline.models import precision as precisions
 from ragline.models import prefill as prefill_module
@@ -124,7 +124,7 @@ def test_load_generator_packs_the_generator_and_answers_as_the_plain_one(tmp_pat
     packed = loaded.generator
     assert all(type(m) is PackedLinear for m in packed.model.modules() if isinstance(m, torch.nn.Linear))
     plain = tiny_causal(seed=2)
-    zs = [Passage(f"{d['id']}#0", d["id"], d["title"], d["text"][:300]) for d in wiki_docs[:4]]
+    zs = lead_passages(wiki_docs, 4)
     questions, passages = ["Who founded it?", "Where is it?"], [zs[:2], zs[2:]]
     doc = torch.log_softmax(torch.tensor([[0.4, 0.0], [0.0, 0.3]]), -1)
     for fn, kw in ((rag_sequence_decode, {"beams": 3}), (rag_token_decode, {"beams": 1})):
@@ -136,8 +136,7 @@ def test_load_generator_packs_the_generator_and_answers_as_the_plain_one(tmp_pat
 
 def _rows(gen: CausalGenerator, wiki_docs) -> list[list[int]]:
     """Rows that share the system prompt and passages, and differ in length and question."""
-    zs = [Passage(f"{d['id']}#0", d["id"], d["title"], " ".join(d["text"].split()[: 25 + 9 * i]))
-          for i, d in enumerate(wiki_docs[:3])]
+    zs = lead_passages(wiki_docs, 3)
     return gen.prompt_ids(gen.pair_prompts(["Who founded it?", "When did it happen, and where exactly?"],
                                            [zs, zs[::-1]]))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import lead_passages
 
 from ragline import profile, vocab
 from ragline.corpus.passages import Passage
@@ -14,12 +15,6 @@ from ragline.models.generators import CausalGenerator
 from ragline.models.prefill import BLOCK, PrefixCache, block_keys, prefill
 from ragline.models.tiny import tiny_causal
 from ragline.rag.decoding import rag_sequence_decode, rag_token_decode
-
-
-def _passages(wiki_docs, n: int) -> list[Passage]:
-    return [Passage(f"{d['id']}#0", d["id"], d["title"], " ".join(d["text"].split()[: 20 + 13 * i]))
-            for i, d in enumerate(wiki_docs[:n])]
-
 
 QUESTIONS = ["Who founded it?", "In which year did the events described in the passage take place, and where?"]
 
@@ -38,7 +33,7 @@ def smol(smollm2):
 @torch.no_grad()
 def test_packed_prefill_equals_padded_prefill_and_its_cache_continues_the_same(wiki_docs):
     gen = tiny_causal(seed=3)
-    zs = _passages(wiki_docs, 4)
+    zs = lead_passages(wiki_docs, 4)
     prompts = gen.pair_prompts(QUESTIONS, [zs[:3], zs[1:]])
     lengths = [len(r) for r in gen.prompt_ids(prompts)]
     assert len(set(lengths)) == len(lengths)  # rows of different lengths: the padded path pads them
@@ -55,7 +50,7 @@ def test_packed_prefill_equals_padded_prefill_and_its_cache_continues_the_same(w
 @torch.no_grad()
 def test_rows_split_into_several_packs_give_the_same_states(wiki_docs):
     gen = tiny_causal(seed=9)
-    zs = _passages(wiki_docs, 4)
+    zs = lead_passages(wiki_docs, 4)
     rows = gen.prompt_ids(gen.pair_prompts(QUESTIONS, [zs[:3], zs[1:]]))
     one = prefill(gen.model, rows, PrefixCache(2**30))
     many = prefill(gen.model, rows, None, pack_tokens=2 * max(map(len, rows)))  # three packs, no cache
@@ -69,7 +64,7 @@ def test_rows_split_into_several_packs_give_the_same_states(wiki_docs):
 @torch.no_grad()
 def test_shared_blocks_are_computed_once_and_cached_passages_not_again(wiki_docs):
     gen = tiny_causal(seed=4)
-    zs = _passages(wiki_docs, 3)
+    zs = lead_passages(wiki_docs, 3)
     prompts = gen.pair_prompts(QUESTIONS, [zs, zs])
     reference = _padded(gen).start(prompts)[1]
     with profile.recording() as cold:
@@ -89,7 +84,7 @@ def test_shared_blocks_are_computed_once_and_cached_passages_not_again(wiki_docs
 @torch.no_grad()
 def test_cache_is_keyed_by_tokens_so_an_edited_passage_is_never_served_stale(wiki_docs):
     gen = tiny_causal(seed=5)
-    z = _passages(wiki_docs, 1)[0]
+    z = lead_passages(wiki_docs, 1)[0]
     gen.start(gen.pair_prompts(QUESTIONS[:1], [[z]]))
     edited = Passage(z.pid, z.doc_id, z.title, z.text.replace(z.text.split()[3], "zebra"))  # same pid
     got = gen.start(gen.pair_prompts(QUESTIONS[:1], [[edited]]))[1]
@@ -99,7 +94,7 @@ def test_cache_is_keyed_by_tokens_so_an_edited_passage_is_never_served_stale(wik
 
 def test_scoring_with_the_cache_equals_the_padded_scoring(wiki_docs):
     gen = tiny_causal(seed=6)
-    zs = _passages(wiki_docs, 3)
+    zs = lead_passages(wiki_docs, 3)
     with torch.no_grad():
         gen.start(gen.pair_prompts(QUESTIONS[:1], [zs]))  # warm the cache
         ours, target, mask = gen.target_logprobs(QUESTIONS, [zs[:2], zs[1:]], ["Ada Lovelace", "1843 in London"])
@@ -112,7 +107,7 @@ def test_scoring_with_the_cache_equals_the_padded_scoring(wiki_docs):
 
 
 def test_answers_are_unchanged_token_for_token(smol, wiki_docs):
-    zs = _passages(wiki_docs, 6)
+    zs = lead_passages(wiki_docs, 6)
     questions = ["Who is this passage about?", "What is the first thing the passage says?"]
     passages = [zs[:3], zs[3:]]
     doc = torch.log_softmax(torch.tensor([[1.0, 0.5, 0.0], [0.2, 0.1, 0.0]]), -1)
@@ -151,7 +146,7 @@ def test_block_keys_chain_the_whole_prefix():
 @torch.no_grad()
 def test_an_optimiser_step_empties_the_cache(wiki_docs):
     gen = tiny_causal(seed=7)
-    zs = _passages(wiki_docs, 2)
+    zs = lead_passages(wiki_docs, 2)
     gen.start(gen.pair_prompts(QUESTIONS[:1], [zs]))
     assert len(gen.kv_cache) > 0
     next(gen.model.parameters()).add_(0.1)  # what an optimiser step does
@@ -187,7 +182,7 @@ def test_bf16_prefill_cache_and_decoding_match_the_padded_bf16_path(wiki_docs):
     from ragline.models.generators import Seq2SeqGenerator
 
     gen = tiny_causal(seed=10)
-    zs = _passages(wiki_docs, 3)
+    zs = lead_passages(wiki_docs, 3)
     prompts = gen.pair_prompts(QUESTIONS, [zs[:2], zs[1:]])
     gen.start(prompts)
     fp32_bytes = gen.kv_cache.bytes
@@ -232,14 +227,14 @@ def test_int8_keeps_the_output_layer_and_feed_forward_outputs_in_fp32_and_decode
     assert type(layer.mlp.down_proj) is torch.nn.Linear  # reads the activation outliers: fp32
     assert all("quantized" in type(m).__module__ for m in (layer.mlp.up_proj, layer.mlp.gate_proj,
                                                             layer.self_attn.q_proj, layer.self_attn.o_proj))
-    zs = _passages(wiki_docs, 2)
+    zs = lead_passages(wiki_docs, 2)
     out = rag_token_decode(gen, QUESTIONS[:1], [zs], torch.zeros(1, 2), beams=2, max_new_tokens=3)
     assert len(out[0].tokens) >= 1 and gen.vocab_size == len(gen.tokenizer)
 
 
 @torch.no_grad()
 def test_greedy_rag_token_keeps_each_passages_token_logprobs_as_a_scoring_pass_computes_them(smol, wiki_docs):
-    zs = _passages(wiki_docs, 6)
+    zs = lead_passages(wiki_docs, 6)
     questions = ["Who is this passage about?", "What is the first thing the passage says?"]
     passages = [zs[:3], zs[3:]]
     doc = torch.log_softmax(torch.tensor([[1.0, 0.5, 0.0], [0.2, 0.1, 0.0]]), -1)

@@ -30,13 +30,11 @@ class PackedLinear(torch.nn.Linear):
 
     _packed: torch.Tensor | None = None
     _packed_for: tuple[int, int, torch.dtype] | None = None  # (data_ptr, _version, dtype) of the weight it copies
+    _unsupported = False  # oneDNN refused this layer once: it stays plain linear
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the laid-out weight behind (it is made again on first use)."""
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k not in ("_packed", "_packed_for")}
-
-    _unsupported = False  # oneDNN refused this layer once: it stays plain linear
+        return {k: v for k, v in self.__dict__.items() if k not in ("_packed", "_packed_for")}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
