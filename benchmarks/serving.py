@@ -4,7 +4,7 @@ default one, and a soak with faults (the real default generator, index swaps, cl
 How it measures and what it prints: docs/benchmarks.md (serving.py).
 
     python3 benchmarks/serving.py [--index DIR] [--requests 200] [--concurrency 8] [--docs 300]
-    python3 benchmarks/serving.py --real [--requests 16] [--generator qwen2.5-0.5b] [--max-batch 8]
+    python3 benchmarks/serving.py --real [--requests 16] [--generator qwen2.5-0.5b] [--max-batch 8] [--max-running 2]
     python3 benchmarks/serving.py --soak 300 [--generator qwen2.5-0.5b] [--index DIR]
 """
 
@@ -46,9 +46,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index: Path, generator: Path | str, port: int, max_batch: int, log: Path) -> subprocess.Popen:
+def start_server(index: Path, generator: Path | str, port: int, max_batch: int, log: Path,
+                 max_running: int | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ragline", "serve", "--index", str(index), "--generator", str(generator),
            "--port", str(port), "--max-batch", str(max_batch)]
+    if max_running is not None:
+        cmd += ["--max-running", str(max_running)]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -105,7 +108,15 @@ def chat_request(client: httpx.Client, body: dict, t0: float) -> tuple[float, fl
 
 
 def load(url: str, path: str, body: dict, questions: list[str], n: int, concurrency: int) -> dict:
-    results: list[tuple[float, float | None, bool]] = []
+    """``n`` requests of one workload from ``concurrency`` clients: the row's figures."""
+    return load_mixed(url, [(path, body)], questions, n, concurrency)[0]
+
+
+def load_mixed(url: str, kinds: list[tuple[str, dict]], questions: list[str], n: int, concurrency: int
+               ) -> list[dict]:
+    """``n`` requests from ``concurrency`` clients, request i of workload ``kinds[i % len(kinds)]``: the figures
+    of each workload (its answers per second over the whole run's time)."""
+    results: list[tuple[int, tuple[float, float | None, bool]]] = []
     lock, counter = threading.Lock(), iter(range(n))
 
     def worker() -> None:
@@ -115,12 +126,13 @@ def load(url: str, path: str, body: dict, questions: list[str], n: int, concurre
                     i = next(counter, None)
                 if i is None:
                     return
+                path, body = kinds[i % len(kinds)]
                 try:
                     res = one_request(client, path, {**body, "question": questions[i % len(questions)]})
                 except httpx.HTTPError:
                     res = (0.0, None, False)
                 with lock:
-                    results.append(res)
+                    results.append((i % len(kinds), res))
 
     before = httpx.get(f"{url}/health").json()["decoded"]
     t0 = time.perf_counter()
@@ -131,14 +143,18 @@ def load(url: str, path: str, body: dict, questions: list[str], n: int, concurre
         t.join()
     wall = time.perf_counter() - t0
     after = httpx.get(f"{url}/health").json()["decoded"]
-    lat = sorted(r[0] for r in results if r[2])
-    firsts = sorted(r[1] for r in results if r[1] is not None)
     batches = after["batches"] - before["batches"]
-    return {"requests": len(results), "errors": sum(not r[2] for r in results), "rps": len(results) / wall,
-            "p50": statistics.median(lat) if lat else float("nan"),
-            "p95": lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan"),
-            "first_token_p50": statistics.median(firsts) if firsts else None,
-            "per_batch": (after["questions"] - before["questions"]) / batches if batches else None}
+    rows = []
+    for kind in range(len(kinds)):
+        mine = [r for k, r in results if k == kind]
+        lat = sorted(r[0] for r in mine if r[2])
+        firsts = sorted(r[1] for r in mine if r[1] is not None)
+        rows.append({"requests": len(mine), "errors": sum(not r[2] for r in mine), "rps": len(mine) / wall,
+                     "p50": statistics.median(lat) if lat else float("nan"),
+                     "p95": lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan"),
+                     "first_token_p50": statistics.median(firsts) if firsts else None,
+                     "per_batch": (after["questions"] - before["questions"]) / batches if batches else None})
+    return rows
 
 
 # --real: the default answer settings a user of the page gets (RAG-Sequence thorough, k=5, 4 beams)
@@ -147,6 +163,8 @@ REAL_WORKLOADS = {
                                   "max_new_tokens": 24}),
     "ask rag-token": ("/ask", {"model": "rag-token", "decoding": "greedy", "k": 5, "max_new_tokens": 24}),
 }
+# --real's mixed row: the clients' requests alternate between these (batches of different settings at once)
+MIXED = ("ask rag-sequence", "ask rag-token")
 
 SOAK_ASK = {"model": "rag-token", "decoding": "greedy", "k": 3, "max_new_tokens": 16}
 SOAK_KINDS = ("ask", "stream", "search", "stream, client leaves")
@@ -234,7 +252,8 @@ def run_soak(args: argparse.Namespace) -> None:
     questions = [q.question for q in load_fanoutqa("dev")]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(work / "indexes" / "a", args.generator, port, args.max_batch, work / "server.log")
+    server = start_server(work / "indexes" / "a", args.generator, port, args.max_batch, work / "server.log",
+                          args.max_running)
     try:
         load(url, "/ask", SOAK_ASK, questions, 2, 1)  # warm-up
         t0 = time.perf_counter()
@@ -272,6 +291,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-running", type=int, default=None,
+                    help="The server's --max-running (batches decoded at once, taking turns); default: its own.")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--json", type=Path, default=None, help="Also write the rows here.")
     ap.add_argument("--soak", type=float, default=None, metavar="SECONDS",
@@ -295,7 +316,8 @@ def main() -> None:
     workloads = REAL_WORKLOADS if args.real else WORKLOADS
     if args.real:
         args.requests = args.requests if args.requests != 200 else 16
-        args.workloads = args.workloads if args.workloads != ",".join(WORKLOADS) else ",".join(REAL_WORKLOADS)
+        args.workloads = args.workloads if args.workloads != ",".join(WORKLOADS) else ",".join([*REAL_WORKLOADS,
+                                                                                                  "mixed"])
     index = args.index or (paths.default_index_dir() if args.real else None)
     if index is None:
         print(f"building an index of the first {args.docs} documents", file=sys.stderr)
@@ -306,24 +328,28 @@ def main() -> None:
     rows = []
     if args.real:  # a fresh server per row: every row starts with the same (empty) passage cache
         for name in args.workloads.split(","):
-            path, body = workloads[name]
-            for conc in (1, args.concurrency):
+            # the mixed row: requests alternate between the workloads of MIXED, from --concurrency clients only
+            names = list(MIXED) if name == "mixed" else [name]
+            kinds = [workloads[n] for n in names]
+            for conc in (args.concurrency,) if name == "mixed" else (1, args.concurrency):
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
-                server = start_server(index, generator, port, args.max_batch, work / "server.log")
+                server = start_server(index, generator, port, args.max_batch, work / "server.log", args.max_running)
                 try:
-                    load(url, path, body, questions[-1:], 1, 1)  # warm-up on a question no row asks
-                    rows.append({"workload": name, "concurrency": conc,
-                                 **load(url, path, body, questions, args.requests, conc)})
+                    for path, body in kinds:
+                        load(url, path, body, questions[-1:], 1, 1)  # warm-up on a question no row asks
+                    got = load_mixed(url, kinds, questions, args.requests, conc)
                 finally:
                     server.terminate()
                     server.wait(timeout=60)
-                print(f"{name:18s} c={conc}: {rows[-1]['rps']:.2f} req/s, p50 {rows[-1]['p50']:.1f} s",
-                      file=sys.stderr)
+                for n, row in zip(names, got, strict=True):
+                    rows.append({"workload": f"{n} (mixed)" if name == "mixed" else n, "concurrency": conc, **row})
+                    print(f"{rows[-1]['workload']:18s} c={conc}: {row['rps']:.2f} req/s, p50 {row['p50']:.1f} s",
+                          file=sys.stderr)
     else:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = start_server(index, generator, port, args.max_batch, work / "server.log")
+        server = start_server(index, generator, port, args.max_batch, work / "server.log", args.max_running)
         try:
             for name in args.workloads.split(","):
                 path, body = workloads[name]
@@ -339,16 +365,19 @@ def main() -> None:
             server.wait(timeout=30)
 
     serial = {r["workload"]: r["rps"] for r in rows if r["concurrency"] == 1}
+    running = "" if args.max_running is None else f", --max-running {args.max_running}"
     print(f"\n{args.requests} requests per row on loopback; "
           f"{'generator ' + str(generator) if args.real else 'tiny generator'}; {os.cpu_count()} cores; "
-          f"--max-batch {args.max_batch}\n")
+          f"--max-batch {args.max_batch}{running}\n")
     print("| workload | concurrency | req/s | vs one at a time | p50 ms | p95 ms | first token p50 ms | "
           "questions per batch | errors |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         first = "–" if r["first_token_p50"] is None else f"{1000 * r['first_token_p50']:.0f}"
         per_batch = "–" if r["per_batch"] is None else f"{r['per_batch']:.1f}"
-        print(f"| {r['workload']} | {r['concurrency']} | {r['rps']:.1f} | {r['rps'] / serial[r['workload']]:.2f}x | "
+        alone = serial.get(r["workload"].removesuffix(" (mixed)"))
+        ratio = "–" if alone is None else f"{r['rps'] / alone:.2f}x"
+        print(f"| {r['workload']} | {r['concurrency']} | {r['rps']:.1f} | {ratio} | "
               f"{1000 * r['p50']:.0f} | {1000 * r['p95']:.0f} | {first} | {per_batch} | {r['errors']} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

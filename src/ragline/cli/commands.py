@@ -506,6 +506,10 @@ def _serving_options(f):
                      type=click.IntRange(1), help="Work one batch may hold, in the same tokens."),
         click.option("--max-queue", default=Budget.max_queue, show_default=True, type=click.IntRange(1),
                      help="Requests waiting at most; more are refused (HTTP 503 with Retry-After)."),
+        click.option("--max-running", default=Budget.max_running, show_default=True, type=click.IntRange(1, 16),
+                     help="Batches of different settings decoded at once, taking turns on the model step by "
+                          "step: a question with other settings than the batch decoding starts at that batch's next "
+                          "step instead of after its last (1: one batch at a time)."),
         click.option("--kv-cache-mb", default=vocab.DEFAULT_KV_CACHE_MB, show_default=True,
                      type=click.FloatRange(0),
                      help="Memory for the key/value states of prompt blocks already read (system prompt, passages), "
@@ -534,7 +538,7 @@ def _serving_model(ctx: click.Context, o: dict):
                                 device=o["device"])
     rag = RagModel(retriever, loaded.generator, k=loaded.n_docs or vocab.DEFAULT_K, prior_scale=s["prior_scale"])
     budget = Budget(max_request_tokens=o["max_request_tokens"], max_batch_tokens=o["max_batch_tokens"],
-                    max_queue=o["max_queue"])
+                    max_queue=o["max_queue"], max_running=o["max_running"])
     return rag, ModelWorker(rag, max_batch=o["max_batch"], budget=budget)
 
 

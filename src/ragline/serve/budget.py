@@ -81,11 +81,13 @@ class TooLarge(RaglineError):
 class Budget:
     """Bounds on the work of one request and of one batch, in generator tokens: rows x (prompt + new tokens),
     with each passage counted as ``passage_tokens`` (a 100-word passage with its title and the template);
-    this is what the key/value cache and the activations grow with."""
+    this is what the key/value cache and the activations grow with. At most ``max_running`` batches, each with
+    other settings, are decoded at once (their caches held together), taking turns on the model step by step."""
 
     max_request_tokens: int = 24_576
     max_batch_tokens: int = 98_304
     max_queue: int = 64
+    max_running: int = 2  # batches (of different settings) decoded at once, taking turns step by step
     max_question_tokens: int = 256
     passage_tokens: int = 256
 

@@ -1,24 +1,32 @@
-"""The model worker: one thread owns the RAG model, so model calls never run concurrently, and questions that
-arrive together with the same settings are decoded in one batch.
+"""The model worker: questions that arrive together with the same settings are decoded in one batch, and up to
+``max_running`` batches of different settings are decoded at once, taking turns on the model step by step.
 
-Requests wait in a bounded queue (a full queue refuses new ones: :class:`Busy`, answered 503 with Retry-After).
-The worker takes the first, then keeps taking requests with the same settings (model, decoding, k, retrieval
-mode, beams, max tokens) that arrive within ``window`` seconds, while the batch stays within ``max_batch``
-questions and the :class:`Budget`'s generator tokens, and answers them with one ``RagModel.answer`` call (one
-retrieval, one decoding). Streaming requests batch like the others: each gets its own passages as soon as they
-are retrieved, and its own best answer text after every decoding step.
+Requests wait in a bounded line (a full line refuses new ones: :class:`Busy`, answered 503 with Retry-After).
+The worker thread starts a batch with the oldest waiting request whose settings (model, decoding, k, retrieval
+mode, beams, max tokens, filters) no decoding batch has, while fewer than ``max_running`` batches decode: it
+takes every waiting request with those settings, and those arriving within ``window`` seconds, while the batch
+stays within ``max_batch`` questions and the :class:`Budget`'s generator tokens, and hands the batch to a thread
+of its own. That thread answers it with one ``RagModel.answer`` call (one retrieval, one decoding) while holding
+the turn on the model (:mod:`ragline.serve.turns`): model calls never run concurrently, and after every
+decoding step the turn passes to the batch that has waited longest; a batch that waited for its turn takes in
+the requests of its settings that arrived meanwhile. So a question never waits for the whole
+of a batch with other settings (a RAG-Token question behind eight RAG-Sequence ones), while questions with the
+settings of a decoding batch wait for it to end and are then decoded together (measured: a second batch of the
+same settings decoding alongside the first makes both smaller and the server slower; benchmarks/serving.py).
+Streaming requests batch like the others: each gets its own passages as soon as they are retrieved, and its own
+best answer text after every decoding step.
 
-A request whose client has gone (:meth:`Job.abandon`) is dropped before it runs, and a batch all of whose
-clients have gone stops decoding at the next step; one that leaves a batch others still wait on is decoded to
-the end of the batch, its events dropped (``abandoned`` counts all three). The thread survives any exception:
-a failing batch fails its own requests only, and a thread that died anyway is started again by the next
-request; ``/health`` reports whether it is alive, the queue's depth and the budget.
+A request whose client has gone (:meth:`Job.abandon`) is dropped before it runs (until its batch gets the turn),
+and a batch all of whose clients have gone stops decoding at the next step; one that leaves a batch others
+still wait on is decoded to the end of the batch, its events dropped (``abandoned`` counts all three). The
+threads survive any exception: a failing batch fails its own requests only, and a worker thread that died
+anyway is started again by the next request; ``/health`` reports whether it is alive, the line's length, the
+questions decoding and the budget.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -30,6 +38,7 @@ from typing import Any
 from ragline.errors import RaglineError
 from ragline.rag.model import DecodingStopped, RagModel, Source
 from ragline.serve.budget import Budget, Busy, Settings
+from ragline.serve.turns import Turns
 
 log = logging.getLogger("ragline.serve")
 
@@ -53,17 +62,19 @@ class Job:
 
 
 class ModelWorker:
-    """The thread that owns the model: takes jobs from the queue, batches them, answers them."""
+    """Takes jobs from the line, batches them, and answers each batch in a thread of its own, the batches taking
+    turns on the model step by step (at most ``budget.max_running`` of them at once, each with other settings)."""
 
     def __init__(self, rag: RagModel, max_batch: int = 8, window: float = 0.01, budget: Budget | None = None) -> None:
         self.rag, self.max_batch, self.window = rag, max_batch, window
         self.budget = budget or Budget()
-        self.queue: queue.Queue[Job] = queue.Queue(maxsize=self.budget.max_queue)
         self.batch_count = self.question_count = 0  # since the start
         self.abandoned = self.failed_batches = self.restarts = 0
-        self.running = 0  # questions in the batch being decoded now
-        self._pending: deque[Job] = deque()
-        self._lock = threading.Lock()
+        self.running = 0  # questions in the batches being decoded now
+        self._cond = threading.Condition()  # guards the line, the decoding batches' settings and the counts
+        self._line: deque[Job] = deque()  # the requests waiting, oldest first
+        self._decoding: list[Settings] = []  # the settings of the batches decoding now
+        self.turns = Turns()  # who runs the model now: one decoding batch at a time, step by step
         self._thread: threading.Thread | None = None
         self._start()
 
@@ -77,14 +88,14 @@ class ModelWorker:
 
     def status(self) -> dict[str, Any]:
         """What /health reports of the worker."""
-        return {"alive": self.alive, "queued": self.queue.qsize() + len(self._pending), "running": self.running,
+        return {"alive": self.alive, "queued": len(self._line), "running": self.running,
                 "abandoned": self.abandoned, "failed_batches": self.failed_batches, "restarts": self.restarts,
-                "budget": asdict(self.budget), "max_batch": self.max_batch}
+                "handovers": self.turns.handovers, "budget": asdict(self.budget), "max_batch": self.max_batch}
 
     def ask(self, question: str, settings: Settings, on_step: Callable[[str], None] | None = None,
             on_passages: Callable[[list[Source]], None] | None = None) -> Job:
         """Queue a question after checking its cost against the budget (:class:`TooLarge` when over it): what
-        every protocol (native, OpenAI-compatible, MCP) calls; :class:`Busy` when the queue is full."""
+        every protocol (native, OpenAI-compatible, MCP) calls; :class:`Busy` when the line is full."""
         tokens = self.question_tokens(question)
         cost = self.budget.check(settings, tokens)
         return self.submit(question, settings, cost, on_step=on_step, on_passages=on_passages)
@@ -96,66 +107,110 @@ class ModelWorker:
     def submit(self, question: str, settings: Settings, cost: int = 0,
                on_step: Callable[[str], None] | None = None,
                on_passages: Callable[[list[Source]], None] | None = None) -> Job:
-        """Queue a question; :class:`Busy` when the queue is full."""
-        with self._lock:
-            if not self.alive:  # the thread died despite its guard: a new one serves the queue
+        """Queue a question; :class:`Busy` when the line is full."""
+        with self._cond:
+            if not self.alive:  # the thread died despite its guard: a new one serves the line
                 self.restarts += 1
                 log.error("the model worker thread had stopped; starting a new one")
                 self._start()
-        job = Job(question, settings, cost, on_step=on_step, on_passages=on_passages)
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise Busy(f"the server is busy: {self.budget.max_queue} requests are already waiting",
-                       f"retry in a few seconds (Retry-After: {Busy.retry_after})") from None
+            if len(self._line) >= self.budget.max_queue:
+                raise Busy(f"the server is busy: {self.budget.max_queue} requests are already waiting",
+                           f"retry in a few seconds (Retry-After: {Busy.retry_after})")
+            job = Job(question, settings, cost, on_step=on_step, on_passages=on_passages)
+            self._line.append(job)
+            self._cond.notify_all()
         return job
-
-    def _next(self, timeout: float | None) -> Job | None:
-        if self._pending:
-            return self._pending.popleft()
-        try:
-            return self.queue.get(timeout=timeout) if timeout is None or timeout > 0 else self.queue.get_nowait()
-        except queue.Empty:
-            return None
 
     def _claim(self, job: Job) -> bool:
         """Mark ``job`` running; False (and dropped) when its client has gone."""
         if job.gone.is_set() or not job.future.set_running_or_notify_cancel():
-            self.abandoned += 1
+            with self._cond:
+                self.abandoned += 1
             return False
         return True
 
     def _loop(self) -> None:
         while True:
             try:
-                self._serve_one_batch()
+                self._start_one_batch()
             except BaseException:  # noqa: BLE001 - the worker outlives every failure; each is logged
                 log.exception("the model worker caught an error outside a batch")
-                self.failed_batches += 1
+                with self._cond:
+                    self.failed_batches += 1
 
-    def _serve_one_batch(self) -> None:
-        job = self._next(None)
-        if job is None or not self._claim(job):
-            return
-        batch, cost = [job], job.cost
-        deadline = time.monotonic() + self.window
-        while len(batch) < self.max_batch:
-            nxt = self._next(deadline - time.monotonic())
-            if nxt is None:
-                break
-            if nxt.settings != job.settings or cost + nxt.cost > self.budget.max_batch_tokens:
-                self._pending.append(nxt)
-                break
-            if self._claim(nxt):
-                batch.append(nxt)
-                cost += nxt.cost
-        self._run(batch)
+    def _startable(self) -> Job | None:
+        """(Holding the condition.) The oldest waiting request a new batch may start with, if any: its
+        settings are no decoding batch's, and fewer than ``max_running`` batches decode. Requests whose clients
+        have gone leave the line here."""
+        for job in [j for j in self._line if j.gone.is_set() or j.future.cancelled()]:
+            self._line.remove(job)
+            self.abandoned += 1
+        if len(self._decoding) >= self.budget.max_running:
+            return None
+        return next((j for j in self._line if j.settings not in self._decoding), None)
+
+    def _start_one_batch(self) -> None:
+        """Wait for a request that may start a batch, gather the batch and start its thread."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._startable() is not None)
+            first = self._startable()
+            self._line.remove(first)
+            batch = [first]
+            deadline = time.monotonic() + self.window
+            while True:  # the waiting requests with its settings, then those arriving within the window
+                self._join(batch)
+                left = deadline - time.monotonic()
+                if len(batch) >= self.max_batch or left <= 0 or not self._cond.wait(left):
+                    break
+            self._decoding.append(first.settings)
+        try:
+            threading.Thread(target=self._decode, args=(batch,), name="ragline-batch", daemon=True).start()
+        except BaseException:
+            self._done(first.settings)
+            raise
+
+    def _join(self, batch: list[Job]) -> None:
+        """(Holding the condition.) Move the waiting requests with ``batch``'s settings into it, oldest first,
+        while it stays within ``max_batch`` questions and the budget's batch tokens."""
+        cost = sum(j.cost for j in batch)
+        for job in [j for j in self._line if j.settings == batch[0].settings]:
+            if len(batch) >= self.max_batch or cost + job.cost > self.budget.max_batch_tokens:
+                return
+            self._line.remove(job)
+            batch.append(job)
+            cost += job.cost
+
+    def _done(self, settings: Settings) -> None:
+        with self._cond:
+            self._decoding.remove(settings)
+            self._cond.notify_all()
+
+    def _decode(self, batch: list[Job]) -> None:
+        """A batch's thread: wait for the turn; then take in the requests of its settings that arrived meanwhile
+        (while another batch ran its step, nothing is lost by waiting for them), drop those whose clients left,
+        and answer the rest."""
+        try:
+            with self.turns.hold():
+                with self._cond:
+                    self._join(batch)
+                claimed = [j for j in batch if self._claim(j)]
+                if claimed:
+                    self._run(claimed)
+        except BaseException:  # noqa: BLE001 - a failure outside the model call: logged, the worker goes on
+            log.exception("a batch's thread caught an error outside its model call")
+            with self._cond:
+                self.failed_batches += 1
+            for j in batch:
+                _settle(j.future, error=RaglineError("the batch failed", "try again"))
+        finally:
+            self._done(batch[0].settings)
 
     def _run(self, batch: list[Job]) -> None:
         s = batch[0].settings
-        self.batch_count += 1
-        self.question_count += len(batch)
-        self.running = len(batch)
+        with self._cond:
+            self.batch_count += 1
+            self.question_count += len(batch)
+            self.running += len(batch)
         streams = [j for j in batch if j.on_step is not None]
 
         def tell(j: Job, callback: Callable[[Any], None] | None, value: Any) -> None:
@@ -176,28 +231,33 @@ class ModelWorker:
             for j, srcs in zip(batch, sources, strict=True):
                 tell(j, j.on_passages, srcs)
 
-        self.rag.mode, self.rag.filters = s.mode, s.filters  # only this thread uses the model
+        # this batch holds the turn from here to its retrieval's end (its first step), so nothing else reads these
+        self.rag.mode, self.rag.filters = s.mode, s.filters
         try:
             answers: list[Any] = self.rag.answer(
                 [j.question for j in batch], model=s.model, decoding=s.decoding, k=s.k, beams=s.beams,
                 max_new_tokens=s.max_new_tokens, n_best=s.n_best, on_step=on_step if streams else None,
                 on_passages=on_passages if streams else None,
-                should_stop=lambda: all(j.gone.is_set() for j in batch))
+                should_stop=lambda: all(j.gone.is_set() for j in batch), between_steps=self.turns.give_way)
         except DecodingStopped:
-            self.abandoned += len(batch)
+            with self._cond:
+                self.abandoned += len(batch)
             for j in batch:
                 _settle(j.future, error=DecodingStopped("the request was abandoned by its client"))
             return
         except BaseException as e:  # noqa: BLE001 - every waiting request gets the error, the thread goes on
             if not isinstance(e, RaglineError):
-                self.failed_batches += 1
+                with self._cond:
+                    self.failed_batches += 1
                 log.exception("a batch of %d questions failed", len(batch))
             for j in batch:
                 _settle(j.future, error=e)
             return
         finally:
-            self.running = 0
-        self.abandoned += sum(j.gone.is_set() for j in batch)  # left while their batch went on for the others
+            with self._cond:
+                self.running -= len(batch)
+        with self._cond:
+            self.abandoned += sum(j.gone.is_set() for j in batch)  # left while their batch went on for the others
         for j, a in zip(batch, answers, strict=True):
             _settle(j.future, result=a)
 

@@ -1,0 +1,164 @@
+"""Batches taking turns on the model step by step (serve/turns.py, serve/worker.py): model calls never overlap,
+a batch that arrives while another decodes does not wait for the whole of it, and answers do not change."""
+
+import threading
+import time
+
+import pytest
+from conftest import tiny_generator
+
+from ragline.serve.budget import Budget, Settings
+from ragline.serve.turns import Turns
+
+
+def _settings(**kw) -> Settings:
+    return Settings(**{"model": "rag-token", "decoding": "greedy", "k": 3, "mode": "dense", "beams": 1,
+                       "max_new_tokens": 4, **kw})
+
+
+def test_turns_alternate_first_come_first_served_and_never_overlap():
+    turns, log, inside, most = Turns(), [], [0], [0]
+    b_in_line = threading.Event()
+
+    def batch(name: str, steps: int, first: bool) -> None:
+        with turns.hold():
+            if first:  # hold the turn until the other is in line, so the order below is certain
+                b_in_line.wait(10)
+            for i in range(steps):
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                log.append(f"{name}{i}")
+                time.sleep(0.005)
+                inside[0] -= 1
+                turns.give_way()
+
+    a = threading.Thread(target=batch, args=("a", 3, True))
+    a.start()
+    b = threading.Thread(target=batch, args=("b", 3, False))
+    b.start()
+    deadline = time.monotonic() + 10
+    while turns.waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    b_in_line.set()
+    a.join(10)
+    b.join(10)
+    assert log == ["a0", "b0", "a1", "b1", "a2", "b2"] and most[0] == 1 and turns.handovers >= 5
+
+
+def test_give_way_alone_keeps_the_turn():
+    turns = Turns()
+    with turns.hold():
+        turns.give_way()
+        assert turns.waiting == 0 and turns.handovers == 0
+
+
+class SteppingRag:
+    """A stand-in model: each question decodes ``steps`` steps (its settings' max_new_tokens), calling
+    ``between_steps`` after each; records the steps and the most answers running at once."""
+
+    def __init__(self) -> None:
+        self.mode, self.filters = "dense", ()
+        self.steps: list[str] = []
+        self.inside = self.most = 0
+        self.started = threading.Event()
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()  # the first batch's first step waits for it (set: no wait)
+        self.gate.set()
+
+    def answer(self, questions, max_new_tokens=1, between_steps=None, **kw):
+        self.batches.append(list(questions))
+        for i in range(max_new_tokens):
+            if len(self.batches) == 1 and i == 0:
+                self.started.set()
+                self.gate.wait(10)
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+            self.started.set()
+            self.steps.append(f"{questions[0]}{i}")
+            time.sleep(0.01)
+            self.inside -= 1
+            if between_steps is not None:
+                between_steps()
+        return [f"answer to {q}" for q in questions]
+
+
+@pytest.mark.parametrize("running", [2, 1])
+def test_a_short_batch_does_not_wait_for_a_long_one(running):
+    from ragline.serve.worker import ModelWorker
+
+    rag = SteppingRag()
+    worker = ModelWorker(rag, window=0.0, budget=Budget(max_running=running))
+    done: list[str] = []
+    long = worker.submit("long", _settings(max_new_tokens=40))
+    long.future.add_done_callback(lambda f: done.append("long"))
+    assert rag.started.wait(10)
+    short = worker.submit("short", _settings(max_new_tokens=2, k=2))  # other settings: a batch of its own
+    short.future.add_done_callback(lambda f: done.append("short"))
+    assert long.future.result(10) == "answer to long" and short.future.result(10) == "answer to short"
+    assert rag.most == 1  # one batch on the model at a time, always
+    if running == 2:  # the short batch took its steps between the long one's
+        assert done == ["short", "long"] and rag.steps.index("short1") < rag.steps.index("long39")
+        assert worker.status()["handovers"] >= 2
+    else:  # one batch at a time: the short one waited for the whole long one
+        assert done == ["long", "short"] and rag.steps[-2:] == ["short0", "short1"]
+    assert worker.status()["running"] == 0 and worker.alive
+
+
+def test_waiting_requests_batch_by_settings_and_wait_for_a_decoding_batch_of_theirs():
+    """Requests of the decoding batch's settings wait for it and then go as one batch; those of other settings
+    start alongside it, gathered past the others in the line."""
+    from ragline.serve.worker import ModelWorker
+
+    rag = SteppingRag()
+    worker = ModelWorker(rag, window=0.3)
+    a, b = _settings(max_new_tokens=30), _settings(max_new_tokens=2, k=2)
+    long = worker.submit("long", a)
+    assert rag.started.wait(10)
+    jobs = [worker.submit(q, s) for q, s in (("a1", a), ("b1", b), ("a2", a), ("b2", b))]
+    assert [j.future.result(10) for j in jobs] == [f"answer to {q}" for q in ("a1", "b1", "a2", "b2")]
+    assert long.future.result(10) == "answer to long"
+    assert rag.batches == [["long"], ["b1", "b2"], ["a1", "a2"]] and rag.most == 1
+
+
+def test_a_batch_waiting_for_its_turn_takes_in_the_requests_of_its_settings_that_arrive():
+    from ragline.serve.worker import ModelWorker
+
+    rag = SteppingRag()
+    rag.gate.clear()
+    worker = ModelWorker(rag, window=0.0)
+    long = worker.submit("long", _settings(max_new_tokens=5))
+    assert rag.started.wait(10)  # the long batch holds the turn, in its first step
+    b = _settings(max_new_tokens=2, k=2)
+    b1 = worker.submit("b1", b)
+    deadline = time.monotonic() + 10
+    while worker.turns.waiting < 1 and time.monotonic() < deadline:  # b1's batch is waiting for the turn
+        time.sleep(0.001)
+    b2 = worker.submit("b2", b)
+    rag.gate.set()
+    assert [j.future.result(10) for j in (long, b1, b2)] == ["answer to long", "answer to b1", "answer to b2"]
+    assert rag.batches == [["long"], ["b1", "b2"]]
+
+
+def test_interleaved_batches_give_the_answers_each_gives_alone(small_index):
+    """The tiny generator through the worker: two batches of different settings (retrieval mode, model,
+    decoding) decoded at once, taking turns, answer as each does alone."""
+    from ragline.rag.model import RagModel
+    from ragline.retriever import Retriever
+    from ragline.serve.worker import ModelWorker
+
+    rag = RagModel(Retriever(small_index), tiny_generator(), k=3)
+    jobs = {"seq": ("Who wrote Candide?", _settings(model="rag-sequence", decoding="thorough", beams=2,
+                                                    max_new_tokens=8, mode="bm25")),
+            "tok": ("What is the capital of France?", _settings(max_new_tokens=8, k=2))}
+    alone = {}
+    for name, (q, s) in jobs.items():
+        rag.mode = s.mode
+        alone[name] = rag.answer([q], model=s.model, decoding=s.decoding, k=s.k, beams=s.beams,
+                                 max_new_tokens=s.max_new_tokens)[0]
+    worker = ModelWorker(rag, window=0.0)
+    together = {name: worker.submit(q, s) for name, (q, s) in jobs.items()}
+    together = {name: job.future.result(60) for name, job in together.items()}
+    assert worker.status()["handovers"] >= 1  # they did take turns
+    for name in jobs:
+        assert together[name].text == alone[name].text and together[name].tokens == alone[name].tokens
+        assert [z.pid for z in together[name].sources] == [z.pid for z in alone[name].sources]
