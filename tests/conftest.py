@@ -47,6 +47,14 @@ def lead_passages(wiki_docs: list[dict], n: int) -> list:
             for i, d in enumerate(wiki_docs[:n])]
 
 
+def serve_settings(**kw):
+    """A served request's settings (RAG-Token greedy, k = 3, dense, 4 new tokens), with ``kw`` changed."""
+    from ragline.serve.budget import Settings
+
+    return Settings(**{"model": "rag-token", "decoding": "greedy", "k": 3, "mode": "dense", "beams": 1,
+                       "max_new_tokens": 4, **kw})
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import app_over_copies, running_server, tiny_generator
+from conftest import serve_settings as _settings
 
 from ragline.errors import RaglineError
 
@@ -30,13 +31,6 @@ class BlockingRag:
         self.release.wait(10)
         self.answered += list(questions)
         return [f"answer to {q}" for q in questions]
-
-
-def _settings(**kw):
-    from ragline.serve.budget import Settings
-
-    return Settings(**{"model": "rag-token", "decoding": "greedy", "k": 3, "mode": "dense", "beams": 1,
-                       "max_new_tokens": 4, **kw})
 
 
 def test_a_request_cancelled_while_queued_does_not_kill_the_worker():

@@ -5,15 +5,18 @@ import threading
 import time
 
 import pytest
+from conftest import serve_settings as _settings
 from conftest import tiny_generator
 
-from ragline.serve.budget import Budget, Settings
+from ragline.serve.budget import Budget
 from ragline.serve.turns import Turns
 
 
-def _settings(**kw) -> Settings:
-    return Settings(**{"model": "rag-token", "decoding": "greedy", "k": 3, "mode": "dense", "beams": 1,
-                       "max_new_tokens": 4, **kw})
+def _wait_in_line(turns: Turns) -> None:
+    """Return once a thread waits for ``turns`` (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while turns.waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def test_turns_alternate_first_come_first_served_and_never_overlap():
@@ -36,9 +39,7 @@ def test_turns_alternate_first_come_first_served_and_never_overlap():
     a.start()
     b = threading.Thread(target=batch, args=("b", 3, False))
     b.start()
-    deadline = time.monotonic() + 10
-    while turns.waiting < 1 and time.monotonic() < deadline:
-        time.sleep(0.001)
+    _wait_in_line(turns)
     b_in_line.set()
     a.join(10)
     b.join(10)
@@ -130,9 +131,7 @@ def test_a_batch_waiting_for_its_turn_takes_in_the_requests_of_its_settings_that
     assert rag.started.wait(10)  # the long batch holds the turn, in its first step
     b = _settings(max_new_tokens=2, k=2)
     b1 = worker.submit("b1", b)
-    deadline = time.monotonic() + 10
-    while worker.turns.waiting < 1 and time.monotonic() < deadline:  # b1's batch is waiting for the turn
-        time.sleep(0.001)
+    _wait_in_line(worker.turns)  # b1's batch is waiting for the turn
     b2 = worker.submit("b2", b)
     rag.gate.set()
     assert [j.future.result(10) for j in (long, b1, b2)] == ["answer to long", "answer to b1", "answer to b2"]

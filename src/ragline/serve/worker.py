@@ -152,8 +152,7 @@ class ModelWorker:
     def _start_one_batch(self) -> None:
         """Wait for a request that may start a batch, gather the batch and start its thread."""
         with self._cond:
-            self._cond.wait_for(lambda: self._startable() is not None)
-            first = self._startable()
+            first = self._cond.wait_for(self._startable)  # the predicate's value: the request to start with
             self._line.remove(first)
             batch = [first]
             deadline = time.monotonic() + self.window
