@@ -13,7 +13,7 @@ ROOT = Path(ragline.__file__).parent
 # rank are siblings and may not import each other.
 PARTS = {
     "foundation": (0, ("ragline", "ragline.errors", "ragline.vocab", "ragline.paths", "ragline.atomic",
-                       "ragline.runconfig", "ragline.profile")),
+                       "ragline.runconfig", "ragline.profile", "ragline.yielding")),
     "corpus": (1, ("ragline.corpus",)), "questions": (1, ("ragline.questions",)),
     "models": (2, ("ragline.models",)),
     "index": (3, ("ragline.index",)),

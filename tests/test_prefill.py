@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import lead_passages
 
-from ragline import profile, vocab
+from ragline import profile, vocab, yielding
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.models import precision as precisions
@@ -48,12 +48,15 @@ def test_packed_prefill_equals_padded_prefill_and_its_cache_continues_the_same(w
 
 
 @torch.no_grad()
-def test_rows_split_into_several_packs_give_the_same_states(wiki_docs):
+def test_rows_split_into_several_packs_give_the_same_states_and_give_way_between_packs(wiki_docs):
     gen = tiny_causal(seed=9)
     zs = lead_passages(wiki_docs, 4)
     rows = gen.prompt_ids(gen.pair_prompts(QUESTIONS, [zs[:3], zs[1:]]))
     one = prefill(gen.model, rows, PrefixCache(2**30))
-    many = prefill(gen.model, rows, None, pack_tokens=2 * max(map(len, rows)))  # three packs, no cache
+    gave_way = []
+    with yielding.hooked(lambda: gave_way.append(1)):  # a server's batch thread: yield points between packs
+        many = prefill(gen.model, rows, None, pack_tokens=2 * max(map(len, rows)))  # three packs, no cache
+    assert len(gave_way) == 2
     torch.testing.assert_close(many.logits, one.logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(many.attention_mask, one.attention_mask) and torch.equal(many.positions, one.positions)
     for a, b in zip(many.cache.layers, one.cache.layers, strict=True):

@@ -8,6 +8,7 @@ import pytest
 from conftest import serve_settings as _settings
 from conftest import tiny_generator
 
+from ragline import yielding
 from ragline.serve.budget import Budget
 from ragline.serve.turns import Turns
 
@@ -54,8 +55,8 @@ def test_give_way_alone_keeps_the_turn():
 
 
 class SteppingRag:
-    """A stand-in model: each question decodes ``steps`` steps (its settings' max_new_tokens), calling
-    ``between_steps`` after each; records the steps and the most answers running at once."""
+    """A stand-in model: each question decodes ``steps`` steps (its settings' max_new_tokens), with a yield
+    point after each; records the steps and the most answers running at once."""
 
     def __init__(self) -> None:
         self.mode, self.filters = "dense", ()
@@ -66,7 +67,7 @@ class SteppingRag:
         self.gate = threading.Event()  # the first batch's first step waits for it (set: no wait)
         self.gate.set()
 
-    def answer(self, questions, max_new_tokens=1, between_steps=None, **kw):
+    def answer(self, questions, max_new_tokens=1, **kw):
         self.batches.append(list(questions))
         for i in range(max_new_tokens):
             if len(self.batches) == 1 and i == 0:
@@ -78,8 +79,7 @@ class SteppingRag:
             self.steps.append(f"{questions[0]}{i}")
             time.sleep(0.01)
             self.inside -= 1
-            if between_steps is not None:
-                between_steps()
+            yielding.point()
         return [f"answer to {q}" for q in questions]
 
 

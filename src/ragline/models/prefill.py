@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ragline import profile
+from ragline import profile, yielding
 from ragline.models import packed_attention
 from ragline.models.packed_attention import LAYOUT, PackedRows
 
@@ -158,7 +158,11 @@ def prefill(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: Prefix
         held += len(ids)
     if len(packs) == 1:
         return _prefill_pack(model, rows, cache, keep, block)
-    parts = [_prefill_pack(model, [rows[r] for r in p], cache, [keep[r] for r in p], block) for p in packs]
+    parts = []
+    for i, p in enumerate(packs):
+        if i:
+            yielding.point()  # a server's other batches may take their step between packs
+        parts.append(_prefill_pack(model, [rows[r] for r in p], cache, [keep[r] for r in p], block))
     return _stack(parts)
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ragline import profile
+from ragline import profile, yielding
 from ragline.corpus.passages import Passage
 from ragline.models.generators import DecodeState, Generator
 from ragline.rag.marginal import marginalize
@@ -206,6 +206,7 @@ class RowStepper:
         rows = (base[:, :, None] + r).reshape(-1)  # (G'*W*rows,)
         profile.count(profile.DECODE_STEPS, 1)
         profile.count(profile.DECODE_ROWS, len(rows))
+        yielding.point()  # a server's other batches may take their step first
         with profile.stage(profile.DECODE):
             logp = self.gen.advance(self.state, rows, tokens[keep][:, :, None].expand(-1, -1, self.rows).reshape(-1))
         self.width, self.held = w, keep
@@ -264,6 +265,7 @@ def _score_missing_pairs(generator: Generator, cands: list[dict[tuple[int, ...],
             return
         todo.sort(key=lambda m: len(m[1]))  # similar lengths share a pass: little padding
         for chunk in _token_budget_chunks(todo, SCORING_LOGITS // generator.vocab_size):
+            yielding.point()
             t = max(len(y) for _, y, _ in chunk)
             targets = torch.tensor([list(y) + [generator.pad_id] * (t - len(y)) for _, y, _ in chunk])  # (n, T)
             mask = torch.tensor([[i < len(y) for i in range(t)] for _, y, _ in chunk])

@@ -136,15 +136,13 @@ class RagModel:
                length_penalty: float = vocab.DEFAULT_LENGTH_PENALTY, n_best: int = 1,
                on_step: Callable[[list[str]], None] | None = None,
                on_passages: Callable[[list[list[Source]]], None] | None = None,
-               should_stop: Callable[[], bool] | None = None,
-               between_steps: Callable[[], None] | None = None) -> list[Answer]:
+               should_stop: Callable[[], bool] | None = None) -> list[Answer]:
         """Decode an answer per question. ``length_penalty`` ranks finished beams by
         log p / len ** length_penalty (0.0, the default, ranks by log p; 1.0, HF's default, favours longer
         answers).
         ``on_passages`` receives each question's retrieved passages with their prior (posterior None) before
         decoding starts; ``on_step`` each question's best answer text so far after every decoding step;
-        ``should_stop`` is asked after every step, and True ends decoding with :class:`DecodingStopped`;
-        ``between_steps`` is called after every step (where the server lets another batch take a step)."""
+        ``should_stop`` is asked after every step, and True ends decoding with :class:`DecodingStopped`."""
         vocab.check(model, None)
         decoding = decoding or vocab.default_decoding(model)
         vocab.check(model, decoding)
@@ -166,10 +164,8 @@ class RagModel:
                 raise DecodingStopped("decoding was stopped")
             if on_step is not None:
                 on_step([self._text(t) for t in best])
-            if between_steps is not None:
-                between_steps()
 
-        texts = each_step if any(f is not None for f in (on_step, should_stop, between_steps)) else None
+        texts = each_step if on_step is not None or should_stop is not None else None
         if model == vocab.RAG_SEQUENCE:
             decoded = rag_sequence_decode(self.generator, questions, passages, doc, beams=beams,
                                           max_new_tokens=max_new_tokens, thorough=decoding == vocab.THOROUGH,

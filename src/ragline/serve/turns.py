@@ -1,11 +1,11 @@
 """Turns on the model: batches decoded at once run it one at a time, step by step, first come first served.
 
 The serving worker decodes up to a few batches at once, each in its own thread. A batch computes only while it
-holds the turn (:meth:`Turns.hold`): its retrieval and prefill, then one decoding step at a time. After every
-step it calls :meth:`Turns.give_way`, which hands the turn to the batch that has waited longest, if any, and
-queues for it again. So model calls never run concurrently (two torch jobs on the same cores slow each other
-far more than 2x), and a batch that arrives while another decodes starts at the other's next step instead of
-after its last.
+holds the turn (:meth:`Turns.hold`). At each yield point of its work (:mod:`ragline.yielding`: before every
+decoding step, between prefill packs and between scoring passes) it calls :meth:`Turns.give_way`, which hands
+the turn to the batch that has waited longest, if any, and queues for it again. So model calls never run
+concurrently (two torch jobs on the same cores slow each other far more than 2x), and a batch that arrives while
+another decodes starts at the other's next step or pack instead of after its last.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Turns:
             self._leave()
 
     def give_way(self) -> None:
-        """Called by the holder between steps: if another thread waits, let it run its step first."""
+        """Called by the holder at a yield point: if another thread waits, let it run its part first."""
         with self._cond:
             if not self._line:
                 return

@@ -7,8 +7,9 @@ mode, beams, max tokens, filters) no decoding batch has, while fewer than ``max_
 takes every waiting request with those settings, and those arriving within ``window`` seconds, while the batch
 stays within ``max_batch`` questions and the :class:`Budget`'s generator tokens, and hands the batch to a thread
 of its own. That thread answers it with one ``RagModel.answer`` call (one retrieval, one decoding) while holding
-the turn on the model (:mod:`ragline.serve.turns`): model calls never run concurrently, and after every
-decoding step the turn passes to the batch that has waited longest; a batch that waited for its turn takes in
+the turn on the model (:mod:`ragline.serve.turns`): model calls never run concurrently, and at every yield
+point of its work (:mod:`ragline.yielding`: before each decoding step, between prefill packs and scoring
+passes) the turn passes to the batch that has waited longest; a batch that waited for its turn takes in
 the requests of its settings that arrived meanwhile. So a question never waits for the whole
 of a batch with other settings (a RAG-Token question behind eight RAG-Sequence ones), while questions with the
 settings of a decoding batch wait for it to end and are then decoded together (measured: a second batch of the
@@ -35,6 +36,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ragline import yielding
 from ragline.errors import RaglineError
 from ragline.rag.model import DecodingStopped, RagModel, Source
 from ragline.serve.budget import Budget, Busy, Settings
@@ -230,14 +232,16 @@ class ModelWorker:
             for j, srcs in zip(batch, sources, strict=True):
                 tell(j, j.on_passages, srcs)
 
-        # this batch holds the turn from here to its retrieval's end (its first step), so nothing else reads these
+        # this batch holds the turn from here to its retrieval's end (yield points all come after it), so nothing
+        # else reads these meanwhile
         self.rag.mode, self.rag.filters = s.mode, s.filters
         try:
-            answers: list[Any] = self.rag.answer(
-                [j.question for j in batch], model=s.model, decoding=s.decoding, k=s.k, beams=s.beams,
-                max_new_tokens=s.max_new_tokens, n_best=s.n_best, on_step=on_step if streams else None,
-                on_passages=on_passages if streams else None,
-                should_stop=lambda: all(j.gone.is_set() for j in batch), between_steps=self.turns.give_way)
+            with yielding.hooked(self.turns.give_way):  # at each yield point, the batch waiting longest goes first
+                answers: list[Any] = self.rag.answer(
+                    [j.question for j in batch], model=s.model, decoding=s.decoding, k=s.k, beams=s.beams,
+                    max_new_tokens=s.max_new_tokens, n_best=s.n_best, on_step=on_step if streams else None,
+                    on_passages=on_passages if streams else None,
+                    should_stop=lambda: all(j.gone.is_set() for j in batch))
         except DecodingStopped:
             with self._cond:
                 self.abandoned += len(batch)
