@@ -7,7 +7,14 @@ from test_hf_reference import _batch, _generating_bart, _strip, tiny  # noqa: F4
 
 from ragline.corpus.passages import Passage
 from ragline.rag import marginal
-from ragline.rag.decoding import RowStepper, beam_search, rag_sequence_decode, rag_token_decode, stop_ids
+from ragline.rag.decoding import (
+    RowStepper,
+    _token_budget_chunks,
+    beam_search,
+    rag_sequence_decode,
+    rag_token_decode,
+    stop_ids,
+)
 
 
 @pytest.mark.parametrize("model", [(0.5, 0, 0.0), (1.0, 4, 0.0)])
@@ -151,3 +158,15 @@ def test_thorough_decoding_prunes_pairs_but_equals_scoring_every_pair(tiny, mode
 def test_the_pruning_comparisons_skipped_pairs():
     """Runs after the test above: the bound did skip work in some of its cases (else it tested nothing)."""
     assert len(PRUNED) == 6 and any(s < e for s, e in PRUNED), PRUNED
+
+
+def test_scoring_passes_hold_at_most_their_budget_of_positions():
+    """Thorough decoding's scoring passes are cut by the positions the generator computes: a padded pass
+    computes rows x longest, a packed one each target's tokens after its first."""
+    items = [(0, (7,) * n, 0) for n in (2, 2, 3, 5, 9)]  # sorted by length, as thorough decoding sorts them
+    padded = _token_budget_chunks(items, 12, lambda lengths: len(lengths) * max(lengths))
+    packed = _token_budget_chunks(items, 12, lambda lengths: sum(n - 1 for n in lengths))
+    assert [len(c) for c in padded] == [3, 1, 1]  # 3 x 3 = 9; 4 x 5 = 20 is over; 2 x 9 = 18 is over
+    assert [len(c) for c in packed] == [4, 1]  # 1 + 1 + 2 + 4 = 8; + 8 is over
+    assert [x for c in packed for x in c] == items == [x for c in padded for x in c]
+    assert _token_budget_chunks(items[-1:], 3, len) == [items[-1:]]  # an item over the budget goes alone

@@ -3,6 +3,8 @@ padded prefill computes, and --precision falls back cleanly (models/precision.py
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import lead_passages
@@ -10,6 +12,7 @@ from conftest import lead_passages
 from ragline import profile, vocab, yielding
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
+from ragline.models import logprobs
 from ragline.models import precision as precisions
 from ragline.models.generators import CausalGenerator
 from ragline.models.prefill import BLOCK, PrefixCache, block_keys, prefill
@@ -107,6 +110,57 @@ def test_scoring_with_the_cache_equals_the_padded_scoring(wiki_docs):
     # with gradient (training) the padded path runs, whatever the flag says
     s = gen.score(QUESTIONS[:1], [zs[:2]], ["Ada"])
     assert s.logprobs.requires_grad
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # per-row packed attention; one dense masked pass
+@torch.no_grad()
+def test_packed_continuation_scoring_equals_the_padded_path_without_computing_padding(smollm2, wiki_docs,
+                                                                                     attention):
+    model = smollm2.model  # trained weights: positions and masks change what they compute
+    if attention == "eager":
+        model = copy.deepcopy(model)
+        model.set_attn_implementation("eager")
+    gen = CausalGenerator(model, smollm2.tokenizer, smollm2.name)
+    zs = lead_passages(wiki_docs, 3)
+    prompts = gen.pair_prompts(QUESTIONS, [zs, zs])  # six rows, prompts of different lengths
+    state, first = gen.start(prompts)
+    padded = _padded(gen)
+    padded_state, padded_first = padded.start(prompts)
+    answers = [[5, 6, 7, 8, 9], [10], [11, 12], [13, 14, 15, 16, 17, 18, 19], [20, 21, 22]]
+    rows = torch.tensor([0, 1, 4, 5, 5])  # a one-token answer, and a row read twice
+    t = max(map(len, answers))
+    targets = torch.tensor([a + [gen.pad_id] * (t - len(a)) for a in answers])  # (5, 7)
+    mask = torch.tensor([[i < len(a) for i in range(t)] for a in answers])
+    fed = []
+    forward = gen.model.forward
+    gen.model.forward = lambda *a, **kw: fed.append(kw["input_ids"].numel()) or forward(*a, **kw)
+    try:
+        ours = gen.continuation_logprobs(state, first, rows, targets, mask)
+        again = gen.continuation_logprobs(state, first, rows[:1], targets[:1], mask[:1])
+    finally:
+        del gen.model.forward
+    assert fed == [sum(len(a) - 1 for a in answers), len(answers[0]) - 1]  # one pass each, no padding fed
+    assert gen.scoring_positions([len(a) for a in answers]) == fed[0]  # what thorough decoding budgets
+    assert padded.scoring_positions([len(a) for a in answers]) == len(answers) * t
+    theirs = padded.continuation_logprobs(padded_state, padded_first, rows, targets, mask)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, ours[:1], atol=1e-6, rtol=1e-6)  # the prefill state was left as it was
+    # and each equals a pass over the whole (prompt, answer) row
+    for r, a, got in zip(rows.tolist(), answers, ours.tolist(), strict=True):
+        ids = torch.tensor([gen.prompt_ids([prompts[r]])[0] + a])
+        lp = torch.log_softmax(gen.model(input_ids=ids).logits[0, -len(a) - 1 : -1].float(), -1)
+        assert got == pytest.approx(float(lp.gather(1, torch.tensor(a)[:, None]).sum()), abs=1e-4)
+
+
+def test_log_probabilities_a_few_rows_at_a_time_equal_torch_bit_for_bit():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(21, 3000) * 4).to(dtype)  # more rows than a chunk, and a ragged last chunk
+        assert len(x) > logprobs.ROWS_PER_CHUNK and len(x) % logprobs.ROWS_PER_CHUNK
+        assert torch.equal(logprobs.log_softmax(x), torch.log_softmax(x.float(), -1))
+        y, t = x.view(3, 7, 3000), torch.randint(0, 3000, (3, 7))
+        reference = y.float().gather(-1, t[..., None])[..., 0] - torch.logsumexp(y.float(), -1)
+        assert torch.equal(logprobs.picked(y, t), reference)
 
 
 def test_answers_are_unchanged_token_for_token(smol, wiki_docs):

@@ -30,8 +30,9 @@ from ragline import profile
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.models import device as devices
+from ragline.models import logprobs
 from ragline.models.catalog import generator_path
-from ragline.models.prefill import cache_kwarg, cache_of_mb, output_cache, prefill
+from ragline.models.prefill import cache_kwarg, cache_of_mb, continuation_logits, output_cache, prefill
 from ragline.vocab import DEFAULT_GENERATOR, DEFAULT_KV_CACHE_MB
 
 SYSTEM_PROMPT = "Answer the question using the passage. Reply with the answer only, as briefly as possible."
@@ -161,6 +162,11 @@ class Generator(ABC):
         """Feed ``tokens`` (N, T) after each row's cached prefix (padding where ``mask`` is False);
         returns the logits after each fed token, (N, T, V). The state is consumed."""
 
+    def scoring_positions(self, lengths: list[int]) -> int:
+        """Positions of logits one :meth:`continuation_logprobs` pass computes for targets of ``lengths``:
+        padded, rows x longest."""
+        return len(lengths) * max(lengths, default=0)
+
     def continuation_logprobs(self, state: DecodeState, first: torch.Tensor, rows: torch.Tensor,
                               targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """log p_theta(y | prefix) for continuations ``targets`` (N, T) of the cached prefixes ``rows`` of a
@@ -169,9 +175,8 @@ class Generator(ABC):
         lp = first[rows].gather(1, targets[:, :1]).squeeze(1)  # (N,) first target token
         if targets.shape[1] > 1:
             targets, mask = targets.to(self.device), mask.to(self.device)
-            logits = self._extend(self.fork(state, rows), targets[:, :-1], mask[:, :-1]).float()  # (N, T-1, V)
-            step = logits.gather(-1, targets[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-            lp = lp + (step * mask[:, 1:]).sum(-1).cpu()
+            logits = self._extend(self.fork(state, rows), targets[:, :-1], mask[:, :-1])  # (N, T-1, V)
+            lp = lp + (logprobs.picked(logits, targets[:, 1:]) * mask[:, 1:]).sum(-1).cpu()
         return lp
 
     def pair_prompts(self, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]]) -> list[str]:
@@ -188,8 +193,8 @@ class Generator(ABC):
         target, mask = target.to(self.device), mask.to(self.device)
         logits = self._row_logits(self.pair_prompts(questions, passages), target.repeat_interleave(k, 0),
                                   mask.repeat_interleave(k, 0))  # (B*K, T, V)
-        logprobs = torch.log_softmax(logits.float(), -1)
-        return Scored(logprobs.view(len(questions), k, target.shape[1], -1), target, mask)
+        full = torch.log_softmax(logits.float(), -1)  # with gradient (training): not chunked
+        return Scored(full.view(len(questions), k, target.shape[1], -1), target, mask)
 
     def target_logprobs(self, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]],
                         answers: Sequence[str] | Sequence[Sequence[int]], rows_per_pass: int = 16
@@ -205,9 +210,8 @@ class Generator(ABC):
         for lo in range(0, len(prompts), rows_per_pass):
             sl = slice(lo, lo + rows_per_pass)
             t, m = rep_t[sl].to(self.device), rep_m[sl].to(self.device)
-            logits = self._row_logits(prompts[sl], t, m).float()  # (n, T, V)
-            picked = logits.gather(-1, t[:, :, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-            out.append((picked * m).cpu())
+            logits = self._row_logits(prompts[sl], t, m)  # (n, T, V)
+            out.append((logprobs.picked(logits, t) * m).cpu())
         return torch.cat(out).view(len(questions), k, -1), target, mask
 
     def _targets(self, answers: Sequence[str] | Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,7 +385,7 @@ class CausalGenerator(Generator):
         if self._packed():
             pre = self._prefill(self.prompt_ids(prompts))
             return (DecodeState(pre.cache, pre.attention_mask, pre.positions),
-                    torch.log_softmax(pre.logits[:, -1].float(), -1).cpu())
+                    logprobs.log_softmax(pre.logits[:, -1]).cpu())
         ids, attn = (x.to(self.device) for x in self.encode_prompts(prompts))  # (N, L)
         profile.count(profile.PROMPT_TOKENS, int(attn.sum()))
         profile.count(profile.COMPUTED_TOKENS, attn.numel())
@@ -389,7 +393,31 @@ class CausalGenerator(Generator):
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
         state = DecodeState(output_cache(out), attn, positions[:, -1] + 1)
-        return state, torch.log_softmax(out.logits[:, -1].float(), -1).cpu()
+        return state, logprobs.log_softmax(out.logits[:, -1]).cpu()
+
+    def scoring_positions(self, lengths: list[int]) -> int:
+        """Packed, each target's own tokens only (its first comes from the prefill)."""
+        return sum(max(n - 1, 0) for n in lengths) if self._packed() else super().scoring_positions(lengths)
+
+    def continuation_logprobs(self, state: DecodeState, first: torch.Tensor, rows: torch.Tensor,
+                              targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """As :meth:`Generator.continuation_logprobs`; packed, the continuations go in one pass without
+        padding (:func:`ragline.models.prefill.continuation_logits`), and the output layer and softmax run
+        at real positions only."""
+        if not self._packed():
+            return super().continuation_logprobs(state, first, rows, targets, mask)
+        lengths = mask.sum(1).tolist()
+        lp = first[rows].gather(1, targets[:, :1]).squeeze(1)  # (N,) first target token
+        longer = [i for i, n in enumerate(lengths) if n > 1]  # rows with tokens after their first
+        if longer:
+            fed = [targets[i, : lengths[i] - 1].tolist() for i in longer]  # each fed but its last token
+            logits = continuation_logits(self.model, state.cache, state.attention_mask, state.positions,
+                                         rows[longer].tolist(), fed)  # (S, V)
+            want = torch.cat([targets[i, 1 : lengths[i]] for i in longer])  # (S,) the tokens each position predicts
+            step = logprobs.picked(logits, want).cpu()  # (S,)
+            owner = torch.repeat_interleave(torch.tensor(longer), torch.tensor([len(f) for f in fed]))  # (S,)
+            lp = lp.index_add(0, owner, step)
+        return lp
 
     def _extend(self, state: DecodeState, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         attn = torch.cat([state.attention_mask, mask.long()], 1)
@@ -410,7 +438,7 @@ class CausalGenerator(Generator):
         out = self.model(input_ids=tokens[:, None], attention_mask=attn, position_ids=pos[:, None],
                          **cache_kwarg(self.model, state.cache), use_cache=True)
         state.cache, state.attention_mask, state.positions = output_cache(out), attn, pos + 1
-        return torch.log_softmax(out.logits[:, -1].float(), -1).cpu()  # (N', V)
+        return logprobs.log_softmax(out.logits[:, -1]).cpu()  # (N', V)
 
 
 @dataclass(frozen=True)
@@ -542,7 +570,7 @@ class Seq2SeqGenerator(Generator):
                          use_cache=True)
         state = DecodeState(output_cache(out), enc["attention_mask"], None, hidden,
                             torch.arange(len(prompts), device=self.device))
-        return state, torch.log_softmax(out.logits[:, -1].float(), -1).cpu()
+        return state, logprobs.log_softmax(out.logits[:, -1]).cpu()
 
     def _extend(self, state: DecodeState, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(encoder_outputs=(state.encoder_hidden,), attention_mask=state.attention_mask,
@@ -564,4 +592,4 @@ class Seq2SeqGenerator(Generator):
         out = self.model(encoder_outputs=(state.encoder_hidden,), attention_mask=state.attention_mask,
                          decoder_input_ids=tokens[:, None], **cache_kwarg(self.model, state.cache), use_cache=True)
         state.cache = output_cache(out)
-        return torch.log_softmax(out.logits[:, -1].float(), -1).cpu()
+        return logprobs.log_softmax(out.logits[:, -1]).cpu()

@@ -277,6 +277,55 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
                      torch.tensor(lengths, device=device), right)
 
 
+def continuation_logits(model: torch.nn.Module, cache: object, attention_mask: torch.Tensor,
+                        positions: torch.Tensor, rows: Sequence[int], tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Logits after every token of the continuations ``tokens[i]`` of row ``rows[i]`` of a left-padded
+    decoding cache (``cache``: (N, kv_heads, L, head_dim) per layer, ``attention_mask`` (N, L), next
+    ``positions`` (N,)), in one packed pass: (sum of lengths, V), row after row. Every row needs one token
+    or more.
+
+    Each continuation token attends to its row's prompt, read from ``cache`` (left as it is), and to the
+    continuation before it, at its position within the row: the causal rule of a padded pass over
+    [prompt][continuation][padding], without computing the padding (the last feed-forward and output layer
+    included), as the packed prefill lays rows out (the module docstring)."""
+    from transformers import DynamicCache
+
+    device = attention_mask.device
+    sel = torch.as_tensor(list(rows), dtype=torch.long, device=device)
+    n, width = len(sel), attention_mask.shape[1]
+    lengths = [len(t) for t in tokens]
+    if min(lengths, default=0) < 1:
+        raise ValueError("every continuation needs at least one token")
+    prompt = attention_mask[sel].sum(1).tolist()  # real (left-padded) prompt tokens per row
+    start = positions[sel].tolist()  # each row's first continuation position id
+    s, past_len = sum(lengths), n * width
+    # past: the selected rows' caches side by side on one axis, (1, kv_heads, n * L, d); padding never read
+    past = DynamicCache(ddp_cache_data=[
+        (layer.keys.index_select(0, sel).transpose(0, 1).reshape(1, layer.keys.shape[1], past_len, -1),
+         layer.values.index_select(0, sel).transpose(0, 1).reshape(1, layer.values.shape[1], past_len, -1))
+        for layer in cache.layers])
+    queries, keys, masks = [], [], []
+    allowed = torch.zeros((s, past_len + s), dtype=torch.bool)  # (S, past + S), for the dense fallback
+    lo = 0
+    for i, (m, p) in enumerate(zip(lengths, prompt, strict=True)):
+        mine = torch.cat([torch.arange((i + 1) * width - p, (i + 1) * width),
+                          torch.arange(past_len + lo, past_len + lo + m)])  # (p + m,) the row's keys, in order
+        rule = torch.cat([torch.ones(m, p, dtype=torch.bool), torch.ones(m, m, dtype=torch.bool).tril()], 1)
+        allowed[lo : lo + m, mine] = rule
+        queries.append((lo, lo + m))
+        keys.append(mine.to(device))
+        masks.append(rule.to(device))
+        lo += m
+    dtype = _dtype(model)
+    mask = torch.zeros((1, 1, s, past_len + s), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    layout = {LAYOUT: PackedRows(queries, keys, masks)} if packed_attention.enable(model) else {}
+    ids = torch.tensor([t for row in tokens for t in row], dtype=torch.long)[None]  # (1, S)
+    pos = torch.cat([torch.arange(a, a + m) for a, m in zip(start, lengths, strict=True)])[None]  # (1, S)
+    out = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
+                **cache_kwarg(model, past), use_cache=True, **layout)
+    return out.logits[0]  # (S, V)
+
+
 def _rows_layout(nodes: list[_Node], owned: list[range], spans: list[torch.Tensor], past_len: int,
                  device: torch.device) -> PackedRows:
     """Each row's queries (the fresh nodes it adds, contiguous on the packed axis), its keys (``spans``) and

@@ -73,10 +73,12 @@ def beam_search(step: StepFn, groups: int, beams: int, stop_ids: Sequence[int], 
         at = g_idx if live is None else torch.nonzero(live).flatten()  # (G',) the groups still searching
         n = len(at)
         logp = step(None, None, None) if t == 0 else step(parents, tokens, live)  # (G', W, V)
-        vocab = logp.shape[-1]
-        acc = (logp + run_scores[at][:, :, None]).view(n, -1)  # (G', W*V)
+        # the group's best n_keep of W*V are each among their own beam's best n_keep: rank those only
+        per_beam = min(n_keep, logp.shape[-1])
+        beam_top, beam_token = torch.topk(logp, per_beam, -1)  # (G', W, per_beam)
+        acc = (beam_top + run_scores[at][:, :, None]).view(n, -1)  # (G', W*per_beam)
         cand_scores, cand = torch.topk(acc, n_keep)  # (G', n_keep), best first
-        cand_parent, cand_token = cand // vocab, cand % vocab
+        cand_parent, cand_token = cand // per_beam, beam_token.view(n, -1).gather(1, cand)
         cand_seq = torch.cat([run_tokens[at[:, None], cand_parent], cand_token[..., None]], -1)  # (G', n_keep, t+1)
         hits = torch.isin(cand_token, stop) | (t + 1 >= max_new_tokens)  # (G', n_keep)
         # finished: top-W candidates that hit a stop, merged with those finished before
@@ -215,13 +217,13 @@ class RowStepper:
         return self.combine(logp.view(len(keep), w, self.rows, -1), keep)  # (G', W, V)
 
 
-def _token_budget_chunks(items: list[tuple[int, tuple[int, ...], int]], budget: int
-                         ) -> list[list[tuple[int, tuple[int, ...], int]]]:
-    """Consecutive runs of (question, tokens, passage) items whose padded size, rows x longest, stays
-    within ``budget`` tokens (a run holds at least one item)."""
+def _token_budget_chunks(items: list[tuple[int, tuple[int, ...], int]], budget: int,
+                         positions: Callable[[list[int]], int]) -> list[list[tuple[int, tuple[int, ...], int]]]:
+    """Consecutive runs of (question, tokens, passage) items whose scoring pass computes at most ``budget``
+    positions, ``positions(lengths)`` (a run holds at least one item)."""
     chunks: list[list] = []
     for item in items:
-        if chunks and (len(chunks[-1]) + 1) * max(len(chunks[-1][-1][1]), len(item[1])) <= max(budget, 1):
+        if chunks and positions([len(y) for _, y, _ in chunks[-1]] + [len(item[1])]) <= max(budget, 1):
             chunks[-1].append(item)
         else:
             chunks.append([item])
@@ -264,7 +266,7 @@ def _score_missing_pairs(generator: Generator, cands: list[dict[tuple[int, ...],
         if not todo:
             return
         todo.sort(key=lambda m: len(m[1]))  # similar lengths share a pass: little padding
-        for chunk in _token_budget_chunks(todo, SCORING_LOGITS // generator.vocab_size):
+        for chunk in _token_budget_chunks(todo, SCORING_LOGITS // generator.vocab_size, generator.scoring_positions):
             yielding.point()
             t = max(len(y) for _, y, _ in chunk)
             targets = torch.tensor([list(y) + [generator.pad_id] * (t - len(y)) for _, y, _ in chunk])  # (n, T)

@@ -24,6 +24,7 @@ import torch
 
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
+from ragline.models import logprobs as vocab_logprobs
 from ragline.models.generators import DecodeState, Generator, Seq2SeqGenerator
 from ragline.models.prefill import output_cache
 from ragline.rag.marginal import Likelihood
@@ -56,7 +57,7 @@ class FusedReader:
                            device=hidden.device)
         out = self.gen.model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=first, use_cache=True)
         state = DecodeState(output_cache(out), mask, None, hidden, torch.arange(b, device=hidden.device))
-        return state, torch.log_softmax(out.logits[:, -1].float(), -1).cpu()
+        return state, vocab_logprobs.log_softmax(out.logits[:, -1]).cpu()
 
     def forward(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]], answers,
                 attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
