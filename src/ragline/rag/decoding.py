@@ -32,7 +32,7 @@ from ragline.models.generators import DecodeState, Generator
 from ragline.rag.marginal import marginalize
 
 NEG = -1.0e9
-SCORING_LOGITS = 2**24  # thorough decoding scores missing pairs in passes of at most this many logits (64 MB)
+SCORING_BYTES = 2**27  # thorough decoding scores missing pairs in passes of at most 128 MB of logits
 
 StepFn = Callable[[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 OnStep = Callable[[list[list[int]]], None]  # after each step: the best running tokens of every group
@@ -254,6 +254,8 @@ def _score_missing_pairs(generator: Generator, cands: list[dict[tuple[int, ...],
         return _logsumexp([doc[q][z] + (seen[z] if z in seen else float(first[q * k + z, y[0]]))
                            for z in range(k)])
 
+    itemsize = torch.finfo(getattr(generator.model, "dtype", torch.float32)).bits // 8  # the logits' dtype
+    budget = SCORING_BYTES // (generator.vocab_size * itemsize)  # positions per pass
     per_round = 1
     while True:
         todo = []
@@ -266,7 +268,7 @@ def _score_missing_pairs(generator: Generator, cands: list[dict[tuple[int, ...],
         if not todo:
             return
         todo.sort(key=lambda m: len(m[1]))  # similar lengths share a pass: little padding
-        for chunk in _token_budget_chunks(todo, SCORING_LOGITS // generator.vocab_size, generator.scoring_positions):
+        for chunk in _token_budget_chunks(todo, budget, generator.scoring_positions):
             yielding.point()
             t = max(len(y) for _, y, _ in chunk)
             targets = torch.tensor([list(y) + [generator.pad_id] * (t - len(y)) for _, y, _ in chunk])  # (n, T)
