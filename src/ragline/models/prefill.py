@@ -29,7 +29,7 @@ import inspect
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -220,10 +220,9 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
         n.offset, packed_len = packed_len, packed_len + len(n.tokens)
     s = packed_len - past_len  # tokens computed now
 
-    dtype, device = _dtype(model), next(model.parameters()).device
+    device = next(model.parameters()).device
     spans = [torch.cat([torch.arange(nodes[c].offset, nodes[c].offset + len(nodes[c].tokens)) for c in chain])
              for chain in chains]  # each row's tokens on the past + packed axis, in row order
-    layout = {LAYOUT: _rows_layout(nodes, owned, spans, past_len, device)} if packed_attention.enable(model) else {}
     allowed = torch.zeros((s, packed_len), dtype=torch.bool)  # (S, past + S)
     for n in fresh:
         rows_ = slice(n.offset - past_len, n.offset - past_len + len(n.tokens))
@@ -231,7 +230,6 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
             allowed[rows_, nodes[a].offset : nodes[a].offset + len(nodes[a].tokens)] = True
         allowed[rows_, n.offset : n.offset + len(n.tokens)] = torch.ones(len(n.tokens), len(n.tokens),
                                                                          dtype=torch.bool).tril()
-    mask = torch.zeros((1, 1, s, packed_len), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     ids = torch.tensor([t for n in fresh for t in n.tokens], dtype=torch.long)[None]  # (1, S)
     pos = torch.cat([torch.arange(n.start, n.start + len(n.tokens)) for n in fresh])[None]  # (1, S)
     tails = [nodes[c[-1]] for c in chains]
@@ -244,8 +242,8 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
     profile.count(profile.PROMPT_TOKENS, sum(len(r) for r in rows))
     profile.count(profile.COMPUTED_TOKENS, s)
     profile.count(profile.CACHED_TOKENS, past_len)
-    out = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
-                **cache_kwarg(model, past), use_cache=True, logits_to_keep=want.to(device), **layout)
+    out = _packed_pass(model, ids, pos, past, allowed, lambda: _rows_layout(nodes, owned, spans, past_len, device),
+                       logits_to_keep=want.to(device))
     layers = [(layer.keys, layer.values) for layer in output_cache(out).layers]  # (1, kv_heads, past + S, d)
 
     if cache is not None:  # blocks computed now enter the cache
@@ -316,14 +314,21 @@ def continuation_logits(model: torch.nn.Module, cache: object, attention_mask: t
         keys.append(mine.to(device))
         masks.append(rule.to(device))
         lo += m
-    dtype = _dtype(model)
-    mask = torch.zeros((1, 1, s, past_len + s), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    layout = {LAYOUT: PackedRows(queries, keys, masks)} if packed_attention.enable(model) else {}
     ids = torch.tensor([t for row in tokens for t in row], dtype=torch.long)[None]  # (1, S)
     pos = torch.cat([torch.arange(a, a + m) for a, m in zip(start, lengths, strict=True)])[None]  # (1, S)
-    out = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
-                **cache_kwarg(model, past), use_cache=True, **layout)
-    return out.logits[0]  # (S, V)
+    return _packed_pass(model, ids, pos, past, allowed, lambda: PackedRows(queries, keys, masks)).logits[0]  # (S, V)
+
+
+def _packed_pass(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, past: object,
+                 allowed: torch.Tensor, layout: Callable[[], PackedRows], **kwargs) -> object:
+    """The model over one packed sequence, ``ids`` and ``pos`` (1, S), after the past keys and values ``past``:
+    each row's queries read its own keys (``layout()``) where the model uses sdpa
+    (:mod:`ragline.models.packed_attention`), else one attention masked by ``allowed`` (S, past + S)."""
+    dtype, device = _dtype(model), next(model.parameters()).device
+    mask = torch.zeros((1, 1, *allowed.shape), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    rows = {LAYOUT: layout()} if packed_attention.enable(model) else {}
+    return model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
+                 **cache_kwarg(model, past), use_cache=True, **rows, **kwargs)
 
 
 def _rows_layout(nodes: list[_Node], owned: list[range], spans: list[torch.Tensor], past_len: int,

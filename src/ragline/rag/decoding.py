@@ -254,7 +254,7 @@ def _score_missing_pairs(generator: Generator, cands: list[dict[tuple[int, ...],
         return _logsumexp([doc[q][z] + (seen[z] if z in seen else float(first[q * k + z, y[0]]))
                            for z in range(k)])
 
-    itemsize = torch.finfo(getattr(generator.model, "dtype", torch.float32)).bits // 8  # the logits' dtype
+    itemsize = getattr(generator.model, "dtype", torch.float32).itemsize  # bytes per logit
     budget = SCORING_BYTES // (generator.vocab_size * itemsize)  # positions per pass
     per_round = 1
     while True:
