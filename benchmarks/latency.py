@@ -148,7 +148,7 @@ def main() -> None:
                            "computed_tokens": computed, "cached_tokens": r["counts"].get(profile.CACHED_TOKENS, 0) / n,
                            "floor": floor, "same_answers_as_fp32_first_path": same, "questions": n,
                            "gflops": rates[prec]}
-                    rows.append(row)
+                    rows.append({**row, "answers": r["answers"]})  # token ids: compare runs of two commits
                     same_txt = "" if same is None else f" ({same}/{n} same)"
                     print(f"| {prec} | {path} | {name} | {k if name != 'closed-book' else '-'} | "
                           f"{row['em']:.3f}{same_txt} | {row['seconds']:.2f} | "

@@ -32,6 +32,7 @@ from ragline.errors import RaglineError
 from ragline.models import device as devices
 from ragline.models import logprobs
 from ragline.models.catalog import generator_path
+from ragline.models.decode_cache import decode_cache, is_decode_cache, reorder_tail
 from ragline.models.prefill import cache_kwarg, cache_of_mb, continuation_logits, output_cache, prefill
 from ragline.vocab import DEFAULT_GENERATOR, DEFAULT_KV_CACHE_MB
 
@@ -47,7 +48,7 @@ class DecodeState:
     attention_mask: torch.Tensor        # (N, L) decoder-only: prompt + generated; seq2seq: encoder mask
     positions: torch.Tensor | None      # (N,) next position id (decoder-only)
     encoder_hidden: torch.Tensor | None = None  # (N, S, H) seq2seq
-    source_rows: torch.Tensor | None = None     # (N,) seq2seq: the prompt each row reads (its encoder states)
+    source_rows: torch.Tensor | None = None     # (N,) the prompt each row reads (seq2seq: its encoder states)
 
 
 @dataclass
@@ -426,13 +427,23 @@ class CausalGenerator(Generator):
                           **cache_kwarg(self.model, state.cache), use_cache=True).logits
 
     def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """One decoding step; rows that continue one for one (greedy, every row still decoding) keep their
-        cache where it is instead of copying it."""
+        """One decoding step. The first moves the prompts' cache into buffers that steps write in place
+        (:mod:`ragline.models.decode_cache`); after it, rows that continue one for one (greedy, every row
+        still decoding) keep their cache where it is, and rows that follow beams of their own prompts move
+        their generated columns only."""
         parents, tokens = parents.to(self.device), tokens.to(self.device)
         attn, pos = state.attention_mask, state.positions
-        if len(parents) != len(pos) or not torch.equal(parents, torch.arange(len(pos), device=parents.device)):
-            state.cache.reorder_cache(parents)  # index_select per layer: rows follow their beams
-            attn, pos = attn[parents], pos[parents]
+        sources = parents if state.source_rows is None else state.source_rows[parents]  # (N',) prompt of each row
+        if state.source_rows is None and (moved := decode_cache(state.cache, parents)) is not None:
+            state.cache, attn, pos = moved, attn[parents], pos[parents]  # the prefill's cache is left as it is
+            state.source_rows = sources
+        elif len(parents) != len(pos) or not torch.equal(parents, torch.arange(len(pos), device=parents.device)):
+            if len(parents) == len(pos) and is_decode_cache(state.cache) and torch.equal(sources, state.source_rows):
+                reorder_tail(state.cache, parents)  # same prompts row for row: mask and positions unchanged
+            else:
+                state.cache.reorder_cache(parents)  # rows copied: they follow their beams, or leave
+                attn, pos = attn[parents], pos[parents]
+                state.source_rows = sources
         ones = torch.ones(len(parents), 1, dtype=torch.long, device=self.device)
         attn = torch.cat([attn, ones], 1)
         out = self.model(input_ids=tokens[:, None], attention_mask=attn, position_ids=pos[:, None],
