@@ -20,31 +20,64 @@ def _wait_in_line(turns: Turns) -> None:
         time.sleep(0.001)
 
 
-def test_turns_alternate_first_come_first_served_and_never_overlap():
-    turns, log, inside, most = Turns(), [], [0], [0]
-    b_in_line = threading.Event()
+class StepClock:
+    """A clock for Turns that moves one unit per model step the test takes, whatever the threads' timing."""
 
-    def batch(name: str, steps: int, first: bool) -> None:
-        with turns.hold():
-            if first:  # hold the turn until the other is in line, so the order below is certain
-                b_in_line.wait(10)
-            for i in range(steps):
-                inside[0] += 1
-                most[0] = max(most[0], inside[0])
-                log.append(f"{name}{i}")
-                time.sleep(0.005)
-                inside[0] -= 1
-                turns.give_way()
+    def __init__(self) -> None:
+        self.now = 0.0
 
-    a = threading.Thread(target=batch, args=("a", 3, True))
+    def __call__(self) -> float:
+        return self.now
+
+
+def _stepping(turns: Turns, clock: StepClock, log: list[str], inside: list[int], name: str, steps: int,
+              before: dict[int, threading.Event] | None = None) -> None:
+    """A batch: hold the turn, take ``steps`` steps of one clock unit each, giving way after each; wait for
+    ``before[i]`` (if given) before step i."""
+    with turns.hold():
+        for i in range(steps):
+            if before and i in before:
+                before[i].wait(10)
+            inside[0] += 1
+            log.append(f"{name}{i}")
+            assert inside[0] == 1  # never two at once
+            clock.now += 1
+            inside[0] -= 1
+            turns.give_way()
+
+
+def test_batches_of_equal_service_alternate_step_by_step_and_never_overlap():
+    clock, log, inside = StepClock(), [], [0]
+    turns, b_in_line = Turns(clock), threading.Event()
+    a = threading.Thread(target=_stepping, args=(turns, clock, log, inside, "a", 3, {0: b_in_line}))
     a.start()
-    b = threading.Thread(target=batch, args=("b", 3, False))
+    b = threading.Thread(target=_stepping, args=(turns, clock, log, inside, "b", 3))
     b.start()
     _wait_in_line(turns)
     b_in_line.set()
     a.join(10)
     b.join(10)
-    assert log == ["a0", "b0", "a1", "b1", "a2", "b2"] and most[0] == 1 and turns.handovers >= 5
+    assert log == ["a0", "b0", "a1", "b1", "a2", "b2"] and turns.handovers >= 5
+
+
+def test_a_new_batch_goes_before_one_that_has_held_the_turn_longer_until_waiting_evens_them():
+    """A long batch L has held the turn for 10 steps when M arrives: M (no service yet) goes at L's next yield
+    point and keeps the turn while L's priority (10 - AGING x its wait) stays above M's service: M0..M6,
+    then L has waited long enough for one step, and M goes on. With FIFO turns they would alternate."""
+    clock, log, inside = StepClock(), [], [0]
+    turns, m_in_line = Turns(clock), threading.Event()
+    long = threading.Thread(target=_stepping, args=(turns, clock, log, inside, "L", 15, {9: m_in_line}))
+    long.start()
+    while len(log) < 9:
+        time.sleep(0.001)
+    new = threading.Thread(target=_stepping, args=(turns, clock, log, inside, "M", 20))
+    new.start()
+    _wait_in_line(turns)
+    m_in_line.set()
+    long.join(10)
+    new.join(10)
+    assert log[:19] == [f"L{i}" for i in range(10)] + [f"M{i}" for i in range(7)] + ["L10", "M7"]
+    assert sorted(log) == sorted([f"L{i}" for i in range(15)] + [f"M{i}" for i in range(20)])
 
 
 def test_give_way_alone_keeps_the_turn():

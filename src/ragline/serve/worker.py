@@ -9,8 +9,9 @@ stays within ``max_batch`` questions and the :class:`Budget`'s generator tokens,
 of its own. That thread answers it with one ``RagModel.answer`` call (one retrieval, one decoding) while holding
 the turn on the model (:mod:`ragline.serve.turns`): model calls never run concurrently, and at every yield
 point of its work (:mod:`ragline.yielding`: before each decoding step, between prefill packs and scoring
-passes) the turn passes to the batch that has waited longest; a batch that waited for its turn takes in
-the requests of its settings that arrived meanwhile. So a question never waits for the whole
+passes) the turn passes to a waiting batch that comes first: the least served, with waiting counted in
+(:mod:`ragline.serve.turns`), so a new or short batch goes before long ones; a batch that waited for its turn
+takes in the requests of its settings that arrived meanwhile. So a question never waits for the whole
 of a batch with other settings (a RAG-Token question behind eight RAG-Sequence ones), while questions with the
 settings of a decoding batch wait for it to end and are then decoded together (measured: a second batch of the
 same settings decoding alongside the first makes both smaller and the server slower; benchmarks/serving.py).
@@ -236,7 +237,7 @@ class ModelWorker:
         # else reads these meanwhile
         self.rag.mode, self.rag.filters = s.mode, s.filters
         try:
-            with yielding.hooked(self.turns.give_way):  # at each yield point, the batch waiting longest goes first
+            with yielding.hooked(self.turns.give_way):  # at each yield point, a less served batch goes first
                 answers: list[Any] = self.rag.answer(
                     [j.question for j in batch], model=s.model, decoding=s.decoding, k=s.k, beams=s.beams,
                     max_new_tokens=s.max_new_tokens, n_best=s.n_best, on_step=on_step if streams else None,
