@@ -26,7 +26,8 @@ RESERVE = 32  # columns a buffer keeps free for the tokens to come (the default 
 
 
 class DecodeLayer(DynamicLayer):
-    """One layer's keys and values, (N, kv_heads, length, head_dim), in buffers of ``capacity`` columns."""
+    """One layer's keys and values, (N, kv_heads, length, head_dim), in buffers with ``reserve`` more columns
+    free for the steps to come (``self.keys``/``self.values`` view the first ``length``)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, prompt: int, reserve: int | None = None) -> None:
         super().__init__()

@@ -73,7 +73,7 @@ class Turns:
 
     @contextmanager
     def hold(self) -> Iterator[None]:
-        """Wait for the turn (a newcomer: before the batches that have held it, in order of priority), run the
+        """Wait for the turn (waiting batches take it in order of priority: the module docstring), run the
         block, hand the turn on."""
         ticket = _Ticket(next(self._count))
         self._mine.ticket = ticket
