@@ -53,6 +53,38 @@ def test_plain_beam_search_equals_hugging_face_generate(tiny, model):  # noqa: F
                                atol=1e-4, rtol=1e-4)
 
 
+def test_beams_ranked_by_the_step_equal_beams_ranked_over_all_log_probabilities(smollm2, wiki_docs):
+    """RAG-Sequence's steps return each beam's best tokens only (logprobs.top): the same hypotheses, scores
+    and answers as ranking the full log-probabilities, with a batch larger than a chunk of rows."""
+    from conftest import lead_passages
+
+    from ragline.models.generators import CausalGenerator
+
+    gen = CausalGenerator(smollm2.model, smollm2.tokenizer, smollm2.name, kv_cache_mb=0)  # each run computes all
+    zs = lead_passages(wiki_docs, 6)
+    questions = ["Who is this passage about?", "What is the first thing the passage says?"]
+    passages = [zs[:3], zs[3:]]
+    prompts = gen.pair_prompts(questions, passages)
+    calls = []
+    ranked = RowStepper(gen, prompts, len(prompts), 1, 4, None)
+    advance = gen.advance
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(gen, "advance", lambda *a: calls.append(len(a)) or advance(*a))
+        ours = beam_search(ranked, len(prompts), 4, stop_ids(gen), 10)
+    assert calls and all(n == 4 for n in calls)  # every step after the prompts asked for its top only
+    full = beam_search(RowStepper(gen, prompts, len(prompts), 1, 4, lambda logp, _: logp[:, :, 0]),
+                       len(prompts), 4, stop_ids(gen), 10)
+    assert [[(h.tokens, h.logprob, h.score) for h in hs] for hs in ours] == \
+        [[(h.tokens, h.logprob, h.score) for h in hs] for hs in full]
+    doc = torch.log_softmax(torch.tensor([[1.0, 0.5, 0.0], [0.2, 0.1, 0.0]]), -1)
+    with pytest.MonkeyPatch.context() as m:  # rag_sequence_decode's stepper without the ranked steps
+        m.setattr(RowStepper, "ranks", property(lambda self: False, lambda self, v: None), raising=False)
+        plain = rag_sequence_decode(gen, questions, passages, doc, beams=4, max_new_tokens=10)
+    assert [(d.tokens, d.logprob) for d in rag_sequence_decode(gen, questions, passages, doc, beams=4,
+                                                               max_new_tokens=10)] == \
+        [(d.tokens, d.logprob) for d in plain]
+
+
 def test_rag_token_with_one_passage_is_plain_decoding(tiny):  # noqa: F811
     bart = _generating_bart(tiny, 1.0, 4, 0.0)
     gen, questions, passages, _, _ = _batch(tiny[0], bart)

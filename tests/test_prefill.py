@@ -153,6 +153,7 @@ def test_packed_continuation_scoring_equals_the_padded_path_without_computing_pa
 
 
 def test_log_probabilities_a_few_rows_at_a_time_equal_torch_bit_for_bit():
+    """log_softmax, picked and top (beam search's best tokens) chunked, against torch on the whole tensor."""
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         x = (torch.randn(21, 3000) * 4).to(dtype)  # more rows than a chunk, and a ragged last chunk
@@ -161,6 +162,11 @@ def test_log_probabilities_a_few_rows_at_a_time_equal_torch_bit_for_bit():
         y, t = x.view(3, 7, 3000), torch.randint(0, 3000, (3, 7))
         reference = y.float().gather(-1, t[..., None])[..., 0] - torch.logsumexp(y.float(), -1)
         assert torch.equal(logprobs.picked(y, t), reference)
+        coarse = (x * 8).round() / 8  # many equal logits: ties inside each row's best
+        for k in (1, 8, 3000, 4000):  # ... up to the whole vocabulary, and more than it
+            values, tokens = logprobs.top(coarse, k)
+            full = torch.topk(torch.log_softmax(coarse.float(), -1), min(k, 3000), -1)
+            assert torch.equal(values, full.values) and torch.equal(tokens, full.indices)
 
 
 def test_answers_are_unchanged_token_for_token(smol, wiki_docs):

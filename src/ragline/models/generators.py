@@ -132,9 +132,11 @@ class Generator(ABC):
         """Read the prompts (N rows); return the decode state and next-token log-probs (N, V)."""
 
     @abstractmethod
-    def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor, top: int | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Continue rows ``parents`` (N',) of ``state`` (rows may repeat: beams share a prefix) with one token
-        each, ``tokens`` (N',); the state now holds N' rows. Returns next-token log-probs (N', V)."""
+        each, ``tokens`` (N',); the state now holds N' rows. Returns next-token log-probs (N', V), or with
+        ``top`` each row's ``top`` best log-probs and their tokens, (N', top) each (:func:`_next_logprobs`)."""
 
     def fork(self, state: DecodeState, rows: torch.Tensor) -> DecodeState:
         """An independent state holding copies of rows ``rows`` (N',) of ``state`` (which is left as is)."""
@@ -226,6 +228,15 @@ class Generator(ABC):
             target[b, : len(row)] = torch.tensor(row)
             mask[b, : len(row)] = True
         return target, mask  # (B, T) each
+
+
+def _next_logprobs(logits: torch.Tensor, top: int | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A step's next-token log-probs from its logits (N', V), on the CPU: all of them (N', V), or with ``top``
+    each row's best ``top`` and their tokens, (N', top) each (beam search ranks no more)."""
+    if top is None:
+        return logprobs.log_softmax(logits).cpu()
+    values, tokens = logprobs.top(logits, top)
+    return values.cpu(), tokens.cpu()
 
 
 def _check_shapes(questions: Sequence[str], passages: Sequence[Sequence], answers: Sequence | None = None) -> int:
@@ -426,7 +437,8 @@ class CausalGenerator(Generator):
         return self.model(input_ids=tokens, attention_mask=attn, position_ids=pos,
                           **cache_kwarg(self.model, state.cache), use_cache=True).logits
 
-    def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor, top: int | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One decoding step. The first moves the prompts' cache into buffers that steps write in place
         (:mod:`ragline.models.decode_cache`); after it, rows that continue one for one (greedy, every row
         still decoding) keep their cache where it is, and rows that follow beams of their own prompts move
@@ -449,7 +461,7 @@ class CausalGenerator(Generator):
         out = self.model(input_ids=tokens[:, None], attention_mask=attn, position_ids=pos[:, None],
                          **cache_kwarg(self.model, state.cache), use_cache=True)
         state.cache, state.attention_mask, state.positions = output_cache(out), attn, pos + 1
-        return logprobs.log_softmax(out.logits[:, -1]).cpu()  # (N', V)
+        return _next_logprobs(out.logits[:, -1], top)  # (N', V), or (N', top) twice
 
 
 @dataclass(frozen=True)
@@ -588,7 +600,8 @@ class Seq2SeqGenerator(Generator):
                           decoder_input_ids=tokens, decoder_attention_mask=None, **cache_kwarg(self.model, state.cache),
                           use_cache=True).logits  # padding comes after the real tokens: causal, so harmless
 
-    def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def advance(self, state: DecodeState, parents: torch.Tensor, tokens: torch.Tensor, top: int | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The encoder side (cross-attention keys and values, encoder states and mask) depends only on the
         prompt a row reads. Beams keep their rows' prompts from step to step (a beam's parent reads the same
         passage), so after the first step only the decoder's self-attention cache is reordered: the far
@@ -603,4 +616,4 @@ class Seq2SeqGenerator(Generator):
         out = self.model(encoder_outputs=(state.encoder_hidden,), attention_mask=state.attention_mask,
                          decoder_input_ids=tokens[:, None], **cache_kwarg(self.model, state.cache), use_cache=True)
         state.cache = output_cache(out)
-        return logprobs.log_softmax(out.logits[:, -1]).cpu()
+        return _next_logprobs(out.logits[:, -1], top)

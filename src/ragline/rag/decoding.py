@@ -34,11 +34,14 @@ from ragline.rag.marginal import marginalize
 NEG = -1.0e9
 SCORING_BYTES = 2**27  # thorough decoding scores missing pairs in passes of at most 128 MB of logits
 
-StepFn = Callable[[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+Ranked = tuple[torch.Tensor, torch.Tensor]  # each beam's best log-probs and their tokens, (G', W, n) each
+StepFn = Callable[..., torch.Tensor | Ranked]
 OnStep = Callable[[list[list[int]]], None]  # after each step: the best running tokens of every group
-# step(parents (G, W) or None, tokens (G, W) or None, live (G,) bool or None) -> log-probs (G', W, V) of the
-# next token of each beam of the G' ``live`` groups, in group order; None, None, None on the first call (the
-# prompts only, every group). Groups not ``live`` have finished: their rows are not computed.
+# step(parents (G, W) or None, tokens (G, W) or None, live (G,) bool or None[, top]) -> log-probs (G', W, V) of
+# the next token of each beam of the G' ``live`` groups, in group order; None, None, None on the first call (the
+# prompts only, every group). Groups not ``live`` have finished: their rows are not computed. Given ``top``, a
+# step may return each beam's ``top`` best log-probs and their tokens instead, best first (Ranked), as
+# torch.topk of its full log-probs would: beam search ranks no more.
 
 
 @dataclass
@@ -72,10 +75,13 @@ def beam_search(step: StepFn, groups: int, beams: int, stop_ids: Sequence[int], 
         live = None if t == 0 else improvable[:, 0]
         at = g_idx if live is None else torch.nonzero(live).flatten()  # (G',) the groups still searching
         n = len(at)
-        logp = step(None, None, None) if t == 0 else step(parents, tokens, live)  # (G', W, V)
+        logp = step(None, None, None) if t == 0 else step(parents, tokens, live, n_keep)  # (G', W, V) or Ranked
         # the group's best n_keep of W*V are each among their own beam's best n_keep: rank those only
-        per_beam = min(n_keep, logp.shape[-1])
-        beam_top, beam_token = torch.topk(logp, per_beam, -1)  # (G', W, per_beam)
+        if isinstance(logp, tuple):
+            beam_top, beam_token = logp  # (G', W, per_beam), ranked by the step
+        else:
+            beam_top, beam_token = torch.topk(logp, min(n_keep, logp.shape[-1]), -1)  # (G', W, per_beam)
+        per_beam = beam_top.shape[-1]
         acc = (beam_top + run_scores[at][:, :, None]).view(n, -1)  # (G', W*per_beam)
         cand_scores, cand = torch.topk(acc, n_keep)  # (G', n_keep), best first
         cand_parent, cand_token = cand // per_beam, beam_token.view(n, -1).gather(1, cand)
@@ -148,13 +154,19 @@ def greedy(step: StepFn, groups: int, stop_ids: Sequence[int], max_new_tokens: i
 class RowStepper:
     """The step callback over generator rows: each beam of each group owns ``rows`` consecutive rows;
     ``combine(logp, groups)`` turns the log-probs (G', W, rows, V) of groups ``groups`` (G',) into the beams'
-    (G', W, V). The rows of groups that have finished leave the batch, and only the groups still searching
-    get log-probs back (no vocabulary-sized work for the others). With ``record`` (greedy), it keeps each
-    row's log-prob of every chosen token."""
+    (G', W, V), or is None where a beam is its one row (RAG-Sequence), which lets a step asked for its ``top``
+    return them ranked (no (rows, V) log-probs written out or brought back from the device). The rows of
+    groups that have finished leave the batch, and only the groups still searching get log-probs back (no
+    vocabulary-sized work for the others). With ``record`` (greedy), it keeps each row's log-prob of every
+    chosen token."""
 
     def __init__(self, generator: Generator, prompts: list[str], groups: int, rows: int, beams: int,
-                 combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], keep_prefill: bool = False,
+                 combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, keep_prefill: bool = False,
                  record: bool = False) -> None:
+        if combine is None and rows != 1:
+            raise ValueError("a beam of several rows needs a combine")
+        self.ranks = combine is None and not record  # a step may return its beams' best log-probs only
+        combine = combine or (lambda logp, _: logp[:, :, 0])  # (G', W, 1, V) -> (G', W, V)
         self.gen, self.groups, self.rows, self.beams, self.combine = generator, groups, rows, beams, combine
         self.prompts, self.state, self.width = prompts, None, 1  # width: live beams per group in the rows
         self.held = torch.arange(groups)  # the groups whose rows the state holds, in order
@@ -185,7 +197,7 @@ class RowStepper:
 
     @torch.no_grad()
     def __call__(self, parents: torch.Tensor | None, tokens: torch.Tensor | None,
-                 live: torch.Tensor | None = None) -> torch.Tensor:
+                 live: torch.Tensor | None = None, top: int | None = None) -> torch.Tensor | Ranked:
         if tokens is None:
             with profile.stage(profile.PREFILL):
                 self.state, logp = self.gen.start(self.prompts)  # (G*rows, V)
@@ -209,9 +221,13 @@ class RowStepper:
         profile.count(profile.DECODE_STEPS, 1)
         profile.count(profile.DECODE_ROWS, len(rows))
         yielding.point()  # a server's other batches may take their step first
+        ranked = top is not None and self.ranks
         with profile.stage(profile.DECODE):
-            logp = self.gen.advance(self.state, rows, tokens[keep][:, :, None].expand(-1, -1, self.rows).reshape(-1))
+            logp = self.gen.advance(self.state, rows, tokens[keep][:, :, None].expand(-1, -1, self.rows).reshape(-1),
+                                    top if ranked else None)
         self.width, self.held = w, keep
+        if ranked:  # (G'*W, top) twice -> (G', W, top)
+            return logp[0].view(len(keep), w, -1), logp[1].view(len(keep), w, -1)
         if self.record:
             self._last = (logp, keep)
         return self.combine(logp.view(len(keep), w, self.rows, -1), keep)  # (G', W, V)
@@ -337,8 +353,8 @@ def rag_sequence_decode(generator: Generator, questions: Sequence[str],
     question's best running tokens under its first (most likely) passage."""
     b, k = doc_logprobs.shape
     groups = b * k
-    step = RowStepper(generator, generator.pair_prompts(questions, passages), groups, 1, beams,
-                      lambda logp, _: logp[:, :, 0], keep_prefill=thorough)  # (G, W, 1, V) -> (G, W, V)
+    step = RowStepper(generator, generator.pair_prompts(questions, passages), groups, 1, beams, None,
+                      keep_prefill=thorough)  # a beam is its row: steps rank their beams' best tokens
     stops = stop_ids(generator)
     on_first = None if on_step is None else (lambda best: on_step(best[::k]))  # group q*k: passage 1 of q
     if beams <= 1:
