@@ -450,7 +450,7 @@ class CausalGenerator(Generator):
             state.cache, attn, pos = moved, attn[parents], pos[parents]  # the prefill's cache is left as it is
             state.source_rows = sources
         elif len(parents) != len(pos) or not torch.equal(parents, torch.arange(len(pos), device=parents.device)):
-            if len(parents) == len(pos) and is_decode_cache(state.cache) and torch.equal(sources, state.source_rows):
+            if is_decode_cache(state.cache) and torch.equal(sources, state.source_rows):  # False on other lengths
                 reorder_tail(state.cache, parents)  # same prompts row for row: mask and positions unchanged
             else:
                 state.cache.reorder_cache(parents)  # rows copied: they follow their beams, or leave

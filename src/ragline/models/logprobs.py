@@ -21,14 +21,19 @@ import torch
 ROWS_PER_CHUNK = 8  # 8 x 151,936 float32 = 4.9 MB, within the L2 + L3 share of one core on the CPUs here
 
 
+def _chunks(logits: torch.Tensor) -> list[slice]:
+    """The row slices taken at a time: ROWS_PER_CHUNK rows on the CPU, all of them elsewhere."""
+    n = len(logits)
+    step = ROWS_PER_CHUNK if logits.device.type == "cpu" else max(n, 1)
+    return [slice(lo, lo + step) for lo in range(0, n, step)]
+
+
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """float32 log-softmax over the last axis of ``logits`` (N, V): (N, V), equal to
     ``torch.log_softmax(logits.float(), -1)``."""
-    if logits.device.type != "cpu" or len(logits) <= ROWS_PER_CHUNK:
-        return torch.log_softmax(logits.float(), -1)
-    out = torch.empty(logits.shape, dtype=torch.float32)
-    for lo in range(0, len(logits), ROWS_PER_CHUNK):
-        torch.log_softmax(logits[lo : lo + ROWS_PER_CHUNK].float(), -1, out=out[lo : lo + ROWS_PER_CHUNK])
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    for sl in _chunks(logits):
+        torch.log_softmax(logits[sl].float(), -1, out=out[sl])
     return out
 
 
@@ -36,12 +41,9 @@ def top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest float32 log-probabilities of each row of ``logits`` (N, V) and their tokens, (N, k)
     each, best first: equal to ``torch.topk(torch.log_softmax(logits.float(), -1), k, -1)``."""
     k = min(k, logits.shape[-1])
-    if logits.device.type != "cpu" or len(logits) <= ROWS_PER_CHUNK:
-        return torch.topk(torch.log_softmax(logits.float(), -1), k, -1)
-    values = torch.empty((len(logits), k), dtype=torch.float32)
-    tokens = torch.empty((len(logits), k), dtype=torch.long)
-    for lo in range(0, len(logits), ROWS_PER_CHUNK):
-        sl = slice(lo, lo + ROWS_PER_CHUNK)
+    values = torch.empty((len(logits), k), dtype=torch.float32, device=logits.device)
+    tokens = torch.empty((len(logits), k), dtype=torch.long, device=logits.device)
+    for sl in _chunks(logits):
         torch.topk(torch.log_softmax(logits[sl].float(), -1), k, -1, out=(values[sl], tokens[sl]))
     return values, tokens
 
@@ -50,9 +52,8 @@ def picked(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """float32 log-probability of ``targets`` (...,) under ``logits`` (..., V): (...,), equal to
     ``logits.float().gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits.float(), -1)``."""
     flat, want = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1).to(logits.device)  # (S, V), (S, 1)
-    step = len(flat) if logits.device.type != "cpu" else ROWS_PER_CHUNK
-    out = []
-    for lo in range(0, len(flat), max(step, 1)):
-        chunk = flat[lo : lo + step].float()  # (c, V)
-        out.append(chunk.gather(1, want[lo : lo + step])[:, 0] - torch.logsumexp(chunk, -1))
-    return (torch.cat(out) if out else flat.new_zeros(0, dtype=torch.float32)).view(targets.shape)
+    out = torch.empty(len(flat), dtype=torch.float32, device=logits.device)
+    for sl in _chunks(flat):
+        chunk = flat[sl].float()  # (c, V)
+        out[sl] = chunk.gather(1, want[sl])[:, 0] - torch.logsumexp(chunk, -1)
+    return out.view(targets.shape)

@@ -39,10 +39,15 @@ class _Ticket:
     served: float = 0.0  # seconds it has held the turn, up to ``since`` when it holds it now
     since: float = 0.0   # when it last started waiting (in line) or holding (held)
 
+    def priority(self, now: float, waiting: bool) -> float:
+        """The module docstring's priority at ``now``: service so far, less AGING x the wait (waiting), or
+        plus the turn held since ``since`` (holding)."""
+        return self.served - AGING * (now - self.since) if waiting else self.served + (now - self.since)
+
     def rank(self) -> tuple[float, int]:
         """While waiting: its priority plus AGING x now, the same for every waiter, so the order of waiters
         does not change as time passes."""
-        return self.served + AGING * self.since, self.order
+        return self.priority(0.0, waiting=True), self.order
 
 
 class Turns:
@@ -93,7 +98,7 @@ class Turns:
                 return
             now = self._clock()
             best = min(self._line, key=_Ticket.rank)
-            if best.served - AGING * (now - best.since) >= ticket.served + (now - ticket.since):
+            if best.priority(now, waiting=True) >= ticket.priority(now, waiting=False):
                 return
             self.handovers += 1
         self._leave(ticket)
