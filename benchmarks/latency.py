@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,9 +67,60 @@ def flops_per_token(model: torch.nn.Module) -> float:
                      if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}")
 
 
-def run_row(rag: RagModel, questions, model: str, decoding: str, k: int, beams: int, max_new: int) -> dict:
+def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The weight of every linear layer ``model`` runs, output layer included (int8: the quantised weight)."""
+    out = []
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        w = w() if callable(w) else w  # torch.ao's dynamic quantised Linear: weight() gives the int8 tensor
+        if isinstance(m, torch.nn.Linear) or (isinstance(w, torch.Tensor) and w.is_quantized):
+            out.append(w)
+    return out
+
+
+def step_cost(model: torch.nn.Module) -> tuple[float, float]:
+    """(bytes, FLOPs per row) of one decoding step: every linear weight, output layer included, is read once
+    per step, and each row multiplies all of them (2 FLOPs per weight)."""
+    weights = _weights(model)
+    return float(sum(w.numel() * w.element_size() for w in weights)), 2.0 * sum(w.numel() for w in weights)
+
+
+def read_bandwidth(model: torch.nn.Module, repeats: int = 5, buffers: int = 3) -> float:
+    """Bytes per second the CPU reads memory at, at best: the fastest of ``repeats`` passes summing every
+    linear weight of ``model`` (as the loader placed them), and of ``repeats`` passes over each of
+    ``buffers`` fresh 1 GiB buffers allocated one after another (read only, far more bytes than the caches
+    hold; the threads decoding uses). Where the pages lie moves the rate from run to run (46-74 GB/s seen on
+    one machine); a floor takes the best."""
+
+    def best_of(tensors: list[torch.Tensor]) -> float:
+        nbytes, fastest = sum(t.numel() * t.element_size() for t in tensors), float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for t in tensors:
+                t.sum()
+            fastest = min(fastest, time.perf_counter() - t0)
+        return nbytes / fastest
+
+    with torch.no_grad():
+        rates = [best_of([w for w in _weights(model) if not w.is_quantized])]
+        rates += [best_of([torch.ones(1 << 28)]) for _ in range(buffers)]  # each freed before the next
+    return max(rates)
+
+
+def decoding_floor(steps: int, rows: int, cost: tuple[float, float], bandwidth: float, rate: float) -> float:
+    """Seconds a question's decoding steps cannot go below: each step reads every weight once, and all its
+    rows multiply them, so  max(steps x weight bytes / read bandwidth, rows x FLOPs per row / matmul rate)
+    (a lower bound on the sum over steps of the larger of the two)."""
+    nbytes, flops = cost
+    return max(steps * nbytes / bandwidth, rows * flops / rate)
+
+
+def run_row(rag: RagModel, questions, model: str, decoding: str, k: int, beams: int, max_new: int,
+            floor: Callable[[int, int], float]) -> dict:
+    """Every question answered alone: seconds, stages, counters, EM, answers and the decoding floor,
+    ``floor(steps, rows)`` of each question summed."""
     total: dict = {"seconds": 0.0, "stages": {s: 0.0 for s in profile.STAGES}, "counts": {}, "em": 0.0,
-                   "answers": []}
+                   "answers": [], "decode_floor": 0.0}
     for q in questions:
         with profile.recording() as rec:
             t0 = time.perf_counter()
@@ -78,6 +130,7 @@ def run_row(rag: RagModel, questions, model: str, decoding: str, k: int, beams: 
             total["stages"][s] += rec.seconds.get(s, 0.0)
         for c, n in rec.counts.items():
             total["counts"][c] = total["counts"].get(c, 0) + n
+        total["decode_floor"] += floor(rec.counts.get(profile.DECODE_STEPS, 0), rec.counts.get(profile.DECODE_ROWS, 0))
         total["em"] += exact_match(a.text, q.answers)
         total["answers"].append(a.tokens)
     return total
@@ -98,18 +151,19 @@ def main() -> None:
     questions = dev_questions(index.store.values("title"), index.store.values("text"),
                               answerable_only=True)[: args.limit]
     ks = [int(k) for k in args.ks.split(",")]
-    base = load_generator(args.generator)  # fp32, for its FLOPs per token only; freed before the rows load theirs
+    base = load_generator(args.generator)  # fp32, for its FLOPs per token and read rate; freed before the rows
     fpt, generator_name = flops_per_token(base.generator.model), base.generator.name
+    bandwidth = read_bandwidth(base.generator.model)
     del base
     flags = sorted(precisions.cpu_flags() & {"avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni", "amx_int8"})
     print(f"{len(questions)} answerable dev questions, one at a time; generator {generator_name}; "
           f"{fpt / 1e9:.2f} GFLOP per prompt token; beams {args.beams}; {torch.get_num_threads()} threads; "
-          f"CPU flags: {' '.join(flags) or 'no bf16 or VNNI'}")
+          f"CPU flags: {' '.join(flags) or 'no bf16 or VNNI'}; its weights read at {bandwidth / 1e9:.1f} GB/s")
     rates: dict[str, float] = {}
     reference: dict[tuple[str, int], list] = {}
     rows = []
     head = ("| precision | path | system | k | EM | s/question | " + " | ".join(profile.STAGES)
-            + " | prompt tok | computed tok | cached tok | floor s |")
+            + " | prompt tok | computed tok | cached tok | prefill floor s | steps | rows/step | decoding floor s |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for prec in args.precisions.split(","):
@@ -119,6 +173,10 @@ def main() -> None:
             continue
         loaded = load_generator(args.generator, precision=prec)
         rates[prec] = matmul_rate(prec)
+        cost = step_cost(loaded.generator.model)
+
+        def floor(steps: int, rows: int, cost=cost, rate=rates[prec]) -> float:
+            return decoding_floor(steps, rows, cost, bandwidth, rate * 1e9)
         rag = RagModel(open_retriever(index, None, loaded.question_encoder), loaded.generator, mode="dense")
         gen = rag.generator
         rag.answer([questions[0].question], model="rag-token", decoding="greedy", k=1, max_new_tokens=2)  # warm-up
@@ -131,7 +189,7 @@ def main() -> None:
                     if saved is not None and path != "warm":
                         saved.clear()
                     gen.kv_cache = saved if path != "before" else None
-                    r = run_row(rag, questions, model, decoding, k, args.beams, args.max_new_tokens)
+                    r = run_row(rag, questions, model, decoding, k, args.beams, args.max_new_tokens, floor)
                     gen.kv_cache = saved
                     n = len(questions)
                     key = (name, k)
@@ -141,23 +199,29 @@ def main() -> None:
                     elif key in reference:
                         same = sum(a == b for a, b in zip(r["answers"], reference[key], strict=True))
                     computed = r["counts"].get(profile.COMPUTED_TOKENS, 0) / n
-                    floor = computed * fpt / (rates[prec] * 1e9)
+                    prefill_floor = computed * fpt / (rates[prec] * 1e9)
+                    steps = r["counts"].get(profile.DECODE_STEPS, 0)
+                    rows_stepped = r["counts"].get(profile.DECODE_ROWS, 0)
                     row = {"precision": prec, "path": path, "system": name, "k": k, "em": r["em"] / n,
                            "seconds": r["seconds"] / n, **{s: v / n for s, v in r["stages"].items()},
                            "prompt_tokens": r["counts"].get(profile.PROMPT_TOKENS, 0) / n,
                            "computed_tokens": computed, "cached_tokens": r["counts"].get(profile.CACHED_TOKENS, 0) / n,
-                           "floor": floor, "same_answers_as_fp32_first_path": same, "questions": n,
-                           "gflops": rates[prec]}
+                           "floor": prefill_floor, "same_answers_as_fp32_first_path": same, "questions": n,
+                           "gflops": rates[prec], "decode_steps": steps / n, "decode_rows": rows_stepped / n,
+                           "decode_floor": r["decode_floor"] / n, "read_gbs": bandwidth / 1e9,
+                           "step_bytes": cost[0]}
                     rows.append({**row, "answers": r["answers"]})  # token ids: compare runs of two commits
                     same_txt = "" if same is None else f" ({same}/{n} same)"
                     print(f"| {prec} | {path} | {name} | {k if name != 'closed-book' else '-'} | "
                           f"{row['em']:.3f}{same_txt} | {row['seconds']:.2f} | "
                           + " | ".join(f"{row[s]:.2f}" for s in profile.STAGES)
                           + f" | {row['prompt_tokens']:.0f} | {computed:.0f} | {row['cached_tokens']:.0f} | "
-                          f"{floor:.2f} |", flush=True)
+                          f"{prefill_floor:.2f} | {steps / n:.1f} | {rows_stepped / max(steps, 1):.1f} | "
+                          f"{row['decode_floor']:.2f} |", flush=True)
         del rag, loaded
     print("matrix-multiply rates measured in this run (GFLOP/s, "
-          f"{GEMM[0]}x{GEMM[1]} @ {GEMM[1]}x{GEMM[2]}): " + ", ".join(f"{p} {r:.0f}" for p, r in rates.items()))
+          f"{GEMM[0]}x{GEMM[1]} @ {GEMM[1]}x{GEMM[2]}): " + ", ".join(f"{p} {r:.0f}" for p, r in rates.items())
+          + f"; weights read at {bandwidth / 1e9:.1f} GB/s")
     if args.json:
         args.json.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
