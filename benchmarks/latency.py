@@ -67,10 +67,20 @@ def flops_per_token(model: torch.nn.Module) -> float:
                      if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}")
 
 
-def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The weight of every linear layer ``model`` runs, output layer included (int8: the quantised weight)."""
+CROSS_KV = ("encoder_attn.k_proj", "encoder_attn.v_proj", "EncDecAttention.k", "EncDecAttention.v")  # BART, T5
+
+
+def _weights(model: torch.nn.Module, decoding: bool = False) -> list[torch.Tensor]:
+    """The weight of every linear layer ``model`` runs, output layer included (int8: the quantised weight).
+    ``decoding``: those a decoding step reads; an encoder-decoder's steps read the decoder's and the output
+    layer's, but neither the encoder's nor the cross-attention keys' and values' (cached at the first step)."""
+    modules = list(model.named_modules())
+    if decoding and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        head = model.get_output_embeddings()
+        modules = [(f"decoder.{n}", m) for n, m in model.get_decoder().named_modules()]
+        modules = [(n, m) for n, m in modules if not n.endswith(CROSS_KV)] + [("lm_head", head)]
     out = []
-    for m in model.modules():
+    for _, m in modules:
         w = getattr(m, "weight", None)
         w = w() if callable(w) else w  # torch.ao's dynamic quantised Linear: weight() gives the int8 tensor
         if isinstance(m, torch.nn.Linear) or (isinstance(w, torch.Tensor) and w.is_quantized):
@@ -79,9 +89,9 @@ def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def step_cost(model: torch.nn.Module) -> tuple[float, float]:
-    """(bytes, FLOPs per row) of one decoding step: every linear weight, output layer included, is read once
-    per step, and each row multiplies all of them (2 FLOPs per weight)."""
-    weights = _weights(model)
+    """(bytes, FLOPs per row) of one decoding step: every linear weight a step reads (:func:`_weights`),
+    output layer included, is read once per step, and each row multiplies all of them (2 FLOPs per weight)."""
+    weights = _weights(model, decoding=True)
     return float(sum(w.numel() * w.element_size() for w in weights)), 2.0 * sum(w.numel() for w in weights)
 
 
