@@ -74,13 +74,12 @@ def _weights(model: torch.nn.Module, decoding: bool = False) -> list[torch.Tenso
     """The weight of every linear layer ``model`` runs, output layer included (int8: the quantised weight).
     ``decoding``: those a decoding step reads; an encoder-decoder's steps read the decoder's and the output
     layer's, but neither the encoder's nor the cross-attention keys' and values' (cached at the first step)."""
-    modules = list(model.named_modules())
+    modules = list(model.modules())
     if decoding and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        head = model.get_output_embeddings()
-        modules = [(f"decoder.{n}", m) for n, m in model.get_decoder().named_modules()]
-        modules = [(n, m) for n, m in modules if not n.endswith(CROSS_KV)] + [("lm_head", head)]
+        modules = [m for name, m in model.get_decoder().named_modules() if not name.endswith(CROSS_KV)]
+        modules.append(model.get_output_embeddings())
     out = []
-    for _, m in modules:
+    for m in modules:
         w = getattr(m, "weight", None)
         w = w() if callable(w) else w  # torch.ao's dynamic quantised Linear: weight() gives the int8 tensor
         if isinstance(m, torch.nn.Linear) or (isinstance(w, torch.Tensor) and w.is_quantized):
