@@ -6,10 +6,11 @@ import torch
 from test_hf_reference import _batch, _generating_bart, _strip, tiny  # noqa: F401 - fixture
 
 from ragline.corpus.passages import Passage
+from ragline.models.generators import PackedPass, PaddedPass
 from ragline.rag import marginal
 from ragline.rag.decoding import (
     RowStepper,
-    _token_budget_chunks,
+    _scoring_passes,
     beam_search,
     rag_sequence_decode,
     rag_token_decode,
@@ -194,11 +195,20 @@ def test_the_pruning_comparisons_skipped_pairs():
 
 def test_scoring_passes_hold_at_most_their_budget_of_positions():
     """Thorough decoding's scoring passes are cut by the positions the generator computes: a padded pass
-    computes rows x longest, a packed one each target's tokens after its first."""
-    items = [(0, (7,) * n, 0) for n in (2, 2, 3, 5, 9)]  # sorted by length, as thorough decoding sorts them
-    padded = _token_budget_chunks(items, 12, lambda lengths: len(lengths) * max(lengths))
-    packed = _token_budget_chunks(items, 12, lambda lengths: sum(n - 1 for n in lengths))
+    computes rows x longest, a packed one each distinct (row, prefix) of the targets' tokens after their first."""
+    items = [(0, (7,) * n, 0) for n in (2, 2, 3, 5, 9)]  # sorted by length, as a padded pass sorts them
+    padded = _scoring_passes(items, 1, 12, PaddedPass)
     assert [len(c) for c in padded] == [3, 1, 1]  # 3 x 3 = 9; 4 x 5 = 20 is over; 2 x 9 = 18 is over
-    assert [len(c) for c in packed] == [4, 1]  # 1 + 1 + 2 + 4 = 8; + 8 is over
-    assert [x for c in packed for x in c] == items == [x for c in padded for x in c]
-    assert _token_budget_chunks(items[-1:], 3, len) == [items[-1:]]  # an item over the budget goes alone
+    assert [x for c in padded for x in c] == items
+    # packed: one row's targets that begin alike share their positions; other rows (passages) do not
+    items = [(0, (7, 1, 2, 3), 0), (0, (7, 1, 2, 4, 5), 0), (0, (7, 1, 2, 3), 1), (1, (8, 8), 0)]
+    assert sorted(items, key=lambda m: PackedPass.order(m[0] * 2 + m[2], m[1])) == [items[0], items[1], items[2],
+                                                                                     items[3]]
+    plan = PackedPass()
+    for q, y, z in items:
+        plan.add(q * 2 + z, y)
+    assert plan.positions == 3 + 1 + 3 + 1  # (7, 1, 2) once for row 0, then (..., 4); row 1 again; (8,)
+    assert [len(c) for c in _scoring_passes(items, 2, 7, PackedPass)] == [3, 1]  # 3 + 1 + 3; + 1 is over
+    assert [len(c) for c in _scoring_passes(items, 2, 4, PackedPass)] == [2, 2]
+    assert _scoring_passes(items[1:2], 2, 3, PackedPass) == [items[1:2]]  # an item over the budget goes alone
+    assert _scoring_passes([], 2, 3, PackedPass) == []

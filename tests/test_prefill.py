@@ -12,11 +12,12 @@ from conftest import lead_passages
 from ragline import profile, vocab, yielding
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
-from ragline.models import logprobs
+from ragline.models import generators, logprobs
 from ragline.models import precision as precisions
-from ragline.models.generators import CausalGenerator
-from ragline.models.prefill import BLOCK, PrefixCache, block_keys, prefill
+from ragline.models.generators import CausalGenerator, ScoringMemo
+from ragline.models.prefill import BLOCK, PrefixCache, PrefixStates, block_keys, continuation_logits, prefill
 from ragline.models.tiny import tiny_causal
+from ragline.rag import marginal
 from ragline.rag.decoding import rag_sequence_decode, rag_token_decode
 
 QUESTIONS = ["Who founded it?", "In which year did the events described in the passage take place, and where?"]
@@ -126,22 +127,45 @@ def test_packed_continuation_scoring_equals_the_padded_path_without_computing_pa
     state, first = gen.start(prompts)
     padded = _padded(gen)
     padded_state, padded_first = padded.start(prompts)
-    answers = [[5, 6, 7, 8, 9], [10], [11, 12], [13, 14, 15, 16, 17, 18, 19], [20, 21, 22]]
-    rows = torch.tensor([0, 1, 4, 5, 5])  # a one-token answer, and a row read twice
+    # a one-token answer, a row read three times, and answers of one row that begin alike
+    answers = [[5, 6, 7, 8, 9], [10], [11, 12], [13, 14, 15, 16, 17, 18, 19], [20, 21, 22], [13, 14, 15, 30, 31],
+               [5, 6, 40]]
+    rows = torch.tensor([0, 1, 4, 5, 5, 5, 0])
+    # ... as tokens of words (whose keys and values the continuations' attention reads), one per number
+    words = list(dict.fromkeys(gen.tokenizer(" Ada Lovelace wrote the first published program for Charles Babbage's"
+                                             " Analytical Engine in London in 1843, a century before any computer"
+                                             " was built")["input_ids"]))
+    word = dict(zip(sorted({x for a in answers for x in a}), words, strict=False))
+    assert len(word) == len({x for a in answers for x in a})
+    answers = [[word[x] for x in a] for a in answers]
+    # fed: each answer but its last token; each distinct (row, prefix) once: row 0 [5..8] holds [5, 6];
+    # row 5 [13..18], [20, 21] and, after the shared [13, 14, 15], [30]
+    shared = 4 + 0 + 1 + 6 + 2 + 1 + 0
     t = max(map(len, answers))
     targets = torch.tensor([a + [gen.pad_id] * (t - len(a)) for a in answers])  # (5, 7)
     mask = torch.tensor([[i < len(a) for i in range(t)] for a in answers])
     fed = []
     forward = gen.model.forward
     gen.model.forward = lambda *a, **kw: fed.append(kw["input_ids"].numel()) or forward(*a, **kw)
+    memo = ScoringMemo()  # what one pass computed, the next reads
     try:
         ours = gen.continuation_logprobs(state, first, rows, targets, mask)
         again = gen.continuation_logprobs(state, first, rows[:1], targets[:1], mask[:1])
+        part = gen.continuation_logprobs(state, first, rows[:4], targets[:4], mask[:4], memo)
+        rest = gen.continuation_logprobs(state, first, rows, targets, mask, memo)
     finally:
         del gen.model.forward
-    assert fed == [sum(len(a) - 1 for a in answers), len(answers[0]) - 1]  # one pass each, no padding fed
-    assert gen.scoring_positions([len(a) for a in answers]) == fed[0]  # what thorough decoding budgets
-    assert padded.scoring_positions([len(a) for a in answers]) == len(answers) * t
+    # one pass each: no padding, no shared prefix fed twice; after the first four answers (4 + 0 + 1 + 6
+    # positions), the memo holds their steps, and the keys and values of their positions: the rest computes
+    # [20], [20, 21]; [13, 14, 15] again (its step to 30 is new) and [.., 30]; [5, 6] again (to 40)
+    assert fed == [shared, len(answers[0]) - 1, 11, 5]
+    torch.testing.assert_close(part, ours[:4], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rest, ours, atol=1e-5, rtol=1e-5)
+    assert gen.scoring_positions(list(zip(rows.tolist(), answers, strict=True)), memo) == 0  # all known now
+    assert shared < sum(len(a) - 1 for a in answers)
+    pairs = list(zip(rows.tolist(), answers, strict=True))
+    assert gen.scoring_positions(pairs) == fed[0]  # what thorough decoding budgets
+    assert padded.scoring_positions(pairs) == len(answers) * t
     theirs = padded.continuation_logprobs(padded_state, padded_first, rows, targets, mask)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again, ours[:1], atol=1e-6, rtol=1e-6)  # the prefill state was left as it was
@@ -162,6 +186,9 @@ def test_log_probabilities_a_few_rows_at_a_time_equal_torch_bit_for_bit():
         y, t = x.view(3, 7, 3000), torch.randint(0, 3000, (3, 7))
         reference = y.float().gather(-1, t[..., None])[..., 0] - torch.logsumexp(y.float(), -1)
         assert torch.equal(logprobs.picked(y, t), reference)
+        rows = torch.tensor([20, 0, 20, 3, 9])  # a row read twice, rows of different chunks
+        targets = torch.randint(0, 3000, (5,))
+        assert torch.equal(logprobs.picked_at(x, rows, targets), logprobs.picked(x[rows], targets))
         coarse = (x * 8).round() / 8  # many equal logits: ties inside each row's best
         for k in (1, 8, 3000, 4000):  # ... up to the whole vocabulary, and more than it
             values, tokens = logprobs.top(coarse, k)
@@ -327,3 +354,68 @@ def test_cli_precision_falls_back_with_a_notice_and_eval_records_what_ran(tmp_pa
     assert "--precision int8: this CPU has no int8 dot-product instructions (VNNI); answering in fp32" in said
     identity = json.loads((tmp_path / "run" / "config.json").read_text())
     assert identity["precision"] == "fp32"  # what ran, not what was asked
+
+
+@pytest.mark.parametrize("n_best", [1, 3])
+@torch.no_grad()
+def test_packed_thorough_scoring_shares_positions_and_equals_scoring_every_pair(smol, wiki_docs, n_best):
+    """Thorough decoding on the packed path: candidates that begin alike are scored on shared positions, in
+    a pass and across passes (what one computed, the next reads), and the branch and bound reads the known
+    prefixes' log-probabilities. Its answers and their scores must equal brute force: every candidate of the
+    beams scored under every passage by a full pass over (prompt, candidate)."""
+    zs = lead_passages(wiki_docs, 6)
+    questions = ["Who is this passage about?", "Where and when was this born?"]
+    passages = [zs[:3], zs[3:]]
+    doc = torch.log_softmax(torch.tensor([[1.0, 0.6, 0.2], [0.3, 0.9, 0.5]]), -1)
+    fed, computed = [], []
+    original = generators.continuation_logits
+
+    def counting(model, cache, mask, positions, rows, tokens, states=None):
+        out = original(model, cache, mask, positions, rows, tokens, states)
+        computed.append(len(out.logits))
+        return out
+
+    scoring = smol.continuation_logprobs
+    smol.continuation_logprobs = lambda state, first, rows, targets, mask, *a: fed.append(
+        int((mask.sum(1) - 1).sum())) or scoring(state, first, rows, targets, mask, *a)
+    generators.continuation_logits = counting
+    try:
+        got = rag_sequence_decode(smol, questions, passages, doc, beams=3, max_new_tokens=8, n_best=n_best)
+    finally:
+        generators.continuation_logits = original
+        del smol.continuation_logprobs
+    assert 0 < sum(computed) < sum(fed)  # positions shared: fewer computed than the pairs' tokens
+    for q, answer in enumerate(got):
+        beams = [{tuple(y) for y, _ in rag_sequence_decode(smol, questions[q : q + 1], [[z]], doc[q : q + 1, :1],
+                                                            beams=3, max_new_tokens=8, thorough=False,
+                                                            n_best=3)[0].alternatives} for z in passages[q]]
+        cands = sorted(set().union(*beams))
+        lp, _, _ = _padded(smol).target_logprobs([questions[q]] * len(cands), [passages[q]] * len(cands),
+                                                 [list(y) for y in cands])  # (C, K, T)
+        exact = marginal.marginalize(doc[q].expand(len(cands), -1), lp.sum(-1))  # (C,)
+        order = sorted(range(len(cands)), key=lambda c: -float(exact[c]))[:n_best]
+        assert [tuple(y) for y, _ in answer.alternatives] == [cands[c] for c in order]
+        torch.testing.assert_close(torch.tensor([v for _, v in answer.alternatives]), exact[order], atol=1e-4,
+                                   rtol=1e-4)
+
+
+@torch.no_grad()
+def test_continuations_read_the_positions_earlier_passes_computed(wiki_docs):
+    """Positions held from earlier passes (two passes, two rows) are read in place of computing them: the
+    logits equal a pass that computes every position, and only the asked and unheld positions are computed."""
+    gen = tiny_causal(seed=8)  # random weights: attention spread over every key, a wrong one shows
+    zs = lead_passages(wiki_docs, 3)
+    prompts = gen.pair_prompts(QUESTIONS[:1], [zs])
+    state, _ = gen.start(prompts)
+    states = PrefixStates()
+
+    def run(rows, tokens, held=None):
+        return continuation_logits(gen.model, state.cache, state.attention_mask, state.positions, rows, tokens, held)
+
+    run([0, 2], [[101, 102, 103], [201, 202]], states)  # first pass: row 0's [101..103], row 2's [201, 202]
+    run([2], [[201, 202, 203, 204]], states)  # second: row 2's [.., 203, 204], reading [201], [201, 202]
+    assert len(states) == 3 + 2 + 2
+    rows, tokens = [2, 0, 2, 1], [[201, 202, 203, 204, 205], [101, 102, 103, 104], [201, 202, 299], [301]]
+    got, full = run(rows, tokens, states), run(rows, tokens)
+    assert len(got.logits) == 4  # the asked ones only: [.., 205], [.., 104], [.., 299], [301]; the rest read
+    torch.testing.assert_close(got.logits[got.where], full.logits[full.where], atol=1e-6, rtol=1e-5)

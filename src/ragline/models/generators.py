@@ -21,7 +21,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,16 @@ from ragline.models import device as devices
 from ragline.models import logprobs
 from ragline.models.catalog import generator_path
 from ragline.models.decode_cache import decode_cache, is_decode_cache, reorder_tail
-from ragline.models.prefill import cache_kwarg, cache_of_mb, continuation_logits, output_cache, prefill
+from ragline.models.prefill import (
+    Node,
+    PrefixStates,
+    cache_kwarg,
+    cache_of_mb,
+    continuation_logits,
+    continuation_nodes,
+    output_cache,
+    prefill,
+)
 from ragline.vocab import DEFAULT_GENERATOR, DEFAULT_KV_CACHE_MB
 
 SYSTEM_PROMPT = "Answer the question using the passage. Reply with the answer only, as briefly as possible."
@@ -58,6 +67,75 @@ class Scored:
     logprobs: torch.Tensor  # (B, K, T, V) log p_theta(y_t = v | x, z_k, y_<t)
     target: torch.Tensor    # (B, T) target token ids (pad_id where mask is False)
     mask: torch.Tensor      # (B, T) bool: real target positions
+
+
+class PaddedPass:
+    """The positions one padded :meth:`Generator.continuation_logprobs` pass computes, counted as (row,
+    target) pairs join it: rows x the longest target."""
+
+    def __init__(self) -> None:
+        self.rows = self.longest = 0
+
+    @property
+    def positions(self) -> int:
+        return self.rows * self.longest
+
+    def positions_with(self, row: int, target: Sequence[int]) -> int:
+        """The pass's positions if ``target`` (tokens) of ``row`` joined it."""
+        return (self.rows + 1) * max(self.longest, len(target))
+
+    def add(self, row: int, target: Sequence[int]) -> None:
+        self.rows, self.longest = self.rows + 1, max(self.longest, len(target))
+
+    @staticmethod
+    def order(row: int, target: Sequence[int]) -> tuple:
+        """The sort key that fills passes best: targets of similar lengths together (little padding)."""
+        return (len(target),)
+
+
+@dataclass
+class ScoringMemo:
+    """What earlier :meth:`Generator.continuation_logprobs` passes over one prefill state computed, for later
+    passes over it: each step's log-probability log p_theta(next | row's prompt, prefix), by (row, prefix +
+    (next,)), and the positions' keys and values (:class:`ragline.models.prefill.PrefixStates`)."""
+
+    logprobs: dict[Node, float] = field(default_factory=dict)
+    states: PrefixStates = field(default_factory=PrefixStates)
+
+
+def _asked(row: int, target: Sequence[int], memo: ScoringMemo | None) -> list[int]:
+    """The steps t (1 <= t < len) of ``target`` whose log-probability, after its first t tokens, a packed pass
+    computes: those ``memo`` does not hold."""
+    return [t for t in range(1, len(target)) if memo is None or (row, tuple(target[: t + 1])) not in memo.logprobs]
+
+
+class PackedPass(PaddedPass):
+    """A packed pass (:meth:`CausalGenerator.continuation_logprobs`): the positions after which a target's
+    steps are not in ``memo`` are computed, with the earlier ones of theirs that ``memo`` does not hold, each
+    distinct (row, prefix) once (:func:`ragline.models.prefill.continuation_nodes`)."""
+
+    def __init__(self, memo: ScoringMemo | None = None) -> None:
+        super().__init__()
+        self.memo, self.nodes = memo, set()
+
+    def _new(self, row: int, target: Sequence[int]) -> set[Node]:
+        prefixes = [target[:t] for t in _asked(row, target, self.memo)]
+        return continuation_nodes(row, prefixes, None if self.memo is None else self.memo.states) - self.nodes
+
+    @property
+    def positions(self) -> int:
+        return len(self.nodes)
+
+    def positions_with(self, row: int, target: Sequence[int]) -> int:
+        return len(self.nodes) + len(self._new(row, target))
+
+    def add(self, row: int, target: Sequence[int]) -> None:
+        self.nodes |= self._new(row, target)
+
+    @staticmethod
+    def order(row: int, target: Sequence[int]) -> tuple:
+        """Each row's targets together, in token order: those that begin alike are next to each other."""
+        return (row, tuple(target))
 
 
 class Generator(ABC):
@@ -165,16 +243,26 @@ class Generator(ABC):
         """Feed ``tokens`` (N, T) after each row's cached prefix (padding where ``mask`` is False);
         returns the logits after each fed token, (N, T, V). The state is consumed."""
 
-    def scoring_positions(self, lengths: list[int]) -> int:
-        """Positions of logits one :meth:`continuation_logprobs` pass computes for targets of ``lengths``:
-        padded, rows x longest."""
-        return len(lengths) * max(lengths, default=0)
+    def scoring_pass(self, memo: ScoringMemo | None = None) -> PaddedPass:
+        """An empty :meth:`continuation_logprobs` pass (after the passes ``memo`` holds), counting the positions
+        it computes as targets join it."""
+        return PaddedPass()
+
+    def scoring_positions(self, targets: Sequence[tuple[int, Sequence[int]]], memo: ScoringMemo | None = None
+                          ) -> int:
+        """Positions one :meth:`continuation_logprobs` pass computes for ``targets``, (row, tokens) pairs."""
+        plan = self.scoring_pass(memo)
+        for row, tokens in targets:
+            plan.add(row, tokens)
+        return plan.positions
 
     def continuation_logprobs(self, state: DecodeState, first: torch.Tensor, rows: torch.Tensor,
-                              targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                              targets: torch.Tensor, mask: torch.Tensor, memo: ScoringMemo | None = None
+                              ) -> torch.Tensor:
         """log p_theta(y | prefix) for continuations ``targets`` (N, T) of the cached prefixes ``rows`` of a
         prefill ``state`` whose next-token log-probs were ``first`` (rows, V): (N,). Only the targets' own
-        tokens are computed; the prompts are read from the cache."""
+        tokens are computed; the prompts are read from the cache. ``memo`` (the packed path's) carries what
+        one call computed to the next calls over the same ``state``; here it is not used."""
         lp = first[rows].gather(1, targets[:, :1]).squeeze(1)  # (N,) first target token
         if targets.shape[1] > 1:
             targets, mask = targets.to(self.device), mask.to(self.device)
@@ -407,28 +495,44 @@ class CausalGenerator(Generator):
         state = DecodeState(output_cache(out), attn, positions[:, -1] + 1)
         return state, logprobs.log_softmax(out.logits[:, -1]).cpu()
 
-    def scoring_positions(self, lengths: list[int]) -> int:
-        """Packed, each target's own tokens only (its first comes from the prefill)."""
-        return sum(max(n - 1, 0) for n in lengths) if self._packed() else super().scoring_positions(lengths)
+    def scoring_pass(self, memo: ScoringMemo | None = None) -> PaddedPass:
+        """Packed, each target's tokens after its first (which the prefill's logits give), each distinct
+        (row, prefix) once, less what ``memo`` holds (:func:`ragline.models.prefill.continuation_logits`)."""
+        return PackedPass(memo) if self._packed() else super().scoring_pass(memo)
 
     def continuation_logprobs(self, state: DecodeState, first: torch.Tensor, rows: torch.Tensor,
-                              targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                              targets: torch.Tensor, mask: torch.Tensor, memo: ScoringMemo | None = None
+                              ) -> torch.Tensor:
         """As :meth:`Generator.continuation_logprobs`; packed, the continuations go in one pass without
-        padding (:func:`ragline.models.prefill.continuation_logits`), and the output layer and softmax run
-        at real positions only."""
+        padding (:func:`ragline.models.prefill.continuation_logits`): targets that begin alike under one row
+        share their positions, and the output layer and softmax run at computed positions only. With
+        ``memo``, the steps and positions earlier calls over ``state`` computed are read from it, not computed
+        again, and this call's enter it."""
         if not self._packed():
             return super().continuation_logprobs(state, first, rows, targets, mask)
         lengths = mask.sum(1).tolist()
         lp = first[rows].gather(1, targets[:, :1]).squeeze(1)  # (N,) first target token
-        longer = [i for i, n in enumerate(lengths) if n > 1]  # rows with tokens after their first
-        if longer:
-            fed = [targets[i, : lengths[i] - 1].tolist() for i in longer]  # each fed but its last token
-            logits = continuation_logits(self.model, state.cache, state.attention_mask, state.positions,
-                                         rows[longer].tolist(), fed)  # (S, V)
-            want = torch.cat([targets[i, 1 : lengths[i]] for i in longer])  # (S,) the tokens each position predicts
-            step = logprobs.picked(logits, want).cpu()  # (S,)
-            owner = torch.repeat_interleave(torch.tensor(longer), torch.tensor([len(f) for f in fed]))  # (S,)
-            lp = lp.index_add(0, owner, step)
+        steps: list[Node] = []  # each target's steps after its first token, target after target
+        owner: list[int] = []
+        asked: dict[Node, tuple[int, list[int], int]] = {}  # a step to compute: (row, prefix, next token)
+        for i, n in enumerate(lengths):
+            row, y = int(rows[i]), targets[i, :n].tolist()
+            steps += [(row, tuple(y[: t + 1])) for t in range(1, n)]
+            owner += [i] * (n - 1)
+            for t in _asked(row, y, memo):
+                asked.setdefault((row, tuple(y[: t + 1])), (row, y[:t], y[t]))
+        computed: dict[Node, float] = {}
+        if asked:
+            out = continuation_logits(self.model, state.cache, state.attention_mask, state.positions,
+                                      [a[0] for a in asked.values()], [a[1] for a in asked.values()],
+                                      None if memo is None else memo.states)  # (S', V): shared positions once
+            want = torch.tensor([a[2] for a in asked.values()])  # (A,) the token each asked step predicts
+            computed = dict(zip(asked, logprobs.picked_at(out.logits, out.where, want).cpu().tolist(), strict=True))
+            if memo is not None:
+                memo.logprobs.update(computed)
+        if steps:
+            step = torch.tensor([computed[s] if s in computed else memo.logprobs[s] for s in steps], dtype=lp.dtype)
+            lp = lp.index_add(0, torch.tensor(owner), step)  # (N,) the steps added in order, as one pass would
         return lp
 
     def _extend(self, state: DecodeState, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

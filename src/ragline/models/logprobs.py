@@ -51,9 +51,16 @@ def top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def picked(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """float32 log-probability of ``targets`` (...,) under ``logits`` (..., V): (...,), equal to
     ``logits.float().gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits.float(), -1)``."""
-    flat, want = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1).to(logits.device)  # (S, V), (S, 1)
-    out = torch.empty(len(flat), dtype=torch.float32, device=logits.device)
-    for sl in _chunks(flat):
-        chunk = flat[sl].float()  # (c, V)
-        out[sl] = chunk.gather(1, want[sl])[:, 0] - torch.logsumexp(chunk, -1)
-    return out.view(targets.shape)
+    flat = logits.reshape(-1, logits.shape[-1])  # (S, V)
+    return picked_at(flat, torch.arange(len(flat)), targets.reshape(-1)).view(targets.shape)
+
+
+def picked_at(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """float32 log-probability of ``targets[i]`` under the logits row ``rows[i]`` (several targets may read one
+    row), ``logits`` (N, V), ``rows`` and ``targets`` (S,): (S,), equal to :func:`picked` of
+    ``logits[rows]`` without copying a row per target; each row's log-normaliser is taken once."""
+    lse = torch.empty(len(logits), dtype=torch.float32, device=logits.device)  # (N,)
+    for sl in _chunks(logits):
+        lse[sl] = torch.logsumexp(logits[sl].float(), -1)
+    rows, targets = rows.to(logits.device), targets.to(logits.device)
+    return logits[rows, targets].float() - lse[rows]

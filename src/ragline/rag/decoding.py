@@ -8,7 +8,8 @@ the next-token log-probabilities of every beam, (G, W, V):
   (:func:`ragline.rag.marginal.marginalize`).
 * RAG-Sequence: a group is a (question, passage) pair with one row per beam: plain beam search on
   p_theta(y | x, z). Thorough decoding then scores every candidate y of a question under every passage whose
-  beam did not produce it (one extra forward pass per missing pair) and returns
+  beam did not produce it (packed passes over the prompts' cache, candidates that begin alike sharing their
+  positions; those that cannot win are never scored) and returns
   argmax_y  sum_z p_eta(z|x) p_theta(y|x,z);  fast decoding takes p_theta(y|x,z) = 0 for those pairs instead.
 
 Beam search follows Hugging Face transformers' (5.x) rules, so that both produce the same tokens: 2W
@@ -28,7 +29,7 @@ import torch
 
 from ragline import profile, yielding
 from ragline.corpus.passages import Passage
-from ragline.models.generators import DecodeState, Generator
+from ragline.models.generators import DecodeState, Generator, PaddedPass, ScoringMemo
 from ragline.rag.marginal import marginalize
 
 NEG = -1.0e9
@@ -233,17 +234,19 @@ class RowStepper:
         return self.combine(logp.view(len(keep), w, self.rows, -1), keep)  # (G', W, V)
 
 
-def _token_budget_chunks(items: list[tuple[int, tuple[int, ...], int]], budget: int,
-                         positions: Callable[[list[int]], int]) -> list[list[tuple[int, tuple[int, ...], int]]]:
+def _scoring_passes(items: list[tuple[int, tuple[int, ...], int]], k: int, budget: int,
+                    new_pass: Callable[[], PaddedPass]) -> list[list[tuple[int, tuple[int, ...], int]]]:
     """Consecutive runs of (question, tokens, passage) items whose scoring pass computes at most ``budget``
-    positions, ``positions(lengths)`` (a run holds at least one item)."""
-    chunks: list[list] = []
-    for item in items:
-        if chunks and positions([len(y) for _, y, _ in chunks[-1]] + [len(item[1])]) <= max(budget, 1):
-            chunks[-1].append(item)
-        else:
-            chunks.append([item])
-    return chunks
+    positions, as ``new_pass()`` counts them (row question x ``k`` + passage; a run holds at least one item)."""
+    chunks: list[list] = [[]]
+    plan = new_pass()
+    for q, y, z in items:
+        if chunks[-1] and plan.positions_with(q * k + z, y) > max(budget, 1):
+            chunks.append([])
+            plan = new_pass()
+        plan.add(q * k + z, y)
+        chunks[-1].append((q, y, z))
+    return chunks if chunks[0] else []
 
 
 def _logsumexp(xs: Sequence[float]) -> float:
@@ -257,19 +260,33 @@ def _score_missing_pairs(generator: Generator, cands: list[dict[tuple[int, ...],
 
     Branch and bound, exact: a candidate y of question x with passages M not yet scored has marginal
 
-        log p(y|x) <= log( sum_{z not in M} p_eta(z|x) p_theta(y|x,z) + sum_{z in M} p_eta(z|x) p_theta(y_1|x,z) )
+        log p(y|x) <= log( sum_{z not in M} p_eta(z|x) p_theta(y|x,z) + sum_{z in M} p_eta(z|x) p_theta(y_<=t|x,z) )
 
-    because p_theta(y|x,z) <= p_theta(y_1|x,z), which the prefill already holds (``first``, (B*K, V)).
+    for any prefix y_<=t of y, because each further token's probability is at most 1. The prefill holds
+    every first token's (``first``, (B*K, V)); where earlier passes computed the steps of candidates that
+    begin like y under z (the memo of :class:`ScoringMemo`), the bound takes y's longest prefix known.
     Rounds score the candidates of highest bound first (1, 2, 4, ... per question, all questions in one
     batch); a candidate whose bound is below its question's ``n_best``-th best fully scored marginal cannot be
-    among the answers and is never scored. The answers and their scores equal scoring every pair."""
+    among the answers and is never scored. The answers and their scores equal scoring every pair.
+
+    A pass computes each (passage, prefix) of its candidates once, and reads the keys and values of the
+    positions earlier passes computed (:meth:`Generator.continuation_logprobs` with the memo): the beams of
+    one passage share their first tokens, and later rounds' candidates extend earlier ones'."""
     k = doc_logprobs.shape[1]
     doc = doc_logprobs.tolist()
 
-    def bound(q: int, y: tuple[int, ...], seen: dict[int, float]) -> float:
-        return _logsumexp([doc[q][z] + (seen[z] if z in seen else float(first[q * k + z, y[0]]))
-                           for z in range(k)])
+    def prefix(row: int, y: tuple[int, ...]) -> float:
+        """log p_theta(y_<=t | x, z) of y's longest prefix known: its first token's, then its steps that earlier
+        passes computed (other candidates beginning alike)."""
+        lp, t = float(first[row, y[0]]), 1
+        while t < len(y) and (row, y[: t + 1]) in memo.logprobs:
+            lp, t = lp + memo.logprobs[(row, y[: t + 1])], t + 1
+        return lp
 
+    def bound(q: int, y: tuple[int, ...], seen: dict[int, float]) -> float:
+        return _logsumexp([doc[q][z] + (seen[z] if z in seen else prefix(q * k + z, y)) for z in range(k)])
+
+    memo = ScoringMemo()  # what a pass computed, later passes read (rounds score candidates that begin alike)
     itemsize = getattr(generator.model, "dtype", torch.float32).itemsize  # bytes per logit
     budget = SCORING_BYTES // (generator.vocab_size * itemsize)  # positions per pass
     per_round = 1
@@ -283,14 +300,15 @@ def _score_missing_pairs(generator: Generator, cands: list[dict[tuple[int, ...],
             todo += [(q, y, z) for ub, y in open_[:per_round] if ub >= bar for z in range(k) if z not in cq[y]]
         if not todo:
             return
-        todo.sort(key=lambda m: len(m[1]))  # similar lengths share a pass: little padding
-        for chunk in _token_budget_chunks(todo, budget, generator.scoring_positions):
+        order = generator.scoring_pass().order  # what shares a pass best: similar lengths, or common prefixes
+        todo.sort(key=lambda m: order(m[0] * k + m[2], m[1]))
+        for chunk in _scoring_passes(todo, k, budget, lambda: generator.scoring_pass(memo)):
             yielding.point()
             t = max(len(y) for _, y, _ in chunk)
             targets = torch.tensor([list(y) + [generator.pad_id] * (t - len(y)) for _, y, _ in chunk])  # (n, T)
             mask = torch.tensor([[i < len(y) for i in range(t)] for _, y, _ in chunk])
             rows = torch.tensor([q * k + z for q, _, z in chunk])
-            lp = generator.continuation_logprobs(state, first, rows, targets, mask)  # (n,)
+            lp = generator.continuation_logprobs(state, first, rows, targets, mask, memo)  # (n,)
             for (q, y, z), v in zip(chunk, lp.tolist(), strict=True):
                 cands[q][y][z] = v
         per_round *= 2
