@@ -261,13 +261,20 @@ class Generator(ABC):
                               ) -> torch.Tensor:
         """log p_theta(y | prefix) for continuations ``targets`` (N, T) of the cached prefixes ``rows`` of a
         prefill ``state`` whose next-token log-probs were ``first`` (rows, V): (N,). Only the targets' own
-        tokens are computed; the prompts are read from the cache. ``memo`` (the packed path's) carries what
-        one call computed to the next calls over the same ``state``; here it is not used."""
+        tokens are computed; the prompts are read from the cache. ``memo`` carries what one call computed to
+        the next calls over the same ``state``: here every target is computed whole, and its steps' log-probs
+        enter ``memo`` (thorough decoding's bounds read them)."""
         lp = first[rows].gather(1, targets[:, :1]).squeeze(1)  # (N,) first target token
         if targets.shape[1] > 1:
             targets, mask = targets.to(self.device), mask.to(self.device)
             logits = self._extend(self.fork(state, rows), targets[:, :-1], mask[:, :-1])  # (N, T-1, V)
-            lp = lp + (logprobs.picked(logits, targets[:, 1:]) * mask[:, 1:]).sum(-1).cpu()
+            steps = logprobs.picked(logits, targets[:, 1:]) * mask[:, 1:]  # (N, T-1)
+            lp = lp + steps.sum(-1).cpu()
+            if memo is not None:
+                for i, (row, n) in enumerate(zip(rows.tolist(), mask.sum(1).tolist(), strict=True)):
+                    y = targets[i, :n].tolist()
+                    memo.logprobs.update({(row, tuple(y[: t + 1])): v for t, v in enumerate(steps[i].tolist(), 1)
+                                          if t < n})
         return lp
 
     def pair_prompts(self, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]]) -> list[str]:
@@ -509,7 +516,7 @@ class CausalGenerator(Generator):
         ``memo``, the steps and positions earlier calls over ``state`` computed are read from it, not computed
         again, and this call's enter it."""
         if not self._packed():
-            return super().continuation_logprobs(state, first, rows, targets, mask)
+            return super().continuation_logprobs(state, first, rows, targets, mask, memo)
         lengths = mask.sum(1).tolist()
         lp = first[rows].gather(1, targets[:, :1]).squeeze(1)  # (N,) first target token
         steps: list[Node] = []  # each target's steps after its first token, target after target
