@@ -18,7 +18,7 @@ from ragline.models.generators import CausalGenerator, ScoringMemo
 from ragline.models.prefill import BLOCK, PrefixCache, PrefixStates, block_keys, continuation_logits, prefill
 from ragline.models.tiny import tiny_causal
 from ragline.rag import marginal
-from ragline.rag.decoding import rag_sequence_decode, rag_token_decode
+from ragline.rag.decoding import RowStepper, beam_search, rag_sequence_decode, rag_token_decode, stop_ids
 
 QUESTIONS = ["Who founded it?", "In which year did the events described in the passage take place, and where?"]
 
@@ -419,3 +419,20 @@ def test_continuations_read_the_positions_earlier_passes_computed(wiki_docs):
     got, full = run(rows, tokens, states), run(rows, tokens)
     assert len(got.logits) == 4  # the asked ones only: [.., 205], [.., 104], [.., 299], [301]; the rest read
     torch.testing.assert_close(got.logits[got.where], full.logits[full.where], atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_the_steps_beam_search_records_are_the_models_log_probabilities(wiki_docs):
+    """Beam search records every step it ranked after a running beam (what thorough decoding's scoring then
+    reads instead of computing): each equals the log-probability of a full pass over (prompt, tokens)."""
+    gen = tiny_causal(seed=11)
+    zs = lead_passages(wiki_docs, 2)
+    prompts = gen.pair_prompts(QUESTIONS[:1], [zs])
+    record: dict = {}
+    beam_search(RowStepper(gen, prompts, 2, 1, 3, None), 2, 3, stop_ids(gen), 6, record=record)
+    assert {len(toks) for _, toks in record} == set(range(2, 7))  # after every step but the prompt's
+    assert {g for g, _ in record} == {0, 1}
+    for (g, toks), v in list(record.items())[:: max(1, len(record) // 25)]:
+        ids = torch.tensor([gen.prompt_ids([prompts[g]])[0] + list(toks)])
+        full = torch.log_softmax(gen.model(input_ids=ids).logits[0, -2].float(), -1)[toks[-1]]
+        assert v == pytest.approx(float(full), abs=1e-4)

@@ -262,19 +262,25 @@ class Generator(ABC):
         """log p_theta(y | prefix) for continuations ``targets`` (N, T) of the cached prefixes ``rows`` of a
         prefill ``state`` whose next-token log-probs were ``first`` (rows, V): (N,). Only the targets' own
         tokens are computed; the prompts are read from the cache. ``memo`` carries what one call computed to
-        the next calls over the same ``state``: here every target is computed whole, and its steps' log-probs
-        enter ``memo`` (thorough decoding's bounds read them)."""
+        the next calls over the same ``state``: here a target with a step ``memo`` does not hold is computed
+        whole, and its steps' log-probs enter ``memo``; one whose every step it holds is read from it."""
         lp = first[rows].gather(1, targets[:, :1]).squeeze(1)  # (N,) first target token
-        if targets.shape[1] > 1:
-            targets, mask = targets.to(self.device), mask.to(self.device)
-            logits = self._extend(self.fork(state, rows), targets[:, :-1], mask[:, :-1])  # (N, T-1, V)
-            steps = logprobs.picked(logits, targets[:, 1:]) * mask[:, 1:]  # (N, T-1)
-            lp = lp + steps.sum(-1).cpu()
+        lengths = mask.sum(1).tolist()
+        ids = [targets[i, :n].tolist() for i, n in enumerate(lengths)]
+        todo = [i for i, n in enumerate(lengths) if n > 1 and _asked(int(rows[i]), ids[i], memo)]  # (N',)
+        for i in set(range(len(ids))) - set(todo):  # every step known (or none to take)
+            steps = [memo.logprobs[(int(rows[i]), tuple(ids[i][: t + 1]))] for t in range(1, lengths[i])]
+            lp[i] += torch.tensor(steps, dtype=lp.dtype).sum()
+        if todo:
+            sel = torch.tensor(todo)
+            t_, m_ = targets[sel].to(self.device), mask[sel].to(self.device)
+            logits = self._extend(self.fork(state, rows[sel]), t_[:, :-1], m_[:, :-1])  # (N', T-1, V)
+            steps = logprobs.picked(logits, t_[:, 1:]) * m_[:, 1:]  # (N', T-1)
+            lp[sel] += steps.sum(-1).cpu()
             if memo is not None:
-                for i, (row, n) in enumerate(zip(rows.tolist(), mask.sum(1).tolist(), strict=True)):
-                    y = targets[i, :n].tolist()
-                    memo.logprobs.update({(row, tuple(y[: t + 1])): v for t, v in enumerate(steps[i].tolist(), 1)
-                                          if t < n})
+                for j, i in enumerate(todo):
+                    memo.logprobs.update({(int(rows[i]), tuple(ids[i][: t + 1])): v
+                                          for t, v in enumerate(steps[j].tolist()[: lengths[i] - 1], 1)})
         return lp
 
     def pair_prompts(self, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]]) -> list[str]:

@@ -55,8 +55,11 @@ class Hypothesis:
 
 
 def beam_search(step: StepFn, groups: int, beams: int, stop_ids: Sequence[int], max_new_tokens: int,
-                length_penalty: float = 1.0, on_step: OnStep | None = None) -> list[list[Hypothesis]]:
-    """HF-compatible beam search over ``groups`` at once; the W finished hypotheses of each, best first."""
+                length_penalty: float = 1.0, on_step: OnStep | None = None,
+                record: dict[tuple[int, tuple[int, ...]], float] | None = None) -> list[list[Hypothesis]]:
+    """HF-compatible beam search over ``groups`` at once; the W finished hypotheses of each, best first. With
+    ``record``, every step's log-probability the search ranked after a running beam's tokens enters it, as
+    ``record[(group, tokens + (next,))]`` (thorough decoding's scoring reads them: :class:`ScoringMemo`)."""
     g_idx = torch.arange(groups)
     stop = torch.tensor(list(stop_ids))
     n_keep = max(2, 1 + len(stop_ids)) * beams
@@ -83,6 +86,12 @@ def beam_search(step: StepFn, groups: int, beams: int, stop_ids: Sequence[int], 
         else:
             beam_top, beam_token = torch.topk(logp, min(n_keep, logp.shape[-1]), -1)  # (G', W, per_beam)
         per_beam = beam_top.shape[-1]
+        if record is not None and t > 0:  # each running beam's ranked next tokens (at t = 0 they are the prompt's)
+            for i, g in enumerate(at.tolist()):
+                for w in torch.nonzero(run_scores[g] > NEG / 2).flatten().tolist():
+                    prefix = tuple(run_tokens[g, w].tolist())
+                    for v, tok in zip(beam_top[i, w].tolist(), beam_token[i, w].tolist(), strict=True):
+                        record[(g, (*prefix, tok))] = v
         acc = (beam_top + run_scores[at][:, :, None]).view(n, -1)  # (G', W*per_beam)
         cand_scores, cand = torch.topk(acc, n_keep)  # (G', n_keep), best first
         cand_parent, cand_token = cand // per_beam, beam_token.view(n, -1).gather(1, cand)
@@ -255,7 +264,8 @@ def _logsumexp(xs: Sequence[float]) -> float:
 
 
 def _score_missing_pairs(generator: Generator, cands: list[dict[tuple[int, ...], dict[int, float]]],
-                         doc_logprobs: torch.Tensor, state: DecodeState, first: torch.Tensor, n_best: int) -> None:
+                         doc_logprobs: torch.Tensor, state: DecodeState, first: torch.Tensor, n_best: int,
+                         memo: ScoringMemo | None = None) -> None:
     """Thorough decoding's extra passes, fill ``cands[q][y][z] = log p_theta(y|x_q,z)`` where needed.
 
     Branch and bound, exact: a candidate y of question x with passages M not yet scored has marginal
@@ -263,8 +273,9 @@ def _score_missing_pairs(generator: Generator, cands: list[dict[tuple[int, ...],
         log p(y|x) <= log( sum_{z not in M} p_eta(z|x) p_theta(y|x,z) + sum_{z in M} p_eta(z|x) p_theta(y_<=t|x,z) )
 
     for any prefix y_<=t of y, because each further token's probability is at most 1. The prefill holds
-    every first token's (``first``, (B*K, V)); where earlier passes computed the steps of candidates that
-    begin like y under z (the memo of :class:`ScoringMemo`), the bound takes y's longest prefix known.
+    every first token's (``first``, (B*K, V)); where z's beams ranked y's next steps during decoding, or
+    earlier passes computed them for candidates that begin like y (``memo``, :class:`ScoringMemo`), the
+    bound takes y's longest prefix known, and a candidate whose every step is known is not computed.
     Rounds score the candidates of highest bound first (1, 2, 4, ... per question, all questions in one
     batch); a candidate whose bound is below its question's ``n_best``-th best fully scored marginal cannot be
     among the answers and is never scored. The answers and their scores equal scoring every pair.
@@ -286,7 +297,7 @@ def _score_missing_pairs(generator: Generator, cands: list[dict[tuple[int, ...],
     def bound(q: int, y: tuple[int, ...], seen: dict[int, float]) -> float:
         return _logsumexp([doc[q][z] + (seen[z] if z in seen else prefix(q * k + z, y)) for z in range(k)])
 
-    memo = ScoringMemo()  # what a pass computed, later passes read (rounds score candidates that begin alike)
+    memo = memo or ScoringMemo()  # what a pass computed, later passes read (candidates that begin alike)
     itemsize = getattr(generator.model, "dtype", torch.float32).itemsize  # bytes per logit
     budget = SCORING_BYTES // (generator.vocab_size * itemsize)  # positions per pass
     per_round = 1
@@ -374,11 +385,13 @@ def rag_sequence_decode(generator: Generator, questions: Sequence[str],
     step = RowStepper(generator, generator.pair_prompts(questions, passages), groups, 1, beams, None,
                       keep_prefill=thorough)  # a beam is its row: steps rank their beams' best tokens
     stops = stop_ids(generator)
+    memo = ScoringMemo()  # the steps the beams ranked under each passage, which the scoring reads
     on_first = None if on_step is None else (lambda best: on_step(best[::k]))  # group q*k: passage 1 of q
     if beams <= 1:
         per_pair = [[h] for h in greedy(step, groups, stops, max_new_tokens, on_first)]
     else:
-        per_pair = beam_search(step, groups, beams, stops, max_new_tokens, length_penalty, on_first)
+        per_pair = beam_search(step, groups, beams, stops, max_new_tokens, length_penalty, on_first,
+                               record=memo.logprobs if thorough else None)
     # candidates per question: the union of its passages' hypotheses, with the scores the beams computed
     cands: list[dict[tuple[int, ...], dict[int, float]]] = [{} for _ in range(b)]
     for g, hyps in enumerate(per_pair):
@@ -388,7 +401,7 @@ def rag_sequence_decode(generator: Generator, questions: Sequence[str],
     if thorough:  # score the (y, z) pairs whose beam did not produce y, over z's cached prompt
         state, first = step.prefill
         with profile.stage(profile.SCORE):
-            _score_missing_pairs(generator, cands, doc_logprobs, state, first, n_best)
+            _score_missing_pairs(generator, cands, doc_logprobs, state, first, n_best, memo)
     out = []
     for q in range(b):
         ranked = []
