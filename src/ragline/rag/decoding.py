@@ -285,10 +285,11 @@ def _score_missing_pairs(generator: Generator, cands: list[dict[tuple[int, ...],
     one passage share their first tokens, and later rounds' candidates extend earlier ones'."""
     k = doc_logprobs.shape[1]
     doc = doc_logprobs.tolist()
+    memo = memo or ScoringMemo()
 
     def prefix(row: int, y: tuple[int, ...]) -> float:
-        """log p_theta(y_<=t | x, z) of y's longest prefix known: its first token's, then its steps that earlier
-        passes computed (other candidates beginning alike)."""
+        """log p_theta(y_<=t | x, z) of y's longest prefix known: its first token's, then its steps that the
+        beams ranked or earlier passes computed."""
         lp, t = float(first[row, y[0]]), 1
         while t < len(y) and (row, y[: t + 1]) in memo.logprobs:
             lp, t = lp + memo.logprobs[(row, y[: t + 1])], t + 1
@@ -297,7 +298,6 @@ def _score_missing_pairs(generator: Generator, cands: list[dict[tuple[int, ...],
     def bound(q: int, y: tuple[int, ...], seen: dict[int, float]) -> float:
         return _logsumexp([doc[q][z] + (seen[z] if z in seen else prefix(q * k + z, y)) for z in range(k)])
 
-    memo = memo or ScoringMemo()  # what a pass computed, later passes read (candidates that begin alike)
     itemsize = getattr(generator.model, "dtype", torch.float32).itemsize  # bytes per logit
     budget = SCORING_BYTES // (generator.vocab_size * itemsize)  # positions per pass
     per_round = 1
