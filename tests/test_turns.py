@@ -3,6 +3,7 @@ a batch that arrives while another decodes does not wait for the whole of it, an
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from conftest import serve_settings as _settings
@@ -14,7 +15,7 @@ from ragline.serve.turns import Turns
 
 
 def _wait_in_line(turns: Turns) -> None:
-    """Return once a thread waits for ``turns`` (at most 10 s)."""
+    """Return once a task waits for ``turns`` (at most 10 s)."""
     deadline = time.monotonic() + 10
     while turns.waiting < 1 and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -31,10 +32,10 @@ class StepClock:
 
 
 def _stepping(turns: Turns, clock: StepClock, log: list[str], inside: list[int], name: str, steps: int,
-              before: dict[int, threading.Event] | None = None) -> None:
-    """A batch: hold the turn, take ``steps`` steps of one clock unit each, giving way after each; wait for
-    ``before[i]`` (if given) before step i."""
-    with turns.hold():
+              before: dict[int, threading.Event] | None = None) -> Callable[[], str]:
+    """A batch's task: take ``steps`` steps of one clock unit each, giving way after each; wait for
+    ``before[i]`` (if given) before step i. Returns the thread it ran on."""
+    def work() -> str:
         for i in range(steps):
             if before and i in before:
                 before[i].wait(10)
@@ -44,19 +45,21 @@ def _stepping(turns: Turns, clock: StepClock, log: list[str], inside: list[int],
             clock.now += 1
             inside[0] -= 1
             turns.give_way()
+        return threading.current_thread().name
+    return work
 
 
-def test_batches_of_equal_service_alternate_step_by_step_and_never_overlap():
+def test_batches_of_equal_service_alternate_step_by_step_on_one_thread_and_never_overlap():
     clock, log, inside = StepClock(), [], [0]
     turns, b_in_line = Turns(clock), threading.Event()
-    a = threading.Thread(target=_stepping, args=(turns, clock, log, inside, "a", 3, {0: b_in_line}))
-    a.start()
-    b = threading.Thread(target=_stepping, args=(turns, clock, log, inside, "b", 3))
-    b.start()
+    a = turns.start(_stepping(turns, clock, log, inside, "a", 3, {0: b_in_line}))
+    deadline = time.monotonic() + 10
+    while turns.waiting and time.monotonic() < deadline:  # until a holds the turn (waiting before its first step)
+        time.sleep(0.001)
+    b = turns.start(_stepping(turns, clock, log, inside, "b", 3))
     _wait_in_line(turns)
     b_in_line.set()
-    a.join(10)
-    b.join(10)
+    assert a.result(10) == b.result(10) == "ragline-model"  # both on the model thread
     assert log == ["a0", "b0", "a1", "b1", "a2", "b2"] and turns.handovers >= 5
 
 
@@ -66,25 +69,88 @@ def test_a_new_batch_goes_before_one_that_has_held_the_turn_longer_until_waiting
     then L has waited long enough for one step, and M goes on. With FIFO turns they would alternate."""
     clock, log, inside = StepClock(), [], [0]
     turns, m_in_line = Turns(clock), threading.Event()
-    long = threading.Thread(target=_stepping, args=(turns, clock, log, inside, "L", 15, {9: m_in_line}))
-    long.start()
+    long = turns.start(_stepping(turns, clock, log, inside, "L", 15, {9: m_in_line}))
     while len(log) < 9:
         time.sleep(0.001)
-    new = threading.Thread(target=_stepping, args=(turns, clock, log, inside, "M", 20))
-    new.start()
+    new = turns.start(_stepping(turns, clock, log, inside, "M", 20))
     _wait_in_line(turns)
     m_in_line.set()
-    long.join(10)
-    new.join(10)
+    long.result(10)
+    new.result(10)
     assert log[:19] == [f"L{i}" for i in range(10)] + [f"M{i}" for i in range(7)] + ["L10", "M7"]
     assert sorted(log) == sorted([f"L{i}" for i in range(15)] + [f"M{i}" for i in range(20)])
 
 
-def test_give_way_alone_keeps_the_turn():
+def test_give_way_alone_keeps_the_turn_and_outside_a_task_does_nothing():
     turns = Turns()
-    with turns.hold():
+    turns.give_way()  # not on the model thread: nothing to give
+
+    def alone() -> int:
         turns.give_way()
-        assert turns.waiting == 0 and turns.handovers == 0
+        return turns.waiting
+    assert turns.call(alone) == 0 and turns.handovers == 0
+
+
+def test_tasks_keep_their_gradient_mode_and_errors_reach_their_callers():
+    """torch's gradient mode is per thread; tasks sharing the model thread each keep their own across turns.
+    A failing task fails its own caller only; a call made on the model thread runs at once."""
+    import torch
+
+    turns, go = Turns(), threading.Event()
+    seen: list[tuple[str, bool]] = []
+
+    def task(name: str, grad: bool) -> None:
+        with torch.set_grad_enabled(grad):
+            for _ in range(3):
+                go.wait(10)
+                seen.append((name, torch.is_grad_enabled()))
+                turns.give_way()
+
+    def fails() -> None:
+        raise ValueError("this task fails")
+
+    first = turns.start(lambda: task("off", False))
+    second = turns.start(lambda: task("on", True))
+    failing = turns.start(fails)
+    go.set()
+    first.result(10)
+    second.result(10)
+    with pytest.raises(ValueError, match="this task fails"):
+        failing.result(10)
+    assert all(grad == (name == "on") for name, grad in seen) and {n for n, _ in seen} == {"on", "off"}
+    assert turns.handovers >= 2  # they did interleave
+    assert turns.call(lambda: turns.call(lambda: threading.current_thread().name)) == "ragline-model"
+
+
+def test_the_servers_torch_work_runs_on_one_thread(small_index):
+    """Loading, answering and /search's question encoding all run on the model thread: while a second thread
+    that has called into OpenMP lives, every torch operation is slower (turns.py)."""
+    import torch
+
+    from ragline.rag.model import RagModel
+    from ragline.retriever import Retriever
+    from ragline.serve.app import create_app
+    from ragline.serve.worker import ModelWorker
+
+    threads: set[str] = set()
+    real = torch.nn.Module.__call__
+
+    def spy(self, *a, **kw):
+        threads.add(threading.current_thread().name)
+        return real(self, *a, **kw)
+
+    turns = Turns()
+    rag = turns.call(lambda: RagModel(Retriever(small_index), tiny_generator(), k=2))
+    worker = ModelWorker(rag, window=0.0, turns=turns)
+    from fastapi.testclient import TestClient
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.Module, "__call__", spy)
+        with TestClient(create_app(rag, worker=worker)) as client:
+            assert client.post("/search", json={"question": "Who wrote Candide?", "mode": "dense"}).status_code == 200
+            r = client.post("/ask", json={"question": "Who wrote Candide?", "max_new_tokens": 4})
+            assert r.status_code == 200, r.text
+    assert threads == {"ragline-model"}
 
 
 class SteppingRag:

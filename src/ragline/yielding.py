@@ -1,10 +1,10 @@
-"""Yield points: places in long model work where the thread doing it may let another run the model first.
+"""Yield points: places in long model work where the task doing it may let another run the model first.
 
-The server decodes a few batches at once, each in its own thread, taking turns on the model
+The server decodes a few batches at once, each a task of its one model thread, taking turns on the model
 (:mod:`ragline.serve.turns`). A batch's work gives way at :func:`point`: before each decoding step, between the
 prefill's packs and between thorough decoding's scoring passes, so no single turn lasts the whole prefill of a
-large batch. The serving worker sets the hook for its batch's thread (:func:`hooked`); everywhere else (the CLI,
-evaluation, training, other threads) no hook is set and :func:`point` returns at once.
+large batch. The serving worker sets the hook for its batch's task (:func:`hooked`); everywhere else (the CLI,
+evaluation, training, other tasks and threads) no hook is set and :func:`point` returns at once.
 """
 
 from __future__ import annotations

@@ -523,23 +523,31 @@ def _serving_options(f):
 
 
 def _serving_model(ctx: click.Context, o: dict):
-    """The RAG model ``serve`` and ``mcp`` answer with, and the worker that owns it, from their options."""
+    """The RAG model ``serve`` and ``mcp`` answer with, and the worker that owns it, from their options. The
+    model loads on the worker's model thread, which runs all of the server's torch work (serve/turns.py: one
+    thread calling into OpenMP, or every operation pays for waking its threads)."""
     from ragline.rag.model import RagModel
+    from ragline.serve.turns import Turns
     from ragline.serve.worker import ModelWorker
 
     s = _from_run(ctx, o["run_dir"], {"generator": o["generator"], "prior_scale": o["prior_scale"],
                                       "index_dir": o["index_dir"], "query_encoder": o["query_encoder"]})
-    loaded = _load_generator(s["generator"], o["device"], announce=True, precision=o["precision"])
-    if hasattr(loaded.generator, "kv_cache"):
-        from ragline.models.prefill import cache_of_mb
 
-        loaded.generator.kv_cache = cache_of_mb(o["kv_cache_mb"])
-    retriever = _open_retriever(s["index_dir"], s["query_encoder"], checkpoint_encoder=loaded.question_encoder,
-                                device=o["device"])
-    rag = RagModel(retriever, loaded.generator, k=loaded.n_docs or vocab.DEFAULT_K, prior_scale=s["prior_scale"])
+    def load() -> RagModel:
+        loaded = _load_generator(s["generator"], o["device"], announce=True, precision=o["precision"])
+        if hasattr(loaded.generator, "kv_cache"):
+            from ragline.models.prefill import cache_of_mb
+
+            loaded.generator.kv_cache = cache_of_mb(o["kv_cache_mb"])
+        retriever = _open_retriever(s["index_dir"], s["query_encoder"], checkpoint_encoder=loaded.question_encoder,
+                                    device=o["device"])
+        return RagModel(retriever, loaded.generator, k=loaded.n_docs or vocab.DEFAULT_K, prior_scale=s["prior_scale"])
+
+    turns = Turns()
+    rag = turns.call(load)
     budget = Budget(max_request_tokens=o["max_request_tokens"], max_batch_tokens=o["max_batch_tokens"],
                     max_queue=o["max_queue"], max_running=o["max_running"])
-    return rag, ModelWorker(rag, max_batch=o["max_batch"], budget=budget)
+    return rag, ModelWorker(rag, max_batch=o["max_batch"], budget=budget, turns=turns)
 
 
 def _warn_open(host: str, api_key: str | None) -> None:

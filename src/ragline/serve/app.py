@@ -257,7 +257,9 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
 
     @app.post("/search")
     def search(req: Question) -> dict:
-        hits = retriever().search([req.question], k=req.k or rag.k, mode=req.mode, filters=req.filter)[0]
+        # on the model thread, which encodes the question (turns.py: one thread runs the server's torch work)
+        hits = worker.turns.call(lambda: retriever().search([req.question], k=req.k or rag.k, mode=req.mode,
+                                                            filters=req.filter)[0])
         return {"question": req.question, "hits": [h.__dict__ for h in hits]}
 
     @app.get("/passages/{pid:path}", response_model=None)

@@ -94,8 +94,8 @@ def create_mcp(rag: RagModel, worker: ModelWorker | None = None) -> MCPServer:
         if rag.retriever is None:
             raise ToolError("this server has no index; start it with --index")
         try:
-            hits = await anyio.to_thread.run_sync(partial(rag.retriever.search, [question], k=k or rag.k, mode=mode,
-                                                             filters=filters))
+            hits = await anyio.to_thread.run_sync(worker.turns.call, partial(  # encoded on the model thread
+                rag.retriever.search, [question], k=k or rag.k, mode=mode, filters=filters))
         except RaglineError as e:
             raise ToolError(f"{e.problem}; {e.fix}") from None
         return Passages(question, hits[0])

@@ -236,7 +236,8 @@ def routes(rag: RagModel, worker: ModelWorker) -> APIRouter:
         if encoder is None:
             raise OpenAIError("this server's index has no question encoder (BM25 only)",
                               "serve an index with dense vectors", "model", status=400)
-        vectors = np.asarray(encoder.encode(texts), dtype="<f4")  # (N, dim)
+        vectors = np.asarray(worker.turns.call(lambda: encoder.encode(texts)), dtype="<f4")  # (N, dim); the
+        # encoder runs on the model thread, with the server's other torch work (turns.py)
         if req.dimensions is not None and req.dimensions != vectors.shape[1]:
             raise OpenAIError(f"the question encoder gives {vectors.shape[1]} dimensions, not {req.dimensions}",
                               "leave dimensions out", "dimensions")

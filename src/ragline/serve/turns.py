@@ -1,43 +1,66 @@
-"""Turns on the model: batches decoded at once run it one at a time, step by step, the least served first.
+"""Turns on the model: all of a server's model work runs on one thread, batches taking turns step by step, the
+least served first.
 
-The serving worker decodes up to a few batches at once, each in its own thread. A batch computes only while it
-holds the turn (:meth:`Turns.hold`). At each yield point of its work (:mod:`ragline.yielding`: before every
-decoding step, between prefill packs and between scoring passes) it calls :meth:`Turns.give_way`, which hands
-the turn on when a waiting batch comes before it. So model calls never run concurrently (two torch jobs on the
-same cores slow each other far more than 2x), and a batch that arrives while another decodes starts at the
-other's next step or pack instead of after its last.
+**One thread.** torch computes on OpenMP threads, and OpenMP keeps a pool of them for each thread that calls
+into it. While a second such thread lives (the one that loaded the model, a batch's own thread, a request
+thread that encoded a question), GNU OpenMP, finding more of its threads than cores, stops its idle threads
+spinning, and every parallel region then waits for a thread to wake: on this project's 2-core machine each
+torch operation took 10-40 us longer, and a RAG-Sequence answer 1.97 s against 1.41 s
+(``benchmarks/serving.py``, README "Answer latency"). So :class:`Turns` runs every task it is given on one
+thread of its own, the *model thread*: the server loads its model there (:meth:`Turns.call`), answers each
+batch there (:meth:`Turns.start`) and encodes the questions of ``/search`` and ``/v1/embeddings`` there.
 
-Who comes first: the batch of least
+**Turns.** Each task runs in a greenlet of the model thread, so tasks take turns without threads: at each
+yield point of its work (:mod:`ragline.yielding`: before every decoding step, between prefill packs and between
+scoring passes) a batch calls :meth:`Turns.give_way`, which switches to a waiting task that comes before it.
+Model calls never run concurrently (two torch jobs on the same cores slow each other far more than 2x), and a
+batch that arrives while another decodes starts at the other's next step or pack instead of after its last.
+
+Who comes first: the task of least
 
     priority = seconds it has held the turn - AGING x seconds it has waited since it last held it
 
-(ties: the one that came first). A batch that has just arrived has held the turn for no time, so it goes at
+(ties: the one that came first). A task that has just arrived has held the turn for no time, so it goes at
 the next yield point, and a short one (a greedy answer, a few steps) finishes before long ones (thorough beam
 search) get the turn back: the least-attained-service rule, which needs no estimate of a batch's length and
-favours short batches without knowing which they are. Waiting lowers a batch's priority value, so a long
+favours short batches without knowing which they are. Waiting lowers a task's priority value, so a long
 batch behind a stream of new ones still gets its turn: once it has waited 1 / AGING seconds for each second
 it has held the turn more than the newcomer. Batches of equal service alternate step by step.
+
+torch's gradient mode is per thread; a task's is kept across its turns. Tasks must not block on each other
+(they share one thread): a task waits for another's result only through :meth:`Turns.call`, which runs a call
+made on the model thread at once.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import greenlet
 
 AGING = 0.5  # how much a second of waiting counts against a second of holding the turn
 
+log = logging.getLogger("ragline.serve")
+
 
 @dataclass
-class _Ticket:
-    """A batch's place: its service so far and when it last started waiting or holding."""
+class _Task:
+    """A task's work, its result, its service so far and when it last started waiting or holding."""
 
     order: int           # arrival: ties go to the oldest
+    work: Callable[[], Any]
+    future: Future = field(default_factory=Future)
     served: float = 0.0  # seconds it has held the turn, up to ``since`` when it holds it now
     since: float = 0.0   # when it last started waiting (in line) or holding (held)
+    runner: greenlet.greenlet | None = None  # its greenlet, once it has started
+    grad: bool = False   # torch's gradient mode when it gave way
 
     def priority(self, now: float, waiting: bool) -> float:
         """The module docstring's priority at ``now``: service so far, less AGING x the wait (waiting), or
@@ -51,61 +74,106 @@ class _Ticket:
 
 
 class Turns:
-    """One turn on the model: whoever holds it runs the model; the others wait, the least served first."""
+    """The model thread and its turns: whoever holds the turn runs the model; the others wait, the least served
+    first (module docstring)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # guards the line and the thread
         self._clock = clock
-        self._line: list[_Ticket] = []  # the batches waiting
-        self._held: _Ticket | None = None
+        self._line: list[_Task] = []  # the tasks waiting: new ones, and those that gave way
         self._count = itertools.count()
-        self._mine = threading.local()  # the calling thread's ticket, inside hold()
-        self.handovers = 0  # times give_way passed the turn to a waiting batch
+        self._held: _Task | None = None  # the task running now (set and read on the model thread)
+        self._thread: threading.Thread | None = None
+        self._hub: greenlet.greenlet | None = None  # the model thread's own greenlet, which picks the next task
+        self.handovers = 0  # times give_way passed the turn to a waiting task
+        self.restarts = 0  # model threads started again after one had stopped
 
-    def _take(self, ticket: _Ticket) -> None:
-        with self._cond:
-            ticket.since = self._clock()
-            self._line.append(ticket)
-            self._cond.wait_for(lambda: self._held is None and min(self._line, key=_Ticket.rank) is ticket)
-            self._line.remove(ticket)
-            self._held, ticket.since = ticket, self._clock()
-
-    def _leave(self, ticket: _Ticket) -> None:
-        with self._cond:
-            ticket.served += self._clock() - ticket.since
-            self._held = None
-            self._cond.notify_all()
-
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        """Wait for the turn (waiting batches take it in order of priority: the module docstring), run the
-        block, hand the turn on."""
-        ticket = _Ticket(next(self._count))
-        self._mine.ticket = ticket
-        self._take(ticket)
-        try:
-            yield
-        finally:
-            self._leave(ticket)
-            self._mine.ticket = None
-
-    def give_way(self) -> None:
-        """Called by the holder at a yield point: if a waiting batch comes before it (lower priority value:
-        the module docstring), let that one run first."""
-        ticket: _Ticket | None = getattr(self._mine, "ticket", None)
-        with self._cond:
-            if not self._line or ticket is None:
-                return
-            now = self._clock()
-            best = min(self._line, key=_Ticket.rank)
-            if best.priority(now, waiting=True) >= ticket.priority(now, waiting=False):
-                return
-            self.handovers += 1
-        self._leave(ticket)
-        self._take(ticket)
+    @property
+    def alive(self) -> bool:
+        """Whether the model thread runs (or has not been needed yet)."""
+        return self._thread is None or self._thread.is_alive()
 
     @property
     def waiting(self) -> int:
-        """Threads waiting for the turn."""
+        """Tasks waiting for the turn."""
         with self._cond:
             return len(self._line)
+
+    def on_model_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def start(self, work: Callable[[], Any]) -> Future:
+        """Run ``work()`` on the model thread when it gets the turn (a new task goes at the running one's next
+        yield point); the future gets its result or its exception."""
+        with self._cond:
+            task = _Task(next(self._count), work, since=self._clock())
+            self._line.append(task)
+            if self._thread is None or not self._thread.is_alive():
+                if self._thread is not None:
+                    self.restarts += 1
+                    log.error("the model thread had stopped; starting a new one")
+                self._thread = threading.Thread(target=self._loop, name="ragline-model", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return task.future
+
+    def call(self, work: Callable[[], Any]) -> Any:
+        """``work()`` run on the model thread (at once when called there), its result returned or its exception
+        raised here."""
+        if self.on_model_thread():
+            return work()
+        return self.start(work).result()
+
+    def give_way(self) -> None:
+        """Called by the running task at a yield point: if a waiting task comes before it (lower priority value:
+        the module docstring), let that one run first; this returns when the turn comes back."""
+        task = self._held
+        if task is None or not self.on_model_thread() or greenlet.getcurrent() is not task.runner:
+            return
+        with self._cond:
+            if not self._line:
+                return
+            now = self._clock()
+            if min(self._line, key=_Task.rank).priority(now, waiting=True) >= task.priority(now, waiting=False):
+                return
+            self.handovers += 1
+            task.served += now - task.since
+            task.since = now
+            self._line.append(task)
+        import torch
+
+        task.grad = torch.is_grad_enabled()
+        self._hub.switch()  # back to _loop; it switches here again when this task's turn comes
+        torch.set_grad_enabled(task.grad)
+
+    def _loop(self) -> None:
+        """The model thread: give the turn to the first waiting task until it ends or gives way, then again."""
+        self._hub = greenlet.getcurrent()
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._line)
+                task = min(self._line, key=_Task.rank)
+                self._line.remove(task)
+                task.since = self._clock()
+            if task.runner is None and not task.future.set_running_or_notify_cancel():
+                continue  # cancelled before it started
+            self._held = task
+            try:
+                if task.runner is None:
+                    task.runner = greenlet.greenlet(lambda t=task: self._run(t), parent=self._hub)
+                task.runner.switch()
+            except BaseException:  # noqa: BLE001 - _run settles every error; this is a failure of the switch
+                log.exception("a task on the model thread failed outside its work")
+                if not task.future.done():
+                    task.future.set_exception(RuntimeError("the model thread failed to run this task"))
+            finally:
+                self._held = None
+
+    def _run(self, task: _Task) -> None:
+        """A task's greenlet: its work, then its result or error into its future."""
+        try:
+            task.future.set_result(task.work())
+        except BaseException as e:  # noqa: BLE001 - the caller gets it; the model thread goes on
+            task.future.set_exception(e)
+        finally:
+            task.served += self._clock() - task.since

@@ -2,28 +2,28 @@
 ``max_running`` batches of different settings are decoded at once, taking turns on the model step by step.
 
 Requests wait in a bounded line (a full line refuses new ones: :class:`Busy`, answered 503 with Retry-After).
-The worker thread starts a batch with the oldest waiting request whose settings (model, decoding, k, retrieval
+The worker's thread starts a batch with the oldest waiting request whose settings (model, decoding, k, retrieval
 mode, beams, max tokens, filters) no decoding batch has, while fewer than ``max_running`` batches decode: it
 takes every waiting request with those settings, and those arriving within ``window`` seconds, while the batch
-stays within ``max_batch`` questions and the :class:`Budget`'s generator tokens, and hands the batch to a thread
-of its own. That thread answers it with one ``RagModel.answer`` call (one retrieval, one decoding) while holding
-the turn on the model (:mod:`ragline.serve.turns`): model calls never run concurrently, and at every yield
-point of its work (:mod:`ragline.yielding`: before each decoding step, between prefill packs and scoring
-passes) the turn passes to a waiting batch that comes first: the least served, with waiting counted in
-(:mod:`ragline.serve.turns`), so a new or short batch goes before long ones; a batch that waited for its turn
-takes in the requests of its settings that arrived meanwhile. So a question never waits for the whole
-of a batch with other settings (a RAG-Token question behind eight RAG-Sequence ones), while questions with the
-settings of a decoding batch wait for it to end and are then decoded together (measured: a second batch of the
-same settings decoding alongside the first makes both smaller and the server slower; benchmarks/serving.py).
+stays within ``max_batch`` questions and the :class:`Budget`'s generator tokens, and hands the batch to the
+model thread (:mod:`ragline.serve.turns`), which runs all model work of the server. There the batch is answered
+with one ``RagModel.answer`` call (one retrieval, one decoding) when it gets the turn; at every yield point of
+its work (:mod:`ragline.yielding`: before each decoding step, between prefill packs and scoring passes) the
+turn passes to a waiting batch that comes first: the least served, with waiting counted in, so a new or short
+batch goes before long ones; a batch that waited for its turn takes in the requests of its settings that
+arrived meanwhile. So a question never waits for the whole of a batch with other settings (a RAG-Token
+question behind eight RAG-Sequence ones), while questions with the settings of a decoding batch wait for it to
+end and are then decoded together (measured: a second batch of the same settings decoding alongside the first
+makes both smaller and the server slower; benchmarks/serving.py).
 Streaming requests batch like the others: each gets its own passages as soon as they are retrieved, and its own
 best answer text after every decoding step.
 
 A request whose client has gone (:meth:`Job.abandon`) is dropped before it runs (until its batch gets the turn),
 and a batch all of whose clients have gone stops decoding at the next step; one that leaves a batch others
 still wait on is decoded to the end of the batch, its events dropped (``abandoned`` counts all three). The
-threads survive any exception: a failing batch fails its own requests only, and a worker thread that died
-anyway is started again by the next request; ``/health`` reports whether it is alive, the line's length, the
-questions decoding and the budget.
+threads survive any exception: a failing batch fails its own requests only, and a worker or model thread that
+died anyway is started again by the next request; ``/health`` reports whether they are alive, the line's length,
+the questions decoding and the budget.
 """
 
 from __future__ import annotations
@@ -65,10 +65,11 @@ class Job:
 
 
 class ModelWorker:
-    """Takes jobs from the line, batches them, and answers each batch in a thread of its own, the batches taking
+    """Takes jobs from the line, batches them, and answers each batch on the model thread, the batches taking
     turns on the model step by step (at most ``budget.max_running`` of them at once, each with other settings)."""
 
-    def __init__(self, rag: RagModel, max_batch: int = 8, window: float = 0.01, budget: Budget | None = None) -> None:
+    def __init__(self, rag: RagModel, max_batch: int = 8, window: float = 0.01, budget: Budget | None = None,
+                 turns: Turns | None = None) -> None:
         self.rag, self.max_batch, self.window = rag, max_batch, window
         self.budget = budget or Budget()
         self.batch_count = self.question_count = 0  # since the start
@@ -77,22 +78,24 @@ class ModelWorker:
         self._cond = threading.Condition()  # guards the line, the decoding batches' settings and the counts
         self._line: deque[Job] = deque()  # the requests waiting, oldest first
         self._decoding: list[Settings] = []  # the settings of the batches decoding now
-        self.turns = Turns()  # who runs the model now: one decoding batch at a time, step by step
+        self.turns = turns or Turns()  # the model thread: one decoding batch at a time, step by step
         self._thread: threading.Thread | None = None
         self._start()
 
     def _start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="ragline-model", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="ragline-batches", daemon=True)
         self._thread.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """Whether the thread that starts batches and the model thread run."""
+        return self._thread is not None and self._thread.is_alive() and self.turns.alive
 
     def status(self) -> dict[str, Any]:
         """What /health reports of the worker."""
         return {"alive": self.alive, "queued": len(self._line), "running": self.running,
-                "abandoned": self.abandoned, "failed_batches": self.failed_batches, "restarts": self.restarts,
+                "abandoned": self.abandoned, "failed_batches": self.failed_batches,
+                "restarts": self.restarts + self.turns.restarts,
                 "handovers": self.turns.handovers, "budget": asdict(self.budget), "max_batch": self.max_batch}
 
     def ask(self, question: str, settings: Settings, on_step: Callable[[str], None] | None = None,
@@ -112,9 +115,10 @@ class ModelWorker:
                on_passages: Callable[[list[Source]], None] | None = None) -> Job:
         """Queue a question; :class:`Busy` when the line is full."""
         with self._cond:
-            if not self.alive:  # the thread died despite its guard: a new one serves the line
+            if self._thread is None or not self._thread.is_alive():  # died despite its guard: a new one serves
+                # the line (a model thread that died is started again by the next batch: Turns.start)
                 self.restarts += 1
-                log.error("the model worker thread had stopped; starting a new one")
+                log.error("the worker's batching thread had stopped; starting a new one")
                 self._start()
             if len(self._line) >= self.budget.max_queue:
                 raise Busy(f"the server is busy: {self.budget.max_queue} requests are already waiting",
@@ -153,7 +157,7 @@ class ModelWorker:
         return next((j for j in self._line if j.settings not in self._decoding), None)
 
     def _start_one_batch(self) -> None:
-        """Wait for a request that may start a batch, gather the batch and start its thread."""
+        """Wait for a request that may start a batch, gather the batch and hand it to the model thread."""
         with self._cond:
             first = self._cond.wait_for(self._startable)  # the predicate's value: the request to start with
             self._line.remove(first)
@@ -166,7 +170,7 @@ class ModelWorker:
                     break
             self._decoding.append(first.settings)
         try:
-            threading.Thread(target=self._decode, args=(batch,), name="ragline-batch", daemon=True).start()
+            self.turns.start(lambda: self._decode(batch))
         except BaseException:
             self._done(first.settings)
             raise
@@ -188,18 +192,17 @@ class ModelWorker:
             self._cond.notify_all()
 
     def _decode(self, batch: list[Job]) -> None:
-        """A batch's thread: wait for the turn; then take in the requests of its settings that arrived meanwhile
-        (while another batch ran its step, nothing is lost by waiting for them), drop those whose clients left,
-        and answer the rest."""
+        """A batch's task on the model thread, run when it gets the turn: take in the requests of its settings
+        that arrived meanwhile (while another batch ran its step, nothing is lost by waiting for them), drop
+        those whose clients left, and answer the rest."""
         try:
-            with self.turns.hold():
-                with self._cond:
-                    self._join(batch)
-                claimed = [j for j in batch if self._claim(j)]
-                if claimed:
-                    self._run(claimed)
+            with self._cond:
+                self._join(batch)
+            claimed = [j for j in batch if self._claim(j)]
+            if claimed:
+                self._run(claimed)
         except BaseException:  # noqa: BLE001 - a failure outside the model call: logged, the worker goes on
-            log.exception("a batch's thread caught an error outside its model call")
+            log.exception("a batch's task caught an error outside its model call")
             with self._cond:
                 self.failed_batches += 1
             for j in batch:
