@@ -122,6 +122,25 @@ def test_tasks_keep_their_gradient_mode_and_errors_reach_their_callers():
     assert turns.call(lambda: turns.call(lambda: threading.current_thread().name)) == "ragline-model"
 
 
+def test_a_task_cancelled_before_its_turn_never_runs_and_a_dead_model_thread_is_started_again():
+    turns, hold, ran = Turns(), threading.Event(), []
+    busy = turns.start(lambda: hold.wait(10))
+    while turns.waiting:  # until the first task holds the turn
+        time.sleep(0.001)
+    later = turns.start(lambda: ran.append("later"))
+    assert later.cancel()  # its client left while it waited
+    hold.set()
+    busy.result(10)
+    assert turns.call(lambda: "after") == "after" and ran == []
+    fresh, dead = Turns(), threading.Thread(target=lambda: None)
+    dead.start()
+    dead.join()
+    fresh._thread = dead  # as if its model thread had died
+    assert not fresh.alive
+    assert fresh.call(lambda: threading.current_thread().name) == "ragline-model"
+    assert fresh.alive and fresh.restarts == 1
+
+
 def test_the_servers_torch_work_runs_on_one_thread(small_index):
     """Loading, answering and /search's question encoding all run on the model thread: while a second thread
     that has called into OpenMP lives, every torch operation is slower (turns.py)."""

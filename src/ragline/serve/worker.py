@@ -66,7 +66,10 @@ class Job:
 
 class ModelWorker:
     """Takes jobs from the line, batches them, and answers each batch on the model thread, the batches taking
-    turns on the model step by step (at most ``budget.max_running`` of them at once, each with other settings)."""
+    turns on the model step by step (at most ``budget.max_running`` of them at once, each with other settings).
+    For full speed, ``rag`` is loaded on that thread: ``turns = Turns(); rag = turns.call(load)``, then
+    ``ModelWorker(rag, turns=turns)`` (a model loaded on a thread that lives on, the main one, leaves a second
+    OpenMP pool that slows every torch operation: :mod:`ragline.serve.turns`)."""
 
     def __init__(self, rag: RagModel, max_batch: int = 8, window: float = 0.01, budget: Budget | None = None,
                  turns: Turns | None = None) -> None:
