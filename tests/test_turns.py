@@ -110,11 +110,13 @@ def test_tasks_keep_their_gradient_mode_and_errors_reach_their_callers():
         raise ValueError("this task fails")
 
     first = turns.start(lambda: task("off", False))
+    starts = turns.start(torch.is_grad_enabled)  # runs when "off" first gives way, inside its no_grad block
     second = turns.start(lambda: task("on", True))
     failing = turns.start(fails)
     go.set()
     first.result(10)
     second.result(10)
+    assert starts.result(10) is True
     with pytest.raises(ValueError, match="this task fails"):
         failing.result(10)
     assert all(grad == (name == "on") for name, grad in seen) and {n for n, _ in seen} == {"on", "off"}

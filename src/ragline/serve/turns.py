@@ -27,9 +27,9 @@ favours short batches without knowing which they are. Waiting lowers a task's pr
 batch behind a stream of new ones still gets its turn: once it has waited 1 / AGING seconds for each second
 it has held the turn more than the newcomer. Batches of equal service alternate step by step.
 
-torch's gradient mode is per thread; a task's is kept across its turns. Tasks must not block on each other
-(they share one thread): a task waits for another's result only through :meth:`Turns.call`, which runs a call
-made on the model thread at once.
+torch's gradient mode is per thread; a task's is kept across its turns, and each starts in the thread's own.
+Tasks must not block on each other (they share one thread): a task waits for another's result only through
+:meth:`Turns.call`, which runs a call made on the model thread at once.
 """
 
 from __future__ import annotations
@@ -147,8 +147,12 @@ class Turns:
         torch.set_grad_enabled(task.grad)
 
     def _loop(self) -> None:
-        """The model thread: give the turn to the first waiting task until it ends or gives way, then again."""
+        """The model thread: give the turn to the first waiting task until it ends or gives way, then again.
+        Every task starts, and every turn ends, in the thread's own gradient mode."""
+        import torch
+
         self._hub = greenlet.getcurrent()
+        base = torch.is_grad_enabled()
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._line)
@@ -168,6 +172,7 @@ class Turns:
                     task.future.set_exception(RuntimeError("the model thread failed to run this task"))
             finally:
                 self._held = None
+                torch.set_grad_enabled(base)  # what a task set (no_grad) does not leak into the next one's start
 
     def _run(self, task: _Task) -> None:
         """A task's greenlet: its work, then its result or error into its future."""
