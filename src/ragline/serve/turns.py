@@ -100,6 +100,7 @@ class Turns:
             return len(self._line)
 
     def on_model_thread(self) -> bool:
+        """Whether the caller runs on the model thread (inside a task)."""
         return self._thread is not None and threading.current_thread() is self._thread
 
     def start(self, work: Callable[[], Any]) -> Future:
