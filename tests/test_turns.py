@@ -21,6 +21,13 @@ def _wait_in_line(turns: Turns) -> None:
         time.sleep(0.001)
 
 
+def _wait_until_held(turns: Turns) -> None:
+    """Return once no task waits: the one started has the turn (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while turns.waiting and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 class StepClock:
     """A clock for Turns that moves one unit per model step the test takes, whatever the threads' timing."""
 
@@ -53,9 +60,7 @@ def test_batches_of_equal_service_alternate_step_by_step_on_one_thread_and_never
     clock, log, inside = StepClock(), [], [0]
     turns, b_in_line = Turns(clock), threading.Event()
     a = turns.start(_stepping(turns, clock, log, inside, "a", 3, {0: b_in_line}))
-    deadline = time.monotonic() + 10
-    while turns.waiting and time.monotonic() < deadline:  # until a holds the turn (waiting before its first step)
-        time.sleep(0.001)
+    _wait_until_held(turns)  # a holds the turn, waiting before its first step
     b = turns.start(_stepping(turns, clock, log, inside, "b", 3))
     _wait_in_line(turns)
     b_in_line.set()
@@ -127,8 +132,7 @@ def test_tasks_keep_their_gradient_mode_and_errors_reach_their_callers():
 def test_a_task_cancelled_before_its_turn_never_runs_and_a_dead_model_thread_is_started_again():
     turns, hold, ran = Turns(), threading.Event(), []
     busy = turns.start(lambda: hold.wait(10))
-    while turns.waiting:  # until the first task holds the turn
-        time.sleep(0.001)
+    _wait_until_held(turns)
     later = turns.start(lambda: ran.append("later"))
     assert later.cancel()  # its client left while it waited
     hold.set()

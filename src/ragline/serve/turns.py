@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import greenlet
+import torch
 
 AGING = 0.5  # how much a second of waiting counts against a second of holding the turn
 
@@ -129,7 +130,7 @@ class Turns:
         """Called by the running task at a yield point: if a waiting task comes before it (lower priority value:
         the module docstring), let that one run first; this returns when the turn comes back."""
         task = self._held
-        if task is None or not self.on_model_thread() or greenlet.getcurrent() is not task.runner:
+        if task is None or greenlet.getcurrent() is not task.runner:  # not inside the running task
             return
         with self._cond:
             if not self._line:
@@ -141,8 +142,6 @@ class Turns:
             task.served += now - task.since
             task.since = now
             self._line.append(task)
-        import torch
-
         task.grad = torch.is_grad_enabled()
         self._hub.switch()  # back to _loop; it switches here again when this task's turn comes
         torch.set_grad_enabled(task.grad)
@@ -150,8 +149,6 @@ class Turns:
     def _loop(self) -> None:
         """The model thread: give the turn to the first waiting task until it ends or gives way, then again.
         Every task starts, and every turn ends, in the thread's own gradient mode."""
-        import torch
-
         self._hub = greenlet.getcurrent()
         base = torch.is_grad_enabled()
         while True:
