@@ -65,7 +65,7 @@ def test_the_worker_survives_a_failing_batch_and_restarts_if_its_thread_died():
         worker.submit("boom", _settings()).future.result(10)
     assert worker.submit("fine", _settings()).future.result(10) == "answer to fine"
     assert worker.status()["failed_batches"] == 1
-    worker._thread = threading.Thread(target=lambda: None)  # a dead thread, as if something killed it
+    worker._thread.thread = threading.Thread(target=lambda: None)  # a dead thread, as if something killed it
     assert worker.submit("again", _settings()).future.result(10) == "answer to again"
     assert worker.alive and worker.status()["restarts"] == 1
 

@@ -141,7 +141,7 @@ def test_a_task_cancelled_before_its_turn_never_runs_and_a_dead_model_thread_is_
     fresh, dead = Turns(), threading.Thread(target=lambda: None)
     dead.start()
     dead.join()
-    fresh._thread = dead  # as if its model thread had died
+    fresh._thread.thread = dead  # as if its model thread had died
     assert not fresh.alive
     assert fresh.call(lambda: threading.current_thread().name) == "ragline-model"
     assert fresh.alive and fresh.restarts == 1

@@ -46,6 +46,8 @@ from typing import Any
 import greenlet
 import torch
 
+from ragline.serve.supervised import Supervised
+
 AGING = 0.5  # how much a second of waiting counts against a second of holding the turn
 
 log = logging.getLogger("ragline.serve")
@@ -84,15 +86,19 @@ class Turns:
         self._line: list[_Task] = []  # the tasks waiting: new ones, and those that gave way
         self._count = itertools.count()
         self._held: _Task | None = None  # the task running now (set and read on the model thread)
-        self._thread: threading.Thread | None = None
+        self._thread = Supervised(self._loop, "ragline-model")  # started by the first task
         self._hub: greenlet.greenlet | None = None  # the model thread's own greenlet, which picks the next task
         self.handovers = 0  # times give_way passed the turn to a waiting task
-        self.restarts = 0  # model threads started again after one had stopped
 
     @property
     def alive(self) -> bool:
         """Whether the model thread runs (or has not been needed yet)."""
-        return self._thread is None or self._thread.is_alive()
+        return not self._thread.started or self._thread.alive
+
+    @property
+    def restarts(self) -> int:
+        """Model threads started again after one had stopped."""
+        return self._thread.restarts
 
     @property
     def waiting(self) -> int:
@@ -102,7 +108,7 @@ class Turns:
 
     def on_model_thread(self) -> bool:
         """Whether the caller runs on the model thread (inside a task)."""
-        return self._thread is not None and threading.current_thread() is self._thread
+        return self._thread.is_current()
 
     def start(self, work: Callable[[], Any]) -> Future:
         """Run ``work()`` on the model thread when it gets the turn (a new task goes at the running one's next
@@ -110,12 +116,7 @@ class Turns:
         with self._cond:
             task = _Task(next(self._count), work, since=self._clock())
             self._line.append(task)
-            if self._thread is None or not self._thread.is_alive():
-                if self._thread is not None:
-                    self.restarts += 1
-                    log.error("the model thread had stopped; starting a new one")
-                self._thread = threading.Thread(target=self._loop, name="ragline-model", daemon=True)
-                self._thread.start()
+            self._thread.ensure()  # started by the first task, and again if it died
             self._cond.notify_all()
         return task.future
 

@@ -41,6 +41,7 @@ from ragline import yielding
 from ragline.errors import RaglineError
 from ragline.rag.model import DecodingStopped, RagModel, Source
 from ragline.serve.budget import Budget, Busy, Settings
+from ragline.serve.supervised import Supervised
 from ragline.serve.turns import Turns
 
 log = logging.getLogger("ragline.serve")
@@ -76,29 +77,25 @@ class ModelWorker:
         self.rag, self.max_batch, self.window = rag, max_batch, window
         self.budget = budget or Budget()
         self.batch_count = self.question_count = 0  # since the start
-        self.abandoned = self.failed_batches = self.restarts = 0
+        self.abandoned = self.failed_batches = 0
         self.running = 0  # questions in the batches being decoded now
         self._cond = threading.Condition()  # guards the line, the decoding batches' settings and the counts
         self._line: deque[Job] = deque()  # the requests waiting, oldest first
         self._decoding: list[Settings] = []  # the settings of the batches decoding now
         self.turns = turns or Turns()  # the model thread: one decoding batch at a time, step by step
-        self._thread: threading.Thread | None = None
-        self._start()
-
-    def _start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="ragline-batches", daemon=True)
-        self._thread.start()
+        self._thread = Supervised(self._loop, "ragline-batches")  # the thread that starts batches
+        self._thread.ensure()
 
     @property
     def alive(self) -> bool:
         """Whether the thread that starts batches and the model thread run."""
-        return self._thread is not None and self._thread.is_alive() and self.turns.alive
+        return self._thread.alive and self.turns.alive
 
     def status(self) -> dict[str, Any]:
         """What /health reports of the worker."""
         return {"alive": self.alive, "queued": len(self._line), "running": self.running,
                 "abandoned": self.abandoned, "failed_batches": self.failed_batches,
-                "restarts": self.restarts + self.turns.restarts,
+                "restarts": self._thread.restarts + self.turns.restarts,
                 "handovers": self.turns.handovers, "budget": asdict(self.budget), "max_batch": self.max_batch}
 
     def ask(self, question: str, settings: Settings, on_step: Callable[[str], None] | None = None,
@@ -118,11 +115,9 @@ class ModelWorker:
                on_passages: Callable[[list[Source]], None] | None = None) -> Job:
         """Queue a question; :class:`Busy` when the line is full."""
         with self._cond:
-            if self._thread is None or not self._thread.is_alive():  # died despite its guard: a new one serves
-                # the line (a model thread that died is started again by the next batch: Turns.start)
-                self.restarts += 1
-                log.error("the worker's batching thread had stopped; starting a new one")
-                self._start()
+            # a batching thread that died despite its guard is started again to serve the line (a model thread
+            # that died is started again by the next batch: Turns.start)
+            self._thread.ensure()
             if len(self._line) >= self.budget.max_queue:
                 raise Busy(f"the server is busy: {self.budget.max_queue} requests are already waiting",
                            f"retry in a few seconds (Retry-After: {Busy.retry_after})")
