@@ -117,10 +117,17 @@ class PackedPass(PaddedPass):
     def __init__(self, memo: ScoringMemo | None = None) -> None:
         super().__init__()
         self.memo, self.nodes = memo, set()
+        self._last: tuple[tuple[int, tuple[int, ...]], set[Node]] | None = None  # positions_with's, for add
 
     def _new(self, row: int, target: Sequence[int]) -> set[Node]:
-        prefixes = [target[:t] for t in _asked(row, target, self.memo)]
-        return continuation_nodes(row, prefixes, None if self.memo is None else self.memo.states) - self.nodes
+        """The nodes ``target`` of ``row`` would add to the pass (worked out once for positions_with, then
+        add: the planner asks both of each item)."""
+        key = (row, tuple(target))
+        if self._last is None or self._last[0] != key:
+            prefixes = [target[:t] for t in _asked(row, target, self.memo)]
+            states = None if self.memo is None else self.memo.states
+            self._last = key, continuation_nodes(row, prefixes, states) - self.nodes
+        return self._last[1]
 
     @property
     def positions(self) -> int:
@@ -131,6 +138,7 @@ class PackedPass(PaddedPass):
 
     def add(self, row: int, target: Sequence[int]) -> None:
         self.nodes |= self._new(row, target)
+        self._last = None  # the pass has grown: what the next target adds is worked out afresh
 
     @staticmethod
     def order(row: int, target: Sequence[int]) -> tuple:
