@@ -25,6 +25,7 @@ class Supervised:
 
     @property
     def started(self) -> bool:
+        """Whether a thread was ever started (a model thread starts with the first task)."""
         return self.thread is not None
 
     @property
