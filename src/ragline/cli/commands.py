@@ -18,6 +18,8 @@ from ragline.cli import render
 from ragline.corpus.readers import FORMATS as CORPUS_FORMATS
 from ragline.errors import RaglineError
 from ragline.serve.budget import Budget
+from ragline.train.synth import FILTERS as SYNTH_FILTERS
+from ragline.train.synth import SynthConfig
 from ragline.vocab import INDEX_TYPES
 
 DEMO_QUESTION = "Who directed the film 2001: A Space Odyssey?"
@@ -708,6 +710,52 @@ def train_retriever(train_spec, index_dir, train_passage_encoder, new_index, har
     result = RetrieverTrainer(cfg, Path(out), log=render.log, skip_bad=skip_bad).run_training()
     render.console.print(f"trained {result['steps']} steps (last loss {result['last_loss']:.4f}); encoders in "
                   f"{result['final']}; search with `ragline search --query-encoder {result['final']}/question_encoder`")
+
+
+@cli.command()
+@_index_option
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="The training file to write (JSONL); rerun the same command to continue it.")
+@click.option("--questions", default=1000, show_default=True, type=click.IntRange(1), help="Questions wanted.")
+@click.option("--generator", default=vocab.DEFAULT_GENERATOR, show_default=True, help=GENERATOR_HELP)
+@click.option("--seed", default=0, show_default=True, type=int, help="Which passages are sampled, in which order.")
+@click.option("--filter", "filters", multiple=True, type=click.Choice(SYNTH_FILTERS),
+              help="Keep a pair only if it passes this check (repeatable; default: all of them).")
+@click.option("--roundtrip-k", default=SynthConfig.roundtrip_k, show_default=True, type=click.IntRange(1),
+              help="The round trip keeps a question whose own search finds its passage in this top k.")
+@click.option("--mode", type=click.Choice(vocab.MODES), default=None,
+              help="The round trip's retrieval (default: dense, or the index's only mode).")
+@click.option("--max-answer-words", default=SynthConfig.max_answer_words, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 256),
+              help="Passages whose questions are generated together.")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON at the end.")
+@_device_option
+@_precision_option
+def synth(index_dir, out, questions, generator, seed, filters, roundtrip_k, mode, max_answer_words, batch_size,
+          as_json, device, precision) -> None:
+    """Synthesise training questions with short answers from an index's passages (for `train rag` and
+    `train retriever`), keeping only pairs that pass the filters."""
+    from ragline.train.synth import Synthesiser, model_functions
+
+    loaded = _load_generator(generator, device, announce=True, precision=precision)
+    retriever = _open_retriever(index_dir, None, checkpoint_encoder=loaded.question_encoder, device=device)
+    index = retriever.index
+    mode = mode or (vocab.DEFAULT_MODE if vocab.DEFAULT_MODE in index.modes else index.modes[0])
+    if mode not in index.modes:
+        raise RaglineError(f"index {index.name} cannot search {mode}", f"use --mode {' or '.join(index.modes)}")
+    cfg = SynthConfig(generator=generator, seed=seed, filters=tuple(dict.fromkeys(filters)) or SYNTH_FILTERS,
+                      roundtrip_k=roundtrip_k, mode=mode, max_answer_words=max_answer_words, precision=precision)
+    generate, search, answer = model_functions(loaded.generator, retriever, mode, cfg.max_new_tokens)
+    runner = Synthesiser(cfg, Path(out), index.store, index.fingerprint, generate, search, answer,
+                         alive=getattr(index, "alive", None), batch_size=batch_size)
+    stats = runner.run(questions, log=render.log)
+    if as_json:
+        print(json.dumps({"out": str(out), **stats.to_dict()}, indent=2))
+        return
+    dropped = ", ".join(f"{k} {v}" for k, v in stats.dropped.items() if v) or "none"
+    render.console.print(f"{stats.questions} questions in {out} from {stats.passages_tried} passages tried "
+                         f"(dropped: {dropped}); train with `ragline train retriever --train {out}` or "
+                         f"`ragline train rag --train {out}`", markup=False)
 
 
 @train.command("fanoutqa-dev")
