@@ -3,6 +3,14 @@
 How it measures and what it prints: docs/benchmarks.md (training.py).
 
     python3 benchmarks/training.py [--index DIR] [--steps 60] [--qwen-steps 20] [--phases rag-smollm2,...]
+    python3 benchmarks/training.py --speed [--speed-steps 3] [--speed-configs padded-fp32,packed-fp32,packed-bf16]
+
+``--speed``: seconds per optimiser step of Qwen2.5-0.5B through LoRA, RAG-Sequence, k=5, batch 8, for each
+configuration (prefill padded or packed; fp32, or bf16 autocast with fp32 master weights), each in its own
+process, beside the step's FLOP floor: prompt and answer tokens x 4 x the generator's non-embedding
+parameters (LoRA: the frozen weights' forward pass and the backward pass to their inputs; the adapters and
+the question encoder are small beside them), at the matrix-multiply rate measured in the same process and
+precision; and the process's peak resident memory.
 """
 
 from __future__ import annotations
@@ -91,6 +99,70 @@ def retriever_phase(args: argparse.Namespace, data: Path, out: Path) -> dict:
             "seconds_per_step": seconds, "before": before, "after": after}
 
 
+def matmul_rate(precision: str) -> float:
+    """GFLOP/s of a (2048 x 896) @ (896 x 4864) linear layer with gradient to its input, as training runs it."""
+    import torch
+
+    x = torch.randn(2048, 896, requires_grad=True)
+    w = torch.randn(4864, 896)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
+    for _ in range(3):
+        with ctx:
+            torch.nn.functional.linear(x, w).sum().backward()
+    t0 = time.perf_counter()
+    n = 10
+    for _ in range(n):
+        with ctx:
+            y = torch.nn.functional.linear(x, w)
+        y.sum().backward()
+    return 4 * 2048 * 896 * 4864 * n / (time.perf_counter() - t0) / 1e9  # forward + gradient to the input
+
+
+def speed_phase(args: argparse.Namespace, data: Path, out: Path, config: str) -> dict:
+    """One --speed configuration: 'padded-fp32', 'packed-fp32', 'packed-bf16' or 'padded-bf16'."""
+    from ragline.train.rag import RagTrainConfig, RagTrainer
+
+    prefill, precision = config.split("-")
+    cfg = RagTrainConfig(train=str(data), index=str(args.index), generator="qwen2.5-0.5b", model="rag-sequence",
+                         k=5, generator_training="lora", lr=2e-4, batch_size=8, steps=args.speed_steps, warmup=1,
+                         val_fraction=0.0, eval_every=10_000, save_every=10_000, precision=precision, seed=0)
+    trainer = RagTrainer(cfg, out, progress=False, log=lambda m: print(m, file=sys.stderr))
+    trainer.gen.packed = prefill == "packed"
+    trainer.export = lambda: out  # merging and writing the model is not a training step
+    tokens = []  # prompt + answer tokens of each step's (question, passage) rows
+    from ragline.train.loop import batch_indices
+
+    for step in range(cfg.steps):
+        batch = [trainer.train_set[i] for i in batch_indices(step, 0, cfg.batch_size, 1, cfg.seed,
+                                                              len(trainer.train_set))]
+        passages, _, _ = trainer.rag.retrieve([e.question for e in batch], cfg.k)
+        prompts = trainer.gen.pair_prompts([e.question for e in batch], passages)
+        answers = trainer.gen.target_ids([e.answer for e in batch for _ in range(cfg.k)])
+        tokens.append(sum(len(p) for p in trainer.gen.prompt_ids(prompts)) + sum(len(a) for a in answers))
+    trainer.run_training()
+    rates = [r["value"] for r in trainer.run.read_metrics() if r["split"] == "train" and r["name"] == "steps_per_s"]
+    seconds = [1 / r for r in rates]
+    params = sum(p.numel() for n, p in trainer.gen.model.named_parameters() if "embed" not in n and "lora_" not in n)
+    rate = matmul_rate(precision)
+    floor = [t * 4 * params / (rate * 1e9) for t in tokens]
+    return {"config": config, "steps": cfg.steps, "seconds_per_step": seconds, "tokens_per_step": tokens,
+            "params": params, "gflops": rate, "floor_seconds": floor}
+
+
+def speed_table(args: argparse.Namespace, work: Path) -> None:
+    print("| configuration | s/step (each step) | tokens/step | floor s/step | x floor | matmul GFLOP/s | peak MB |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for config in args.speed_configs.split(","):
+        cmd = [sys.executable, __file__, "--phase", f"speed:{config}", "--work", str(work), "--index", str(args.index),
+               "--speed-steps", str(args.speed_steps)]
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        mean = sum(r["seconds_per_step"]) / len(r["seconds_per_step"])
+        floor = sum(r["floor_seconds"]) / len(r["floor_seconds"])
+        each = ", ".join(f"{x:.1f}" for x in r["seconds_per_step"])
+        print(f"| {config} | {mean:.1f} ({each}) | {sum(r['tokens_per_step']) / len(r['tokens_per_step']):.0f} | "
+              f"{floor:.1f} | {mean / floor:.1f} | {r['gflops']:.0f} | {r['peak_rss_mb']:.0f} |", flush=True)
+
+
 def main() -> None:
     from ragline import paths
 
@@ -102,14 +174,19 @@ def main() -> None:
     ap.add_argument("--retriever-steps", type=int, default=100)
     ap.add_argument("-k", "--k", type=int, default=3)
     ap.add_argument("--val-limit", type=int, default=40)
+    ap.add_argument("--speed", action="store_true", help="Time training steps instead (module docstring).")
+    ap.add_argument("--speed-steps", type=int, default=3)
+    ap.add_argument("--speed-configs", default="padded-fp32,packed-fp32,packed-bf16")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.phase:
         data = args.work / "fanoutqa-dev-in-corpus.jsonl"
-        out = args.work / args.phase
-        if args.phase == "rag-smollm2":
+        out = args.work / args.phase.replace(":", "-")
+        if args.phase.startswith("speed:"):
+            result = speed_phase(args, data, out, args.phase.split(":", 1)[1])
+        elif args.phase == "rag-smollm2":
             result = rag_phase(args, data, out, "smollm2", "full", args.steps)
         elif args.phase == "rag-qwen-lora":
             result = rag_phase(args, data, out, "qwen2.5-0.5b", "lora", args.qwen_steps)
@@ -122,6 +199,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ragline-training-") as tmp:
         work = Path(tmp)
         in_corpus_examples(args.index, work)
+        if args.speed:
+            speed_table(args, work)
+            return
         print("| phase | train / validation examples | steps | s/step | peak MB | before | after |")
         print("|---|---|---|---|---|---|---|", flush=True)
         for phase in args.phases.split(","):

@@ -104,6 +104,7 @@ HOSTILE_TITLE = 'Evil" onmouseover="window.__xss=1" x="'
 HOSTILE_TEXT = ('Rome is "the eternal city" <img src=x onerror="window.__xss=2"> and '
                 '</span><script>window.__xss=3</script> x" onmouseover="window.__xss=4" & more words about Rome.')
 HOSTILE_INDEX = '<img src=x onerror="window.__xss=5">'
+SEPARATOR_TITLE = "Rome\u2028line\u2029paragraph"  # JavaScript's regex '.' stops at U+2028 / U+2029
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,8 @@ def hostile_site(tmp_path_factory, encoders, smollm2):
     from ragline.serve.app import create_app
 
     root = tmp_path_factory.mktemp("hostile")
-    docs = [{"id": f"d{i}", "title": HOSTILE_TITLE if i == 0 else f"Rome {i}", "text": HOSTILE_TEXT} for i in range(4)]
+    titles = [HOSTILE_TITLE, SEPARATOR_TITLE, "Rome 2", "Rome 3"]
+    docs = [{"id": f"d{i}", "title": titles[i], "text": HOSTILE_TEXT} for i in range(4)]
     src = write_jsonl(root / "corpus.jsonl", docs)
     build_index(BuildOptions(source=str(src), out=root / "evil", progress=False), encoders=encoders,
                 log=lambda m: None)
@@ -146,6 +148,7 @@ def test_passages_titles_and_index_names_are_shown_as_text_never_run(browser, ho
     assert texts and all(t == HOSTILE_TEXT for t in texts)  # shown verbatim, quotes and brackets as characters
     titles = page.eval_on_selector_all("#passages .title", "es => es.map(e => e.textContent)")
     assert any(HOSTILE_TITLE in t for t in titles)
+    assert any(SEPARATOR_TITLE in t for t in titles)  # the streamed events holding it were read whole
     tips = [t.get_attribute("title") for t in page.query_selector_all("#answer .tok")]
     assert all("<img" in t for t in tips if "Rome" in t or "Evil" in t)  # whole, not cut at the first quote
     legend = page.eval_on_selector_all("#legend li", "es => es.map(e => e.textContent)")

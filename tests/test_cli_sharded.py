@@ -82,7 +82,7 @@ def test_serve(sharded, tiny_folder, monkeypatch):
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app))
     run_cli("serve", "--index", sharded[0], "--generator", tiny_folder)
-    client = TestClient(served["app"])
+    client = TestClient(served["app"], base_url="http://localhost")  # a host the server answers
     health = client.get("/health").json()
     assert health["index"]["name"] == sharded[0].name and health["index"]["modes"] == ["dense", "bm25", "hybrid"]
     r = client.post("/ask", json={"question": QUESTION, "k": 2, "model": "rag-token", "decoding": "greedy",

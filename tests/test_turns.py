@@ -171,7 +171,7 @@ def test_the_servers_torch_work_runs_on_one_thread(small_index):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.nn.Module, "__call__", spy)
-        with TestClient(create_app(rag, worker=worker)) as client:
+        with TestClient(create_app(rag, worker=worker), base_url="http://localhost") as client:
             assert client.post("/search", json={"question": "Who wrote Candide?", "mode": "dense"}).status_code == 200
             r = client.post("/ask", json={"question": "Who wrote Candide?", "max_new_tokens": 4})
             assert r.status_code == 200, r.text

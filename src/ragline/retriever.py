@@ -216,9 +216,11 @@ class Retriever:
 def open_retriever(index: Index | str | Path, query_encoder: str | None = None,
                    checkpoint_encoder: Encoder | None = None, *, allow_encoder_mismatch: bool = False,
                    bm25_weight: float = vocab.BM25_WEIGHT, rrf_c: float = vocab.RRF_C,
-                   log: Callable[[str], None] = print, device: str | None = None) -> Retriever:
+                   log: Callable[[str], None] = print, device: str | None = None, follow: bool = True) -> Retriever:
     """A retriever over ``index`` with the question encoder every command picks: ``query_encoder`` (a folder or
-    bundled name) if given, else a RAG checkpoint's own (``checkpoint_encoder``), else the index's.
+    bundled name) if given, else a RAG checkpoint's own (``checkpoint_encoder``), else the index's. ``follow``
+    takes up new generations of the index as they are written (a server); a run that records which index it
+    read (eval, training, synth) stays on the generation it opened.
 
     RAG fine-tunes its question encoder against a frozen passage encoder, so a checkpoint's question encoder
     is not the one the index was built with and carries no pairing; it is accepted when its output size fits,
@@ -234,7 +236,8 @@ def open_retriever(index: Index | str | Path, query_encoder: str | None = None,
             allow = True
             log(f"searching index {index.name} with the RAG checkpoint's own question encoder (fine-tuned against "
                 "a frozen passage encoder, so ragline cannot check the pairing); pass --query-encoder to use another")
-    return Retriever(index, enc, allow_encoder_mismatch=allow, bm25_weight=bm25_weight, rrf_c=rrf_c, device=device)
+    return Retriever(index, enc, allow_encoder_mismatch=allow, bm25_weight=bm25_weight, rrf_c=rrf_c, device=device,
+                     follow=follow)
 
 
 def _load_question_encoder(index: Index, device: str | None = None) -> Encoder:

@@ -569,8 +569,11 @@ def _warn_open(host: str, api_key: str | None) -> None:
 @_serving_options
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests whose Host header names NAME (repeatable; '*': any). Others than "
+                   "localhost, 127.0.0.1, [::1] and --host are refused with 421 (DNS rebinding).")
 @click.pass_context
-def serve(ctx, host, port, **o) -> None:
+def serve(ctx, host, port, allowed_hosts, **o) -> None:
     """Serve the HTTP API (POST /ask, /ask/stream, /search; GET /passages/ID, /indexes, /health), the
     OpenAI-compatible routes (/v1/chat/completions, /v1/models, /v1/embeddings), MCP at /mcp and the page."""
     import uvicorn
@@ -581,7 +584,7 @@ def serve(ctx, host, port, **o) -> None:
     rag, worker = _serving_model(ctx, o)
     render.log(f"serving index {rag.retriever.index.name} on http://{host}:{port} (API schema at /docs; "
                f"OpenAI-compatible at http://{host}:{port}/v1; MCP at http://{host}:{port}/mcp)")
-    app = create_app(rag, worker=worker, api_key=o["api_key"], host=host)
+    app = create_app(rag, worker=worker, api_key=o["api_key"], host=host, allowed_hosts=allowed_hosts)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
@@ -739,6 +742,7 @@ def synth(index_dir, out, questions, generator, seed, filters, roundtrip_k, mode
 
     loaded = _load_generator(generator, device, announce=True, precision=precision)
     retriever = _open_retriever(index_dir, None, checkpoint_encoder=loaded.question_encoder, device=device)
+    retriever.follow = False  # the file records the generation it was synthesised from
     index = retriever.index
     mode = mode or (vocab.DEFAULT_MODE if vocab.DEFAULT_MODE in index.modes else index.modes[0])
     if mode not in index.modes:

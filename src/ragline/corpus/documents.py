@@ -24,6 +24,8 @@ class DocumentError(RaglineError):
     """A file that is not a readable document of its kind."""
 
 
+MAX_DOCX_XML_BYTES = 64 * 2**20  # a DOCX file's XML, unzipped
+MAX_DOCX_BLOCKS = 200_000        # paragraphs and tables of one DOCX body
 DECRYPT = "decrypt it first (e.g. `qpdf --decrypt --password=... in.pdf out.pdf`) or remove it"
 
 
@@ -150,33 +152,52 @@ def _pdf_text(text: str) -> str:
 
 
 def _read_docx(path: Path) -> tuple[str | None, list[Section]]:
+    """A DOCX file's sections under its headings. Bounded: a file whose XML parts unzip to more than
+    MAX_DOCX_XML_BYTES, or whose body holds more than MAX_DOCX_BLOCKS paragraphs and tables, is refused (a
+    52 KB file can hold millions of empty paragraphs); malformed XML is a DocumentError like any bad file."""
     import zipfile
 
     import docx
     from docx.opc.exceptions import PackageNotFoundError
     from docx.table import Table
+    from lxml.etree import LxmlError
 
+    bad = (PackageNotFoundError, zipfile.BadZipFile, KeyError, ValueError, LxmlError, OSError)
     try:
-        d = docx.Document(str(path))
-    except (PackageNotFoundError, zipfile.BadZipFile, KeyError, ValueError) as e:
+        with zipfile.ZipFile(path) as z:
+            unzipped = sum(i.file_size for i in z.infolist() if i.filename.endswith((".xml", ".rels")))
+    except (zipfile.BadZipFile, OSError) as e:
         raise DocumentError(f"{path}: not a readable DOCX file ({type(e).__name__}: {e})",
                             "save it again as .docx from a word processor, or remove it") from None
-    title = d.core_properties.title or None
-    sections: list[tuple[str | None, list[str]]] = [(None, [])]
-    for block in d.iter_inner_content():
-        if isinstance(block, Table):
-            rows = [" | ".join(c.text.strip() for c in row.cells) for row in block.rows]
-            sections[-1][1].append("\n".join(r for r in rows if r.strip(" |")))
-            continue
-        text, style = block.text.strip(), (block.style.name if block.style is not None else "") or ""
-        if not text:
-            continue
-        if style == "Title":
-            title = title or text
-        elif style.startswith("Heading"):
-            sections.append((text, []))
-        else:
-            sections[-1][1].append(text)
+    if unzipped > MAX_DOCX_XML_BYTES:
+        raise DocumentError(f"{path}: its XML unzips to {unzipped} bytes, over ragline's {MAX_DOCX_XML_BYTES}",
+                            "split the document, or convert it to text first")
+    try:
+        d = docx.Document(str(path))
+        title = d.core_properties.title or None
+        names = {s.style_id: s.name for s in d.styles}  # a paragraph's style looked up once per style, not each time
+        sections: list[tuple[str | None, list[str]]] = [(None, [])]
+        for n, block in enumerate(d.iter_inner_content(), 1):
+            if n > MAX_DOCX_BLOCKS:
+                raise DocumentError(f"{path}: more than {MAX_DOCX_BLOCKS} paragraphs and tables",
+                                    "split the document, or convert it to text first")
+            if isinstance(block, Table):
+                rows = [" | ".join(c.text.strip() for c in row.cells) for row in block.rows]
+                sections[-1][1].append("\n".join(r for r in rows if r.strip(" |")))
+                continue
+            text = block.text.strip()
+            if not text:
+                continue
+            style = names.get(block._p.style) or ""  # pStyle's id; none: the default (Normal)
+            if style == "Title":
+                title = title or text
+            elif style.startswith("Heading"):
+                sections.append((text, []))
+            else:
+                sections[-1][1].append(text)
+    except bad as e:
+        raise DocumentError(f"{path}: not a readable DOCX file ({type(e).__name__}: {str(e)[:200]})",
+                            "save it again as .docx from a word processor, or remove it") from None
     return title, [Section("\n".join(body), {SECTION: name} if name else {}) for name, body in sections if body]
 
 

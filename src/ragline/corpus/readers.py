@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,6 +48,14 @@ class ReadStats:
     documents: int = 0
     skipped: int = 0
     problems: list[str] = field(default_factory=list)  # first few skipped-record messages
+    links_skipped: list[str] = field(default_factory=list)  # links in a folder that lead out of it (not read)
+
+
+def links_notice(stats: ReadStats) -> str:
+    """What a build or update says of the links it did not follow."""
+    shown = ", ".join(stats.links_skipped[:10]) + (" ..." if len(stats.links_skipped) > 10 else "")
+    return (f"skipped {len(stats.links_skipped)} links that lead out of the folder (not indexed): {shown}; copy "
+            "what they point to into the folder to index it")
 
 
 def bundled_wiki_path() -> Path:
@@ -80,7 +89,7 @@ def detect_format(source: str | Path) -> str:
         if f.readline().rstrip("\r\n").split("\t") == DPR_TSV_HEADER:  # psgs_w100.tsv, whatever its name
             return "dpr-tsv"
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:  # the reader reports a bad byte with its line
             for line in f:
                 if line.strip():
                     try:
@@ -175,7 +184,12 @@ def _json_lines(path: Path, skip_bad: bool, stats: ReadStats, span: Span = Span(
             if span.end is not None and pos >= span.end:
                 return
             pos += len(raw)
-            line = raw.decode("utf-8")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                _bad(stats, skip_bad, f"{path}:{n}: not valid UTF-8 (byte {e.start + 1} of the line)",
+                     "save the file as UTF-8, or fix or remove that line")
+                continue
             if not line.strip():
                 _bad(stats, skip_bad, f"{path}:{n}: empty line", "remove empty lines")
                 continue
@@ -277,13 +291,36 @@ def _read_dpr_tsv(path: str | Path, skip_bad: bool, stats: ReadStats) -> Iterato
             yield Document(pid, title, text, passage=True)
 
 
+def _folder_files(root: Path, stats: ReadStats) -> list[Path]:
+    """The document files under ``root`` (recursively, sorted, no hidden files). A link (to a file or a
+    folder) that leads out of ``root`` is not followed: it is listed in ``stats.links_skipped``, since what the
+    folder's writer points at (``notes.txt -> ../secret.txt``) is not theirs to index and serve. Links to
+    folders are not entered (what they lead to inside the folder is read where it is)."""
+    base = root.resolve()
+    files: list[Path] = []
+    for folder, dirs, names in os.walk(root):  # does not enter linked folders
+        for d in dirs:
+            link = Path(folder) / d
+            if link.is_symlink() and not link.resolve().is_relative_to(base):
+                stats.links_skipped.append(link.relative_to(root).as_posix())
+        for name in names:
+            f = Path(folder) / name
+            if f.suffix.lower() not in SUFFIXES or name.startswith("."):
+                continue
+            if f.is_symlink() and not f.resolve().is_relative_to(base):
+                stats.links_skipped.append(f.relative_to(root).as_posix())
+            elif f.is_file():
+                files.append(f)
+    return sorted(files)
+
+
 def _read_files(path: str | Path, skip_bad: bool, stats: ReadStats) -> Iterator[Document]:
     """A document file or a folder of them (recursively, sorted; :mod:`ragline.corpus.documents` reads each
     kind): the id and ``source`` are the path relative to the folder, the title the document's own (PDF or
-    DOCX properties, the page's title, the first level-1 heading) or else the file name."""
+    DOCX properties, the page's title, the first level-1 heading) or else the file name. Links out of the
+    folder are skipped and listed (:func:`_folder_files`)."""
     root = Path(path)
-    files = [root] if root.is_file() else sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
+    files = [root] if root.is_file() else _folder_files(root, stats)
     if not files:
         raise RaglineError(f"folder {root} holds no document ({', '.join(SUFFIXES)})",
                            "point --source at a folder of documents")

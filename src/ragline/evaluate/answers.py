@@ -163,7 +163,9 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
         loaded = load_generator(cfg.generator, device=cfg.device, precision=cfg.precision, log=log)
         retriever = None
         if cfg.model != vocab.CLOSED_BOOK:
-            retriever = open_retriever(index, cfg.query_encoder, loaded.question_encoder, log=log, device=cfg.device)
+            # pinned to the generation the run's config names: answers from a newer one never land in this run
+            retriever = open_retriever(index, cfg.query_encoder, loaded.question_encoder, log=log, device=cfg.device,
+                                       follow=False)
         rag = RagModel(retriever, loaded.generator, k=cfg.k, mode=cfg.mode, prior_scale=cfg.prior_scale)
         rag.filters = tuple(cfg.filters)
         with open(preds_path, "a", encoding="utf-8") as f, \

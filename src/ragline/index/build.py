@@ -24,7 +24,7 @@ from tqdm import tqdm
 import ragline
 from ragline import atomic
 from ragline.corpus.passages import DEFAULT_WORDS, split_documents
-from ragline.corpus.readers import ReadStats, detect_format, read_corpus
+from ragline.corpus.readers import ReadStats, detect_format, links_notice, read_corpus
 from ragline.corpus.store import PassageStore, PassageStoreWriter
 from ragline.errors import RaglineError
 from ragline.index import dense_build
@@ -73,6 +73,8 @@ def build_index(opts: BuildOptions, encoders: BiEncoder | None = None,
         t_ingest = time.perf_counter() - t0
         log(f"corpus: {stats.documents} documents -> {n} passages of <= {opts.passage_words} words"
             + (f" ({stats.skipped} bad records skipped)" if stats.skipped else ""))
+        if stats.links_skipped:
+            log(links_notice(stats))
         if encoders is None and opts.dense:
             encoders = BiEncoder.load(opts.encoder, opts.question_encoder, opts.max_seq_length, opts.device)
         manifest = new_manifest(out.name, {

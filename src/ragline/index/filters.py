@@ -29,6 +29,7 @@ COLUMNS = ("pid", "doc_id", "title")  # fields read from the store's own columns
 EQ, NE, PREFIX = "=", "!=", "prefix"
 _LOCK = threading.Lock()
 MASKS_KEPT = 32  # filters' row masks kept per opened index (an index changed in place is a new object)
+FIELDS_LISTED = 50  # field names a refusal lists at most
 SYNTAX = "write field=value, field!=value or field=prefix* (e.g. --filter source=reports/* --filter year=2024)"
 
 
@@ -73,26 +74,35 @@ def as_text(value: object) -> str | None:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+class UnknownField(RaglineError):
+    """A filter on a field no passage of the index has (HTTP 422)."""
+
+    status = 422
+
+
 def allowed_rows(index, conditions: Sequence[Condition]) -> np.ndarray | None:
     """(rows,) bool, read-only: the passages of ``index`` that pass every condition; None for no condition.
-    The masks of recent filters are kept with the opened index (a new generation is a new object)."""
+    A field no passage has is refused (:class:`UnknownField`, naming the fields there are), so a client cannot
+    make the server build anything per field name it invents. The masks of recent filters are kept with the
+    opened index (a new generation is a new object); nothing else is kept but the index's field names. An
+    index format that filters inside its own parts (sharded: each shard over its own passages) says so with a
+    ``filter_mask(conditions)`` method."""
     if not conditions:
         return None
     key = tuple(sorted(set(conditions), key=lambda c: (c.field, c.op, c.value)))
     cache = index.__dict__.setdefault("_filter_masks", {})
     if key in cache:
         return cache[key]
-    n = len(index)
-    ok = np.ones(n, dtype=bool)
-    by_field: dict[str, list[Condition]] = {}
-    for c in conditions:
-        by_field.setdefault(c.field, []).append(c)
-    for field, conds in by_field.items():
-        values = _column(index, field)
-        eq = [c for c in conds if c.op != NE]
-        ne = [c for c in conds if c.op == NE]
-        ok &= np.fromiter(((not eq or any(c.test(v) for c in eq)) and all(c.test(v) for c in ne) for v in values),
-                          dtype=bool, count=n)
+    known = index_fields(index)
+    unknown = sorted({c.field for c in conditions} - known)
+    if unknown:
+        names = sorted(known)
+        listed = ", ".join(names[:FIELDS_LISTED]) + (f" and {len(names) - FIELDS_LISTED} more"
+                                                     if len(names) > FIELDS_LISTED else "")
+        raise UnknownField(f"index {index.name} has no passage with a field {unknown[0][:100]!r}",
+                           f"filter on one of its fields: {listed}")
+    own = getattr(index, "filter_mask", None)
+    ok = own(list(key)) if own is not None else row_mask(index.store, key)
     ok.flags.writeable = False  # shared by the searches that reuse it
     with _LOCK:  # requests filter from several threads
         while len(cache) >= MASKS_KEPT:
@@ -101,13 +111,56 @@ def allowed_rows(index, conditions: Sequence[Condition]) -> np.ndarray | None:
     return ok
 
 
-def _column(index, field: str) -> list[str | None]:
-    """The text of ``field`` for every row of ``index`` (None where a passage has no such metadata)."""
-    if field in COLUMNS:
-        return index.store.values(field)
-    cache = index.__dict__.setdefault("_filter_meta", {})
-    if "rows" not in cache:
-        cache["rows"] = [json.loads(m) if m else {} for m in index.store.values("meta")]
-    if field not in cache:
-        cache[field] = [as_text(m[field]) if field in m else None for m in cache["rows"]]
-    return cache[field]
+def index_fields(index) -> frozenset[str]:
+    """The fields filters may name on ``index``: the store's columns and every metadata key some passage has
+    (read once per opened index; a format with ``filter_fields()`` gives its own)."""
+    with _LOCK:
+        known = index.__dict__.get("_filter_fields")
+    if known is None:
+        own = getattr(index, "filter_fields", None)
+        known = frozenset(own()) if own is not None else store_fields(index.store)
+        with _LOCK:
+            index.__dict__["_filter_fields"] = known
+    return known
+
+
+def store_fields(store) -> frozenset[str]:
+    """The store's columns and the metadata keys of its passages."""
+    keys: set[str] = set(COLUMNS)
+    for m in store.values("meta"):
+        if m:
+            keys.update(json.loads(m))
+    return frozenset(keys)
+
+
+def row_mask(store, conditions: Sequence[Condition]) -> np.ndarray:
+    """(rows,) bool: the store's passages that pass every condition, read from its columns (metadata from its
+    JSON column, parsed only in rows whose text names the field); no per-field copy is kept."""
+    n = len(store)
+    ok = np.ones(n, dtype=bool)
+    by_field: dict[str, list[Condition]] = {}
+    for c in conditions:
+        by_field.setdefault(c.field, []).append(c)
+    meta = None
+    for field, conds in by_field.items():
+        if field in COLUMNS:
+            values = store.values(field)
+        else:
+            meta = store.values("meta") if meta is None else meta
+            values = _meta_values(meta, field)
+        eq = [c for c in conds if c.op != NE]
+        ne = [c for c in conds if c.op == NE]
+        ok &= np.fromiter(((not eq or any(c.test(v) for c in eq)) and all(c.test(v) for c in ne) for v in values),
+                          dtype=bool, count=n)
+    return ok
+
+
+def _meta_values(meta: Sequence[str], field: str):
+    """The text of metadata ``field`` of each row (None where the passage has no such field), one at a time."""
+    names = {json.dumps(field, ensure_ascii=False), json.dumps(field)}  # as the store writes keys: compact JSON
+    for m in meta:
+        if m and any(name in m for name in names):
+            rec = json.loads(m)
+            yield as_text(rec[field]) if field in rec else None
+        else:
+            yield None

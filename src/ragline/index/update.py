@@ -34,7 +34,7 @@ import numpy as np
 
 from ragline import atomic
 from ragline.corpus.passages import Passage, encoder_text, split_documents
-from ragline.corpus.readers import ReadStats, read_corpus
+from ragline.corpus.readers import ReadStats, links_notice, read_corpus
 from ragline.corpus.store import PassageStore, PassageStoreWriter, meta_text
 from ragline.errors import RaglineError
 from ragline.index import dense_build
@@ -61,6 +61,7 @@ class Change:
     passages_deleted: int = 0
     generation: int | None = None  # the generation written; None when nothing changed
     skipped: int = 0               # malformed records skipped (--skip-bad)
+    links_skipped: list[str] = field(default_factory=list)  # links out of a source folder, not followed
 
     @property
     def changed(self) -> bool:
@@ -72,7 +73,8 @@ class Change:
         what = ", ".join(parts) or "no"
         tail = (f" -> generation {self.generation} (+{self.passages_added} / -{self.passages_deleted} passages)"
                 if self.changed else ": nothing to write")
-        return f"documents: {what}{tail}" + (f"; {self.skipped} bad records skipped" if self.skipped else "")
+        return (f"documents: {what}{tail}" + (f"; {self.skipped} bad records skipped" if self.skipped else "")
+                + (f"; {links_notice(ReadStats(links_skipped=self.links_skipped))}" if self.links_skipped else ""))
 
 
 def document_hash(passages: Sequence[Passage]) -> str:
@@ -257,6 +259,7 @@ def stage_generation(path: Path, index, new: list[Passage], dead: list[int], cha
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path / rel)
+        atomic.fsync_dir(path / mf.TOMBSTONES)  # the rename itself is durable before a manifest names the file
         manifest["tombstones"] = {"file": rel, "rows": len(all_dead)}
     else:
         manifest["tombstones"] = None
@@ -311,6 +314,7 @@ def _write_segment(path: Path, name: str, passages: list[Passage], m: dict, enco
                          m["bm25"].get("stemmer", "english")).save(work / mf.BM25)
     atomic.fsync_tree(work)
     os.rename(work, final)
+    atomic.fsync_dir(final.parent)  # the rename itself is durable before a manifest names the segment
     return {"name": name, "passages": w.count, "fingerprint": w.fingerprint,
             "dense": {"type": "flat", "factory": "Flat"} if m.get("dense") else None}
 
@@ -393,6 +397,7 @@ def _read_sources(sources: Sequence[str], fmt: str, skip_bad: bool, change: Chan
             seen[d.id] = src
             docs.append(d)
         change.skipped += stats.skipped
+        change.links_skipped += stats.links_skipped
     return docs
 
 

@@ -77,6 +77,27 @@ def encoder_kind(path: Path) -> str:
         "a Hugging Face DPRQuestionEncoder / DPRContextEncoder folder")
 
 
+def _check_modules(path: Path) -> None:
+    """Refuse a sentence-transformers folder whose ``modules.json`` names a module class outside
+    sentence-transformers (``custom.Module``): loading it would import Python code from the folder or from any
+    installed package. (sentence-transformers 6 refuses too without ``trust_remote_code``, which ragline never
+    passes; this check holds whatever the installed release.)"""
+    try:
+        modules = json.loads((path / "modules.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        raise RaglineError(f"{path}/modules.json is not readable JSON", "save the encoder again with "
+                                                                         "sentence-transformers") from None
+    types = [m.get("type") if isinstance(m, dict) else None for m in modules] if isinstance(modules, list) else [None]
+    foreign = [t for t in types if not (isinstance(t, str) and t.startswith("sentence_transformers."))]
+    if foreign:
+        raise RaglineError(f"encoder folder {path} names a module that is not part of sentence-transformers "
+                           f"({str(foreign[0])[:100]!r}); ragline does not run code that comes with a model",
+                           "use an encoder made of sentence-transformers' own modules (Transformer, Pooling, "
+                           "Normalize, ...)")
+
+
 def load_encoder(name_or_path: str = DEFAULT_ENCODER, max_seq_length: int = 256, device: str | None = None
                  ) -> Encoder:
     """The encoder of a bundled name or folder, loaded as its kind (:func:`encoder_kind`) onto ``device``
@@ -184,6 +205,7 @@ class TextEncoder(Encoder):
         if encoder_kind(path) != SENTENCE_TRANSFORMERS:  # SentenceTransformer would mean-pool it silently
             raise RaglineError(f"{path} is not a sentence-transformers folder (no modules.json)",
                                "load it with ragline.models.encoders.load_encoder, which reads it as its kind")
+        _check_modules(path)
         try:
             self.model = SentenceTransformer(str(path), device=str(devices.resolve(device)))
         except (OSError, ValueError) as e:

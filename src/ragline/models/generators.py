@@ -476,20 +476,24 @@ class CausalGenerator(Generator):
         return [self.tokenize_prompt(p) for p in prompts]
 
     def _packed(self) -> bool:
-        """Whether this call prefills packed (inference only: training needs the padded graph's gradient)."""
-        return self.packed and not torch.is_grad_enabled() and not self.model.training
+        """Whether this call prefills packed: always, unless turned off, or the model is in training mode
+        (dropout: rows sharing a block would share its dropout draw). Under autograd (training) the packed
+        pass is differentiable and computes no padding (models/prefill.py)."""
+        return self.packed and not self.model.training
 
-    def _prefill(self, rows: list[list[int]], keep_last: list[int] | None = None):
+    def _prefill(self, rows: list[list[int]], keep_last: list[int] | None = None, states: bool = True):
+        if torch.is_grad_enabled():  # training: cached blocks hold no gradient and stale weights
+            return prefill(self.model, rows, None, keep_last, states=states)
         if self.kv_cache is not None:
             self.kv_cache.check_weights(self.model)
-        return prefill(self.model, rows, self.kv_cache, keep_last)
+        return prefill(self.model, rows, self.kv_cache, keep_last, states=states)
 
     def _row_logits(self, prompts: list[str], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self._packed():  # each row is its prompt and its answer but the last token: no padding computed
             lengths = mask.sum(1).tolist()
             rows = [p + target[r, : n - 1].tolist() for r, (p, n) in enumerate(zip(self.prompt_ids(prompts), lengths,
                                                                                   strict=True))]
-            right = self._prefill(rows, lengths).logits  # (N, max n, V), right-aligned
+            right = self._prefill(rows, lengths, states=False).logits  # (N, max n, V), right-aligned
             out = torch.zeros((len(rows), target.shape[1], right.shape[-1]), dtype=right.dtype, device=right.device)
             for r, n in enumerate(lengths):
                 out[r, :n] = right[r, right.shape[1] - n :]

@@ -131,17 +131,23 @@ class _Node:
 class Prefilled:
     """A prefill's result, laid out as a left-padded batch."""
 
-    cache: object               # DynamicCache, (N, kv_heads, L, head_dim) per layer
+    cache: object               # DynamicCache, (N, kv_heads, L, head_dim) per layer; None when not asked for
     attention_mask: torch.Tensor  # (N, L) 1 on real tokens
     positions: torch.Tensor     # (N,) the next position id of each row
     logits: torch.Tensor        # (N, T, V): the last ``keep_last[r]`` positions of row r, right-aligned
 
 
 def prefill(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: PrefixCache | None = None,
-            keep_last: Sequence[int] | None = None, block: int = BLOCK, pack_tokens: int = PACK_TOKENS
-            ) -> Prefilled:
+            keep_last: Sequence[int] | None = None, block: int = BLOCK, pack_tokens: int = PACK_TOKENS,
+            states: bool = True) -> Prefilled:
     """Run ``model`` over token rows as described in the module docstring; the logits of each row's last
     ``keep_last[r]`` positions (default 1) come back right-aligned in (N, max keep_last, V), zeros before.
+    Without ``states`` the rows' keys and values are not gathered into a decoding cache (``cache`` of the
+    result is None): what scoring and training need, the logits alone.
+
+    Under autograd (training) the pass is differentiable: a block shared by several rows (the system prompt)
+    is computed once and its gradient gathers every row's, as the padded pass's would. Blocks from ``cache``
+    hold no gradient, so training passes no cache.
 
     Rows go in packs of about ``pack_tokens`` tokens, one after another: where the attention over a pack is
     one dense masked pass (pack² per layer, models without sdpa), it stays a small share of the linear
@@ -157,12 +163,12 @@ def prefill(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: Prefix
         packs[-1].append(r)
         held += len(ids)
     if len(packs) == 1:
-        return _prefill_pack(model, rows, cache, keep, block)
+        return _prefill_pack(model, rows, cache, keep, block, states)
     parts = []
     for i, p in enumerate(packs):
         if i:
             yielding.point()  # a server's other batches may take their step between packs
-        parts.append(_prefill_pack(model, [rows[r] for r in p], cache, [keep[r] for r in p], block))
+        parts.append(_prefill_pack(model, [rows[r] for r in p], cache, [keep[r] for r in p], block, states))
     return _stack(parts)
 
 
@@ -178,16 +184,17 @@ def _stack(parts: list[Prefilled]) -> Prefilled:
         pad[dim] = size - x.shape[dim]
         return torch.cat([x.new_zeros(pad), x], dim)
 
-    layers = [(torch.cat([left(p.cache.layers[i].keys, 2, width) for p in parts]),
-               torch.cat([left(p.cache.layers[i].values, 2, width) for p in parts]))
-              for i in range(len(parts[0].cache.layers))]
-    return Prefilled(DynamicCache(ddp_cache_data=layers),
+    layers = [] if parts[0].cache is None else [
+        (torch.cat([left(p.cache.layers[i].keys, 2, width) for p in parts]),
+         torch.cat([left(p.cache.layers[i].values, 2, width) for p in parts]))
+        for i in range(len(parts[0].cache.layers))]
+    return Prefilled(DynamicCache(ddp_cache_data=layers) if layers else None,
                      torch.cat([left(p.attention_mask, 1, width) for p in parts]),
                      torch.cat([p.positions for p in parts]), torch.cat([left(p.logits, 1, t) for p in parts]))
 
 
 def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: PrefixCache | None,
-                  keep: list[int], block: int) -> Prefilled:
+                  keep: list[int], block: int, states: bool = True) -> Prefilled:
     """One packed pass over ``rows`` (the module docstring's algorithm)."""
     from transformers import DynamicCache
 
@@ -263,7 +270,7 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
     flat = index.flatten().to(device)
     gathered = [(k[0].index_select(1, flat).view(k.shape[1], len(rows), width, -1).transpose(0, 1).contiguous(),
                  v[0].index_select(1, flat).view(v.shape[1], len(rows), width, -1).transpose(0, 1).contiguous())
-                for k, v in layers]
+                for k, v in layers] if states else []
     logits = out.logits[0]  # (sum keep, V)
     t = max(keep)
     right = torch.zeros((len(rows), t, logits.shape[-1]), dtype=logits.dtype, device=logits.device)
@@ -271,7 +278,7 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
     for r, k in enumerate(keep):
         right[r, t - k :] = logits[at : at + k]
         at += k
-    return Prefilled(DynamicCache(ddp_cache_data=gathered), attn.to(device),
+    return Prefilled(DynamicCache(ddp_cache_data=gathered) if states else None, attn.to(device),
                      torch.tensor(lengths, device=device), right)
 
 

@@ -59,7 +59,7 @@ def detect_format(path: Path) -> str:
 
 
 def _first_json_line(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # the reader reports a bad byte with its line
         for line in f:
             if line.strip():
                 try:
@@ -113,12 +113,16 @@ Record = tuple[str, Callable[[], Question]]  # (where, build the question or rai
 
 
 def _jsonl_records(path: Path, build: Callable[[Any, int], Question]) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # decoded line by line: one bad byte is that record's problem, not the file's
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
 
-            def make(line: str = line, n: int = n) -> Question:
+            def make(raw: bytes = raw, n: int = n) -> Question:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise BadRecord(f"not valid UTF-8 (byte {e.start + 1} of the line)") from None
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:

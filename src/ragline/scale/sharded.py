@@ -41,6 +41,7 @@ from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
 from ragline.index.bm25_live import LiveBM25
+from ragline.index.filters import Condition, row_mask, store_fields
 from ragline.index.protocol import ManifestFacts, search_modes
 from ragline.index.registry import IndexFormat
 from ragline.index.segments import open_single
@@ -134,6 +135,14 @@ class ShardServer:
         row = self.index.store.row_of(pid)
         return -1 if row is None else row + self.offset
 
+    def fields(self) -> frozenset[str]:
+        """The fields a filter may name on this shard (index/filters.py)."""
+        return store_fields(self.index.store)
+
+    def mask(self, conditions: list[Condition]) -> np.ndarray:
+        """(shard rows,) bool: this shard's passages that pass every condition, worked out here."""
+        return row_mask(self.index.store, conditions)
+
 
 class ShardedIndex(ManifestFacts):
     """A sharded index opened on Ray: the :class:`~ragline.index.protocol.Index` of the whole corpus."""
@@ -186,6 +195,14 @@ class ShardedIndex(ManifestFacts):
             if cause is not None:
                 raise cause from None
             raise
+
+    def filter_fields(self) -> frozenset[str]:
+        """The fields filters may name: every shard's (index/filters.py reads this once per opened index)."""
+        return frozenset().union(*self.call("fields", [()] * len(self.actors)))
+
+    def filter_mask(self, conditions: list[Condition]) -> np.ndarray:
+        """(rows,) bool: each shard filters its own passages; only the masks come back, not the columns."""
+        return np.concatenate(self.call("mask", [(conditions,)] * len(self.actors)))
 
     def fetch(self, method: str, rows: np.ndarray) -> list[tuple[np.ndarray, Any]]:
         """Call ``method`` with its rows on each shard holding some of ``rows`` (1-D, global); (positions in

@@ -30,9 +30,9 @@ requires ``Authorization: Bearer KEY``.
 
 from __future__ import annotations
 
-import hmac
-import json
+import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +50,7 @@ from ragline.index import manifest as mf
 from ragline.index.registry import list_indexes, open_index
 from ragline.rag.model import RagModel
 from ragline.serve import events, openai_api
+from ragline.serve.auth import authorised, expected_header
 from ragline.serve.budget import (
     MAX_BEAMS,
     MAX_BODY_BYTES,
@@ -64,6 +65,7 @@ from ragline.serve.budget import (
     check_filters,
     settings_k,
 )
+from ragline.serve.hosts import HostPolicy
 from ragline.serve.mcp_server import create_mcp
 from ragline.serve.worker import ModelWorker
 
@@ -169,12 +171,31 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class HostCheck:
+    """ASGI middleware answering 421 to a request whose ``Host`` header names a host the server was not bound
+    for (:mod:`ragline.serve.hosts`: DNS rebinding), on every route."""
+
+    def __init__(self, app: ASGIApp, policy: HostPolicy) -> None:
+        self.app, self.policy = app, policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            header = next((v for k, v in scope.get("headers") or [] if k == b"host"), None)
+            if not self.policy.accepts(None if header is None else header.decode("latin-1")):
+                refused = RaglineError("this server does not answer for the host named in the request's Host header",
+                                       "use the address the server was started on, or start it with "
+                                       "--allowed-host NAME")
+                return await _refusal(scope["path"], 421, refused)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8, budget: Budget | None = None,
-               api_key: str | None = None, worker: ModelWorker | None = None, host: str = "127.0.0.1") -> FastAPI:
+               api_key: str | None = None, worker: ModelWorker | None = None, host: str = "127.0.0.1",
+               allowed_hosts: Sequence[str] = ()) -> FastAPI:
     """The API over ``rag`` (its retriever's index is the active one; ``index_root`` holds the others), with
     the work ``budget`` and, when given, an ``api_key`` every route but the page requires; ``worker`` (one
-    owning ``rag``) replaces the one made from ``max_batch`` and ``budget``. ``host`` is where it is served
-    (on loopback, MCP refuses requests naming another host: DNS rebinding)."""
+    owning ``rag``) replaces the one made from ``max_batch`` and ``budget``. ``host`` is where it is served:
+    requests naming another host than it, loopback or ``allowed_hosts`` are refused (DNS rebinding)."""
     worker = worker or ModelWorker(rag, max_batch=max_batch, budget=budget)
     mcp = create_mcp(rag, worker).streamable_http_app(host=host)  # /mcp: the MCP tools over the same worker
     app = FastAPI(title="ragline", version="1", description="Retrieval-Augmented Generation with cited passages.",
@@ -183,6 +204,7 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
     root = Path(index_root) if index_root else rag.retriever.index.path.parent
     app.state.worker = worker
     app.add_middleware(BodyLimit)
+    app.add_middleware(HostCheck, policy=HostPolicy(host, allowed_hosts))  # outermost: checked first
 
     def retriever():
         if rag.retriever is None:
@@ -191,12 +213,11 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
 
 
     if api_key:
-        expected = f"Bearer {api_key}".encode()
+        expected = expected_header(api_key)
 
         @app.middleware("http")
         async def _require_key(request: Request, call_next):
-            given = request.headers.get("authorization", "").encode()
-            if request.url.path in PUBLIC or _wants_page(request) or hmac.compare_digest(given, expected):
+            if request.url.path in PUBLIC or _wants_page(request) or authorised(request.scope, expected):
                 return await call_next(request)
             return _refusal(request.url.path, 401, RaglineError("this server requires an API key",
                                                                 "send the header Authorization: Bearer <key>"),
@@ -243,7 +264,7 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
         return {**vocab.as_dict(), "k": rag.k}  # the server's default k (a RAG checkpoint's n_docs)
 
     @app.get("/health")
-    def health() -> JSONResponse:
+    async def health() -> JSONResponse:  # on the event loop: answers however busy the thread pool is
         """Status (503 when the model worker is down), the active index, the worker's queue and budget."""
         ix = rag.retriever.index if rag.retriever else None
         w = app.state.worker
@@ -256,10 +277,11 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
         return JSONResponse(body, status_code=200 if w.alive else 503)
 
     @app.post("/search")
-    def search(req: Question) -> dict:
-        # on the model thread, which encodes the question (turns.py: one thread runs the server's torch work)
-        hits = worker.turns.call(lambda: retriever().search([req.question], k=req.k or rag.k, mode=req.mode,
-                                                            filters=req.filter)[0])
+    async def search(req: Question) -> dict:
+        # on the model thread, which encodes the question (turns.py: one thread runs the server's torch work),
+        # counted against the line's bound and awaited without holding a thread
+        hits = await asyncio.wrap_future(worker.call(lambda: retriever().search(
+            [req.question], k=req.k or rag.k, mode=req.mode, filters=req.filter)[0]))
         return {"question": req.question, "hits": [h.__dict__ for h in hits]}
 
     @app.get("/passages/{pid:path}", response_model=None)
@@ -322,4 +344,4 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
 
 
 def _sse(event: str, data: dict) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"event: {event}\ndata: {events.event_json(data)}\n\n"

@@ -4,6 +4,7 @@ that streams it: what the native stream, the OpenAI-compatible stream and MCP sh
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +12,14 @@ from ragline.serve.budget import Settings
 from ragline.serve.worker import Job, ModelWorker
 
 PASSAGES, PARTIAL, END = "passages", "partial", "end"
+_LINE_SEPARATORS = {ord("\u2028"): "\\u2028", ord("\u2029"): "\\u2029"}
+
+
+def event_json(obj: Any) -> str:
+    """``obj`` as JSON for one server-sent event's ``data`` line: non-ASCII text as it is, but U+2028 and
+    U+2029 escaped (``\\u2028``), which some event parsers and JavaScript's ``.`` take for line breaks (a
+    passage holding one would otherwise cut the event short)."""
+    return json.dumps(obj, ensure_ascii=False).translate(_LINE_SEPARATORS)
 
 
 class JobEvents:

@@ -15,12 +15,11 @@ clients launch) and streamable HTTP (``--transport http``, at ``/mcp``, with ``-
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Annotated, Any, Literal
 
-import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
@@ -34,6 +33,7 @@ from ragline.rag import citations as cite
 from ragline.rag.model import Answer, RagModel
 from ragline.retriever import Hit
 from ragline.serve import events
+from ragline.serve.auth import authorised, expected_header
 from ragline.serve.budget import (
     MAX_BEAMS,
     MAX_FILTERS,
@@ -94,8 +94,8 @@ def create_mcp(rag: RagModel, worker: ModelWorker | None = None) -> MCPServer:
         if rag.retriever is None:
             raise ToolError("this server has no index; start it with --index")
         try:
-            hits = await anyio.to_thread.run_sync(worker.turns.call, partial(  # encoded on the model thread
-                rag.retriever.search, [question], k=k or rag.k, mode=mode, filters=filters))
+            hits = await asyncio.wrap_future(worker.call(partial(  # encoded on the model thread, bounded
+                rag.retriever.search, [question], k=k or rag.k, mode=mode, filters=filters)))
         except RaglineError as e:
             raise ToolError(f"{e.problem}; {e.fix}") from None
         return Passages(question, hits[0])
@@ -143,16 +143,14 @@ def _fields(answer: Answer) -> dict[str, Any]:
 
 def require_key(app: ASGIApp, api_key: str) -> ASGIApp:
     """``app`` answering 401 to HTTP requests without ``Authorization: Bearer <api_key>``."""
-    expected = f"Bearer {api_key}".encode()
+    expected = expected_header(api_key)
 
     async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, expected):
-                await JSONResponse({"error": "this server requires an API key",
-                                    "fix": "send the header Authorization: Bearer <key>"}, status_code=401,
-                                   headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-                return
+        if scope["type"] == "http" and not authorised(scope, expected):
+            await JSONResponse({"error": "this server requires an API key",
+                                "fix": "send the header Authorization: Bearer <key>"}, status_code=401,
+                               headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
         await app(scope, receive, send)
 
     return guarded

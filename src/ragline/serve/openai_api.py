@@ -41,6 +41,7 @@ chunk cannot be taken back.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -49,6 +50,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
+import anyio
 import numpy as np
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -82,6 +84,7 @@ ENCODER_MODEL = "ragline-question-encoder"
 MAX_STOPS = 4  # as OpenAI
 MAX_EMBED_INPUTS = 256
 MAX_EMBED_CHARS = 8192
+CHARS_PER_TOKEN = 32  # an earlier turn of more characters than this x the question budget is taken not to fit
 SOURCES_HEADER = "X-Ragline-Sources"
 MAX_SOURCES_HEADER = 8192  # bytes: the top-ranked sources that fit
 # Accepted and without effect: they do not change a deterministic answer.
@@ -206,7 +209,9 @@ def routes(rag: RagModel, worker: ModelWorker) -> APIRouter:
     async def chat(req: ChatRequest) -> Response:
         """An answer with its sources, in OpenAI's chat-completion format (streamed with ``stream: true``)."""
         settings, stops = _settings(req, rag)
-        question, turns = _question(req, worker.question_tokens, worker.budget.max_question_tokens)
+        # tokenising the history is work: off the event loop, so that other requests go on meanwhile
+        question, turns = await anyio.to_thread.run_sync(_question, req, worker.question_tokens,
+                                                         worker.budget.max_question_tokens)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model,
                 "system_fingerprint": _fingerprint(rag)}
         if req.stream:
@@ -220,7 +225,7 @@ def routes(rag: RagModel, worker: ModelWorker) -> APIRouter:
         return JSONResponse(body, headers={SOURCES_HEADER: _sources_header(answer)})
 
     @router.post("/embeddings")
-    def embeddings(req: EmbeddingRequest) -> dict:
+    async def embeddings(req: EmbeddingRequest) -> dict:
         """q(x) of each input from the question encoder of the active index."""
         if req.model != ENCODER_MODEL:
             raise OpenAIError(f"no embedding model {req.model!r}", f"use model {ENCODER_MODEL!r}", "model",
@@ -236,12 +241,13 @@ def routes(rag: RagModel, worker: ModelWorker) -> APIRouter:
         if encoder is None:
             raise OpenAIError("this server's index has no question encoder (BM25 only)",
                               "serve an index with dense vectors", "model", status=400)
-        vectors = np.asarray(worker.turns.call(lambda: encoder.encode(texts)), dtype="<f4")  # (N, dim); the
-        # encoder runs on the model thread, with the server's other torch work (turns.py)
+        vectors = np.asarray(await asyncio.wrap_future(worker.call(lambda: encoder.encode(texts))), dtype="<f4")
+        # (N, dim): the encoder runs on the model thread, with the server's other torch work (turns.py), counted
+        # against the line's bound
         if req.dimensions is not None and req.dimensions != vectors.shape[1]:
             raise OpenAIError(f"the question encoder gives {vectors.shape[1]} dimensions, not {req.dimensions}",
                               "leave dimensions out", "dimensions")
-        tokens = encoder.count_tokens(texts)
+        tokens = await anyio.to_thread.run_sync(encoder.count_tokens, texts)  # 256 texts: off the event loop
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.tobytes()).decode() if req.encoding_format == "base64"
                  else v.tolist()} for i, v in enumerate(vectors)]
@@ -310,7 +316,9 @@ def _text(message: dict[str, Any], i: int) -> str:
 def _question(req: ChatRequest, count: Callable[[str], int], budget: int) -> tuple[str, int]:
     """The question as the retriever and reader read it, and how many earlier turns it holds: the last
     (user) message, after the most recent earlier user and assistant turns that fit ``budget`` tokens as
-    ``count`` counts them (each turn counted once, so a long conversation costs one pass)."""
+    ``count`` counts them (each turn counted once, so a long conversation costs one pass). A turn longer than
+    ``budget`` x CHARS_PER_TOKEN characters is taken not to fit without tokenising it, so what is tokenised is
+    bounded by the budget, not by the body."""
     turns: list[tuple[str, str]] = []
     for i, m in enumerate(req.messages):
         role = m.get("role")
@@ -333,6 +341,8 @@ def _question(req: ChatRequest, count: Callable[[str], int], budget: int) -> tup
     wanted = len(earlier) if req.history is None else min(req.history, len(earlier))
     used, n = count(last), 0
     for line in reversed(earlier[len(earlier) - wanted:]):  # the most recent first, while they fit
+        if len(line) > budget * CHARS_PER_TOKEN:
+            break
         used += count(line) + 1  # and the line break
         if used > budget:
             break
@@ -437,5 +447,5 @@ def _stream(req: ChatRequest, settings: Settings, stops: list[str], question: st
 
 
 def _data(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {events.event_json(obj)}\n\n"
 

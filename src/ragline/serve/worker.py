@@ -79,6 +79,7 @@ class ModelWorker:
         self.batch_count = self.question_count = 0  # since the start
         self.abandoned = self.failed_batches = 0
         self.running = 0  # questions in the batches being decoded now
+        self.calls = 0  # searches and embeddings waiting for or running on the model thread
         self._cond = threading.Condition()  # guards the line, the decoding batches' settings and the counts
         self._line: deque[Job] = deque()  # the requests waiting, oldest first
         self._decoding: list[Settings] = []  # the settings of the batches decoding now
@@ -93,7 +94,7 @@ class ModelWorker:
 
     def status(self) -> dict[str, Any]:
         """What /health reports of the worker."""
-        return {"alive": self.alive, "queued": len(self._line), "running": self.running,
+        return {"alive": self.alive, "queued": len(self._line), "calls": self.calls, "running": self.running,
                 "abandoned": self.abandoned, "failed_batches": self.failed_batches,
                 "restarts": self._thread.restarts + self.turns.restarts,
                 "handovers": self.turns.handovers, "budget": asdict(self.budget), "max_batch": self.max_batch}
@@ -118,13 +119,34 @@ class ModelWorker:
             # a batching thread that died despite its guard is started again to serve the line (a model thread
             # that died is started again by the next batch: Turns.start)
             self._thread.ensure()
-            if len(self._line) >= self.budget.max_queue:
+            if len(self._line) + self.calls >= self.budget.max_queue:
                 raise Busy(f"the server is busy: {self.budget.max_queue} requests are already waiting",
                            f"retry in a few seconds (Retry-After: {Busy.retry_after})")
             job = Job(question, settings, cost, on_step=on_step, on_passages=on_passages)
             self._line.append(job)
             self._cond.notify_all()
         return job
+
+    def call(self, work: Callable[[], Any]) -> Future:
+        """Run ``work`` (a search, an embedding) on the model thread, counted with the waiting questions against
+        the line's bound (:class:`Busy` when it is full); the future of its result. A request awaits it without
+        holding a thread, so waiting searches never take the threads other routes (``/health``) need."""
+        with self._cond:
+            if len(self._line) + self.calls >= self.budget.max_queue:
+                raise Busy(f"the server is busy: {self.budget.max_queue} requests are already waiting",
+                           f"retry in a few seconds (Retry-After: {Busy.retry_after})")
+            self.calls += 1
+        try:
+            future = self.turns.start(work)
+        except BaseException:
+            self._call_done()
+            raise
+        future.add_done_callback(lambda _: self._call_done())
+        return future
+
+    def _call_done(self) -> None:
+        with self._cond:
+            self.calls -= 1
 
     def _claim(self, job: Job) -> bool:
         """Mark ``job`` running; False (and dropped) when its client has gone."""

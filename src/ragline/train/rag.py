@@ -131,8 +131,8 @@ class RagTrainer(Trainer):
         seed_everything(cfg.seed)
         loaded = load_generator(cfg.generator, device=cfg.device) if generator is None else None
         checkpoint_encoder = loaded.question_encoder if loaded is not None else None
-        retriever = Retriever(index, question_encoder) if question_encoder is not None else \
-            open_retriever(index, None, checkpoint_encoder, log=log, device=cfg.device)
+        retriever = Retriever(index, question_encoder, follow=False) if question_encoder is not None else \
+            open_retriever(index, None, checkpoint_encoder, log=log, device=cfg.device, follow=False)
         if retriever.encoder is None:
             raise RaglineError(f"index {retriever.index.name} has no dense part",
                                "RAG training needs p(z|x) from passage embeddings: use a dense or hybrid index")
