@@ -4,13 +4,21 @@ How it measures and what it prints: docs/benchmarks.md (training.py).
 
     python3 benchmarks/training.py [--index DIR] [--steps 60] [--qwen-steps 20] [--phases rag-smollm2,...]
     python3 benchmarks/training.py --speed [--speed-steps 3] [--speed-configs padded-fp32,packed-fp32,packed-bf16]
+    python3 benchmarks/training.py --synth 1000 [--synth-file FILE] [--retriever-steps 100]
 
-``--speed``: seconds per optimiser step of Qwen2.5-0.5B through LoRA, RAG-Sequence, k=5, batch 8, for each
+``--speed``: seconds per optimiser step of Qwen2.5-0.5B through LoRA, RAG-Sequence, k=5, batch 8 (micro-batches
+of ``--speed-micro`` questions, their gradients accumulated: the same gradient, less memory), for each
 configuration (prefill padded or packed; fp32, or bf16 autocast with fp32 master weights), each in its own
-process, beside the step's FLOP floor: prompt and answer tokens x 4 x the generator's non-embedding
-parameters (LoRA: the frozen weights' forward pass and the backward pass to their inputs; the adapters and
-the question encoder are small beside them), at the matrix-multiply rate measured in the same process and
-precision; and the process's peak resident memory.
+process, beside the step's FLOP floor: prompt and answer tokens x 4 x the generator's parameters that every
+token passes through (not the embedding, not the output layer, which runs on answer tokens only; 4: LoRA runs
+the frozen weights forward and back to their inputs; the adapters and the question encoder are small beside
+them), at the matrix-multiply rate measured in the same process and precision; and the process's peak resident
+memory.
+
+``--synth N``: N questions synthesised from the index by ``ragline synth`` (into ``--synth-file``, resumed if it
+is there), the retriever trained on them alone, and page recall@1/5/20 on the FanOutQA dev sub-questions (ids
+0-7) whose gold page is in the index, none of which any run trained on: before and after, with the number of
+questions found at k after and not before (better) and the reverse (worse).
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def in_corpus_examples(index_dir: Path, work: Path) -> Path:
@@ -124,7 +134,8 @@ def speed_phase(args: argparse.Namespace, data: Path, out: Path, config: str) ->
 
     prefill, precision = config.split("-")
     cfg = RagTrainConfig(train=str(data), index=str(args.index), generator="qwen2.5-0.5b", model="rag-sequence",
-                         k=5, generator_training="lora", lr=2e-4, batch_size=8, steps=args.speed_steps, warmup=1,
+                         k=5, generator_training="lora", lr=2e-4, batch_size=args.speed_micro,
+                         accumulation=8 // args.speed_micro, steps=args.speed_steps, warmup=1,
                          val_fraction=0.0, eval_every=10_000, save_every=10_000, precision=precision, seed=0)
     trainer = RagTrainer(cfg, out, progress=False, log=lambda m: print(m, file=sys.stderr))
     trainer.gen.packed = prefill == "packed"
@@ -133,8 +144,9 @@ def speed_phase(args: argparse.Namespace, data: Path, out: Path, config: str) ->
     from ragline.train.loop import batch_indices
 
     for step in range(cfg.steps):
-        batch = [trainer.train_set[i] for i in batch_indices(step, 0, cfg.batch_size, 1, cfg.seed,
-                                                              len(trainer.train_set))]
+        batch = [trainer.train_set[i] for micro in range(cfg.accumulation)
+                 for i in batch_indices(step, micro, cfg.batch_size, cfg.accumulation, cfg.seed,
+                                        len(trainer.train_set))]
         passages, _, _ = trainer.rag.retrieve([e.question for e in batch], cfg.k)
         prompts = trainer.gen.pair_prompts([e.question for e in batch], passages)
         answers = trainer.gen.target_ids([e.answer for e in batch for _ in range(cfg.k)])
@@ -142,7 +154,10 @@ def speed_phase(args: argparse.Namespace, data: Path, out: Path, config: str) ->
     trainer.run_training()
     rates = [r["value"] for r in trainer.run.read_metrics() if r["split"] == "train" and r["name"] == "steps_per_s"]
     seconds = [1 / r for r in rates]
-    params = sum(p.numel() for n, p in trainer.gen.model.named_parameters() if "embed" not in n and "lora_" not in n)
+    # the weights every token passes through: not the embedding, not the output layer (run on answer tokens
+    # only), not the adapters
+    params = sum(p.numel() for n, p in trainer.gen.model.named_parameters()
+                 if not any(part in n for part in ("embed", "lm_head", "lora_")))
     rate = matmul_rate(precision)
     floor = [t * 4 * params / (rate * 1e9) for t in tokens]
     return {"config": config, "steps": cfg.steps, "seconds_per_step": seconds, "tokens_per_step": tokens,
@@ -150,17 +165,66 @@ def speed_phase(args: argparse.Namespace, data: Path, out: Path, config: str) ->
 
 
 def speed_table(args: argparse.Namespace, work: Path) -> None:
+    print(f"batch 8 = {8 // args.speed_micro} micro-batches of {args.speed_micro} questions\n")
     print("| configuration | s/step (each step) | tokens/step | floor s/step | x floor | matmul GFLOP/s | peak MB |")
     print("|---|---|---|---|---|---|---|", flush=True)
     for config in args.speed_configs.split(","):
         cmd = [sys.executable, __file__, "--phase", f"speed:{config}", "--work", str(work), "--index", str(args.index),
-               "--speed-steps", str(args.speed_steps)]
-        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+               "--speed-steps", str(args.speed_steps), "--speed-micro", str(args.speed_micro)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            why = "killed (out of memory)" if done.returncode in (-9, 137) else f"failed ({done.returncode})"
+            print(f"| {config} | {why} | | | | | |", flush=True)
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
         mean = sum(r["seconds_per_step"]) / len(r["seconds_per_step"])
         floor = sum(r["floor_seconds"]) / len(r["floor_seconds"])
         each = ", ".join(f"{x:.1f}" for x in r["seconds_per_step"])
         print(f"| {config} | {mean:.1f} ({each}) | {sum(r['tokens_per_step']) / len(r['tokens_per_step']):.0f} | "
               f"{floor:.1f} | {mean / floor:.1f} | {r['gflops']:.0f} | {r['peak_rss_mb']:.0f} |", flush=True)
+
+
+def synth_table(args: argparse.Namespace, work: Path) -> None:
+    from ragline.index.directory import IndexDir
+    from ragline.models.encoders import load_encoder
+    from ragline.train.data import read_examples
+    from ragline.train.retriever import RetrieverTrainConfig, RetrieverTrainer, resolve_pairs
+
+    synth_file = args.synth_file or work / "synth.jsonl"
+    t0 = time.perf_counter()
+    made = subprocess.run([sys.executable, "-m", "ragline", "synth", "--index", str(args.index), "--out",
+                           str(synth_file), "--questions", str(args.synth), "--json"], check=True,
+                          capture_output=True, text=True).stdout
+    stats = json.loads(made[made.index("{"):])
+    print(f"synthesised: {json.dumps(stats)} ({time.perf_counter() - t0:.0f} s this run)", flush=True)
+    index = IndexDir.open(args.index)
+    dev, _ = resolve_pairs(read_examples(str(work / "fanoutqa-dev-in-corpus.jsonl")), index, 0)
+    titles = index.store.values("title")
+    emb = np.asarray(index.embeddings[np.arange(len(index))], dtype=np.float32)
+
+    def found(encoder) -> np.ndarray:  # (questions, 3) bool: gold page in the top 1 / 5 / 20
+        q = encoder.encode([p.question for p in dev])
+        top = np.argsort(-(q @ emb.T), axis=1)[:, :20]
+        return np.array([[any(titles[r] in p.pages for r in top[i, :k]) for k in (1, 5, 20)]
+                         for i, p in enumerate(dev)])
+
+    question = index.manifest["encoder"]["question"]
+    before = found(load_encoder(question.get("source") or question["name"], question["max_seq_length"]))
+    cfg = RetrieverTrainConfig(train=str(synth_file), index=str(args.index), lr=2e-5, batch_size=16,
+                               steps=args.retriever_steps, warmup=10, val_fraction=0.05, eval_every=50,
+                               save_every=args.retriever_steps, seed=0)
+    t0 = time.perf_counter()
+    RetrieverTrainer(cfg, work / "dpr-synth", progress=False, log=lambda m: print(m, file=sys.stderr)).run_training()
+    seconds = time.perf_counter() - t0
+    after = found(load_encoder(str(work / "dpr-synth" / "final" / "question_encoder")))
+    print(f"\nretriever trained on {stats['questions']} synthetic questions alone, {cfg.steps} steps of "
+          f"{cfg.batch_size} ({seconds:.0f} s); {len(dev)} dev questions (ids 0-7) with their page in the index, "
+          "none trained on\n")
+    print("| recall | untrained | trained on synthetic | better | worse |")
+    print("|---|---|---|---|---|")
+    for j, k in enumerate((1, 5, 20)):
+        b, a = before[:, j], after[:, j]
+        print(f"| @{k} | {b.mean():.3f} | {a.mean():.3f} | {int((a & ~b).sum())} | {int((b & ~a).sum())} |")
 
 
 def main() -> None:
@@ -177,6 +241,11 @@ def main() -> None:
     ap.add_argument("--speed", action="store_true", help="Time training steps instead (module docstring).")
     ap.add_argument("--speed-steps", type=int, default=3)
     ap.add_argument("--speed-configs", default="padded-fp32,packed-fp32,packed-bf16")
+    ap.add_argument("--speed-micro", type=int, default=2, choices=(1, 2, 4, 8),
+                    help="Questions per micro-batch of the batch of 8.")
+    ap.add_argument("--synth", type=int, default=0, help="Synthesise this many questions and train on them "
+                                                          "(module docstring).")
+    ap.add_argument("--synth-file", type=Path, default=None, help="Where the synthetic questions go (resumed).")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -201,6 +270,9 @@ def main() -> None:
         in_corpus_examples(args.index, work)
         if args.speed:
             speed_table(args, work)
+            return
+        if args.synth:
+            synth_table(args, work)
             return
         print("| phase | train / validation examples | steps | s/step | peak MB | before | after |")
         print("|---|---|---|---|---|---|---|", flush=True)

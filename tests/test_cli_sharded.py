@@ -63,6 +63,12 @@ def test_train_rag_and_retriever_and_their_runs_settings(sharded, tiny_folder, t
     b = json.loads(run_cli("ask", QUESTION, "--run", tmp_path / "rag", "-k", 3, "--model", "rag-sequence",
                            "--max-new-tokens", 2, "--json"))
     assert b["model"] == "rag-sequence" and len(b["sources"]) == 3
+    # eval --run likewise: the run's generator, model, k, prior scale and index
+    run_cli("eval", "--run", tmp_path / "rag", "--task", "fanoutqa-dev", "--limit", 1, "--max-new-tokens", 2,
+            "--out", tmp_path / "eval-run")
+    config = json.loads((tmp_path / "eval-run" / "config.json").read_text())
+    assert config["generator"] == str(tmp_path / "rag" / "final" / "generator") and config["model"] == "rag-token"
+    assert config["k"] == 2 and config["prior_scale"] == 5 and config["index"] == str(sharded[0])
 
     run_cli("train", "retriever", "--index", sharded[0], "--steps", 1, "--batch-size", 2, "--eval-every", 1,
             "--save-every", 1, "--out", tmp_path / "dpr")

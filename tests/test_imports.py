@@ -12,16 +12,18 @@ ROOT = Path(ragline.__file__).parent
 # The parts in pipeline order: a module may import its own part and parts of a lower rank only. Parts of one
 # rank are siblings and may not import each other.
 PARTS = {
-    "foundation": (0, ("ragline", "ragline.errors", "ragline.vocab", "ragline.paths", "ragline.atomic",
+    "foundation": (0, ("ragline.errors", "ragline.vocab", "ragline.paths", "ragline.atomic", "ragline.version",
                        "ragline.runconfig", "ragline.profile", "ragline.yielding")),
     "corpus": (1, ("ragline.corpus",)), "questions": (1, ("ragline.questions",)),
     "models": (2, ("ragline.models",)),
     "index": (3, ("ragline.index",)),
     "retriever": (4, ("ragline.retriever",)), "scale": (4, ("ragline.scale",)),
     "rag": (5, ("ragline.rag",)),
-    "evaluate": (6, ("ragline.evaluate",)), "train": (6, ("ragline.train",)),
-    "serve": (7, ("ragline.serve",)),
-    "cli": (8, ("ragline.cli", "ragline.__main__")),
+    "system": (6, ("ragline.system",)),  # the front door, ragline.open(): what eval, serve and the CLI open
+    "evaluate": (7, ("ragline.evaluate",)), "train": (7, ("ragline.train",)),
+    "serve": (8, ("ragline.serve",)),
+    "cli": (9, ("ragline.cli", "ragline.__main__")),
+    "package": (10, ("ragline",)),  # the package itself: exports ragline.open; nothing imports it back
 }
 RANKS = {name: rank for name, (rank, _) in PARTS.items()}
 PREFIXES = {prefix: name for name, (_, prefixes) in PARTS.items() for prefix in prefixes}

@@ -22,3 +22,16 @@ def prepare(run: Path, config: dict, ignore: tuple[str, ...] = ()) -> None:
     if diff:
         raise RaglineError(f"run directory {run} holds a run with other settings ({', '.join(diff)})",
                            "resume with the same settings, or pass a new --out")
+
+
+def load_trained(run: Path) -> dict:
+    """Paths of a finished run's models: {'generator': Path, 'question_encoder': Path | None, ...}."""
+    info_path = Path(run) / "final" / "run.json"
+    if not info_path.is_file():
+        raise RaglineError(f"{run} holds no finished training run (final/run.json is missing)",
+                           "finish it (rerun `ragline train rag` with the same --out) or pass another run")
+    info = json.loads(info_path.read_text())
+    base = info_path.parent
+    info["generator"] = base / info["generator"]
+    info["question_encoder"] = base / info["question_encoder"] if info["question_encoder"] else None
+    return info

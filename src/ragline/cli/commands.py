@@ -144,23 +144,12 @@ def _open_retriever(index_dir: Path | None, query_encoder: str | None, allow_mis
                           device=device)
 
 
-def _load_generator(name: str, device: str | None, announce: bool = False, precision: str = vocab.FP32):
-    from ragline.models.loading import load_generator
-
-    if announce:
-        render.log(f"loading the generator {name}")
-    loaded = load_generator(name, device=device, precision=precision, log=render.log)
-    if announce and loaded.precision != vocab.FP32:
-        render.log(f"the generator answers in {loaded.precision}")
-    return loaded
-
-
 def _from_run(ctx: click.Context, run_dir: Path | None, settings: dict) -> dict:
     """``settings`` with a finished `ragline train rag` run's own (generator, question encoder, model, k,
     prior scale, retrieval mode, index) wherever the command line left the option at its default."""
     if run_dir is None:
         return settings
-    from ragline.train.rag import load_trained
+    from ragline.runconfig import load_trained
 
     trained = load_trained(run_dir)
     given = {name for name in settings
@@ -341,21 +330,17 @@ def ask(ctx, questions, index_dir, model_name, decoding, k, mode, generator, bea
         prior_scale, n_best, query_encoder, allow_encoder_mismatch, bm25_weight, rrf_c, run_dir, as_json,
         filters, device, precision) -> None:
     """Answer each QUESTION with RAG and print the answer with its cited passages."""
-    from ragline.rag.model import RagModel
+    from ragline.system import open as open_system
 
     s = _from_run(ctx, run_dir, {"generator": generator, "model_name": model_name, "k": k, "prior_scale": prior_scale,
                                  "mode": mode, "index_dir": index_dir, "query_encoder": query_encoder})
     vocab.check(s["model_name"], decoding)
-    loaded = _load_generator(s["generator"], device, precision=precision)
-    retriever = None
-    if s["model_name"] != vocab.CLOSED_BOOK:
-        retriever = _open_retriever(s["index_dir"], s["query_encoder"], allow_encoder_mismatch, bm25_weight, rrf_c,
-                                    loaded.question_encoder, device)
-    rag = RagModel(retriever, loaded.generator, k=s["k"] or loaded.n_docs or vocab.DEFAULT_K, mode=s["mode"],
-                   prior_scale=s["prior_scale"])
-    rag.filters = tuple(filters)
-    for a in rag.answer(list(questions), model=s["model_name"], decoding=decoding, beams=beams,
-                        max_new_tokens=max_new_tokens, length_penalty=length_penalty, n_best=n_best):
+    rag = open_system(s["index_dir"], s["generator"], precision=precision, device=device,
+                      query_encoder=s["query_encoder"], k=s["k"], model=s["model_name"], mode=s["mode"],
+                      prior_scale=s["prior_scale"], allow_encoder_mismatch=allow_encoder_mismatch,
+                      bm25_weight=bm25_weight, rrf_c=rrf_c, log=render.log)
+    for a in rag.ask(list(questions), decoding=decoding, beams=beams, max_new_tokens=max_new_tokens,
+                     length_penalty=length_penalty, n_best=n_best, filters=filters):
         if as_json:
             print(json.dumps(a.to_dict(), ensure_ascii=False))
         else:
@@ -418,20 +403,27 @@ def _eval_options(f):
 @_eval_options
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Run directory (rerun with the same settings to resume).")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+              help="A finished `ragline train rag` run: its trained models and the settings it trained with "
+                   "(model, k, prior scale, mode, index), unless given here.")
 @_skip_bad_option
 @_filter_option
-def eval_cmd(task, fmt, index_dir, model_name, decoding, k, mode, generator, beams, max_new_tokens, length_penalty,
-             prior_scale, query_encoder, limit, batch, out, skip_bad, filters, device, precision) -> None:
+@click.pass_context
+def eval_cmd(ctx, task, fmt, index_dir, model_name, decoding, k, mode, generator, beams, max_new_tokens,
+             length_penalty, prior_scale, query_encoder, limit, batch, out, run_dir, skip_bad, filters, device,
+             precision) -> None:
     """Answer a task's questions into a run directory: KILT-format predictions and a report."""
     from ragline.evaluate.answers import EvalConfig, run_eval
     from ragline.evaluate.report import markdown
 
-    vocab.check(model_name, decoding)
-    cfg = EvalConfig(task=task, format=fmt, index=str(index_dir) if index_dir else None, model=model_name,
-                     decoding=decoding, k=k, mode=mode, generator=generator,
+    s = _from_run(ctx, run_dir, {"generator": generator, "model_name": model_name, "k": k, "prior_scale": prior_scale,
+                                 "mode": mode, "index_dir": index_dir, "query_encoder": query_encoder})
+    vocab.check(s["model_name"], decoding)
+    cfg = EvalConfig(task=task, format=fmt, index=str(s["index_dir"]) if s["index_dir"] else None,
+                     model=s["model_name"], decoding=decoding, k=s["k"], mode=s["mode"], generator=s["generator"],
                      beams=beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
-                     prior_scale=prior_scale, limit=limit, batch=batch, query_encoder=query_encoder, device=device,
-                     precision=precision, filters=list(filters))
+                     prior_scale=s["prior_scale"], limit=limit, batch=batch, query_encoder=s["query_encoder"],
+                     device=device, precision=precision, filters=list(filters))
     report = run_eval(cfg, Path(out), skip_bad=skip_bad, log=render.log)
     render.markdown(markdown(report))
 
@@ -536,14 +528,15 @@ def _serving_model(ctx: click.Context, o: dict):
                                       "index_dir": o["index_dir"], "query_encoder": o["query_encoder"]})
 
     def load() -> RagModel:
-        loaded = _load_generator(s["generator"], o["device"], announce=True, precision=o["precision"])
-        if hasattr(loaded.generator, "kv_cache"):
-            from ragline.models.prefill import cache_of_mb
+        from ragline.system import open as open_system
 
-            loaded.generator.kv_cache = cache_of_mb(o["kv_cache_mb"])
-        retriever = _open_retriever(s["index_dir"], s["query_encoder"], checkpoint_encoder=loaded.question_encoder,
-                                    device=o["device"])
-        return RagModel(retriever, loaded.generator, k=loaded.n_docs or vocab.DEFAULT_K, prior_scale=s["prior_scale"])
+        render.log(f"loading the generator {s['generator']}")
+        system = open_system(s["index_dir"], s["generator"], precision=o["precision"], device=o["device"],
+                             query_encoder=s["query_encoder"], prior_scale=s["prior_scale"],
+                             kv_cache_mb=o["kv_cache_mb"], log=render.log)
+        if system.opened.precision != vocab.FP32:
+            render.log(f"the generator answers in {system.opened.precision}")
+        return system.model
 
     turns = Turns()
     rag = turns.call(load)
@@ -738,18 +731,20 @@ def synth(index_dir, out, questions, generator, seed, filters, roundtrip_k, mode
           as_json, device, precision) -> None:
     """Synthesise training questions with short answers from an index's passages (for `train rag` and
     `train retriever`), keeping only pairs that pass the filters."""
+    from ragline.system import open as open_system
     from ragline.train.synth import Synthesiser, model_functions
 
-    loaded = _load_generator(generator, device, announce=True, precision=precision)
-    retriever = _open_retriever(index_dir, None, checkpoint_encoder=loaded.question_encoder, device=device)
-    retriever.follow = False  # the file records the generation it was synthesised from
+    render.log(f"loading the generator {generator}")
+    system = open_system(index_dir, generator, precision=precision, device=device, log=render.log,
+                         follow=False)  # the file records the generation it was synthesised from
+    retriever = system.retriever
     index = retriever.index
     mode = mode or (vocab.DEFAULT_MODE if vocab.DEFAULT_MODE in index.modes else index.modes[0])
     if mode not in index.modes:
         raise RaglineError(f"index {index.name} cannot search {mode}", f"use --mode {' or '.join(index.modes)}")
     cfg = SynthConfig(generator=generator, seed=seed, filters=tuple(dict.fromkeys(filters)) or SYNTH_FILTERS,
                       roundtrip_k=roundtrip_k, mode=mode, max_answer_words=max_answer_words, precision=precision)
-    generate, search, answer = model_functions(loaded.generator, retriever, mode, cfg.max_new_tokens)
+    generate, search, answer = model_functions(system.generator, retriever, mode, cfg.max_new_tokens)
     runner = Synthesiser(cfg, Path(out), index.store, index.fingerprint, generate, search, answer,
                          alive=getattr(index, "alive", None), batch_size=batch_size)
     stats = runner.run(questions, log=render.log)
@@ -813,7 +808,7 @@ def demo(question, k, mode, model_name, generator, limit, device, precision) -> 
     with RAG and print the answer with its sources."""
     from ragline.index.build import BuildOptions, build_index
     from ragline.index.manifest import is_index_dir
-    from ragline.rag.model import RagModel
+    from ragline.system import open as open_system
 
     out = paths.default_index_dir()
     if not is_index_dir(out):
@@ -821,8 +816,6 @@ def demo(question, k, mode, model_name, generator, limit, device, precision) -> 
                    "(a few minutes on 2 cores; interrupt and rerun to resume)")
         build_index(BuildOptions(source="wiki-leads", out=out, limit=limit, device=device), log=render.log)
     render.log("the first use of a bundled generator converts its weights once")
-    loaded = _load_generator(generator, device, announce=True, precision=precision)
-    retriever = _open_retriever(out, None, checkpoint_encoder=loaded.question_encoder, device=device)
-    rag = RagModel(retriever, loaded.generator, k=k, mode=mode)
-    for a in rag.answer([question], model=model_name):
-        render.answer(a)
+    render.log(f"loading the generator {generator}")
+    rag = open_system(out, generator, precision=precision, device=device, k=k, mode=mode, log=render.log)
+    render.answer(rag.ask(question, model=model_name))

@@ -137,9 +137,7 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
 
     from ragline import paths
     from ragline.index.registry import open_index
-    from ragline.models.loading import load_generator
-    from ragline.rag.model import RagModel
-    from ragline.retriever import open_retriever
+    from ragline.system import open as open_system
 
     index = None
     if cfg.model != vocab.CLOSED_BOOK or cfg.task in BUNDLED_TASKS:
@@ -160,14 +158,10 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
     if todo:
         log(f"{len(done)} of {len(task.questions)} questions already answered in {out}" if done else
             f"answering {len(task.questions)} questions of {task.name} into {out}")
-        loaded = load_generator(cfg.generator, device=cfg.device, precision=cfg.precision, log=log)
-        retriever = None
-        if cfg.model != vocab.CLOSED_BOOK:
-            # pinned to the generation the run's config names: answers from a newer one never land in this run
-            retriever = open_retriever(index, cfg.query_encoder, loaded.question_encoder, log=log, device=cfg.device,
-                                       follow=False)
-        rag = RagModel(retriever, loaded.generator, k=cfg.k, mode=cfg.mode, prior_scale=cfg.prior_scale)
-        rag.filters = tuple(cfg.filters)
+        # pinned to the generation the run's config names (follow=False): answers from a newer one never land here
+        rag = open_system(index, cfg.generator, precision=cfg.precision, device=cfg.device,
+                          query_encoder=cfg.query_encoder, k=cfg.k, model=cfg.model, mode=cfg.mode,
+                          prior_scale=cfg.prior_scale, follow=False, log=log).model
         with open(preds_path, "a", encoding="utf-8") as f, \
                 tqdm(total=len(task.questions), initial=len(done), disable=not progress, unit="q") as bar:
             for lo in range(0, len(todo), cfg.batch):
@@ -175,7 +169,7 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
                 t0 = time.perf_counter()
                 answers = rag.answer([q.question for q in batch], model=cfg.model, decoding=cfg.decoding,
                                      k=cfg.k, beams=cfg.beams, max_new_tokens=cfg.max_new_tokens,
-                                     length_penalty=cfg.length_penalty)
+                                     length_penalty=cfg.length_penalty, filters=cfg.filters)
                 secs = (time.perf_counter() - t0) / len(batch)
                 f.write("".join(json.dumps(_prediction(q.id, q.question, a, secs, index), ensure_ascii=False) + "\n"
                                 for q, a in zip(batch, answers, strict=True)))

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import ragline
 from ragline import atomic
 from ragline.corpus.passages import DEFAULT_WORDS, split_documents
 from ragline.corpus.readers import ReadStats, detect_format, links_notice, read_corpus
@@ -32,6 +31,7 @@ from ragline.index import manifest as mf
 from ragline.index.registry import list_indexes
 from ragline.index.sparse import BM25Index, BM25Stats
 from ragline.models.encoders import BiEncoder, Encoder
+from ragline.version import __version__
 
 STATE = "build-state.json"
 
@@ -111,7 +111,7 @@ def prepare_build(opts: BuildOptions) -> tuple[Path, Path, str]:
 
 def new_manifest(name: str, corpus: dict) -> dict:
     """A manifest with its corpus entry; ``encoder``, ``dense`` and ``bm25`` are filled as parts are built."""
-    return {"format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "ragline_version": ragline.__version__,
+    return {"format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "ragline_version": __version__,
             "name": name, "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "corpus": corpus,
             "encoder": {"dim": 0, "passage": {"fingerprint": None, "name": None}}, "dense": None, "bm25": None}
 

@@ -85,21 +85,24 @@ class RagModel:
 
     def __init__(self, retriever: Retriever | None, generator: Generator, k: int = vocab.DEFAULT_K,
                  mode: str = vocab.DEFAULT_MODE, prior_scale: float | None = None) -> None:
+        """``k`` and ``mode`` are the defaults of calls that give none; a call's own retrieval settings (mode,
+        filters) travel with it, so one model serves requests with different settings."""
         self.retriever, self.generator, self.k, self.mode = retriever, generator, k, mode
         self.prior_scale = prior_scale
-        self.filters: tuple[str, ...] = ()  # metadata conditions on the passages retrieved (index/filters.py)
 
-    def retrieve(self, questions: Sequence[str], k: int, grad: bool = False
-                 ) -> tuple[list[list[Passage]], torch.Tensor, float]:
-        """Top-k passages per question, their retrieval scores q(x)·d(z), (B, K), and the prior scale s for
-        them: with ``grad`` the scores are recomputed from the stored d(z) with gradient to the question
-        encoder."""
+    def retrieve(self, questions: Sequence[str], k: int, grad: bool = False, mode: str | None = None,
+                 filters: Sequence[str] = ()) -> tuple[list[list[Passage]], torch.Tensor, float]:
+        """Top-k passages per question (``mode`` retrieval, default the model's; among those that pass
+        ``filters``), their retrieval scores q(x)·d(z), (B, K), and the prior scale s for them: with ``grad`` the
+        scores are recomputed from the stored d(z) with gradient to the question encoder."""
         if self.retriever is None:
             raise RaglineError("this model has no retriever", "open it with an index, or use --model closed-book")
-        res = self.retriever.retrieve(list(questions), k=k, mode=self.mode, with_vectors=True, filters=self.filters)
+        mode = mode or self.mode
+        filters = tuple(filters or ())
+        res = self.retriever.retrieve(list(questions), k=k, mode=mode, with_vectors=True, filters=filters)
         if (res.rows < 0).any():
-            where = f", filter {' '.join(self.filters)}" if self.filters else ""
-            raise RaglineError(f"fewer than k={k} passages matched a question ({self.mode} retrieval{where})",
+            where = f", filter {' '.join(filters)}" if filters else ""
+            raise RaglineError(f"fewer than k={k} passages matched a question ({mode} retrieval{where})",
                                "use dense or hybrid retrieval, a smaller -k" + (", or wider filters" if where else ""))
         flat = res.index.store.get(res.rows.reshape(-1))  # one fetch for the batch: (B * K) passages
         passages = [flat[b * k : (b + 1) * k] for b in range(len(res.rows))]
@@ -136,8 +139,10 @@ class RagModel:
                length_penalty: float = vocab.DEFAULT_LENGTH_PENALTY, n_best: int = 1,
                on_step: Callable[[list[str]], None] | None = None,
                on_passages: Callable[[list[list[Source]]], None] | None = None,
-               should_stop: Callable[[], bool] | None = None) -> list[Answer]:
-        """Decode an answer per question. ``length_penalty`` ranks finished beams by
+               should_stop: Callable[[], bool] | None = None, mode: str | None = None,
+               filters: Sequence[str] = ()) -> list[Answer]:
+        """Decode an answer per question from the passages ``mode`` retrieval (default: the model's) finds
+        among those that pass ``filters``. ``length_penalty`` ranks finished beams by
         log p / len ** length_penalty (0.0, the default, ranks by log p; 1.0, HF's default, favours longer
         answers).
         ``on_passages`` receives each question's retrieved passages with their prior (posterior None) before
@@ -155,7 +160,7 @@ class RagModel:
         if model == vocab.CLOSED_BOOK:
             passages, scores, scale = [[None] for _ in questions], torch.zeros(len(questions), 1), 1.0
         else:
-            passages, scores, scale = self.retrieve(questions, k)
+            passages, scores, scale = self.retrieve(questions, k, mode=mode, filters=filters)
         doc = marginal.doc_log_probs(scale * scores)  # (B, K) log p_eta(z|x)
         if on_passages is not None:
             on_passages([_sources(zs, scores[b], doc[b]) for b, zs in enumerate(passages)])

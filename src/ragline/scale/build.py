@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-import ragline
 from ragline import atomic
 from ragline.corpus.readers import ReadStats
 from ragline.corpus.store import PassageStore, PassageStoreWriter
@@ -41,6 +40,7 @@ from ragline.index.sparse import BM25Stats
 from ragline.models.encoders import BiEncoder
 from ragline.scale.cluster import connect
 from ragline.scale.sharded import FORMAT, FORMAT_VERSION, SHARDS, shard_name
+from ragline.version import __version__
 
 STATE = "sharding.json"
 STATS = "bm25-stats.json"
@@ -303,7 +303,7 @@ def _manifest(opts: BuildOptions, name: str, fmt: str, stats, fingerprint: str, 
         shards.append({"name": s["name"], "offset": s["offset"], "passages": s["passages"],
                        "fingerprint": m["fingerprint"]})
     first = mf.read_manifest(work / SHARDS / shards[0]["name"])
-    top = {"format": FORMAT, "format_version": FORMAT_VERSION, "ragline_version": ragline.__version__, "name": name,
+    top = {"format": FORMAT, "format_version": FORMAT_VERSION, "ragline_version": __version__, "name": name,
            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
            "corpus": {"source": str(opts.source), "format": fmt, "fingerprint": fingerprint,
                       "documents": stats.documents, "skipped": stats.skipped, "passages": n,

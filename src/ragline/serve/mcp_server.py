@@ -27,7 +27,7 @@ from pydantic import Field
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ragline import __version__, vocab
+from ragline import vocab
 from ragline.errors import RaglineError
 from ragline.rag import citations as cite
 from ragline.rag.model import Answer, RagModel
@@ -45,6 +45,7 @@ from ragline.serve.budget import (
     settings_k,
 )
 from ragline.serve.worker import ModelWorker
+from ragline.version import __version__
 
 INSTRUCTIONS = ("ragline answers questions from its own passage index (Retrieval-Augmented Generation) and says "
                 "which passages each answer came from. Use `search` to read the passages on a topic, `ask` for an "

@@ -256,16 +256,13 @@ class ModelWorker:
             for j, srcs in zip(batch, sources, strict=True):
                 tell(j, j.on_passages, srcs)
 
-        # this batch holds the turn from here to its retrieval's end (yield points all come after it), so nothing
-        # else reads these meanwhile
-        self.rag.mode, self.rag.filters = s.mode, s.filters
         try:
             with yielding.hooked(self.turns.give_way):  # at each yield point, a less served batch goes first
                 answers: list[Any] = self.rag.answer(
                     [j.question for j in batch], model=s.model, decoding=s.decoding, k=s.k, beams=s.beams,
                     max_new_tokens=s.max_new_tokens, n_best=s.n_best, on_step=on_step if streams else None,
                     on_passages=on_passages if streams else None,
-                    should_stop=lambda: all(j.gone.is_set() for j in batch))
+                    should_stop=lambda: all(j.gone.is_set() for j in batch), mode=s.mode, filters=s.filters)
         except DecodingStopped:
             with self._cond:
                 self.abandoned += len(batch)

@@ -18,7 +18,6 @@ The batch of step s is fixed by the seed and s alone (a per-epoch permutation), 
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -31,6 +30,7 @@ from ragline.errors import RaglineError
 from ragline.models import device as devices
 from ragline.models.encoders import Encoder
 from ragline.models.generators import Generator
+from ragline.runconfig import load_trained
 from ragline.train.data import Example, read_examples, split_validation
 from ragline.train.loop import LoopConfig, Trainer
 from ragline.train.run import RunDir, seed_everything
@@ -187,19 +187,6 @@ class RagTrainer(Trainer):
                     "prior_scale": self.cfg.prior_scale, "index": self.cfg.index, "mode": TRAINING_MODE,
                     "question_encoder": "question_encoder" if self.cfg.train_question_encoder else None}
         return self.run.write_final(fill)
-
-
-def load_trained(run: Path) -> dict:
-    """Paths of a finished run's models: {'generator': Path, 'question_encoder': Path | None, ...}."""
-    info_path = Path(run) / "final" / "run.json"
-    if not info_path.is_file():
-        raise RaglineError(f"{run} holds no finished training run (final/run.json is missing)",
-                           "finish it (rerun `ragline train rag` with the same --out) or pass another run")
-    info = json.loads(info_path.read_text())
-    base = info_path.parent
-    info["generator"] = base / info["generator"]
-    info["question_encoder"] = base / info["question_encoder"] if info["question_encoder"] else None
-    return info
 
 
 def export_run(run: Path, out: Path, log: Callable[[str], None] = print) -> Path:
