@@ -4,7 +4,7 @@ How it measures and what it prints: docs/benchmarks.md (training.py).
 
     python3 benchmarks/training.py [--index DIR] [--steps 60] [--qwen-steps 20] [--phases rag-smollm2,...]
     python3 benchmarks/training.py --speed [--speed-steps 3] [--speed-configs padded-fp32,packed-fp32,packed-bf16]
-    python3 benchmarks/training.py --synth 1000 [--synth-file FILE] [--retriever-steps 100]
+    python3 benchmarks/training.py --synth 1000 [--synth-file FILE] [--retriever-steps 100] [--synth-rag-steps 100]
 
 ``--speed``: seconds per optimiser step of Qwen2.5-0.5B through LoRA, RAG-Sequence, k=5, batch 8 (micro-batches
 of ``--speed-micro`` questions, their gradients accumulated: the same gradient, less memory), for each
@@ -18,7 +18,9 @@ memory.
 ``--synth N``: N questions synthesised from the index by ``ragline synth`` (into ``--synth-file``, resumed if it
 is there), the retriever trained on them alone, and page recall@1/5/20 on the FanOutQA dev sub-questions (ids
 0-7) whose gold page is in the index, none of which any run trained on: before and after, with the number of
-questions found at k after and not before (better) and the reverse (worse).
+questions found at k after and not before (better) and the reverse (worse). With ``--synth-rag-steps``, also
+the question encoder trained by RAG-Sequence's marginal likelihood with the generator frozen, so that it learns
+only through p(z|x) (the paper's Table 6 compares frozen and learned retrieval).
 """
 
 from __future__ import annotations
@@ -209,22 +211,43 @@ def synth_table(args: argparse.Namespace, work: Path) -> None:
                          for i, p in enumerate(dev)])
 
     question = index.manifest["encoder"]["question"]
-    before = found(load_encoder(question.get("source") or question["name"], question["max_seq_length"]))
-    cfg = RetrieverTrainConfig(train=str(synth_file), index=str(args.index), lr=2e-5, batch_size=16,
-                               steps=args.retriever_steps, warmup=10, val_fraction=0.05, eval_every=50,
-                               save_every=args.retriever_steps, seed=0)
-    t0 = time.perf_counter()
-    RetrieverTrainer(cfg, work / "dpr-synth", progress=False, log=lambda m: print(m, file=sys.stderr)).run_training()
-    seconds = time.perf_counter() - t0
-    after = found(load_encoder(str(work / "dpr-synth" / "final" / "question_encoder")))
-    print(f"\nretriever trained on {stats['questions']} synthetic questions alone, {cfg.steps} steps of "
-          f"{cfg.batch_size} ({seconds:.0f} s); {len(dev)} dev questions (ids 0-7) with their page in the index, "
-          "none trained on\n")
-    print("| recall | untrained | trained on synthetic | better | worse |")
-    print("|---|---|---|---|---|")
-    for j, k in enumerate((1, 5, 20)):
-        b, a = before[:, j], after[:, j]
-        print(f"| @{k} | {b.mean():.3f} | {a.mean():.3f} | {int((a & ~b).sum())} | {int((b & ~a).sum())} |")
+    rows = {"untrained (the index's own)": found(load_encoder(question.get("source") or question["name"],
+                                                             question["max_seq_length"]))}
+    notes = []
+    if args.retriever_steps:
+        cfg = RetrieverTrainConfig(train=str(synth_file), index=str(args.index), lr=2e-5, batch_size=16,
+                                   steps=args.retriever_steps, warmup=5, val_fraction=0.05, eval_every=50,
+                                   save_every=args.retriever_steps, seed=0, hard_negatives=args.synth_hard_negatives)
+        t0 = time.perf_counter()
+        RetrieverTrainer(cfg, work / "dpr-synth", progress=False,
+                         log=lambda m: print(m, file=sys.stderr)).run_training()
+        rows[f"DPR training (in-batch + {args.synth_hard_negatives} BM25 negatives)"] = found(
+            load_encoder(str(work / "dpr-synth" / "final" / "question_encoder")))
+        notes.append(f"DPR: {cfg.steps} steps of {cfg.batch_size}, {time.perf_counter() - t0:.0f} s")
+    if args.synth_rag_steps:
+        from ragline.train.rag import RagTrainConfig, RagTrainer
+
+        cfg = RagTrainConfig(train=str(synth_file), index=str(args.index), generator="qwen2.5-0.5b",
+                             model="rag-sequence", k=5, generator_training="frozen", train_question_encoder=True,
+                             question_encoder_lr=2e-5, batch_size=8, steps=args.synth_rag_steps, warmup=10,
+                             val_fraction=0.05, val_limit=32, eval_every=args.synth_rag_steps,
+                             save_every=args.synth_rag_steps, precision="bf16", seed=0)
+        t0 = time.perf_counter()
+        RagTrainer(cfg, work / "rag-qe-synth", progress=False, log=lambda m: print(m, file=sys.stderr)).run_training()
+        rows["RAG-Sequence k=5, generator frozen: through p(z|x) only"] = found(
+            load_encoder(str(work / "rag-qe-synth" / "final" / "question_encoder")))
+        notes.append(f"RAG: {cfg.steps} steps of {cfg.batch_size}, bf16, {time.perf_counter() - t0:.0f} s")
+    print(f"\nquestion encoders trained on {stats['questions']} synthetic questions alone ({'; '.join(notes)}); "
+          f"{len(dev)} dev questions (ids 0-7) with their page in the index, none trained on; better / worse: "
+          "questions found at k that the untrained encoder missed / found\n")
+    print("| question encoder | recall@1 | recall@5 | recall@20 | better / worse @1 | @5 | @20 |")
+    print("|---|---|---|---|---|---|---|")
+    base = next(iter(rows.values()))
+    for name, got in rows.items():
+        recall = " | ".join(f"{got[:, j].mean():.3f}" for j in range(3))
+        paired = " | ".join(f"{int((got[:, j] & ~base[:, j]).sum())} / {int((base[:, j] & ~got[:, j]).sum())}"
+                            for j in range(3))
+        print(f"| {name} | {recall} | {paired} |", flush=True)
 
 
 def main() -> None:
@@ -246,6 +269,12 @@ def main() -> None:
     ap.add_argument("--synth", type=int, default=0, help="Synthesise this many questions and train on them "
                                                           "(module docstring).")
     ap.add_argument("--synth-file", type=Path, default=None, help="Where the synthetic questions go (resumed).")
+    ap.add_argument("--synth-hard-negatives", type=int, default=0,
+                    help="BM25 hard negatives per synthetic question in DPR training (0: in-batch only; BM25 "
+                         "negatives lowered recall on the dev questions, docs/training.md)")
+    ap.add_argument("--synth-rag-steps", type=int, default=0,
+                    help="Also train the question encoder through RAG's p(z|x) alone (generator frozen), this many "
+                         "steps of 8.")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -229,8 +229,9 @@ class TextEncoder(Encoder):
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         """q(x) with gradient (for training the question encoder): float32 tensor (n, dim)."""
+        prepare = getattr(self.model, "preprocess", None) or self.model.tokenize  # tokenize: before 6.x
         features = {k: v.to(self.model.device) if isinstance(v, torch.Tensor) else v
-                    for k, v in self.model.tokenize(texts).items()}
+                    for k, v in prepare(texts).items()}
         return self.model(features)["sentence_embedding"]
 
     @torch.inference_mode()
