@@ -35,3 +35,13 @@ def load_trained(run: Path) -> dict:
     info["generator"] = base / info["generator"]
     info["question_encoder"] = base / info["question_encoder"] if info["question_encoder"] else None
     return info
+
+
+def trained_settings(run: Path) -> dict:
+    """A finished training run's models and the settings it trained with, by the names ``ragline.open`` takes
+    (generator, query_encoder, model, k, prior_scale, mode, index); None where the run says nothing."""
+    trained = load_trained(run)
+    return {"generator": str(trained["generator"]), "model": trained.get("model"), "k": trained.get("k"),
+            "prior_scale": trained.get("prior_scale"), "mode": trained.get("mode"),
+            "index": Path(trained["index"]) if trained.get("index") else None,
+            "query_encoder": str(trained["question_encoder"]) if trained.get("question_encoder") else None}

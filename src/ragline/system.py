@@ -27,7 +27,7 @@ from ragline.models.loading import LoadedGenerator, load_generator
 from ragline.rag.marginal import Likelihood
 from ragline.rag.model import Answer, RagModel
 from ragline.retriever import Hit, open_retriever
-from ragline.runconfig import load_trained
+from ragline.runconfig import trained_settings
 
 
 @dataclass(frozen=True)
@@ -131,12 +131,8 @@ def open(index: str | Path | Index | None = None, generator: str = vocab.DEFAULT
 
 def _from_run(run: Path, settings: dict, defaults: dict) -> dict:
     """``settings`` with a finished training run's own wherever they are None (or at ``defaults``)."""
-    trained = load_trained(run)
-    carried = {"generator": str(trained["generator"]), "model": trained.get("model"), "k": trained.get("k"),
-               "prior_scale": trained.get("prior_scale"), "mode": trained.get("mode"), "index": trained.get("index"),
-               "query_encoder": str(trained["question_encoder"]) if trained.get("question_encoder") else None}
     out = dict(settings)
-    for name, value in carried.items():
+    for name, value in trained_settings(run).items():
         if value is not None and (out.get(name) is None or out.get(name) == defaults.get(name)):
             out[name] = value
     return out

@@ -149,17 +149,15 @@ def _from_run(ctx: click.Context, run_dir: Path | None, settings: dict) -> dict:
     prior scale, retrieval mode, index) wherever the command line left the option at its default."""
     if run_dir is None:
         return settings
-    from ragline.runconfig import load_trained
+    from ragline.runconfig import trained_settings
 
-    trained = load_trained(run_dir)
+    trained = trained_settings(run_dir)
     given = {name for name in settings
              if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
     out = dict(settings)
-    carried = {"generator": str(trained["generator"]), "model_name": trained.get("model"), "k": trained.get("k"),
-               "prior_scale": trained.get("prior_scale"), "mode": trained.get("mode"),
-               "index_dir": Path(trained["index"]) if trained.get("index") else None,
-               "query_encoder": str(trained["question_encoder"]) if trained.get("question_encoder") else None}
-    for name, value in carried.items():
+    option = {"model": "model_name", "index": "index_dir"}  # the options' names where they differ
+    for name, value in trained.items():
+        name = option.get(name, name)
         if name in settings and name not in given and value is not None:
             out[name] = value
     return out
