@@ -148,10 +148,10 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, train
 
 
 def test_bf16_autocast_trains_where_the_cpu_has_bf16(tmp_path, train_file, small_index):
-    from ragline.train.rag import _cpu_has_bf16
+    from ragline.models.precision import native
 
     cfg = _cfg(train_file, small_index, steps=2, precision="bf16")
-    if not _cpu_has_bf16():
+    if not native("bf16", torch.device("cpu"))[0]:
         with pytest.raises(RaglineError, match="no bf16 instructions"):
             _trainer(cfg, tmp_path / "run")
         pytest.skip("this CPU has no bf16 instructions: checked that bf16 is refused with a message instead")

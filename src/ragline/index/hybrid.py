@@ -3,9 +3,10 @@
     RRF(z) = sum over rankings r of  w_r / (c + rank_r(z))      (rank starts at 1)
 
 A passage absent from a ranking contributes nothing for it. Ties break by the best single rank, then row.
-Defaults (c = 20, dense weight 1, BM25 weight 0.3) were chosen on the FanOutQA dev split over the bundled
-corpus, where they make hybrid recall@1/5/20/100 at least dense's; plain RRF (c = 60, equal weights) lost
-about 7 points of recall@1 there because BM25 is much weaker than the dense retriever on that corpus.
+Defaults (``vocab.RRF_C`` = 20, dense weight 1, ``vocab.BM25_WEIGHT`` = 0.3) were chosen on the FanOutQA dev
+split over the bundled corpus, where they make hybrid recall@1/5/20/100 at least dense's; plain RRF (c = 60,
+equal weights) lost about 7 points of recall@1 there because BM25 is much weaker than the dense retriever on
+that corpus.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-RRF_C = 20
-BM25_WEIGHT = 0.3
+from ragline import vocab
 
 
-def rrf_fuse(rankings: list[np.ndarray], k: int, c: float = RRF_C,
+def rrf_fuse(rankings: list[np.ndarray], k: int, c: float = vocab.RRF_C,
              weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fuse rankings, each (B, n_r) of rows with -1 padding, into (scores, rows) of shape (B, k)."""
     weights = [1.0] * len(rankings) if weights is None else list(weights)

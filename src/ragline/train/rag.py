@@ -28,6 +28,7 @@ import torch
 from ragline import vocab
 from ragline.errors import RaglineError
 from ragline.models import device as devices
+from ragline.models import precision as precisions
 from ragline.models.encoders import Encoder
 from ragline.models.generators import Generator
 from ragline.runconfig import load_trained
@@ -74,15 +75,10 @@ def check_config(cfg: RagTrainConfig) -> None:
         raise RaglineError("k must be at least 1", "pass a positive -k")
     if cfg.precision not in ("fp32", "bf16"):
         raise RaglineError(f"unknown precision {cfg.precision!r}", "use --precision fp32 or bf16")
-    if cfg.precision == "bf16" and devices.resolve(cfg.device).type == "cpu" and not _cpu_has_bf16():
-        raise RaglineError("this CPU has no bf16 instructions (AVX512-BF16 / AMX)", "use --precision fp32")
-
-
-def _cpu_has_bf16() -> bool:
-    cpu = torch.backends.cpu
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-                or "AVX512_BF16" in str(getattr(cpu, "get_cpu_capability", lambda: "")()))
+    if cfg.precision == vocab.BF16:
+        native, why = precisions.native(vocab.BF16, devices.resolve(cfg.device))  # the one bf16 check
+        if not native:
+            raise RaglineError(why, "use --precision fp32")
 
 
 def _apply_generator_training(gen: Generator, cfg: RagTrainConfig) -> None:
