@@ -97,3 +97,16 @@ def test_import_ragline_stays_light():
     out = subprocess.run([sys.executable, "-c", "import sys, ragline; print('torch' in sys.modules)"],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_ragline_ask_prints_no_warning(small_index, tiny_folder, tmp_path):
+    """Run as a user runs it, with Python's warnings shown: nothing ragline calls is deprecated or warns."""
+    import os
+
+    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    done = subprocess.run([sys.executable, "-m", "ragline", "ask", QUESTION, "--index", str(small_index),
+                           "--generator", str(tiny_folder), "-k", "2", "--max-new-tokens", "2", "--model",
+                           "rag-sequence"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = (done.stdout + done.stderr).lower()
+    assert "warning" not in said and "deprecat" not in said, done.stderr[-2000:]
