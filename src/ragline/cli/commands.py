@@ -125,6 +125,12 @@ def _check_filters(ctx, param, value):
     return list(value)
 
 
+def _run_option(f):
+    return click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+                        help="A finished `ragline train rag` run: its trained models and the settings it trained "
+                             "with (model, k, prior scale, mode, index), unless given here.")(f)
+
+
 def _skip_bad_option(f):
     return click.option("--skip-bad", is_flag=True,
                         help="Skip malformed question records (each reported) instead of failing.")(f)
@@ -316,9 +322,7 @@ def search(questions, index_dir, k, mode, query_encoder, allow_encoder_mismatch,
 @click.option("--n-best", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Also print the next best answers (beam decodings).")
 @_retrieval_options
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
-              help="A finished `ragline train rag` run: its trained models and the settings it trained with "
-                   "(model, k, prior scale, mode, index), unless given here.")
+@_run_option
 @click.option("--json", "as_json", is_flag=True, help="Print the full answer structure as JSON lines.")
 @_filter_option
 @_device_option
@@ -401,9 +405,7 @@ def _eval_options(f):
 @_eval_options
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Run directory (rerun with the same settings to resume).")
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
-              help="A finished `ragline train rag` run: its trained models and the settings it trained with "
-                   "(model, k, prior scale, mode, index), unless given here.")
+@_run_option
 @_skip_bad_option
 @_filter_option
 @click.pass_context
