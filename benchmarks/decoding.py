@@ -147,10 +147,11 @@ def worker(system: str, model: str, mode: str, batch: int, work: Path, beams: in
             doc = doc_log_probs(scores[lo:hi])
             if model == "rag-token":
                 out = rag_token_decode(gen, questions[lo:hi], passages[lo:hi], doc, beams=nbeams,
-                                       max_new_tokens=max_new)
+                                       max_new_tokens=max_new, length_penalty=1.0)  # as HF's above
             else:
                 out = rag_sequence_decode(gen, questions[lo:hi], passages[lo:hi], doc, beams=nbeams,
-                                          max_new_tokens=max_new, thorough=mode == "thorough")
+                                          max_new_tokens=max_new, thorough=mode == "thorough",
+                                          length_penalty=1.0)
             return [d.tokens for d in out]
 
     def full_pass() -> list[list[int]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from ragline import paths
+from ragline import paths, vocab
 from ragline.evaluate.retrieval import evaluate_retrieval, load_retrieval_questions
 from ragline.index.build import BuildOptions, build_index
 from ragline.index.dense import DenseIndex
@@ -25,7 +25,7 @@ from ragline.retriever import Retriever
 from ragline.vocab import INDEX_TYPES
 
 K = 10
-KS = (1, 5, 20, 100)
+KS = vocab.RETRIEVAL_KS
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import lead_passages
 
+from ragline.models import causal
 from ragline.models import decode_cache as dc
-from ragline.models import generators
 from ragline.models.generators import CausalGenerator
 from ragline.rag.decoding import rag_sequence_decode, rag_token_decode
 
@@ -48,7 +48,7 @@ def test_steps_in_place_equal_the_concatenated_cache_bit_for_bit(smollm2, wiki_d
     ours, state = _steps(gen, prompts)
     assert dc.is_decode_cache(state.cache)
     with monkeypatch.context() as m:
-        m.setattr(generators, "decode_cache", lambda cache, rows: None)  # transformers' cache: cat, index_select
+        m.setattr(causal, "decode_cache", lambda cache, rows: None)  # transformers' cache: cat, index_select
         theirs, plain = _steps(gen, prompts)
     assert not dc.is_decode_cache(plain.cache)
     for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
@@ -89,7 +89,7 @@ def test_decoded_answers_are_those_of_the_concatenated_cache(smollm2, wiki_docs,
             (rag_token_decode, {"beams": 1}))
     ours = [[(d.tokens, d.logprob) for d in fn(gen, QUESTIONS, passages, doc, max_new_tokens=10, **kw)]
             for fn, kw in runs]
-    monkeypatch.setattr(generators, "decode_cache", lambda cache, rows: None)
+    monkeypatch.setattr(causal, "decode_cache", lambda cache, rows: None)
     theirs = [[(d.tokens, d.logprob) for d in fn(gen, QUESTIONS, passages, doc, max_new_tokens=10, **kw)]
               for fn, kw in runs]
     assert ours == theirs

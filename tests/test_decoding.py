@@ -6,11 +6,10 @@ import torch
 from test_hf_reference import _batch, _generating_bart, _strip, tiny  # noqa: F401 - fixture
 
 from ragline.corpus.passages import Passage
-from ragline.models.generators import PackedPass, PaddedPass
+from ragline.models.thorough import PackedPass, PaddedPass, scoring_passes
 from ragline.rag import marginal
 from ragline.rag.decoding import (
     RowStepper,
-    _scoring_passes,
     beam_search,
     rag_sequence_decode,
     rag_token_decode,
@@ -47,7 +46,7 @@ def test_plain_beam_search_equals_hugging_face_generate(tiny, model):  # noqa: F
                            forced_bos_token_id=None, forced_eos_token_id=None, length_penalty=1.0,
                            early_stopping=False, output_scores=True, return_dict_in_generate=True)
     step = RowStepper(gen, prompts, len(prompts), 1, 4, lambda logp, _: logp[:, :, 0])
-    ours = beam_search(step, len(prompts), 4, stop_ids(gen), 10)
+    ours = beam_search(step, len(prompts), 4, stop_ids(gen), 10, length_penalty=1.0)  # HF's default
     assert [[h.tokens for h in hs] for hs in ours] == [[_strip(s, gen.pad_id) for s in hf.sequences[i * 4 : i * 4 + 4]]
                                                        for i in range(len(prompts))]
     torch.testing.assert_close(torch.tensor([h.score for hs in ours for h in hs]), hf.sequences_scores,
@@ -204,7 +203,7 @@ def test_scoring_passes_hold_at_most_their_budget_of_positions():
     """Thorough decoding's scoring passes are cut by the positions the generator computes: a padded pass
     computes rows x longest, a packed one each distinct (row, prefix) of the targets' tokens after their first."""
     items = [(0, (7,) * n, 0) for n in (2, 2, 3, 5, 9)]  # sorted by length, as a padded pass sorts them
-    padded = _scoring_passes(items, 1, 12, PaddedPass)
+    padded = scoring_passes(items, 1, 12, PaddedPass)
     assert [len(c) for c in padded] == [3, 1, 1]  # 3 x 3 = 9; 4 x 5 = 20 is over; 2 x 9 = 18 is over
     assert [x for c in padded for x in c] == items
     # packed: one row's targets that begin alike share their positions; other rows (passages) do not
@@ -215,7 +214,7 @@ def test_scoring_passes_hold_at_most_their_budget_of_positions():
     for q, y, z in items:
         plan.add(q * 2 + z, y)
     assert plan.positions == 3 + 1 + 3 + 1  # (7, 1, 2) once for row 0, then (..., 4); row 1 again; (8,)
-    assert [len(c) for c in _scoring_passes(items, 2, 7, PackedPass)] == [3, 1]  # 3 + 1 + 3; + 1 is over
-    assert [len(c) for c in _scoring_passes(items, 2, 4, PackedPass)] == [2, 2]
-    assert _scoring_passes(items[1:2], 2, 3, PackedPass) == [items[1:2]]  # an item over the budget goes alone
-    assert _scoring_passes([], 2, 3, PackedPass) == []
+    assert [len(c) for c in scoring_passes(items, 2, 7, PackedPass)] == [3, 1]  # 3 + 1 + 3; + 1 is over
+    assert [len(c) for c in scoring_passes(items, 2, 4, PackedPass)] == [2, 2]
+    assert scoring_passes(items[1:2], 2, 3, PackedPass) == [items[1:2]]  # an item over the budget goes alone
+    assert scoring_passes([], 2, 3, PackedPass) == []

@@ -156,7 +156,7 @@ def test_rag_token_generation_matches_hugging_face(tiny, model, beams):
     bart = _generating_bart(tiny, *model)
     gen, questions, passages, doc_scores, hf = _hf_generate("token", tiny, bart, beams, max_new=12)
     ours = rag_token_decode(gen, questions, passages, marginal.doc_log_probs(doc_scores), beams=beams,
-                            max_new_tokens=12)
+                            max_new_tokens=12, length_penalty=1.0)  # HF's default
     assert [d.tokens for d in ours] == hf
 
 
@@ -171,7 +171,7 @@ def test_rag_sequence_thorough_generation_matches_hugging_face(tiny, model, beam
     gen, questions, passages, doc_scores, hf = _hf_generate("sequence", tiny, bart, beams, max_new=12,
                                                             same_length=True)
     ours = rag_sequence_decode(gen, questions, passages, marginal.doc_log_probs(doc_scores), beams=beams,
-                               max_new_tokens=12, thorough=True)
+                               max_new_tokens=12, thorough=True, length_penalty=1.0)  # HF's default
     assert [d.tokens for d in ours] == hf
 
 

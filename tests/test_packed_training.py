@@ -39,17 +39,17 @@ def _loss_and_grads(rag, model: str, packed: bool) -> tuple[float, dict[str, tor
 
 @pytest.mark.parametrize("model", ["rag-sequence", "rag-token"])
 def test_packed_loss_and_gradients_equal_the_padded_ones(rag, model, monkeypatch):
-    from ragline.models import generators
+    from ragline.models import causal
 
     calls = []
-    real = generators.prefill
+    real = causal.prefill
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("states"))
         return real(*args, **kwargs)
 
     padded_loss, padded = _loss_and_grads(rag, model, packed=False)
-    monkeypatch.setattr(generators, "prefill", spy)
+    monkeypatch.setattr(causal, "prefill", spy)
     try:
         packed_loss, packed = _loss_and_grads(rag, model, packed=True)
     finally:

@@ -12,10 +12,11 @@ from conftest import lead_passages
 from ragline import profile, vocab, yielding
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
-from ragline.models import generators, logprobs
+from ragline.models import causal, logprobs
 from ragline.models import precision as precisions
-from ragline.models.generators import CausalGenerator, ScoringMemo
-from ragline.models.prefill import BLOCK, PrefixCache, PrefixStates, block_keys, continuation_logits, prefill
+from ragline.models.generators import CausalGenerator
+from ragline.models.prefill import BLOCK, PrefixCache, block_keys, prefill
+from ragline.models.thorough import PrefixStates, ScoringMemo, continuation_logits
 from ragline.models.tiny import tiny_causal
 from ragline.rag import marginal
 from ragline.rag.decoding import RowStepper, beam_search, rag_sequence_decode, rag_token_decode, stop_ids
@@ -368,7 +369,7 @@ def test_packed_thorough_scoring_shares_positions_and_equals_scoring_every_pair(
     passages = [zs[:3], zs[3:]]
     doc = torch.log_softmax(torch.tensor([[1.0, 0.6, 0.2], [0.3, 0.9, 0.5]]), -1)
     fed, computed = [], []
-    original = generators.continuation_logits
+    original = causal.continuation_logits
 
     def counting(model, cache, mask, positions, rows, tokens, states=None):
         out = original(model, cache, mask, positions, rows, tokens, states)
@@ -378,11 +379,11 @@ def test_packed_thorough_scoring_shares_positions_and_equals_scoring_every_pair(
     scoring = smol.continuation_logprobs
     smol.continuation_logprobs = lambda state, first, rows, targets, mask, *a: fed.append(
         int((mask.sum(1) - 1).sum())) or scoring(state, first, rows, targets, mask, *a)
-    generators.continuation_logits = counting
+    causal.continuation_logits = counting
     try:
         got = rag_sequence_decode(smol, questions, passages, doc, beams=3, max_new_tokens=8, n_best=n_best)
     finally:
-        generators.continuation_logits = original
+        causal.continuation_logits = original
         del smol.continuation_logprobs
     assert 0 < sum(computed) < sum(fed)  # positions shared: fewer computed than the pairs' tokens
     for q, answer in enumerate(got):

@@ -74,8 +74,8 @@ DEFAULT_INDEX_TYPE = "flat"
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_DEVICE = "auto"
 
-# Retrieval evaluation cut-offs.
-RETRIEVAL_KS = (1, 5, 20, 100)
+# Retrieval evaluation cut-offs (eval-retrieval, score, the report, training's held-back recall).
+RETRIEVAL_KS = (1, 5, 10, 20, 100)
 
 
 def default_decoding(model: str) -> str:

@@ -177,7 +177,7 @@ def run_eval(cfg: EvalConfig, out: Path, skip_bad: bool = False, progress: bool 
                 os.fsync(f.fileno())
                 bar.update(len(batch))
         done = _read_predictions(preds_path)
-    ks = sorted({k for k in (1, 5, 10, cfg.k) if k <= cfg.k}) if cfg.model != vocab.CLOSED_BOOK else [1]
+    ks = sorted({k for k in (*vocab.RETRIEVAL_KS, cfg.k) if k <= cfg.k}) if cfg.model != vocab.CLOSED_BOOK else [1]
     report = {
         "run": out.name, "config": asdict(cfg),
         "task": {"name": task.name, "format": task.format, "kind": task.kind, "questions": len(task.questions),

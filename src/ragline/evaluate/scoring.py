@@ -34,6 +34,7 @@ from pathlib import Path
 from ragline.errors import RaglineError
 from ragline.evaluate import metrics as m
 from ragline.questions import Page, Question, load_task
+from ragline.vocab import RETRIEVAL_KS
 
 KILT_ANSWER_METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
     "accuracy": m.accuracy, "em": m.exact_match, "f1": m.token_f1, "rouge_l": m.rouge_l}
@@ -43,7 +44,6 @@ ANSWER_METRICS: dict[str, dict[str, Callable[[str, Sequence[str]], float]]] = {
     "free": {**KILT_ANSWER_METRICS, "bleu1": m.bleu1},
     "regex": {"em": m.regex_match},
 }
-DEFAULT_KS = (1, 5, 10, 20)
 WIKIPEDIA_ID, TITLE = "wikipedia_id", "title"
 
 
@@ -127,7 +127,7 @@ def score_question(q: Question, kind: str, prediction: dict | None, ks: Sequence
 
 
 def score_run(questions: Sequence[Question], kind: str, predictions: dict[str, dict],
-              ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+              ks: Sequence[int] = RETRIEVAL_KS) -> dict[str, float]:
     """Mean metrics over all ``questions`` (KILT's denominators); retrieval and KILT metrics only where the
     task gives provenance."""
     per_q = [score_question(q, kind, predictions.get(q.id), ks) for q in questions]
@@ -170,7 +170,7 @@ def read_guesses(path: Path) -> dict[str, dict]:
     return out
 
 
-def score_files(gold: Path, guess: Path, ks: Sequence[int] = DEFAULT_KS) -> dict:
+def score_files(gold: Path, guess: Path, ks: Sequence[int] = RETRIEVAL_KS) -> dict:
     """``ragline score``: a KILT gold file against a KILT prediction file; every gold id needs a prediction
     (predictions of other ids are ignored, as KILT's script ignores them)."""
     task = load_task(gold, "kilt", require_answers=False)

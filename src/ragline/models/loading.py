@@ -20,9 +20,11 @@ from ragline.models import device as devices
 from ragline.models import precision as precisions
 from ragline.models import rag_checkpoint
 from ragline.models.catalog import generator_path, is_bundled_generator
+from ragline.models.causal import CausalGenerator
 from ragline.models.encoders import Encoder
-from ragline.models.generators import CausalGenerator, Generator, Seq2SeqGenerator
+from ragline.models.generator import Generator
 from ragline.models.packed_linear import pack_linears
+from ragline.models.seq2seq import Seq2SeqGenerator
 
 CAUSAL, SEQ2SEQ, RAG = "causal", "seq2seq", "rag"
 GENERATOR_KINDS = (CAUSAL, SEQ2SEQ, RAG)

@@ -249,7 +249,7 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
     profile.count(profile.PROMPT_TOKENS, sum(len(r) for r in rows))
     profile.count(profile.COMPUTED_TOKENS, s)
     profile.count(profile.CACHED_TOKENS, past_len)
-    out = _packed_pass(model, ids, pos, past, allowed, lambda: _rows_layout(nodes, owned, spans, past_len, device),
+    out = packed_pass(model, ids, pos, past, allowed, lambda: _rows_layout(nodes, owned, spans, past_len, device),
                        logits_to_keep=want.to(device))
     layers = [(layer.keys, layer.values) for layer in output_cache(out).layers]  # (1, kv_heads, past + S, d)
 
@@ -282,145 +282,7 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
                      torch.tensor(lengths, device=device), right)
 
 
-Node = tuple[int, tuple[int, ...]]  # a continuation position: (row, the continuation's tokens up to it)
-
-
-class PrefixStates:
-    """Keys and values of continuation positions that earlier :func:`continuation_logits` passes over one
-    decoding cache computed, by node: a later pass over the same cache reads them instead of computing those
-    positions again (thorough decoding's scoring rounds). Held for one such series of passes."""
-
-    def __init__(self) -> None:
-        self._at: dict[Node, tuple[int, int]] = {}  # node -> (pass, column)
-        self._passes: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per pass, per layer: (kv_heads, S, d)
-
-    def __contains__(self, node: Node) -> bool:
-        return node in self._at
-
-    def __len__(self) -> int:
-        return len(self._at)
-
-    def keep(self, nodes: Sequence[Node], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Hold ``layers``' keys and values (kv_heads, len(nodes), d) per layer, column i being ``nodes[i]``'s."""
-        for i, node in enumerate(nodes):
-            self._at.setdefault(node, (len(self._passes), i))
-        self._passes.append(layers)
-
-    def gather(self, nodes: Sequence[Node]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the keys and values of ``nodes`` (all held), in that order: (1, kv_heads, len(nodes), d)."""
-        at = [self._at[n] for n in nodes]
-        by_pass = sorted(set(p for p, _ in at))
-        grouped = sorted(range(len(at)), key=lambda i: at[i])  # the nodes pass by pass
-        columns = [torch.tensor([at[i][1] for i in grouped if at[i][0] == p]) for p in by_pass]
-        device = self._passes[0][0][0].device
-        back = torch.empty(len(at), dtype=torch.long)
-        back[torch.tensor(grouped)] = torch.arange(len(at))  # each node's place among the grouped
-        back = back.to(device)
-        return [tuple(torch.cat([self._passes[p][layer][i].index_select(1, c.to(device))
-                                 for p, c in zip(by_pass, columns, strict=True)], 1).index_select(1, back)[None]
-                      for i in range(2))
-                for layer in range(len(self._passes[0]))]
-
-
-def continuation_nodes(row: int, prefixes: Sequence[Sequence[int]], states: PrefixStates | None = None
-                       ) -> set[Node]:
-    """The positions a :func:`continuation_logits` pass computes for the continuations ``prefixes`` of
-    ``row``: each one's last position (whose logits are asked for), and the earlier positions that
-    ``states`` does not hold; each distinct (row, prefix) once."""
-    out: set[Node] = set()
-    for toks in prefixes:
-        out.add((row, tuple(toks)))
-        out.update((row, tuple(toks[:j])) for j in range(1, len(toks)) if states is None or
-                   (row, tuple(toks[:j])) not in states)
-    return out
-
-
-@dataclass
-class Continued:
-    """What :func:`continuation_logits` computed: each position it computed once."""
-
-    logits: torch.Tensor  # (S, V) after each computed position, on the packed axis
-    where: torch.Tensor   # (N,) the logits row after each continuation's last token
-
-
-def continuation_logits(model: torch.nn.Module, cache: object, attention_mask: torch.Tensor,
-                        positions: torch.Tensor, rows: Sequence[int], tokens: Sequence[Sequence[int]],
-                        states: PrefixStates | None = None) -> Continued:
-    """Logits after the last token of each continuation ``tokens[i]`` of row ``rows[i]`` of a left-padded
-    decoding cache (``cache``: (N, kv_heads, L, head_dim) per layer, ``attention_mask`` (N, L), next
-    ``positions`` (N,)), in one packed pass. Every continuation needs one token or more.
-
-    A causal model's state after a token depends only on the tokens up to it, so continuations of one row
-    that begin alike share their first positions: the pass computes each distinct (row, prefix) once, a
-    prefix tree per row (thorough decoding's candidates under one passage often share their first tokens:
-    the beams of one passage diverge late), and reads the keys and values of earlier positions that
-    ``states`` holds from there (each continuation's last position is computed: its logits are asked for);
-    the positions it computes enter ``states``. Each position attends to its row's prompt, read from
-    ``cache`` (left as it is; each row's once, however many continuations read it), and to its prefix's
-    earlier positions, at its position within the row: the causal rule of a padded pass over
-    [prompt][continuation][padding], without computing the padding or a shared position twice (the last
-    feed-forward and output layer included), as the packed prefill lays rows out (the module docstring)."""
-    from transformers import DynamicCache
-
-    device = attention_mask.device
-    if min((len(t) for t in tokens), default=0) < 1:
-        raise ValueError("every continuation needs at least one token")
-    order = list(dict.fromkeys(rows))  # distinct rows, first seen first
-    asked: dict[int, list[Sequence[int]]] = {r: [] for r in order}
-    for r, toks in zip(rows, tokens, strict=True):
-        asked[r].append(toks)
-    fresh = {r: sorted(continuation_nodes(r, asked[r], states), key=lambda n: (len(n[1]), n[1])) for r in order}
-    column = {node: i for r in order for i, node in enumerate(fresh[r])}  # within the row's computed positions
-    held = {r: sorted({(r, node[1][:j]) for node in fresh[r] for j in range(1, len(node[1]))} - set(column))
-            for r in order}  # earlier positions read from ``states``
-    read = [node for r in order for node in held[r]]
-    sel = torch.tensor(order, dtype=torch.long, device=device)
-    n, width = len(order), attention_mask.shape[1]
-    prompt = attention_mask[sel].sum(1).tolist()  # real (left-padded) prompt tokens per row
-    start = positions[sel].tolist()  # each row's first continuation position id
-    s, past_len = sum(len(fresh[r]) for r in order), n * width + len(read)
-    # past: the rows' caches side by side on one axis, then the positions read from ``states``:
-    # (1, kv_heads, n * L + read, d); padding never read
-    stored = states.gather(read) if read else None
-    past = DynamicCache(ddp_cache_data=[
-        tuple(torch.cat([x.index_select(0, sel).transpose(0, 1).reshape(1, x.shape[1], n * width, -1),
-                         *([stored[layer][i]] if stored else [])], 2) for i, x in enumerate((lay.keys, lay.values)))
-        for layer, lay in enumerate(cache.layers)])
-    queries, keys, masks, ids, pos, first = [], [], [], [], [], {}
-    allowed = torch.zeros((s, past_len + s), dtype=torch.bool)  # (S, past + S), for the dense fallback
-    lo, at_read = 0, n * width
-    for i, (r, p) in enumerate(zip(order, prompt, strict=True)):
-        nodes, olds, m = fresh[r], held[r], len(fresh[r])
-        first[r] = lo
-        old_col = {node: j for j, node in enumerate(olds)}
-        rule = torch.zeros((m, p + len(olds) + m), dtype=torch.bool)  # the row's keys: prompt, read, computed
-        rule[:, :p] = True
-        for a, (_, toks) in enumerate(nodes):
-            for j in range(1, len(toks) + 1):  # its prefix's positions, itself included
-                node = (r, toks[:j])
-                rule[a, p + len(olds) + column[node] if node in column else p + old_col[node]] = True
-            ids.append(toks[-1])
-            pos.append(start[i] + len(toks) - 1)
-        mine = torch.cat([torch.arange((i + 1) * width - p, (i + 1) * width),
-                          torch.arange(at_read, at_read + len(olds)),
-                          torch.arange(past_len + lo, past_len + lo + m)])  # (p + read + m,) the row's keys
-        allowed[lo : lo + m, mine] = rule
-        queries.append((lo, lo + m))
-        keys.append(mine.to(device))
-        masks.append(rule.to(device))
-        lo, at_read = lo + m, at_read + len(olds)
-    out = _packed_pass(model, torch.tensor([ids]), torch.tensor([pos]), past, allowed,
-                       lambda: PackedRows(queries, keys, masks))
-    if states is not None:
-        states.keep([node for r in order for node in fresh[r]],
-                    [(lay.keys[0, :, past_len:].clone(), lay.values[0, :, past_len:].clone())
-                     for lay in output_cache(out).layers])
-    where = torch.tensor([first[r] + column[(r, tuple(toks))] for r, toks in zip(rows, tokens, strict=True)],
-                         dtype=torch.long)
-    return Continued(out.logits[0], where)  # (S, V), (N,)
-
-
-def _packed_pass(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, past: object,
+def packed_pass(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, past: object,
                  allowed: torch.Tensor, layout: Callable[[], PackedRows], **kwargs) -> object:
     """The model over one packed sequence, ``ids`` and ``pos`` (1, S), after the past keys and values ``past``:
     each row's queries read its own keys (``layout()``) where the model uses sdpa

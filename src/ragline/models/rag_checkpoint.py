@@ -22,7 +22,8 @@ from ragline import vocab
 from ragline.errors import RaglineError
 from ragline.models import device as devices
 from ragline.models.encoders import DPR_QUESTION, DprEncoder, Encoder
-from ragline.models.generators import Seq2SeqGenerator, Seq2SeqPrompt
+from ragline.models.prompts import Seq2SeqPrompt
+from ragline.models.seq2seq import Seq2SeqGenerator
 
 QUESTION_TOKENIZER_DIR, GENERATOR_TOKENIZER_DIR = "question_encoder_tokenizer", "generator_tokenizer"
 CLASSES = {vocab.RAG_SEQUENCE: "RagSequenceForGeneration", vocab.RAG_TOKEN: "RagTokenForGeneration"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ragline.models.generators import CausalGenerator
+from ragline.models.causal import CausalGenerator
 
 
 def tiny_causal(seed: int = 0) -> CausalGenerator:

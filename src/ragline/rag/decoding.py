@@ -21,7 +21,6 @@ All questions are decoded together: generator rows are (question x passage x bea
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,11 +28,12 @@ import torch
 
 from ragline import profile, yielding
 from ragline.corpus.passages import Passage
-from ragline.models.generators import DecodeState, Generator, PaddedPass, ScoringMemo
+from ragline.models.generator import DecodeState, Generator
+from ragline.models.thorough import ScoringMemo, score_missing_pairs
 from ragline.rag.marginal import marginalize
+from ragline.vocab import DEFAULT_BEAMS, DEFAULT_LENGTH_PENALTY, DEFAULT_MAX_NEW_TOKENS
 
 NEG = -1.0e9
-SCORING_BYTES = 2**27  # thorough decoding scores missing pairs in passes of at most 128 MB of logits
 
 Ranked = tuple[torch.Tensor, torch.Tensor]  # each beam's best log-probs and their tokens, (G', W, n) each
 StepFn = Callable[..., torch.Tensor | Ranked]
@@ -55,7 +55,7 @@ class Hypothesis:
 
 
 def beam_search(step: StepFn, groups: int, beams: int, stop_ids: Sequence[int], max_new_tokens: int,
-                length_penalty: float = 1.0, on_step: OnStep | None = None,
+                length_penalty: float = DEFAULT_LENGTH_PENALTY, on_step: OnStep | None = None,
                 record: dict[tuple[int, tuple[int, ...]], float] | None = None) -> list[list[Hypothesis]]:
     """HF-compatible beam search over ``groups`` at once; the W finished hypotheses of each, best first. With
     ``record``, every step's log-probability the search ranked after a running beam's tokens enters it, as
@@ -243,88 +243,6 @@ class RowStepper:
         return self.combine(logp.view(len(keep), w, self.rows, -1), keep)  # (G', W, V)
 
 
-def _scoring_passes(items: list[tuple[int, tuple[int, ...], int]], k: int, budget: int,
-                    new_pass: Callable[[], PaddedPass]) -> list[list[tuple[int, tuple[int, ...], int]]]:
-    """Consecutive runs of (question, tokens, passage) items whose scoring pass computes at most ``budget``
-    positions, as ``new_pass()`` counts them (row question x ``k`` + passage; a run holds at least one item)."""
-    chunks: list[list] = [[]]
-    plan = new_pass()
-    for q, y, z in items:
-        if chunks[-1] and plan.positions_with(q * k + z, y) > max(budget, 1):
-            chunks.append([])
-            plan = new_pass()
-        plan.add(q * k + z, y)
-        chunks[-1].append((q, y, z))
-    return chunks if chunks[0] else []
-
-
-def _logsumexp(xs: Sequence[float]) -> float:
-    top = max(xs)
-    return top if top == float("-inf") else top + math.log(sum(math.exp(x - top) for x in xs))
-
-
-def _score_missing_pairs(generator: Generator, cands: list[dict[tuple[int, ...], dict[int, float]]],
-                         doc_logprobs: torch.Tensor, state: DecodeState, first: torch.Tensor, n_best: int,
-                         memo: ScoringMemo | None = None) -> None:
-    """Thorough decoding's extra passes, fill ``cands[q][y][z] = log p_theta(y|x_q,z)`` where needed.
-
-    Branch and bound, exact: a candidate y of question x with passages M not yet scored has marginal
-
-        log p(y|x) <= log( sum_{z not in M} p_eta(z|x) p_theta(y|x,z) + sum_{z in M} p_eta(z|x) p_theta(y_<=t|x,z) )
-
-    for any prefix y_<=t of y, because each further token's probability is at most 1. The prefill holds
-    every first token's (``first``, (B*K, V)); where z's beams ranked y's next steps during decoding, or
-    earlier passes computed them for candidates that begin like y (``memo``, :class:`ScoringMemo`), the
-    bound takes y's longest prefix known, and a candidate whose every step is known is not computed.
-    Rounds score the candidates of highest bound first (1, 2, 4, ... per question, all questions in one
-    batch); a candidate whose bound is below its question's ``n_best``-th best fully scored marginal cannot be
-    among the answers and is never scored. The answers and their scores equal scoring every pair.
-
-    A pass computes each (passage, prefix) of its candidates once, and reads the keys and values of the
-    positions earlier passes computed (:meth:`Generator.continuation_logprobs` with the memo): the beams of
-    one passage share their first tokens, and later rounds' candidates extend earlier ones'."""
-    k = doc_logprobs.shape[1]
-    doc = doc_logprobs.tolist()
-    memo = memo or ScoringMemo()
-
-    def prefix(row: int, y: tuple[int, ...]) -> float:
-        """log p_theta(y_<=t | x, z) of y's longest prefix known: its first token's, then its steps that the
-        beams ranked or earlier passes computed."""
-        lp, t = float(first[row, y[0]]), 1
-        while t < len(y) and (row, y[: t + 1]) in memo.logprobs:
-            lp, t = lp + memo.logprobs[(row, y[: t + 1])], t + 1
-        return lp
-
-    def bound(q: int, y: tuple[int, ...], seen: dict[int, float]) -> float:
-        return _logsumexp([doc[q][z] + (seen[z] if z in seen else prefix(q * k + z, y)) for z in range(k)])
-
-    itemsize = getattr(generator.model, "dtype", torch.float32).itemsize  # bytes per logit
-    budget = SCORING_BYTES // (generator.vocab_size * itemsize)  # positions per pass
-    per_round = 1
-    while True:
-        todo = []
-        for q, cq in enumerate(cands):
-            done = sorted((_logsumexp([doc[q][z] + v for z, v in seen.items()])
-                           for seen in cq.values() if len(seen) == k), reverse=True)
-            bar = done[n_best - 1] - 1e-4 if len(done) >= n_best else float("-inf")  # margin: float32 rounding
-            open_ = sorted(((bound(q, y, seen), y) for y, seen in cq.items() if len(seen) < k), reverse=True)
-            todo += [(q, y, z) for ub, y in open_[:per_round] if ub >= bar for z in range(k) if z not in cq[y]]
-        if not todo:
-            return
-        order = generator.scoring_pass().order  # what shares a pass best: similar lengths, or common prefixes
-        todo.sort(key=lambda m: order(m[0] * k + m[2], m[1]))
-        for chunk in _scoring_passes(todo, k, budget, lambda: generator.scoring_pass(memo)):
-            yielding.point()
-            t = max(len(y) for _, y, _ in chunk)
-            targets = torch.tensor([list(y) + [generator.pad_id] * (t - len(y)) for _, y, _ in chunk])  # (n, T)
-            mask = torch.tensor([[i < len(y) for i in range(t)] for _, y, _ in chunk])
-            rows = torch.tensor([q * k + z for q, _, z in chunk])
-            lp = generator.continuation_logprobs(state, first, rows, targets, mask, memo)  # (n,)
-            for (q, y, z), v in zip(chunk, lp.tolist(), strict=True):
-                cands[q][y][z] = v
-        per_round *= 2
-
-
 def stop_ids(generator: Generator) -> list[int]:
     ids = {getattr(generator, "end_id", None), generator.tokenizer.eos_token_id}
     return sorted(i for i in ids if i is not None)
@@ -343,9 +261,10 @@ class Decoded:
 
 @torch.no_grad()
 def rag_token_decode(generator: Generator, questions: Sequence[str], passages: Sequence[Sequence[Passage | None]],
-                     doc_logprobs: torch.Tensor, beams: int = 1, max_new_tokens: int = 32,
-                     length_penalty: float = 1.0, n_best: int = 1, on_step: OnStep | None = None,
-                     prompts: list[str] | None = None) -> list[Decoded]:
+                     doc_logprobs: torch.Tensor, beams: int = DEFAULT_BEAMS,
+                     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, length_penalty: float = DEFAULT_LENGTH_PENALTY,
+                     n_best: int = 1, on_step: OnStep | None = None, prompts: list[str] | None = None
+                     ) -> list[Decoded]:
     """RAG-Token: greedy (beams=1) or beam search on the marginal next-token distribution; with beams, the
     ``n_best`` (<= beams) finished hypotheses in beam order are kept as alternatives. ``on_step`` receives
     each question's best running tokens after every step (for streaming). ``prompts`` (B*K, question-major)
@@ -374,8 +293,9 @@ def rag_token_decode(generator: Generator, questions: Sequence[str], passages: S
 @torch.no_grad()
 def rag_sequence_decode(generator: Generator, questions: Sequence[str],
                         passages: Sequence[Sequence[Passage | None]], doc_logprobs: torch.Tensor,
-                        beams: int = 4, max_new_tokens: int = 32, thorough: bool = True,
-                        length_penalty: float = 1.0, n_best: int = 1, on_step: OnStep | None = None) -> list[Decoded]:
+                        beams: int = DEFAULT_BEAMS, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, thorough: bool = True,
+                        length_penalty: float = DEFAULT_LENGTH_PENALTY, n_best: int = 1,
+                        on_step: OnStep | None = None) -> list[Decoded]:
     """RAG-Sequence: beam search per passage (all questions and passages at once), then the answer that
     maximises sum_z p_eta(z|x) p_theta(y|x,z) over the union of the beams' hypotheses; the ``n_best`` best
     candidates by that marginal are kept as alternatives. ``on_step`` receives, after every step, each
@@ -401,7 +321,7 @@ def rag_sequence_decode(generator: Generator, questions: Sequence[str],
     if thorough:  # score the (y, z) pairs whose beam did not produce y, over z's cached prompt
         state, first = step.prefill
         with profile.stage(profile.SCORE):
-            _score_missing_pairs(generator, cands, doc_logprobs, state, first, n_best, memo)
+            score_missing_pairs(generator, cands, doc_logprobs, state, first, n_best, memo)
     out = []
     for q in range(b):
         ranked = []

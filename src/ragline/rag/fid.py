@@ -25,8 +25,9 @@ import torch
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.models import logprobs as vocab_logprobs
-from ragline.models.generators import DecodeState, Generator, Seq2SeqGenerator
+from ragline.models.generator import DecodeState, Generator
 from ragline.models.prefill import output_cache
+from ragline.models.seq2seq import Seq2SeqGenerator
 from ragline.rag.marginal import Likelihood
 
 

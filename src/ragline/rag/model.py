@@ -27,7 +27,7 @@ from ragline import profile, vocab
 from ragline.corpus.passages import Passage
 from ragline.errors import RaglineError
 from ragline.index import manifest as mf
-from ragline.models.generators import Generator
+from ragline.models.generator import Generator
 from ragline.rag import citations as cite
 from ragline.rag import fid, marginal
 from ragline.rag.decoding import Decoded, rag_sequence_decode, rag_token_decode, stop_ids

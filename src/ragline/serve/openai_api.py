@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ragline import vocab
 from ragline.corpus.documents import locator
 from ragline.errors import RaglineError
-from ragline.models.generators import Seq2SeqGenerator
+from ragline.models.seq2seq import Seq2SeqGenerator
 from ragline.rag import citations as cite
 from ragline.rag.decoding import stop_ids
 from ragline.rag.model import Answer, RagModel

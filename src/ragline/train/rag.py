@@ -30,7 +30,7 @@ from ragline.errors import RaglineError
 from ragline.models import device as devices
 from ragline.models import precision as precisions
 from ragline.models.encoders import Encoder
-from ragline.models.generators import Generator
+from ragline.models.generator import Generator
 from ragline.runconfig import load_trained
 from ragline.train.data import Example, read_examples, split_validation
 from ragline.train.loop import LoopConfig, Trainer

@@ -86,7 +86,7 @@ def resolve_pairs(examples: list[Example], index: Index, hard_negatives: int) ->
     return pairs, missing
 
 
-def recall_at(encoder: Encoder, index: Index, pairs: list[Pair], ks: tuple[int, ...] = (1, 5, 20),
+def recall_at(encoder: Encoder, index: Index, pairs: list[Pair], ks: tuple[int, ...] = vocab.RETRIEVAL_KS,
               passage_vectors: np.ndarray | None = None) -> dict[str, float]:
     """Page-level recall@k of the pairs' positive pages by exact search with ``encoder`` over the index's
     passage vectors (or ``passage_vectors``)."""

@@ -1,0 +1,155 @@
+"""Commands that serve: ``serve`` (HTTP: native, OpenAI-compatible, MCP, the page) and ``mcp``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ragline import vocab
+from ragline.cli import render
+from ragline.cli.group import cli
+from ragline.cli.options import (
+    GENERATOR_HELP,
+    PRIOR_HELP,
+    device_option,
+    from_run,
+    index_option,
+    precision_option,
+    query_encoder_option,
+)
+from ragline.serve.budget import Budget
+
+
+def _serving_options(f):
+    """What ``serve`` and ``mcp`` share: the models, the work budget, the API key."""
+    options = [
+        index_option,
+        click.option("--generator", default=vocab.DEFAULT_GENERATOR, show_default=True, help=GENERATOR_HELP),
+        query_encoder_option,
+        click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+                     help="Serve the models of a finished `ragline train rag` run, with the prior scale and index it "
+                          "trained with unless given here."),
+        click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 64),
+                     help="Questions arriving together with the same settings are decoded in one batch of at most "
+                          "this."),
+        click.option("--prior-scale", default=None, type=float, help=PRIOR_HELP),
+        click.option("--api-key", envvar="RAGLINE_API_KEY", default=None,
+                     help="Require 'Authorization: Bearer KEY' on every HTTP route but the page (also from "
+                          "RAGLINE_API_KEY)."),
+        click.option("--max-request-tokens", default=Budget.max_request_tokens, show_default=True,
+                     type=click.IntRange(1), help="Work one request may ask: generator rows (k x beams) x (prompt + "
+                                                  "new tokens)."),
+        click.option("--max-batch-tokens", default=Budget.max_batch_tokens, show_default=True,
+                     type=click.IntRange(1), help="Work one batch may hold, in the same tokens."),
+        click.option("--max-queue", default=Budget.max_queue, show_default=True, type=click.IntRange(1),
+                     help="Requests waiting at most; more are refused (HTTP 503 with Retry-After)."),
+        click.option("--max-running", default=Budget.max_running, show_default=True, type=click.IntRange(1, 16),
+                     help="Batches of different settings decoded at once, taking turns on the model step by "
+                          "step: a question with other settings than the batch decoding starts at that batch's next "
+                          "step instead of after its last (1: one batch at a time)."),
+        click.option("--kv-cache-mb", default=vocab.DEFAULT_KV_CACHE_MB, show_default=True,
+                     type=click.FloatRange(0),
+                     help="Memory for the key/value states of prompt blocks already read (system prompt, passages), "
+                          "reused by later questions without recomputing them (decoder-only generators; 0: off)."),
+        device_option,
+        precision_option,
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _serving_model(ctx: click.Context, o: dict):
+    """The RAG model ``serve`` and ``mcp`` answer with, and the worker that owns it, from their options. The
+    model loads on the worker's model thread, which runs all of the server's torch work (serve/turns.py: one
+    thread calling into OpenMP, or every operation pays for waking its threads)."""
+    from ragline.rag.model import RagModel
+    from ragline.serve.turns import Turns
+    from ragline.serve.worker import ModelWorker
+
+    s = from_run(ctx, o["run_dir"], {"generator": o["generator"], "prior_scale": o["prior_scale"],
+                                      "index_dir": o["index_dir"], "query_encoder": o["query_encoder"]})
+
+    def load() -> RagModel:
+        from ragline.system import open as open_system
+
+        render.log(f"loading the generator {s['generator']}")
+        system = open_system(s["index_dir"], s["generator"], precision=o["precision"], device=o["device"],
+                             query_encoder=s["query_encoder"], prior_scale=s["prior_scale"],
+                             kv_cache_mb=o["kv_cache_mb"], log=render.log)
+        if system.opened.precision != vocab.FP32:
+            render.log(f"the generator answers in {system.opened.precision}")
+        return system.model
+
+    turns = Turns()
+    rag = turns.call(load)
+    budget = Budget(max_request_tokens=o["max_request_tokens"], max_batch_tokens=o["max_batch_tokens"],
+                    max_queue=o["max_queue"], max_running=o["max_running"])
+    return rag, ModelWorker(rag, max_batch=o["max_batch"], budget=budget, turns=turns)
+
+
+def _warn_open(host: str, api_key: str | None) -> None:
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not api_key and not loopback:
+        render.log(f"warning: serving on {host}, reachable from other machines, without an API key: anyone who "
+                   "can reach it can ask questions, read the passages and switch the index; pass --api-key "
+                   "(or set RAGLINE_API_KEY)")
+
+
+@cli.command()
+@_serving_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests whose Host header names NAME (repeatable; '*': any). Others than "
+                   "localhost, 127.0.0.1, [::1] and --host are refused with 421 (DNS rebinding).")
+@click.pass_context
+def serve(ctx, host, port, allowed_hosts, **o) -> None:
+    """Serve the HTTP API (POST /ask, /ask/stream, /search; GET /passages/ID, /indexes, /health), the
+    OpenAI-compatible routes (/v1/chat/completions, /v1/models, /v1/embeddings), MCP at /mcp and the page."""
+    import uvicorn
+
+    from ragline.serve.app import create_app
+
+    _warn_open(host, o["api_key"])
+    rag, worker = _serving_model(ctx, o)
+    render.log(f"serving index {rag.retriever.index.name} on http://{host}:{port} (API schema at /docs; "
+               f"OpenAI-compatible at http://{host}:{port}/v1; MCP at http://{host}:{port}/mcp)")
+    app = create_app(rag, worker=worker, api_key=o["api_key"], host=host, allowed_hosts=allowed_hosts)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@cli.command()
+@_serving_options
+@click.option("--transport", type=click.Choice(["stdio", "http"]), default="stdio", show_default=True,
+              help="stdio: talk over stdin/stdout (what desktop MCP clients launch); http: streamable HTTP at /mcp.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="With --transport http.")
+@click.option("--port", default=8001, show_default=True, type=click.IntRange(1, 65535), help="With --transport http.")
+@click.pass_context
+def mcp(ctx, transport, host, port, **o) -> None:
+    """Serve the Model Context Protocol: tools `search` and `ask` with typed inputs and structured results."""
+    import contextlib
+
+    from ragline.serve.mcp_server import create_mcp, require_key
+
+    if transport == "http":
+        _warn_open(host, o["api_key"])
+    with contextlib.redirect_stdout(sys.stderr):  # over stdio, stdout carries the protocol alone
+        rag, worker = _serving_model(ctx, o)
+    server = create_mcp(rag, worker)
+    if transport == "stdio":
+        render.log(f"MCP over stdio: index {rag.retriever.index.name}, tools search and ask")
+        server.run("stdio")
+        return
+    import uvicorn
+
+    app = server.streamable_http_app(host=host)
+    render.log(f"MCP over streamable HTTP at http://{host}:{port}/mcp: index {rag.retriever.index.name}")
+    uvicorn.run(require_key(app, o["api_key"]) if o["api_key"] else app, host=host, port=port, log_level="warning")
