@@ -17,4 +17,6 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 "$PY" -m ruff check src tests benchmarks
+# The documentation site (docs/, the API reference from the docstrings): a broken link or reference fails.
+NO_MKDOCS_2_WARNING=1 "$PY" -m mkdocs build --strict --quiet --site-dir "${RAGLINE_SITE_DIR:-site}"
 "$PY" -m pytest -q "$@"

@@ -211,7 +211,7 @@ def continuation_logits(model: torch.nn.Module, cache: object, attention_mask: t
     the positions it computes enter ``states``. Each position attends to its row's prompt, read from
     ``cache`` (left as it is; each row's once, however many continuations read it), and to its prefix's
     earlier positions, at its position within the row: the causal rule of a padded pass over
-    [prompt][continuation][padding], without computing the padding or a shared position twice (the last
+    ``[prompt][continuation][padding]``, without computing the padding or a shared position twice (the last
     feed-forward and output layer included), as the packed prefill lays rows out (the module docstring)."""
     from transformers import DynamicCache
 
