@@ -1,8 +1,10 @@
-"""Scale-out on Ray: encoding and search throughput of sharded indexes (1, 2 and 4 shards) against the local
+"""Scale: with --passages, an index of millions of passages on one machine (benchmarks/scale_passages.py);
+otherwise scale-out on Ray: encoding and search throughput of sharded indexes (1, 2 and 4 shards) against the local
 
 How it measures and what it prints: docs/benchmarks.md (scale.py).
 
     python3 benchmarks/scale.py [--docs 3000] [--shards 1,2,4] [--queries 200] [--json FILE]
+    python3 benchmarks/scale.py --passages 1000000[,3000000] --work DIR [--types flat,hnsw,...] [--queries 100]
 """
 
 from __future__ import annotations
@@ -41,7 +43,21 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--work", type=Path, default=None, help="Keep the indexes here (default: a temp folder).")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--passages", default=None, help="N[,N...]: an index of N passages on one machine (see above)")
+    ap.add_argument("--types", default="flat", help="with --passages: the dense index types to build")
+    ap.add_argument("--index", type=Path, default=None, help="with --passages: the index of the real passages "
+                    "(default: the bundled one)")
     args = ap.parse_args()
+    if args.passages:
+        from scale_passages import run
+
+        from ragline import paths
+
+        if args.work is None:
+            raise SystemExit("--passages needs --work DIR (the corpus, vectors and indexes take gigabytes)")
+        run([int(n) for n in args.passages.split(",")], args.work, args.types.split(","),
+            args.queries, args.index or paths.default_index_dir(), args.json)
+        return
 
     from ragline.index.build import BuildOptions, build_index
     from ragline.questions import load_fanoutqa

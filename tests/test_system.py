@@ -99,14 +99,22 @@ def test_import_ragline_stays_light():
     assert out.strip() == "False"
 
 
-def test_ragline_ask_prints_no_warning(small_index, tiny_folder, tmp_path):
-    """Run as a user runs it, with Python's warnings shown: nothing ragline calls is deprecated or warns."""
+@pytest.mark.parametrize("command", ["ask", "eval", "train rag"])
+def test_ragline_commands_print_no_warning(small_index, tiny_folder, tmp_path, command):
+    """Run as a user runs them, with Python's warnings shown: nothing ragline calls while answering, evaluating
+    or training is deprecated or warns."""
     import os
 
+    tiny = ["--index", str(small_index), "--generator", str(tiny_folder), "-k", "2"]
+    args = {"ask": ["ask", QUESTION, *tiny, "--max-new-tokens", "2", "--model", "rag-sequence"],
+            "eval": ["eval", "--limit", "2", *tiny, "--max-new-tokens", "2", "--out", str(tmp_path / "run")],
+            "train rag": ["train", "rag", "--train", "fanoutqa-dev", *tiny, "--steps", "2", "--batch-size", "2",
+                          "--val-limit", "2", "--eval-every", "1", "--save-every", "1", "--generator-training", "lora",
+                          "--out", str(tmp_path / "t")],
+            }[command]
     env = {**os.environ, "PYTHONWARNINGS": "default"}
-    done = subprocess.run([sys.executable, "-m", "ragline", "ask", QUESTION, "--index", str(small_index),
-                           "--generator", str(tiny_folder), "-k", "2", "--max-new-tokens", "2", "--model",
-                           "rag-sequence"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-m", "ragline", *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     said = (done.stdout + done.stderr).lower()
     assert "warning" not in said and "deprecat" not in said, done.stderr[-2000:]

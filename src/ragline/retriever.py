@@ -194,7 +194,7 @@ class Retriever:
             scores, rows = rrf_fuse([dense_rows, bm25_rows], k, c=self.rrf_c, weights=(1.0, self.bm25_weight))
         return scores, rows
 
-    def search(self, questions: list[str], k: int = 10, mode: str = vocab.DEFAULT_MODE,
+    def search(self, questions: list[str], k: int = vocab.DEFAULT_SEARCH_K, mode: str = vocab.DEFAULT_MODE,
                filters: Sequence[str | Condition] | None = None) -> list[list[Hit]]:
         """Ranked hits (id, title, text, score, metadata) for each question, among the passages that pass
         ``filters``."""

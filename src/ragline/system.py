@@ -72,7 +72,7 @@ class Rag:
                                 n_best=n_best, mode=mode or self.opened.mode, filters=tuple(filters))
         return out[0] if one else out
 
-    def search(self, questions: str | Sequence[str], k: int = 10, mode: str | None = None,
+    def search(self, questions: str | Sequence[str], k: int = vocab.DEFAULT_SEARCH_K, mode: str | None = None,
                filters: Sequence[str] = ()) -> list[Hit] | list[list[Hit]]:
         """Ranked passages for ``questions`` (one question: its hits; a list: a list of them)."""
         if self.model.retriever is None:

@@ -35,6 +35,7 @@ TRAINING_GENERATOR = "smollm2"  # `ragline train rag`: small enough to fine-tune
 
 # Decoding defaults, the same for `ask`, `eval`, `report`, `serve` and the Python API.
 DEFAULT_K = 5                 # passages marginalised over
+DEFAULT_SEARCH_K = 10         # passages a search returns (ragline search, Rag.search, Retriever.search)
 DEFAULT_BEAMS = 4
 DEFAULT_MAX_NEW_TOKENS = 32
 # Finished beams are ranked by log p / length ** LENGTH_PENALTY. 0 ranks by log p itself: the answers of the

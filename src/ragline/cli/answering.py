@@ -31,7 +31,7 @@ DEMO_QUESTION = "Who directed the film 2001: A Space Odyssey?"
 @cli.command()
 @click.argument("questions", nargs=-1, required=True)
 @index_option
-@click.option("-k", "k", default=10, show_default=True, type=int)
+@click.option("-k", "k", default=vocab.DEFAULT_SEARCH_K, show_default=True, type=int)
 @mode_option()
 @retrieval_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")

@@ -92,8 +92,18 @@ def build_index(opts: BuildOptions, encoders: BiEncoder | None = None,
                 _encode(opts, work, encoders, fingerprint, n, log)
             manifest["timing"]["encode_seconds"] = round(time.perf_counter() - t1, 2)
         finish_index(opts, work, out, manifest, log)
-        log(f"index ready: {out} (fingerprint {manifest['fingerprint']}, {time.perf_counter() - t0:.1f} s)")
+        log(f"index ready: {out} (fingerprint {manifest['fingerprint']}, {time.perf_counter() - t0:.1f} s, "
+            f"peak memory {peak_rss_gib():.2f} GiB)")
         return out
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far, GiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def prepare_build(opts: BuildOptions) -> tuple[Path, Path, str]:

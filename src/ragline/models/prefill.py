@@ -314,8 +314,9 @@ def cache_kwarg(model: torch.nn.Module, cache: object) -> dict:
     transformers 5 releases (which warn about the old name), ``past_key_values`` before."""
     kind = type(model)
     name = _CACHE_NAMES.get(kind)
-    if name is None:
-        params = inspect.signature(model.forward).parameters
+    if name is None:  # a peft wrapper passes its keyword arguments on: the wrapped model's name counts
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(inner.forward).parameters
         name = _CACHE_NAMES[kind] = "cache" if "cache" in params else "past_key_values"
     return {name: cache}
 

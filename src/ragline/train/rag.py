@@ -18,6 +18,7 @@ The batch of step s is fixed by the seed and s alone (a per-epoch permutation), 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -91,8 +92,10 @@ def _apply_generator_training(gen: Generator, cfg: RagTrainConfig) -> None:
         if not targets:
             raise RaglineError(f"no attention projections found in {gen.name} for LoRA",
                                "use --generator-training full or frozen")
-        gen.model = get_peft_model(gen.model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                         target_modules=targets))
+        with warnings.catch_warnings():  # peft reads transformers' deprecated name; nothing ragline can rename
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            gen.model = get_peft_model(gen.model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                             lora_dropout=0.0, target_modules=targets))
     for name, p in gen.model.named_parameters():
         p.requires_grad_(cfg.generator_training == "full" or (cfg.generator_training == "lora" and "lora_" in name))
     gen.model.eval()

@@ -1,0 +1,162 @@
+"""Scale on one machine: an index of N passages built, opened, searched and changed, each step measured.
+
+    python3 benchmarks/scale.py --passages 1000000[,3000000] --work DIR [--types flat,hnsw,ivfpq,sq8]
+                                [--queries 100]
+
+For each N the corpus and its vectors come from benchmarks/scale_corpus.py (the bundled leads' real passages
+as needles among distractors made of the leads' sentences). For each index type, in fresh processes, one at a
+time (so that each peak is its own):
+
+* ``ragline index --source corpus --embeddings vectors --index-type T``: seconds, peak resident memory (the
+  process's, read at its exit), size on disk; the manifest's recall@10 against exact search for approximate
+  types;
+* the probe (this file with ``--probe``): seconds to open the index (``open_retriever``), single-query search
+  latency p50 / p95 for dense, BM25 and hybrid over dev questions, batched queries per second, and
+  ``eval-retrieval``'s recall@k of the dev questions (ids 0-7) whose page is among the needles;
+* ``ragline add`` of 1,000 new documents, ``ragline delete`` of those 1,000, ``ragline compact``: seconds and
+  peak memory each.
+
+Prints one table row per (N, type) and, with ``--json``, every number.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Runs ragline's CLI in a child and prints the child's peak resident memory (KiB) to stderr at its exit.
+PEAK = ("import atexit, resource, runpy, sys\n"
+        "atexit.register(lambda: print(f'PEAK_RSS_KB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}',"
+        " file=sys.stderr))\n"
+        "sys.argv = ['ragline', *sys.argv[1:]]\n"
+        "runpy.run_module('ragline', run_name='__main__')\n")
+HERE = Path(__file__).resolve().parent
+ADDED = 1000
+
+
+def measured(args: list[str], what: str) -> dict:
+    """Run ``ragline ARGS`` in a child: its seconds and peak memory (GiB); fails loudly."""
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True)
+    secs = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
+    kb = [int(x) for x in re.findall(r"PEAK_RSS_KB=(\d+)", done.stderr)]
+    print(f"  {what}: {secs:.1f} s, peak {kb[-1] / 2**20:.2f} GiB", file=sys.stderr)
+    return {"seconds": secs, "peak_gib": kb[-1] / 2**20, "log": done.stderr[-2000:]}
+
+
+def probe(index: Path, queries: int) -> dict:
+    """Open the index and search it (run in a fresh process by :func:`run`); prints JSON."""
+    import resource
+
+    import numpy as np
+
+    from ragline import vocab
+    from ragline.evaluate.retrieval import evaluate_retrieval, load_retrieval_questions
+    from ragline.questions import load_fanoutqa
+    from ragline.retriever import open_retriever
+
+    t0 = time.perf_counter()
+    r = open_retriever(index, None, log=lambda m: None)
+    out = {"open_s": time.perf_counter() - t0}
+    qs = [q.question for q in load_fanoutqa("dev") if q.id[0] in "01234567"][:queries]
+    r.retrieve(qs[:2], 10, vocab.DENSE)  # the encoder's first call
+    for mode in vocab.MODES:
+        lat = []
+        for q in qs:
+            t = time.perf_counter()
+            r.retrieve([q], 10, mode)
+            lat.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for lo in range(0, len(qs), 32):
+            r.retrieve(qs[lo : lo + 32], 10, mode)
+        out[mode] = {"p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * float(np.percentile(lat, 95)),
+                     "batched_qps": len(qs) / (time.perf_counter() - t)}
+    dev, _ = load_retrieval_questions("fanoutqa-dev", r.index)
+    for mode in vocab.MODES:
+        m = evaluate_retrieval(r, dev, (1, 5, 20), mode)
+        out[mode].update({f"recall@{k}": m[f"recall@{k}"] for k in (1, 5, 20)}, questions=len(dev))
+    out["probe_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
+
+
+def _added_docs(path: Path, corpus: Path) -> Path:
+    """``ADDED`` new documents (the corpus's first distractors' texts under new ids), as JSONL."""
+    lines = []
+    with corpus.open(encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["id"].startswith("mix-"):
+                lines.append(json.dumps({"id": f"added-{len(lines)}", "title": f"Added {len(lines)}",
+                                         "text": rec["text"]}))
+                if len(lines) == ADDED:
+                    break
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(passages: list[int], work: Path, types: list[str], queries: int, index_dir: Path, json_out: Path | None
+        ) -> None:
+    from scale_corpus import make
+
+    rows = []
+    for n in passages:
+        corpus, vectors = make(n, work, index_dir, log=lambda m: print(m, file=sys.stderr))
+        for kind in types:
+            out = work / f"index-{n}-{kind}"
+            row = {"passages": n, "type": kind}
+            print(f"{n:,} passages, {kind}:", file=sys.stderr)
+            row["build"] = measured(["index", "--source", str(corpus), "--embeddings", str(vectors), "--out", str(out),
+                                     "--index-type", kind, "--force"], "build")
+            man = json.loads((out / "manifest.json").read_text())
+            row["disk_gib"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**30
+            row["recall10_vs_exact"] = (man.get("dense") or {}).get("recall_at_10_vs_exact")
+            done = subprocess.run([sys.executable, str(Path(__file__)), "--probe", str(out), "--queries",
+                                   str(queries)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"probe failed:\n{done.stderr[-3000:]}")
+            row["probe"] = json.loads(done.stdout.strip().splitlines()[-1])
+            added = _added_docs(work / "added.jsonl", corpus)
+            row["add"] = measured(["add", "--index", str(out), str(added)], f"add {ADDED}")
+            doc_args = [a for i in range(ADDED) for a in ("--doc", f"added-{i}")]
+            row["delete"] = measured(["delete", "--index", str(out), *doc_args], f"delete {ADDED}")
+            row["compact"] = measured(["compact", "--index", str(out)], "compact")
+            for part in ("build", "add", "delete", "compact"):
+                row[part].pop("log")
+            rows.append(row)
+    print(f"\none machine ({_cpu()}), vectors given (--embeddings); latency over {queries} dev questions, k=10\n")
+    print("| passages | type | build s | build peak GiB | disk GiB | recall@10 vs exact | open s | "
+          "dense p50 / p95 ms | BM25 p50 / p95 ms | hybrid p50 / p95 ms | hybrid q/s batched | "
+          "dev recall@20 dense / hybrid | add 1,000 s (GiB) | delete 1,000 s | compact s (GiB) |")
+    print("|" + "---|" * 15)
+    for r in rows:
+        p = r["probe"]
+        lat = " | ".join(f"{p[m]['p50_ms']:.0f} / {p[m]['p95_ms']:.0f}" for m in ("dense", "bm25", "hybrid"))
+        exact = "-" if r["recall10_vs_exact"] is None else f"{r['recall10_vs_exact']:.3f}"
+        print(f"| {r['passages']:,} | {r['type']} | {r['build']['seconds']:.0f} | {r['build']['peak_gib']:.2f} | "
+              f"{r['disk_gib']:.2f} | {exact} | {p['open_s']:.1f} | {lat} | {p['hybrid']['batched_qps']:.0f} | "
+              f"{p['dense']['recall@20']:.3f} / {p['hybrid']['recall@20']:.3f} | "
+              f"{r['add']['seconds']:.0f} ({r['add']['peak_gib']:.2f}) | {r['delete']['seconds']:.0f} | "
+              f"{r['compact']['seconds']:.0f} ({r['compact']['peak_gib']:.2f}) |")
+    if json_out:
+        json_out.write_text(json.dumps(rows, indent=1))
+
+
+def _cpu() -> str:
+    import os
+
+    return f"{os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "--probe":
+        queries = int(sys.argv[sys.argv.index("--queries") + 1]) if "--queries" in sys.argv else 100
+        print(json.dumps(probe(Path(sys.argv[2]), queries)))
+    else:
+        raise SystemExit("run through benchmarks/scale.py --passages N")
