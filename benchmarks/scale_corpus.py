@@ -10,11 +10,12 @@ WORK/vectors-N``.
   titles, at seeded random places in the corpus. ``eval-retrieval`` on the dev questions then shows how
   recall degrades as distractors grow.
 * **Distractors**: the rest, each made of whole sentences of the leads drawn at random (up to 100 words),
-  titled ``Mix <n>`` (never a real page's title, so no distractor counts as a gold page). BM25 sees the leads'
-  own vocabulary statistics. A distractor's vector is the normalised mean of its sentences' vectors, each
-  sentence encoded once by the index's passage encoder (cached in ``WORK/sentences.npy``). Random vectors are
-  no substitute: noise-dominated vectors have no neighbours worth the name, and approximate indexes behave
-  unlike on real data.
+  titled after the page of its first sentence with `` (mix)`` added (never a real page's title, so no
+  distractor counts as a gold page; and no made-up word, so BM25 sees the leads' own vocabulary). A
+  distractor's vector is the normalised mean of its sentences' vectors, each sentence encoded once by the
+  index's passage encoder (cached in ``WORK/sentences-S.npy``). Random vectors are no substitute:
+  noise-dominated vectors have no neighbours worth the name, and approximate indexes behave unlike on real
+  data.
 
 Memory stays bounded: passages are written in blocks of ``--block`` rows.
 """
@@ -35,16 +36,16 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 MAX_WORDS = 100
 
 
-def leads_sentences(texts: list[str]) -> list[str]:
+def leads_sentences(texts: list[str]) -> tuple[list[str], list[int]]:
     """The sentences of the passages' texts (split after . ! ? before a capital, digit or quote), each of at
-    most ``MAX_WORDS`` words, duplicates dropped, in first-seen order."""
-    seen: dict[str, None] = {}
-    for text in texts:
+    most ``MAX_WORDS`` words, duplicates dropped, in first-seen order; and the passage each came from."""
+    seen: dict[str, int] = {}
+    for row, text in enumerate(texts):
         for s in SENTENCE_END.split(text):
             s = s.strip()
             if s and len(s.split()) <= MAX_WORDS:
-                seen.setdefault(s, None)
-    return list(seen)
+                seen.setdefault(s, row)
+    return list(seen), list(seen.values())
 
 
 def sentence_vectors(sentences: list[str], encoder, cache: Path) -> np.ndarray:
@@ -97,7 +98,7 @@ def make(passages: int, out: Path, index_dir: Path, seed: int = 0, block: int = 
     if passages < n_real:
         raise SystemExit(f"--passages must be at least the {n_real} real passages")
     t0 = time.perf_counter()
-    sentences = leads_sentences(texts)
+    sentences, source = leads_sentences(texts)
     encoder = load_encoder(index.manifest["encoder"]["passage"]["source"])
     svec = sentence_vectors(sentences, encoder, out / f"sentences-{len(sentences)}.npy")  # (S, dim)
     log(f"{len(sentences)} sentences of the leads encoded ({time.perf_counter() - t0:.0f} s, cached)")
@@ -126,7 +127,7 @@ def make(passages: int, out: Path, index_dir: Path, seed: int = 0, block: int = 
                     picks = next(fake_at)
                     v = svec[picks].mean(0)
                     vecs[i - lo] = v / (np.linalg.norm(v) + 1e-12)
-                    lines.append(json.dumps({"id": f"mix-{mixed}", "title": f"Mix {mixed}",
+                    lines.append(json.dumps({"id": f"mix-{mixed}", "title": f"{titles[source[picks[0]]]} (mix)",
                                              "text": " ".join(sentences[s] for s in picks)}, ensure_ascii=False))
                     mixed += 1
             f.write("\n".join(lines) + "\n")

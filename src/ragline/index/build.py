@@ -28,6 +28,7 @@ from ragline.corpus.store import PassageStore, PassageStoreWriter
 from ragline.errors import RaglineError
 from ragline.index import dense_build
 from ragline.index import manifest as mf
+from ragline.index.npy_rows import NpyRows, NpyWriter
 from ragline.index.registry import list_indexes
 from ragline.index.sparse import BM25Index, BM25Stats
 from ragline.models.encoders import BiEncoder, Encoder
@@ -264,12 +265,8 @@ def import_embeddings(path: Path, work: Path, encoder: Encoder, n: int, log: Cal
     re-encoded to warn when the vectors do not look like this encoder's."""
     arrays = []
     for f in embedding_files(path):
-        try:
-            a = np.load(f, mmap_mode="r", allow_pickle=False)
-        except ValueError as e:
-            raise RaglineError(f"{f} is not a plain .npy array ({e})",
-                               "convert the vectors with numpy.save(file, array) (pickles are not loaded)") from None
-        if a.ndim != 2 or a.dtype not in (np.float32, np.float16):
+        a = NpyRows(f)  # read through file calls, not a memory map: the build's memory stays a slice
+        if a.dtype not in (np.float32, np.float16):
             raise RaglineError(f"{f} holds a {a.dtype} array of shape {a.shape}",
                                "give 2-d float32 or float16 arrays, one row per passage")
         if a.shape[1] != encoder.dim:
@@ -282,15 +279,10 @@ def import_embeddings(path: Path, work: Path, encoder: Encoder, n: int, log: Cal
         raise RaglineError(f"the embeddings hold {total} vectors but the corpus has {n} passages",
                            "give one vector per passage, in corpus order (the same --limit and --passage-words)")
     dst, tmp = work / mf.EMBEDDINGS, work / (mf.EMBEDDINGS + ".new")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, encoder.dim))
-    lo = 0
-    for a in arrays:
-        for s in range(0, len(a), chunk_rows):
-            part = np.asarray(a[s : s + chunk_rows], dtype=np.float32)  # (chunk, dim)
-            out[lo : lo + len(part)] = part
-            lo += len(part)
-    out.flush()
-    del out
+    with NpyWriter(tmp, n, encoder.dim) as out:
+        for a in arrays:
+            for s in range(0, len(a), chunk_rows):
+                out.write(a[s : s + chunk_rows])  # (chunk, dim) as float32
     dst.unlink(missing_ok=True)  # never write through a hard link into a sibling index's file
     os.replace(tmp, dst)
     _spot_check(dst, work, encoder, log)
@@ -298,7 +290,7 @@ def import_embeddings(path: Path, work: Path, encoder: Encoder, n: int, log: Cal
 
 
 def _spot_check(path: Path, work: Path, encoder: Encoder, log: Callable[[str], None], rows: int = 8) -> None:
-    emb = np.load(path, mmap_mode="r")
+    emb = NpyRows(path)
     picks = np.unique(np.linspace(0, len(emb) - 1, min(rows, len(emb))).astype(np.int64))
     passages = PassageStore(work / mf.PASSAGES).get(picks)
     ours = encoder.encode_passages([p.title for p in passages], [p.text for p in passages])  # (r, dim)
@@ -334,7 +326,7 @@ def _reuse_sibling_embeddings(opts: BuildOptions, corpus_fp: str, encoder_fp: st
 
 
 def _build_dense(opts: BuildOptions, work: Path, log: Callable[[str], None]) -> dict:
-    emb = np.load(work / mf.EMBEDDINGS, mmap_mode="r")
+    emb = NpyRows(work / mf.EMBEDDINGS)  # read in slices by file calls (index/npy_rows.py)
     index, rep = dense_build.build(emb, opts.index_type, hnsw_m=opts.hnsw_m, target_recall=opts.target_recall)
     tmp = work / (mf.DENSE + ".new")
     index.save(tmp)

@@ -31,6 +31,7 @@ import Stemmer
 from bm25s.tokenization import Tokenizer
 
 from ragline.errors import RaglineError
+from ragline.index import bm25_build
 from ragline.index.topk import top_k
 
 PARAMS_FILE = "ragline_bm25.json"
@@ -72,37 +73,6 @@ class BM25Stats:
         return out
 
 
-class _CorpusStatsBM25(bm25s.BM25):
-    """bm25s.BM25 whose idf and average length come from :class:`BM25Stats` of a whole corpus rather than
-    from the passages indexed (a shard); the score matrix still covers the shard's passages only."""
-
-    def __init__(self, stats: BM25Stats, vocab: dict[str, int], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._stats, self._vocab = stats, vocab
-
-    def build_index_from_ids(self, unique_token_ids, corpus_token_ids, show_progress=True, leave_progress=False):
-        from bm25s.scoring import (
-            _build_idf_array,
-            _build_scores_and_indices_for_matrix,
-            _calculate_doc_freqs,
-            _select_idf_scorer,
-        )
-
-        st, n_docs = self._stats, len(corpus_token_ids)
-        self.nonoccurrence_array = None  # only BM25L and BM25+ have one
-        token_of = {i: t for t, i in self._vocab.items()}
-        corpus_df = {i: st.df.get(token_of.get(i, ""), 0) for i in unique_token_ids}
-        idf = _build_idf_array(corpus_df, st.passages, _select_idf_scorer(self.idf_method), self.dtype)
-        shard_df = _calculate_doc_freqs(corpus_token_ids, unique_token_ids, show_progress=False)  # sizes the arrays
-        data, doc_idx, vocab_idx = _build_scores_and_indices_for_matrix(
-            corpus_token_ids=corpus_token_ids, idf_array=idf, avg_doc_len=st.tokens / max(st.passages, 1),
-            doc_frequencies=shard_df,
-            k1=self.k1, b=self.b, delta=self.delta, show_progress=False, leave_progress=False, dtype=self.dtype,
-            int_dtype=self.int_dtype, method=self.method, nonoccurrence_array=None)
-        m = sp.csc_matrix((data, (doc_idx, vocab_idx)), shape=(n_docs, len(unique_token_ids)), dtype=self.dtype)
-        return {"data": m.data, "indices": m.indices, "indptr": m.indptr, "num_docs": n_docs}
-
-
 @dataclass
 class TermCounts:
     """How often each term occurs in each passage of one part of an index, as a term-major (CSC) sparse matrix:
@@ -119,18 +89,17 @@ class TermCounts:
     @classmethod
     def of(cls, token_ids: list[list[int]], vocab: dict[str, int]) -> TermCounts:
         """The counts of passages tokenised to ``token_ids`` over ``vocab`` (token -> id)."""
-        n_terms = max(vocab.values(), default=-1) + 1
-        lens = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
-        flat = np.fromiter((i for t in token_ids for i in t), dtype=np.int64, count=int(lens.sum()))
-        doc = np.repeat(np.arange(len(token_ids), dtype=np.int64), lens)
-        m = sp.csc_matrix((np.ones(len(flat), dtype=np.int32), (doc, flat)), shape=(len(token_ids), n_terms))
-        m.sum_duplicates()
-        m.sort_indices()
-        terms = [""] * n_terms
+        flat, lens = bm25_build.flatten(token_ids)
+        return cls.of_counts(bm25_build.count_terms(flat, lens, max(vocab.values(), default=-1) + 1), lens, vocab)
+
+    @classmethod
+    def of_counts(cls, counts: sp.csc_matrix, lens: np.ndarray, vocab: dict[str, int]) -> TermCounts:
+        """From :func:`ragline.index.bm25_build.count_terms`'s matrix and the passages' lengths in tokens."""
+        terms = [""] * counts.shape[1]
         for t, i in vocab.items():
             terms[i] = t
-        return cls(terms, m.indptr.astype(np.int64), m.indices.astype(np.int32), m.data.astype(np.int32),
-                   lens.astype(np.int32))
+        return cls(terms, counts.indptr.astype(np.int64), counts.indices.astype(np.int32),
+                   counts.data.astype(np.int32), lens.astype(np.int32))
 
     @property
     def passages(self) -> int:
@@ -161,10 +130,32 @@ class TermCounts:
     def build(cls, texts: Iterable[list[str]], stemmer: str = "english") -> TermCounts:
         """Tokenise texts (successive chunks) as :meth:`BM25Index.build` does and count their terms."""
         tok = _tokenizer(stemmer)
-        ids: list[list[int]] = []
-        for chunk in texts:
-            ids.extend(tok.tokenize(chunk, update_vocab=True, return_as="ids", show_progress=False))
-        return cls.of(ids, tok.get_vocab_dict())
+        flat, lens = bm25_build.tokenize_flat(texts, tok)
+        vocab = tok.get_vocab_dict()
+        return cls.of_counts(bm25_build.count_terms(flat, lens, max(vocab.values(), default=-1) + 1), lens, vocab)
+
+
+def _lean_index(retriever: bm25s.BM25, counts: sp.csc_matrix, lens: np.ndarray, vocab: dict[str, int],
+                corpus_stats: BM25Stats | None) -> None:
+    """Fill ``retriever`` as its ``index`` would (scores, vocabulary), from term counts: the idf and the average
+    length of the passages themselves, or of a whole corpus (``corpus_stats``: a shard)."""
+    from bm25s.scoring import _build_idf_array, _select_idf_scorer
+
+    idf_fn = _select_idf_scorer(retriever.idf_method)
+    if corpus_stats is None:
+        df = np.diff(counts.indptr).tolist()
+        idf = _build_idf_array(dict(enumerate(df)), len(lens), idf_fn, retriever.dtype)
+        avg, weak = (lens.mean() if len(lens) else np.float64("nan")), False  # numpy float64, as bm25s takes it
+    else:
+        token_of = {i: t for t, i in vocab.items()}
+        corpus_df = {i: corpus_stats.df.get(token_of.get(i, ""), 0) for i in range(counts.shape[1])}
+        idf = _build_idf_array(corpus_df, corpus_stats.passages, idf_fn, retriever.dtype)
+        avg, weak = corpus_stats.tokens / max(corpus_stats.passages, 1), True  # a Python float, as ours passes it
+    retriever.nonoccurrence_array = None  # Lucene, Robertson and ATIRE have none
+    retriever.scores = bm25_build.score_matrix(counts, lens, idf, avg, retriever.method, retriever.k1, retriever.b,
+                                               weak, retriever.dtype)
+    retriever.vocab_dict = vocab
+    retriever.unique_token_ids_set = set(vocab.values())
 
 
 class BM25Index:
@@ -179,22 +170,25 @@ class BM25Index:
         """Index texts (given as successive chunks) and save to ``out_dir``. With ``corpus_stats`` (of a
         corpus these texts are a shard of), scores are those of an index over that whole corpus."""
         tok = _tokenizer(stemmer)
-        ids: list[list[int]] = []
-        for chunk in texts:  # chunks keep the tokenizer's working set small
-            ids.extend(tok.tokenize(chunk, update_vocab=True, return_as="ids", show_progress=False))
-        if corpus_stats is None:
-            retriever = bm25s.BM25(k1=k1, b=b, method=method)
-        elif method in ("lucene", "robertson", "atire"):
-            retriever = _CorpusStatsBM25(corpus_stats, tok.get_vocab_dict(), k1=k1, b=b, method=method)
-        else:
+        flat, lens = bm25_build.tokenize_flat(texts, tok)  # chunks keep the tokenizer's working set small
+        vocab = tok.get_vocab_dict()
+        counts = bm25_build.count_terms(flat, lens, max(vocab.values(), default=-1) + 1)  # (passages, terms)
+        if corpus_stats is not None and method not in bm25_build.LEAN_METHODS:
             raise RaglineError(f"BM25 method {method!r} cannot use whole-corpus statistics",
                                "use the lucene, robertson or atire method for a sharded index")
-        retriever.index(bm25s.tokenization.Tokenized(ids=ids, vocab=tok.get_vocab_dict()), show_progress=False)
+        retriever = bm25s.BM25(k1=k1, b=b, method=method)
+        if method in bm25_build.LEAN_METHODS:  # the matrix from the counts: bm25s's values, a fraction of its memory
+            _lean_index(retriever, counts, lens, vocab, corpus_stats)
+        else:
+            ids = np.split(flat, np.cumsum(lens)[:-1])
+            retriever.index(bm25s.tokenization.Tokenized(ids=[a.tolist() for a in ids], vocab=vocab),
+                            show_progress=False)
+        del flat
         out_dir.mkdir(parents=True, exist_ok=True)
         retriever.save(str(out_dir), show_progress=False)
         tok.save_vocab(str(out_dir))
-        TermCounts.of(ids, tok.get_vocab_dict()).save(out_dir)  # for updates in place (bm25_live.py)
-        params = {"k1": k1, "b": b, "method": method, "stemmer": stemmer, "stopwords": "en", "documents": len(ids)}
+        TermCounts.of_counts(counts, lens, vocab).save(out_dir)  # for updates in place (bm25_live.py)
+        params = {"k1": k1, "b": b, "method": method, "stemmer": stemmer, "stopwords": "en", "documents": len(lens)}
         if corpus_stats is not None:
             params["corpus_passages"] = corpus_stats.passages
         (out_dir / PARAMS_FILE).write_text(json.dumps(params, indent=2))

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,21 +87,26 @@ def document_hash(passages: Sequence[Passage]) -> str:
     return h.hexdigest()
 
 
-def live_passages_by_document(index) -> dict[str, list[tuple[int, Passage]]]:
-    """Every live document of ``index``: id -> its (row, passage) pairs in row order."""
-    doc_ids, titles, texts, metas = (index.store.values(c) for c in ("doc_id", "title", "text", "meta"))
+def live_passages_by_document(index, only: Collection[str] | None = None) -> dict[str, list[tuple[int, Passage]]]:
+    """Every live document of ``index`` (or those of ``only`` that are live): id -> its (row, passage) pairs in
+    row order. With ``only``, the index is read no further than its document ids and those documents'
+    passages: a change costs what it touches, not what the index holds."""
+    doc_ids = index.store.values("doc_id")
+    rows = live_rows(index).tolist()
+    if only is not None:
+        wanted = set(only)
+        rows = [r for r in rows if doc_ids[r] in wanted]
     by_doc: dict[str, list[tuple[int, Passage]]] = {}
-    for r in live_rows(index).tolist():
-        d = doc_ids[r]
-        by_doc.setdefault(d, []).append((r, Passage("", d, titles[r], texts[r], json.loads(metas[r]) if metas[r]
-                                                    else {})))
+    for r, p in zip(rows, index.store.get(rows) if rows else [], strict=True):
+        by_doc.setdefault(p.doc_id, []).append((r, Passage("", p.doc_id, p.title, p.text, p.meta)))
     return by_doc
 
 
-def live_documents(index) -> dict[str, tuple[list[int], str]]:
-    """Every live document of ``index``: id -> (its rows, :func:`document_hash` of its passages)."""
+def live_documents(index, only: Collection[str] | None = None) -> dict[str, tuple[list[int], str]]:
+    """Every live document of ``index`` (or of ``only``): id -> (its rows, :func:`document_hash` of its
+    passages)."""
     return {d: ([r for r, _ in ps], document_hash([p for _, p in ps]))
-            for d, ps in live_passages_by_document(index).items()}
+            for d, ps in live_passages_by_document(index, only).items()}
 
 
 def add_documents(path: str | Path, sources: Sequence[str], *, replace: bool = False, fmt: str = "auto",
@@ -116,7 +121,7 @@ def add_documents(path: str | Path, sources: Sequence[str], *, replace: bool = F
         clean_stale(path, index.manifest)
         change = Change(UPDATE if replace else ADD)
         docs = read_documents(sources, fmt, skip_bad, change, index.manifest)
-        live = live_documents(index)
+        live = live_documents(index, only=[d for d, _ in docs])
         new = plan(live, docs, change, replace, path.name)
         dead = [r for d in change.replaced for r in live[d][0]]
         passages = [p for _, ps in new for p in ps]
@@ -136,7 +141,7 @@ def delete_documents(path: str | Path, doc_ids: Sequence[str], log: Callable[[st
         index = open_index(path)
         _check_single(index)
         clean_stale(path, index.manifest)
-        live = live_documents(index)
+        live = live_documents(index, only=doc_ids)
         change = plan_deletion(live, doc_ids, path.name)
         dead = [r for d in change.deleted for r in live[d][0]]
         change.passages_deleted = len(dead)

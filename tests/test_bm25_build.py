@@ -1,0 +1,129 @@
+"""The BM25 index built from term counts (index/bm25_build.py) equals the one bm25s builds from token lists,
+value for value: on its own statistics, on a whole corpus's (a shard), for each lean method."""
+
+from __future__ import annotations
+
+import bm25s
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from conftest import lead_passages
+
+from ragline.index import sparse
+from ragline.index.sparse import BM25Index, BM25Stats, TermCounts
+
+
+class _ShardReference(bm25s.BM25):
+    """The former bm25s-based build of a shard scored with a whole corpus's statistics (bm25s's own scoring
+    functions, its per-passage loop): what the lean build must equal."""
+
+    def __init__(self, stats: BM25Stats, vocab: dict[str, int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._stats, self._vocab = stats, vocab
+
+    def build_index_from_ids(self, unique_token_ids, corpus_token_ids, show_progress=True, leave_progress=False):
+        from bm25s.scoring import (
+            _build_idf_array,
+            _build_scores_and_indices_for_matrix,
+            _calculate_doc_freqs,
+            _select_idf_scorer,
+        )
+
+        st, n_docs = self._stats, len(corpus_token_ids)
+        self.nonoccurrence_array = None
+        token_of = {i: t for t, i in self._vocab.items()}
+        corpus_df = {i: st.df.get(token_of.get(i, ""), 0) for i in unique_token_ids}
+        idf = _build_idf_array(corpus_df, st.passages, _select_idf_scorer(self.idf_method), self.dtype)
+        shard_df = _calculate_doc_freqs(corpus_token_ids, unique_token_ids, show_progress=False)
+        data, doc_idx, vocab_idx = _build_scores_and_indices_for_matrix(
+            corpus_token_ids=corpus_token_ids, idf_array=idf, avg_doc_len=st.tokens / max(st.passages, 1),
+            doc_frequencies=shard_df, k1=self.k1, b=self.b, delta=self.delta, show_progress=False,
+            leave_progress=False, dtype=self.dtype, int_dtype=self.int_dtype, method=self.method,
+            nonoccurrence_array=None)
+        m = sp.csc_matrix((data, (doc_idx, vocab_idx)), shape=(n_docs, len(unique_token_ids)), dtype=self.dtype)
+        return {"data": m.data, "indices": m.indices, "indptr": m.indptr, "num_docs": n_docs}
+
+
+def _texts(wiki_docs, n: int) -> list[str]:
+    texts = [p.text for p in lead_passages(wiki_docs, n)]
+    return texts + ["", "the of and", "Ünïcode — ‘quotes’ 1,234.5 km²"]  # empty, all stop words, odd characters
+
+
+def _reference(texts: list[str], method: str, stats: BM25Stats | None):
+    tok = sparse._tokenizer("english")
+    ids = tok.tokenize(texts, update_vocab=True, return_as="ids", show_progress=False)
+    ref = bm25s.BM25(method=method) if stats is None else _ShardReference(stats, tok.get_vocab_dict(), method=method)
+    ref.index(bm25s.tokenization.Tokenized(ids=ids, vocab=tok.get_vocab_dict()), show_progress=False)
+    return ref, ids, tok.get_vocab_dict()
+
+
+@pytest.mark.parametrize("method", ["lucene", "robertson", "atire"])
+@pytest.mark.parametrize("shard", [False, True])
+def test_the_lean_build_equals_bm25s(wiki_docs, tmp_path, method, shard):
+    texts = _texts(wiki_docs, 300)
+    stats = BM25Stats.of([texts[::2], texts[1::2], ["more text for the corpus only"]]) if shard else None
+    ref, ids, vocab = _reference(texts, method, stats)
+    ours = BM25Index.build([texts[:100], texts[100:]], tmp_path / "bm25", method=method, corpus_stats=stats)
+    got = ours.retriever.scores
+    assert got["num_docs"] == ref.scores["num_docs"] == len(texts)
+    np.testing.assert_array_equal(got["indptr"], ref.scores["indptr"])
+    np.testing.assert_array_equal(got["indices"], ref.scores["indices"])
+    np.testing.assert_array_equal(got["data"], ref.scores["data"])  # bit for bit
+    assert got["data"].dtype == ref.scores["data"].dtype == np.float32
+    assert ours.retriever.vocab_dict == ref.vocab_dict
+    loaded = BM25Index.load(tmp_path / "bm25")
+    query = ["Who was the first president of the republic?", "the of and"]
+    scores, rows = loaded.search(query, 5)
+    assert rows[1].tolist() == [-1] * 5  # stop words only: no hits
+    terms = [t for t in loaded.tokenizer.tokenize(query[:1], update_vocab=False, return_as="ids",
+                                                  show_progress=False)[0] if t != vocab[""]]
+    want = ref.get_scores(terms)  # (passages,) bm25s's own scores of the question
+    np.testing.assert_array_equal(scores[0], want[rows[0]])
+    assert scores[0][-1] >= np.sort(want)[-5]  # the five best
+    counts = TermCounts.load(tmp_path / "bm25")
+    want = TermCounts.of(ids, vocab)
+    for name in ("indptr", "rows", "counts", "doc_len"):
+        np.testing.assert_array_equal(getattr(counts, name), getattr(want, name))
+    assert counts.terms == want.terms
+
+
+def test_term_counts_from_chunks_equal_counts_from_lists(wiki_docs):
+    texts = _texts(wiki_docs, 120)
+    a = TermCounts.build([texts[:50], texts[50:], []])
+    tok = sparse._tokenizer("english")
+    ids = tok.tokenize(texts, update_vocab=True, return_as="ids", show_progress=False)
+    b = TermCounts.of(ids, tok.get_vocab_dict())
+    assert a.terms == b.terms and a.passages == len(texts)
+    for name in ("indptr", "rows", "counts", "doc_len"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    # a term's passages ascend, and its counts are what the token lists say
+    j = b.terms.index(b.terms[ids[0][0]])
+    lo, hi = b.indptr[j], b.indptr[j + 1]
+    assert np.all(np.diff(b.rows[lo:hi]) > 0)
+    assert b.counts[lo:hi][list(b.rows[lo:hi]).index(0)] == ids[0].count(ids[0][0])
+
+
+def test_npy_rows_read_and_write_what_numpy_does(tmp_path):
+    """The build's vectors go through file calls (index/npy_rows.py): the same rows numpy reads and writes."""
+    from ragline.errors import RaglineError
+    from ragline.index.npy_rows import NpyRows, NpyWriter
+
+    a = np.random.default_rng(0).standard_normal((1000, 7)).astype(np.float16)
+    np.save(tmp_path / "a.npy", a)
+    rows = NpyRows(tmp_path / "a.npy")
+    assert rows.shape == (1000, 7) and rows.dtype == np.float16 and len(rows) == 1000
+    np.testing.assert_array_equal(rows[10:250], a[10:250])
+    np.testing.assert_array_equal(rows[995:2000], a[995:])  # a slice past the end stops at it
+    pick = np.array([999, 3, 3, 500, 0])
+    np.testing.assert_array_equal(rows[pick], a[pick])  # any order, repeats
+    with NpyWriter(tmp_path / "b.npy", 1000, 7) as w:
+        for lo in range(0, 1000, 300):
+            w.write(rows[lo : lo + 300])
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), a.astype(np.float32))
+    with pytest.raises(ValueError, match="999 rows written of 1000"), NpyWriter(tmp_path / "c.npy", 1000, 7) as w:
+        w.write(a[:999])
+    np.save(tmp_path / "obj.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "cube.npy", np.zeros((2, 2, 2), np.float32))
+    for bad in ("obj.npy", "cube.npy"):
+        with pytest.raises(RaglineError):
+            NpyRows(tmp_path / bad)
