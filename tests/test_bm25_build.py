@@ -127,3 +127,16 @@ def test_npy_rows_read_and_write_what_numpy_does(tmp_path):
     for bad in ("obj.npy", "cube.npy"):
         with pytest.raises(RaglineError):
             NpyRows(tmp_path / bad)
+
+
+def test_bm25l_keeps_bm25s_own_build(tmp_path):
+    """BM25L and BM25+ are built by bm25s itself, from the flat token ids turned back into lists."""
+    texts = ["the cat sat on the mat", "dogs and cats", "", "a mat for a dog"]
+    ours = BM25Index.build([texts[:2], texts[2:]], tmp_path / "bm25", method="bm25l")
+    tok = sparse._tokenizer("english")
+    ids = tok.tokenize(texts, update_vocab=True, return_as="ids", show_progress=False)
+    ref = bm25s.BM25(method="bm25l")
+    ref.index(bm25s.tokenization.Tokenized(ids=ids, vocab=tok.get_vocab_dict()), show_progress=False)
+    for key in ("data", "indices", "indptr"):
+        np.testing.assert_array_equal(ours.retriever.scores[key], ref.scores[key])
+    assert ours.params["documents"] == 4

@@ -180,9 +180,9 @@ class BM25Index:
         if method in bm25_build.LEAN_METHODS:  # the matrix from the counts: bm25s's values, a fraction of its memory
             _lean_index(retriever, counts, lens, vocab, corpus_stats)
         else:
-            ids = np.split(flat, np.cumsum(lens)[:-1])
-            retriever.index(bm25s.tokenization.Tokenized(ids=[a.tolist() for a in ids], vocab=vocab),
-                            show_progress=False)
+            ends = np.cumsum(lens).tolist()
+            ids = [flat[end - n : end].tolist() for n, end in zip(lens.tolist(), ends, strict=True)]
+            retriever.index(bm25s.tokenization.Tokenized(ids=ids, vocab=vocab), show_progress=False)
         del flat
         out_dir.mkdir(parents=True, exist_ok=True)
         retriever.save(str(out_dir), show_progress=False)
