@@ -22,6 +22,7 @@ Prints one table row per (N, type) and, with ``--json``, every number.
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -130,7 +131,8 @@ def run(passages: list[int], work: Path, types: list[str], queries: int, index_d
             for part in ("build", "add", "delete", "compact"):
                 row[part].pop("log")
             rows.append(row)
-    print(f"\none machine ({_cpu()}), vectors given (--embeddings); latency over {queries} dev questions, k=10\n")
+    print(f"\none machine ({os.cpu_count()} cores), vectors given (--embeddings); latency over {queries} dev "
+          "questions, k=10\n")
     print("| passages | type | build s | build peak GiB | disk GiB | recall@10 vs exact | open s | "
           "dense p50 / p95 ms | BM25 p50 / p95 ms | hybrid p50 / p95 ms | hybrid q/s batched | "
           "dev recall@20 dense / hybrid | add 1,000 s (GiB) | delete 1,000 s | compact s (GiB) |")
@@ -146,12 +148,6 @@ def run(passages: list[int], work: Path, types: list[str], queries: int, index_d
               f"{r['compact']['seconds']:.0f} ({r['compact']['peak_gib']:.2f}) |")
     if json_out:
         json_out.write_text(json.dumps(rows, indent=1))
-
-
-def _cpu() -> str:
-    import os
-
-    return f"{os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

@@ -44,9 +44,10 @@ def flatten(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lens.sum())), lens
 
 
-def count_terms(flat: np.ndarray, lens: np.ndarray, n_terms: int) -> sp.csc_matrix:
-    """How often each term occurs in each passage: (passages, terms) int32 counts, term-major (CSC), passages
-    ascending within each term."""
+def count_terms(flat: np.ndarray, lens: np.ndarray, vocab: dict[str, int]) -> sp.csc_matrix:
+    """How often each term of ``vocab`` (token -> id) occurs in each passage: (passages, terms) int32 counts,
+    term-major (CSC), passages ascending within each term."""
+    n_terms = max(vocab.values(), default=-1) + 1
     index_dtype = np.int32 if len(flat) < 2**31 - 1 else np.int64
     indptr = np.zeros(len(lens) + 1, dtype=index_dtype)
     np.cumsum(lens, out=indptr[1:])

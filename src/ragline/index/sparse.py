@@ -90,7 +90,7 @@ class TermCounts:
     def of(cls, token_ids: list[list[int]], vocab: dict[str, int]) -> TermCounts:
         """The counts of passages tokenised to ``token_ids`` over ``vocab`` (token -> id)."""
         flat, lens = bm25_build.flatten(token_ids)
-        return cls.of_counts(bm25_build.count_terms(flat, lens, max(vocab.values(), default=-1) + 1), lens, vocab)
+        return cls.of_counts(bm25_build.count_terms(flat, lens, vocab), lens, vocab)
 
     @classmethod
     def of_counts(cls, counts: sp.csc_matrix, lens: np.ndarray, vocab: dict[str, int]) -> TermCounts:
@@ -132,7 +132,7 @@ class TermCounts:
         tok = _tokenizer(stemmer)
         flat, lens = bm25_build.tokenize_flat(texts, tok)
         vocab = tok.get_vocab_dict()
-        return cls.of_counts(bm25_build.count_terms(flat, lens, max(vocab.values(), default=-1) + 1), lens, vocab)
+        return cls.of_counts(bm25_build.count_terms(flat, lens, vocab), lens, vocab)
 
 
 def _lean_index(retriever: bm25s.BM25, counts: sp.csc_matrix, lens: np.ndarray, vocab: dict[str, int],
@@ -172,7 +172,7 @@ class BM25Index:
         tok = _tokenizer(stemmer)
         flat, lens = bm25_build.tokenize_flat(texts, tok)  # chunks keep the tokenizer's working set small
         vocab = tok.get_vocab_dict()
-        counts = bm25_build.count_terms(flat, lens, max(vocab.values(), default=-1) + 1)  # (passages, terms)
+        counts = bm25_build.count_terms(flat, lens, vocab)  # (passages, terms)
         if corpus_stats is not None and method not in bm25_build.LEAN_METHODS:
             raise RaglineError(f"BM25 method {method!r} cannot use whole-corpus statistics",
                                "use the lucene, robertson or atire method for a sharded index")

@@ -312,10 +312,12 @@ def _rows_layout(nodes: list[_Node], owned: list[range], spans: list[torch.Tenso
 def cache_kwarg(model: torch.nn.Module, cache: object) -> dict:
     """``{name: cache}`` under the name the model's forward takes its key/value cache by: ``cache`` in newer
     transformers 5 releases (which warn about the old name), ``past_key_values`` before."""
-    kind = type(model)
+    # a peft wrapper passes its keyword arguments on: the wrapped model's name counts (and is what is cached,
+    # since one wrapper class wraps models of any architecture)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = type(inner)
     name = _CACHE_NAMES.get(kind)
-    if name is None:  # a peft wrapper passes its keyword arguments on: the wrapped model's name counts
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if name is None:
         params = inspect.signature(inner.forward).parameters
         name = _CACHE_NAMES[kind] = "cache" if "cache" in params else "past_key_values"
     return {name: cache}
