@@ -10,6 +10,7 @@ time (so that each peak is its own):
 * ``ragline index --source corpus --embeddings vectors --index-type T``: seconds, peak resident memory (the
   process's, read at its exit), size on disk; the manifest's recall@10 against exact search for approximate
   types;
+* ``ragline serve`` with the tiny generator: seconds from the command to its first answered ``/health``;
 * the probe (this file with ``--probe``): seconds to open the index (``open_retriever``), single-query search
   latency p50 / p95 for dense, BM25 and hybrid over dev questions, batched queries per second, and
   ``eval-retrieval``'s recall@k of the dev questions (ids 0-7) whose page is among the needles;
@@ -87,6 +88,38 @@ def probe(index: Path, queries: int) -> dict:
     return out
 
 
+def serve_ready(index: Path, work: Path) -> float:
+    """Seconds from ``ragline serve`` (the tiny generator, so that the index is what is timed) to its first
+    answered /health."""
+    import socket
+
+    import httpx
+
+    from ragline.models.tiny import save_tiny_causal
+
+    generator = work / "tiny-llama"
+    if not (generator / "config.json").is_file():
+        save_tiny_causal(generator)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t0 = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "ragline", "serve", "--index", str(index), "--generator",
+                               str(generator), "--port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        while server.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    return time.perf_counter() - t0
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise SystemExit(f"ragline serve exited with {server.returncode}")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def _added_docs(path: Path, corpus: Path) -> Path:
     """``ADDED`` new documents (the corpus's first distractors' texts under new ids), as JSONL."""
     lines = []
@@ -123,6 +156,8 @@ def run(passages: list[int], work: Path, types: list[str], queries: int, index_d
             if done.returncode != 0:
                 raise SystemExit(f"probe failed:\n{done.stderr[-3000:]}")
             row["probe"] = json.loads(done.stdout.strip().splitlines()[-1])
+            row["dense_type"] = (man.get("dense") or {}).get("type")  # what auto picked
+            row["serve_ready_s"] = serve_ready(out, work)
             added = _added_docs(work / "added.jsonl", corpus)
             row["add"] = measured(["add", "--index", str(out), str(added)], f"add {ADDED}")
             doc_args = [a for i in range(ADDED) for a in ("--doc", f"added-{i}")]
@@ -133,16 +168,18 @@ def run(passages: list[int], work: Path, types: list[str], queries: int, index_d
             rows.append(row)
     print(f"\none machine ({os.cpu_count()} cores), vectors given (--embeddings); latency over {queries} dev "
           "questions, k=10\n")
-    print("| passages | type | build s | build peak GiB | disk GiB | recall@10 vs exact | open s | "
+    print("| passages | type | build s | build peak GiB | disk GiB | recall@10 vs exact | open s | serve ready s | "
           "dense p50 / p95 ms | BM25 p50 / p95 ms | hybrid p50 / p95 ms | hybrid q/s batched | "
           "dev recall@20 dense / hybrid | add 1,000 s (GiB) | delete 1,000 s | compact s (GiB) |")
-    print("|" + "---|" * 15)
+    print("|" + "---|" * 16)
     for r in rows:
         p = r["probe"]
         lat = " | ".join(f"{p[m]['p50_ms']:.0f} / {p[m]['p95_ms']:.0f}" for m in ("dense", "bm25", "hybrid"))
         exact = "-" if r["recall10_vs_exact"] is None else f"{r['recall10_vs_exact']:.3f}"
-        print(f"| {r['passages']:,} | {r['type']} | {r['build']['seconds']:.0f} | {r['build']['peak_gib']:.2f} | "
-              f"{r['disk_gib']:.2f} | {exact} | {p['open_s']:.1f} | {lat} | {p['hybrid']['batched_qps']:.0f} | "
+        kind = r["type"] if r["dense_type"] == r["type"] else f"{r['type']} ({r['dense_type']})"
+        print(f"| {r['passages']:,} | {kind} | {r['build']['seconds']:.0f} | {r['build']['peak_gib']:.2f} | "
+              f"{r['disk_gib']:.2f} | {exact} | {p['open_s']:.1f} | {r['serve_ready_s']:.1f} | {lat} | "
+              f"{p['hybrid']['batched_qps']:.0f} | "
               f"{p['dense']['recall@20']:.3f} / {p['hybrid']['recall@20']:.3f} | "
               f"{r['add']['seconds']:.0f} ({r['add']['peak_gib']:.2f}) | {r['delete']['seconds']:.0f} | "
               f"{r['compact']['seconds']:.0f} ({r['compact']['peak_gib']:.2f}) |")

@@ -6,6 +6,11 @@ How it measures and what it prints: docs/benchmarks.md (serving.py).
     python3 benchmarks/serving.py [--index DIR] [--requests 200] [--concurrency 8] [--docs 300]
     python3 benchmarks/serving.py --real [--requests 16] [--generator qwen2.5-0.5b] [--max-batch 8] [--max-running 2]
     python3 benchmarks/serving.py --soak 300 [--generator qwen2.5-0.5b] [--index DIR]
+    python3 benchmarks/serving.py --replicas 0,1,2 [--real] [--workloads ...] [--requests N]
+
+``--replicas``: a fresh server per row, ``ragline serve`` (0) or ``ragline serve --ray --replicas N`` (Ray Serve's
+proxy in front of N model replicas), each workload at --concurrency clients; what the proxy costs and what
+replicas give on this machine.
 """
 
 from __future__ import annotations
@@ -47,11 +52,14 @@ def free_port() -> int:
 
 
 def start_server(index: Path, generator: Path | str, port: int, max_batch: int, log: Path,
-                 max_running: int | None = None) -> subprocess.Popen:
+                 max_running: int | None = None, replicas: int = 0) -> subprocess.Popen:
+    """``ragline serve`` (with ``replicas``: ``--ray --replicas N``) in a process, once /health answers."""
     cmd = [sys.executable, "-m", "ragline", "serve", "--index", str(index), "--generator", str(generator),
            "--port", str(port), "--max-batch", str(max_batch)]
     if max_running is not None:
         cmd += ["--max-running", str(max_running)]
+    if replicas:
+        cmd += ["--ray", "--replicas", str(replicas)]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -134,7 +142,7 @@ def load_mixed(url: str, kinds: list[tuple[str, dict]], questions: list[str], n:
                 with lock:
                     results.append((i % len(kinds), res))
 
-    before = httpx.get(f"{url}/health").json()["decoded"]
+    before = httpx.get(f"{url}/health").json()["decoded"]  # one replica's, behind Ray Serve
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
@@ -302,6 +310,8 @@ def main() -> None:
                     help="Load rows with the real generator over the bundled index (default answer settings; "
                          "the dev questions' first --requests, 16 unless given), in place of the tiny one.")
     ap.add_argument("--swap-every", type=float, default=20.0, help="Seconds between index swaps in the soak.")
+    ap.add_argument("--replicas", default=None, metavar="LIST",
+                    help="Rows per server: 0 for `ragline serve`, N for `serve --ray --replicas N` (module docstring).")
     args = ap.parse_args()
     if args.soak:
         run_soak(args)
@@ -326,7 +336,28 @@ def main() -> None:
     generator = args.generator if args.real else save_tiny_causal(work / "tiny-llama")
     questions = [q.question for q in load_fanoutqa("dev")]
     rows = []
-    if args.real:  # a fresh server per row: every row starts with the same (empty) passage cache
+    if args.replicas is not None:
+        for replicas in [int(x) for x in args.replicas.split(",")]:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            t0 = time.perf_counter()
+            server = start_server(index, generator, port, args.max_batch, work / "server.log", args.max_running,
+                                  replicas)
+            ready = time.perf_counter() - t0
+            try:
+                for name in args.workloads.split(","):
+                    path, body = workloads[name]
+                    load(url, path, body, questions[-1:], 2 * max(1, replicas), max(1, replicas))  # warm-up
+                    row = load(url, path, body, questions, args.requests, args.concurrency)
+                    row["per_batch"] = None if replicas else row["per_batch"]  # /health is one replica's
+                    rows.append({"workload": f"{name}, {replicas} replica(s)" if replicas else f"{name}, serve",
+                                 "concurrency": args.concurrency, **row})
+                    print(f"{rows[-1]['workload']}: {row['rps']:.2f} req/s, p50 {row['p50']:.2f} s (ready in "
+                          f"{ready:.0f} s)", file=sys.stderr)
+            finally:
+                server.terminate()
+                server.wait(timeout=120)
+    elif args.real:  # a fresh server per row: every row starts with the same (empty) passage cache
         for name in args.workloads.split(","):
             # the mixed row: requests alternate between the workloads of MIXED, from --concurrency clients only
             names = list(MIXED) if name == "mixed" else [name]

@@ -5,6 +5,7 @@ How it measures and what it prints: docs/benchmarks.md (training.py).
     python3 benchmarks/training.py [--index DIR] [--steps 60] [--qwen-steps 20] [--phases rag-smollm2,...]
     python3 benchmarks/training.py --speed [--speed-steps 3] [--speed-configs padded-fp32,packed-fp32,packed-bf16]
     python3 benchmarks/training.py --synth 1000 [--synth-file FILE] [--retriever-steps 100] [--synth-rag-steps 100]
+    python3 benchmarks/training.py --synth-file FILE --answers 50 [--lora-lr 2e-4]
 
 ``--speed``: seconds per optimiser step of Qwen2.5-0.5B through LoRA, RAG-Sequence, k=5, batch 8 (micro-batches
 of ``--speed-micro`` questions, their gradients accumulated: the same gradient, less memory), for each
@@ -21,6 +22,11 @@ is there), the retriever trained on them alone, and page recall@1/5/20 on the Fa
 questions found at k after and not before (better) and the reverse (worse). With ``--synth-rag-steps``, also
 the question encoder trained by RAG-Sequence's marginal likelihood with the generator frozen, so that it learns
 only through p(z|x) (the paper's Table 6 compares frozen and learned retrieval).
+
+``--answers STEPS``: the default generator (LoRA) and question encoder fine-tuned by RAG-Sequence k=5 on the
+synthetic questions alone, then on them plus the labelled half of the dev questions; the untrained system and
+both runs scored on the other half (closed book, the top passage alone, RAG-Sequence k=5: exact match, F1, the
+gold answer's log-likelihood, and the questions each changed for the better and the worse).
 """
 
 from __future__ import annotations
@@ -250,6 +256,104 @@ def synth_table(args: argparse.Namespace, work: Path) -> None:
         print(f"| {name} | {recall} | {paired} |", flush=True)
 
 
+READERS = (("closed book", "closed-book", 1), ("RAG-Sequence k=1 (the top passage)", "rag-sequence", 1),
+           ("RAG-Sequence k=5", "rag-sequence", 5))  # (row name, reader, k) of --answers
+
+
+def dev_halves(work: Path) -> tuple[Path, Path]:
+    """The in-corpus dev questions split in two by a hash of the id: (labelled training half, evaluation half)."""
+    from ragline.train.data import read_examples, split_validation, write_examples
+
+    train, held = split_validation(read_examples(str(work / "fanoutqa-dev-in-corpus.jsonl")), 0.5)
+    write_examples(work / "dev-labelled.jsonl", train)
+    write_examples(work / "dev-eval.jsonl", held)
+    return work / "dev-labelled.jsonl", work / "dev-eval.jsonl"
+
+
+def lora_phase(args: argparse.Namespace, data: Path, out: Path) -> dict:
+    """``train rag`` of the default generator through LoRA with the question encoder: RAG-Sequence, k=5,
+    batch 8 in micro-batches of one question, bf16."""
+    from ragline.train.rag import RagTrainConfig, RagTrainer
+
+    cfg = RagTrainConfig(train=str(data), index=str(args.index), generator="qwen2.5-0.5b", model="rag-sequence",
+                         k=5, generator_training="lora", lr=args.lora_lr, question_encoder_lr=2e-5, batch_size=1,
+                         accumulation=8, steps=args.answers, warmup=max(1, args.answers // 10), val_fraction=0.02,
+                         val_limit=16, eval_every=args.answers, save_every=args.answers, precision="bf16", seed=0)
+    t0 = time.perf_counter()
+    trainer = RagTrainer(cfg, out, progress=False, log=lambda m: print(m, file=sys.stderr))
+    trainer.run_training()
+    return {"train": len(trainer.train_set), "steps": cfg.steps, "seconds": time.perf_counter() - t0}
+
+
+def answers_phase(args: argparse.Namespace, data: Path, run: Path | None) -> dict:
+    """Per evaluation question and reader (READERS): exact match, F1 and the gold answer's log-likelihood
+    (log p(y|x) of the first gold answer, the one training targets; RAG-Sequence marginalises over the k
+    passages) of the default generator, or of a ``train rag`` run's generator and question encoder."""
+    import torch
+
+    import ragline
+    from ragline.evaluate.metrics import exact_match, token_f1
+    from ragline.train.data import read_examples
+
+    examples = read_examples(str(data))
+    rag = ragline.open(args.index, run=run, follow=False)
+    out = {}
+    for name, reader, k in READERS:
+        em, f1, ll = [], [], []
+        for lo in range(0, len(examples), 8):
+            batch = examples[lo : lo + 8]
+            qs = [e.question for e in batch]
+            for e, a in zip(batch, rag.ask(qs, model=reader, k=k), strict=True):
+                em.append(exact_match(a.text, e.answers))
+                f1.append(token_f1(a.text, e.answers))
+            with torch.no_grad():
+                ll += rag.model.likelihood(qs, [e.answer for e in batch], model=reader, k=k).loglik.float().tolist()
+        out[name] = {"em": em, "f1": f1, "loglik": ll}
+    return out
+
+
+def answers_table(args: argparse.Namespace, work: Path) -> None:
+    """--answers: the default generator fine-tuned by RAG (LoRA + question encoder) on the synthetic questions
+    alone and on them plus the labelled half of the dev questions; every row scored on the other half."""
+    labelled, held = dev_halves(work)
+    synth_file = args.synth_file or work / "synth.jsonl"
+    if not synth_file.is_file():
+        raise SystemExit("--answers trains on synthetic questions: give --synth-file FILE (or --synth N to write them)")
+    both = work / "synth-plus-labelled.jsonl"
+    both.write_text(synth_file.read_text() + labelled.read_text())
+    runs: dict[str, Path | None] = {"untrained": None}
+    for name, data in (("synthetic alone", synth_file), ("synthetic + labelled half", both)):
+        out = work / f"lora-{len(runs)}"
+        cmd = [sys.executable, __file__, "--phase", "lora", "--work", str(work), "--index", str(args.index),
+               "--answers", str(args.answers), "--lora-lr", str(args.lora_lr), "--data", str(data), "--out", str(out)]
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        print(f"trained on {name}: {r['train']} examples, {r['steps']} steps of 8, {r['seconds']:.0f} s, "
+              f"peak {r['peak_rss_mb']:.0f} MB", flush=True)
+        runs[name] = out
+    scored = {}
+    for name, run in runs.items():
+        cmd = [sys.executable, __file__, "--phase", "answers", "--work", str(work), "--index", str(args.index),
+               "--data", str(held)] + (["--out", str(run)] if run else [])
+        t0 = time.perf_counter()
+        scored[name] = json.loads(subprocess.run(cmd, check=True, capture_output=True,
+                                                 text=True).stdout.strip().splitlines()[-1])
+        print(f"scored {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    n = len(next(iter(scored["untrained"].values()))["em"])
+    print(f"\n{n} dev questions (ids 0-7, gold page in the index) that no run trained on; better / worse: "
+          "questions whose exact match (gold log-likelihood) rose / fell against the untrained row\n")
+    print("| reader | generator | EM | F1 | gold log-lik | EM better / worse | log-lik better / worse |")
+    print("|---|---|---|---|---|---|---|")
+    for reader, _, _ in READERS:
+        base = {m: np.array(v) for m, v in scored["untrained"][reader].items()}
+        for name in runs:
+            got = {m: np.array(v) for m, v in scored[name][reader].items()}
+            paired = "" if name == "untrained" else (
+                f"{int((got['em'] > base['em']).sum())} / {int((got['em'] < base['em']).sum())} | "
+                f"{int((got['loglik'] > base['loglik']).sum())} / {int((got['loglik'] < base['loglik']).sum())}")
+            print(f"| {reader} | {name} | {got['em'].mean():.3f} | {got['f1'].mean():.3f} | "
+                  f"{got['loglik'].mean():.2f} | {paired or ' | '} |", flush=True)
+
+
 def main() -> None:
     from ragline import paths
 
@@ -275,14 +379,25 @@ def main() -> None:
     ap.add_argument("--synth-rag-steps", type=int, default=0,
                     help="Also train the question encoder through RAG's p(z|x) alone (generator frozen), this many "
                          "steps of 8.")
+    ap.add_argument("--answers", type=int, default=0,
+                    help="RAG fine-tuning of the default generator (LoRA) and question encoder on the synthetic "
+                         "questions, alone and with the labelled half of the dev questions, this many steps of 8; "
+                         "answers scored on the other half (module docstring).")
+    ap.add_argument("--lora-lr", type=float, default=2e-4, help="--answers: the LoRA adapters' learning rate.")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
+    ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.phase:
         data = args.work / "fanoutqa-dev-in-corpus.jsonl"
         out = args.work / args.phase.replace(":", "-")
-        if args.phase.startswith("speed:"):
+        if args.phase == "lora":
+            result = lora_phase(args, args.data, args.out)
+        elif args.phase == "answers":
+            result = answers_phase(args, args.data, args.out)
+        elif args.phase.startswith("speed:"):
             result = speed_phase(args, data, out, args.phase.split(":", 1)[1])
         elif args.phase == "rag-smollm2":
             result = rag_phase(args, data, out, "smollm2", "full", args.steps)
@@ -302,6 +417,9 @@ def main() -> None:
             return
         if args.synth:
             synth_table(args, work)
+        if args.answers:
+            answers_table(args, work)
+        if args.synth or args.answers:
             return
         print("| phase | train / validation examples | steps | s/step | peak MB | before | after |")
         print("|---|---|---|---|---|---|---|", flush=True)

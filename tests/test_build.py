@@ -33,6 +33,7 @@ def test_manifest_records_what_loading_checks(small_index):
     assert m["corpus"]["passages"] == len(IndexDir.open(small_index)) and m["corpus"]["format"] == "wiki-leads"
     assert m["encoder"]["dim"] == 384 and m["encoder"]["passage"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert m["dense"]["type"] == "flat" and m["bm25"]["documents"] == m["corpus"]["passages"]
+    assert m["dense"]["chosen"].startswith("auto: ") and "exact search" in m["dense"]["chosen"]  # the default
     assert len(m["corpus"]["fingerprint"]) == 32 and m["created_at"]
     # no build leftovers; the lock file stays (unlinking it while held let two builds run: atomic.exclusive_lock)
     assert not [p for p in small_index.parent.iterdir() if p.name.startswith(".") and p.suffix != ".lock"]

@@ -114,3 +114,37 @@ def test_streamed_exact_top_k_equals_brute_force():
     expect, _ = _exact_top(q, x, 5)
     np.testing.assert_array_equal(dense.exact_top_k(x, q, 5, chunk=64), expect)
     np.testing.assert_array_equal(dense.exact_top_k(x[:3], q, 5, chunk=2), _exact_top(q, x[:3], 3)[0])
+
+
+def test_fp16_scans_exactly_over_float16_vectors(tmp_path):
+    """fp16 ranks as the exact scan over the vectors rounded to float16 (exactly so when they were float16
+    already), holds half the bytes, reports its recall against the float32 scan and survives a reload."""
+    x = _vectors(2000, d=64).astype(np.float16).astype(np.float32)  # float16 values: no rounding left
+    index, rep = dense.build(x, "fp16")
+    assert rep.factory == "SQfp16" and rep.recall_at_10 == 1.0 and rep.search_param is None
+    q = _vectors(20, d=64, seed=3)
+    expect, brute = _exact_top(q, x, 10)
+    for batch in (q, q[:1]):  # a batch and one query (one thread)
+        scores, rows = index.search(batch, 10)
+        np.testing.assert_array_equal(rows, expect[: len(batch)])
+        np.testing.assert_allclose(scores, np.take_along_axis(brute, expect, 1)[: len(batch)], rtol=1e-5)
+    assert index.index.sa_code_size() == 2 * 64
+    index.save(tmp_path / "i.faiss")
+    back = dense.DenseIndex.load(tmp_path / "i.faiss", "fp16")
+    np.testing.assert_array_equal(back.search(q, 10)[1], expect)
+    rounded, _ = dense.build(_vectors(2000, d=64), "fp16")  # float32 vectors: rounded, ranking kept nearly
+    assert rounded.search(q, 10)[1][:, 0].tolist() == _exact_top(q, _vectors(2000, d=64), 1)[0][:, 0].tolist()
+
+
+def test_auto_picks_by_corpus_size_and_memory():
+    gib = 2**30
+    assert dense.choose_type(12_324, 384, 24 * gib)[0] == "flat"
+    assert dense.choose_type(dense.AUTO_EXACT_MAX, 384, 24 * gib)[0] == "flat"
+    kind, why = dense.choose_type(1_000_000, 384, 24 * gib)
+    assert kind == "fp16" and "0.7 GiB" in why
+    assert dense.choose_type(10_000_000, 384, 24 * gib)[0] == "ivfpq"  # 7.2 GiB > a quarter of 24
+    assert dense.choose_type(10_000_000, 384, 64 * gib)[0] == "fp16"
+    assert dense.resolve_type("hnsw", 10, 8) == ("hnsw", None)
+    assert dense.resolve_type("auto", 10, 8)[0] == "flat"
+    with pytest.raises(RaglineError, match="unknown index type"):
+        dense.factory_string(dense.resolve_type("annoy", 10, 8)[0], 10, 8)

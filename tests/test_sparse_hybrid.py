@@ -36,3 +36,25 @@ def test_rrf_matches_hand_computation():
     scores, rows = rrf_fuse([d, s], k=3, c=20, weights=(1.0, 0.3))
     assert rows.tolist() == [[5, 9, 7]]
     np.testing.assert_allclose(scores[0], [1 / 21, 1 / 22, 0.3 / 21], rtol=1e-6)
+
+
+def test_bm25_search_ranks_only_matching_passages_as_a_full_ranking_would(tmp_path):
+    """Search ranks the passages sharing a query term; the result equals the top k of every passage's score
+    (zeros dropped), ties by row, with and without an allowed mask."""
+    from ragline.index.topk import top_k
+
+    texts = [TEXTS[i % 4] + (" extra words" * (i % 3)) for i in range(40)]  # repeated passages: tied scores
+    idx = BM25Index.build([texts], tmp_path / "bm")
+    queries = ["capital of Germany", "the cat", "Rome capital extra", "France words"]
+    allowed = np.arange(40) % 5 != 0
+    for mask in (None, allowed):
+        scores, rows = idx.search(queries, 7, mask)
+        ids = idx.tokenizer.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
+        for b, q in enumerate(ids):
+            full = idx.retriever.get_scores(list(q))
+            if mask is not None:
+                full = np.where(mask, full, 0).astype(full.dtype)
+            want = top_k(full, 7)
+            want = want[full[want] > 0]
+            assert len(want) == 7 and rows[b].tolist() == want.tolist()
+            np.testing.assert_array_equal(scores[b], full[want])

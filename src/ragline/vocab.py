@@ -67,9 +67,11 @@ RRF_C = 20.0
 BM25_WEIGHT = 0.3
 HYBRID_DEPTH = 100            # candidates taken from each ranking before fusion
 
-# Dense index types (index/dense_build.py): exact, HNSW, IVF-PQ, 8-bit scalar, IVF + 8-bit scalar.
-INDEX_TYPES = ("flat", "hnsw", "ivfpq", "sq8", "ivfsq8")
-DEFAULT_INDEX_TYPE = "flat"
+# Dense index types (index/dense_build.py): exact, exact over float16 vectors, HNSW, IVF-PQ, 8-bit scalar,
+# IVF + 8-bit scalar; "auto" picks one by the corpus's size and the machine's memory (dense_build.choose_type).
+INDEX_TYPES = ("flat", "fp16", "hnsw", "ivfpq", "sq8", "ivfsq8")
+AUTO_INDEX_TYPE = "auto"
+DEFAULT_INDEX_TYPE = AUTO_INDEX_TYPE
 
 # Where models run (models/device.py): auto is a GPU when torch sees one, else the CPU.
 DEVICES = ("auto", "cpu", "cuda")

@@ -110,8 +110,14 @@ def _warn_open(host: str, api_key: str | None) -> None:
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="Also answer requests whose Host header names NAME (repeatable; '*': any). Others than "
                    "localhost, 127.0.0.1, [::1] and --host are refused with 421 (DNS rebinding).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Answer with model replicas on Ray Serve behind one endpoint: on the cluster at ADDRESS ('auto' "
+                   "finds a running one), or on a local Ray when no address is given.")
+@click.option("--replicas", default=None, type=click.IntRange(1),
+              help="Model replicas with --ray (default 1), each with its own generator and batching, sharing the "
+                   "index; a replica that dies is replaced.")
 @click.pass_context
-def serve(ctx, host, port, allowed_hosts, **o) -> None:
+def serve(ctx, host, port, allowed_hosts, ray_address, replicas, **o) -> None:
     """Serve the HTTP API (POST /ask, /ask/stream, /search; GET /passages/ID, /indexes, /health), the
     OpenAI-compatible routes (/v1/chat/completions, /v1/models, /v1/embeddings), MCP at /mcp and the page."""
     import uvicorn
@@ -119,11 +125,48 @@ def serve(ctx, host, port, allowed_hosts, **o) -> None:
     from ragline.serve.app import create_app
 
     _warn_open(host, o["api_key"])
+    if replicas is not None and ray_address is None:
+        raise click.UsageError("--replicas runs on Ray Serve: add --ray (a local Ray) or --ray ADDRESS")
+    if ray_address is not None:
+        _serve_replicas(ctx, o, host, port, allowed_hosts, ray_address, replicas or 1)
+        return
     rag, worker = _serving_model(ctx, o)
     render.log(f"serving index {rag.retriever.index.name} on http://{host}:{port} (API schema at /docs; "
                f"OpenAI-compatible at http://{host}:{port}/v1; MCP at http://{host}:{port}/mcp)")
     app = create_app(rag, worker=worker, api_key=o["api_key"], host=host, allowed_hosts=allowed_hosts)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _serve_replicas(ctx: click.Context, o: dict, host: str, port: int, allowed_hosts: tuple[str, ...],
+                    address: str, replicas: int) -> None:
+    """``serve --ray``: the same app from ``replicas`` replicas on Ray Serve (serve/replicas.py), until Ctrl-C."""
+    import dataclasses
+    import signal
+    import time
+
+    from ragline.serve import replicas as served
+
+    s = from_run(ctx, o["run_dir"], {"generator": o["generator"], "prior_scale": o["prior_scale"],
+                                      "index_dir": o["index_dir"], "query_encoder": o["query_encoder"]})
+    budget = Budget(max_request_tokens=o["max_request_tokens"], max_batch_tokens=o["max_batch_tokens"],
+                    max_queue=o["max_queue"], max_running=o["max_running"])
+    settings = served.ReplicaSettings(
+        index_dir=str(s["index_dir"]) if s["index_dir"] else None, generator=str(s["generator"]),
+        query_encoder=s["query_encoder"], prior_scale=s["prior_scale"], precision=o["precision"],
+        device=o["device"], kv_cache_mb=o["kv_cache_mb"], max_batch=o["max_batch"],
+        budget=dataclasses.asdict(budget), api_key=o["api_key"], host=host, allowed_hosts=tuple(allowed_hosts))
+    render.log(f"starting {replicas} replica(s) of {s['generator']} on Ray Serve")
+    served.start(settings, replicas, address=address, port=port)
+    render.log(f"serving on http://{host}:{port} from {replicas} replica(s) (API schema at /docs; OpenAI-compatible "
+               f"at /v1; MCP at /mcp); Ctrl-C stops")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # as Ctrl-C: replicas and a local Ray taken down
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        served.stop()
 
 
 @cli.command()

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ragline import atomic
+from ragline import atomic, vocab
 from ragline.corpus.passages import DEFAULT_WORDS, split_documents
 from ragline.corpus.readers import ReadStats, detect_format, links_notice, read_corpus
 from ragline.corpus.store import PassageStore, PassageStoreWriter
@@ -44,7 +44,7 @@ class BuildOptions:
     source: str
     out: Path
     fmt: str = "auto"
-    index_type: str = "flat"
+    index_type: str = vocab.DEFAULT_INDEX_TYPE  # or one of vocab.INDEX_TYPES
     encoder: str = "minilm"           # passage encoder (and question encoder unless given)
     question_encoder: str | None = None
     max_seq_length: int = 256
@@ -114,7 +114,7 @@ def prepare_build(opts: BuildOptions) -> tuple[Path, Path, str]:
     if not (opts.dense or opts.bm25):
         raise RaglineError("nothing to build: both dense and BM25 are off", "drop --no-dense or --no-bm25")
     if opts.dense:
-        dense_build.factory_string(opts.index_type, 1000, 8)  # unknown types fail before any work
+        dense_build.factory_string(dense_build.resolve_type(opts.index_type, 1000, 8)[0], 1000, 8)  # fail early
     fmt = detect_format(opts.source) if opts.fmt == "auto" else opts.fmt
     out.parent.mkdir(parents=True, exist_ok=True)
     return out, out.parent / f".{out.name}.building", fmt
@@ -327,13 +327,18 @@ def _reuse_sibling_embeddings(opts: BuildOptions, corpus_fp: str, encoder_fp: st
 
 def _build_dense(opts: BuildOptions, work: Path, log: Callable[[str], None]) -> dict:
     emb = NpyRows(work / mf.EMBEDDINGS)  # read in slices by file calls (index/npy_rows.py)
-    index, rep = dense_build.build(emb, opts.index_type, hnsw_m=opts.hnsw_m, target_recall=opts.target_recall)
+    kind, why = dense_build.resolve_type(opts.index_type, *emb.shape)
+    if why:
+        log(f"index type {kind} ({opts.index_type}): {why}")
+    index, rep = dense_build.build(emb, kind, hnsw_m=opts.hnsw_m, target_recall=opts.target_recall)
     tmp = work / (mf.DENSE + ".new")
     index.save(tmp)
     os.replace(tmp, work / mf.DENSE)
     info = {"type": rep.kind, "factory": rep.factory, "search_param": rep.search_param,
             "search_value": rep.search_value, "rerank": rep.rerank, "recall_at_10_vs_exact": rep.recall_at_10,
             "build_seconds": round(rep.seconds, 2), "bytes": (work / mf.DENSE).stat().st_size}
+    if why:
+        info["chosen"] = f"{opts.index_type}: {why}"
     msg = f"dense index {rep.factory}: {info['bytes'] / 2**20:.1f} MiB, built in {rep.seconds:.1f} s"
     if rep.recall_at_10 is not None:
         msg += f"; recall@10 vs exact {rep.recall_at_10:.3f}"

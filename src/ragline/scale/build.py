@@ -20,6 +20,7 @@ Every node must see the output directory (one machine, or a shared filesystem).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -30,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ragline import atomic
+from ragline import atomic, vocab
 from ragline.corpus.readers import ReadStats
 from ragline.corpus.store import PassageStore, PassageStoreWriter
 from ragline.errors import RaglineError
+from ragline.index import dense_build
 from ragline.index import manifest as mf
 from ragline.index.build import BuildOptions, encoder_entry, finish_index, ingest, new_manifest, prepare_build
 from ragline.index.sparse import BM25Stats
@@ -78,6 +80,10 @@ def build_sharded(opts: BuildOptions, shards: int, address: str | None = None, a
             if shards > n:
                 raise RaglineError(f"{shards} shards for {n} passages", f"use --shards {n} or fewer")
             state = _plan(opts, work, fingerprint, shards, encoder, log)
+        if opts.dense and opts.index_type == vocab.AUTO_INDEX_TYPE:  # one choice for the whole corpus
+            kind, why = dense_build.choose_type(sum(s["passages"] for s in state["shards"]), encoder["dim"])
+            log(f"index type {kind} (auto): {why}")
+            opts = dataclasses.replace(opts, index_type=kind)
         actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
         bm25_stats = _corpus_stats(ray, work, state) if opts.bm25 else None
         timing = {"ingest_seconds": round(time.perf_counter() - t0, 2), "encode_seconds": 0.0}

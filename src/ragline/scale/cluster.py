@@ -6,12 +6,18 @@ import os
 
 from ragline.errors import RaglineError
 
+# Ray Serve's HTTP proxy must answer its readiness check within 5 s, three times, or is killed and started
+# again; on a busy 2-core machine its process (niced, like every Ray worker) spends longer than that importing,
+# and the proxy never came up (`serve --ray` beside a running benchmark). A local Ray gets a minute.
+LOCAL_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+
 
 def ray_module():
     try:
         import ray
     except ImportError:
-        raise RaglineError("Ray is not installed", "pip install 'ray[data]' (or pip install -e '.[scale]')") from None
+        raise RaglineError("Ray is not installed",
+                           "pip install 'ray[data,serve]' (or pip install -e '.[scale]')") from None
     return ray
 
 
@@ -26,6 +32,8 @@ def connect(address: str | None = None, num_cpus: int | None = None):
         if address:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         else:
+            for name, value in LOCAL_ENV.items():  # the local raylet, and every worker it starts, inherit them
+                os.environ.setdefault(name, value)
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray"

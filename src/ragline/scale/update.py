@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +62,14 @@ class _Shards:
         self.indexes = [open_single(d, s.get("manifest")) for d, s in zip(self.dirs, self.entries, strict=True)]
         self.generation = int(self.manifest.get("generation", 0)) + 1
 
-    def live(self) -> dict[str, tuple[list[tuple[int, list[int]]], str]]:
-        """Every live document: id -> ((shard, its rows there) for each shard holding some of it, in shard
-        order; the content hash of all its passages). A sharded build cuts the corpus by passages, so one
-        document may straddle two shards."""
+    def live(self, only: Collection[str] | None = None) -> dict[str, tuple[list[tuple[int, list[int]]], str]]:
+        """The live documents (among ``only``, when given): id -> ((shard, its rows there) for each shard
+        holding some of it, in shard order; the content hash of all its passages). A sharded build cuts the
+        corpus by passages, so one document may straddle two shards. With ``only``, each shard is read no
+        further than its document ids and these documents' passages: a change costs what it touches."""
         held: dict[str, list[tuple[int, list[tuple[int, Passage]]]]] = {}
         for i, index in enumerate(self.indexes):
-            for doc, pairs in live_passages_by_document(index).items():
+            for doc, pairs in live_passages_by_document(index, only).items():
                 held.setdefault(doc, []).append((i, pairs))
         return {d: ([(i, [r for r, _ in pairs]) for i, pairs in parts],
                     document_hash([p for _, pairs in parts for _, p in pairs])) for d, parts in held.items()}
@@ -120,7 +121,7 @@ def change_sharded(path: str | Path, sources: Sequence[str], *, replace: bool = 
         _clean(shards)
         change = Change(UPDATE if replace else ADD)
         docs = read_documents(sources, fmt, skip_bad, change, shards.manifest)
-        live = shards.live()
+        live = shards.live(only=[d for d, _ in docs])
         new = plan({d: ([], h) for d, (_, h) in live.items()}, docs, change, replace, path.name)
         n = len(shards.indexes)
         added: list[list[Passage]] = [[] for _ in range(n)]
@@ -144,7 +145,7 @@ def delete_sharded(path: str | Path, doc_ids: Sequence[str], log: Callable[[str]
     with atomic.exclusive_lock(path.parent / f".{path.name}.lock"):
         shards = _Shards(path)
         _clean(shards)
-        live = shards.live()
+        live = shards.live(only=doc_ids)
         change = plan_deletion({d: ([], h) for d, (_, h) in live.items()}, doc_ids, path.name)
         dead: list[list[int]] = [[] for _ in shards.indexes]
         for d in change.deleted:

@@ -116,7 +116,11 @@ class NotFound(RaglineError):
     """A request for an index or passage that does not exist (404)."""
 
 
-STATUS = {NotFound: 404, TooLarge: 413, Busy: 503}
+class Conflict(RaglineError):
+    """A request this server cannot carry out as it runs (409)."""
+
+
+STATUS = {NotFound: 404, Conflict: 409, TooLarge: 413, Busy: 503}
 PUBLIC = frozenset({"/"})  # the page: everything it fetches carries the key
 PASSAGES = "/passages/"
 
@@ -191,13 +195,15 @@ class HostCheck:
 
 def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8, budget: Budget | None = None,
                api_key: str | None = None, worker: ModelWorker | None = None, host: str = "127.0.0.1",
-               allowed_hosts: Sequence[str] = ()) -> FastAPI:
+               allowed_hosts: Sequence[str] = (), replicated: bool = False) -> FastAPI:
     """The API over ``rag`` (its retriever's index is the active one; ``index_root`` holds the others), with
     the work ``budget`` and, when given, an ``api_key`` every route but the page requires; ``worker`` (one
     owning ``rag``) replaces the one made from ``max_batch`` and ``budget``. ``host`` is where it is served:
-    requests naming another host than it, loopback or ``allowed_hosts`` are refused (DNS rebinding)."""
+    requests naming another host than it, loopback or ``allowed_hosts`` are refused (DNS rebinding).
+    ``replicated``: one of several replicas (serve/replicas.py), which refuses to switch its index alone."""
     worker = worker or ModelWorker(rag, max_batch=max_batch, budget=budget)
-    mcp = create_mcp(rag, worker).streamable_http_app(host=host)  # /mcp: the MCP tools over the same worker
+    # /mcp: the MCP tools over the same worker; stateless among replicas (a session would live on one of them)
+    mcp = create_mcp(rag, worker).streamable_http_app(host=host, stateless_http=replicated)
     app = FastAPI(title="ragline", version="1", description="Retrieval-Augmented Generation with cited passages.",
                   lifespan=lambda _: mcp.router.lifespan_context(mcp))  # runs MCP's session manager
     app.router.routes.extend(mcp.routes)
@@ -306,6 +312,9 @@ def create_app(rag: RagModel, index_root: Path | None = None, max_batch: int = 8
 
     @app.post("/indexes/active")
     def swap(req: SwapRequest) -> dict:
+        if replicated:
+            raise Conflict("a server of several replicas (--replicas) cannot switch its index: it would switch "
+                           "one replica only", "restart it with --index NAME")
         names = {p.name: p for p, _ in list_indexes(root)}  # only an index listed here, never a path
         if req.name not in names:
             raise NotFound(f"no index {req.name!r} under {root}", "pick a name from GET /indexes")

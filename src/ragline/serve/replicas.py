@@ -1,0 +1,120 @@
+"""``ragline serve --ray [ADDRESS] --replicas N``: the same HTTP API answered by N model replicas on Ray Serve.
+
+Each replica is a Ray Serve deployment replica (a Ray actor) that opens the RAG system as ``ragline serve`` does:
+its own generator and question encoder, its own reader of the index on disk (single or sharded) following the
+index's generations as ``add``/``update``/``delete`` write them, and its own worker batching the questions it
+is sent (serve/worker.py). It serves the very app ``ragline serve`` serves (serve/app.py: /ask, /ask/stream,
+/search, the OpenAI routes, MCP at /mcp, the page), so every route answers alike whichever replica takes it.
+Ray Serve's HTTP proxy is the one endpoint: it sends each request to a replica (the less loaded of two
+picked at random), and Ray Serve replaces a replica that dies; a request that was on it gets an error response
+(HTTP 500), not silence.
+
+MCP at /mcp runs stateless here (each request stands alone, as the protocol allows), since a session kept by
+one replica would be unknown to the others. What a replicated server does not do: switch its index
+(``POST /indexes/active`` answers 409), since that would change one replica of N; restart it with another
+``--index`` instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ragline import vocab
+from ragline.serve.budget import Budget
+
+APP_NAME = "ragline"
+DEPLOYMENT = "RaglineReplica"
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """What every replica opens and serves: the models, the index, the work budget and the HTTP policy."""
+
+    index_dir: str | None = None
+    generator: str = vocab.DEFAULT_GENERATOR
+    query_encoder: str | None = None
+    prior_scale: float | None = None
+    precision: str = vocab.DEFAULT_PRECISION
+    device: str = vocab.DEFAULT_DEVICE
+    kv_cache_mb: float = vocab.DEFAULT_KV_CACHE_MB
+    max_batch: int = 8
+    budget: dict = field(default_factory=lambda: dataclasses.asdict(Budget()))
+    api_key: str | None = None
+    host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
+    threads: int | None = None  # torch threads of each replica (default: its share of the CPUs)
+
+
+def build_app(s: ReplicaSettings, log: Callable[[str], None] = lambda m: None):
+    """The app ``ragline serve`` serves, over a RAG system opened from ``s`` on a model thread of its own."""
+    from ragline.serve.app import create_app
+    from ragline.serve.turns import Turns
+    from ragline.serve.worker import ModelWorker
+    from ragline.system import open as open_system
+
+    def load():
+        if s.threads:
+            import torch
+
+            torch.set_num_threads(s.threads)
+        return open_system(s.index_dir, s.generator, precision=s.precision, device=s.device,
+                           query_encoder=s.query_encoder, prior_scale=s.prior_scale, kv_cache_mb=s.kv_cache_mb,
+                           log=log).model
+
+    turns = Turns()
+    rag = turns.call(load)
+    worker = ModelWorker(rag, max_batch=s.max_batch, budget=Budget(**s.budget), turns=turns)
+    return create_app(rag, worker=worker, api_key=s.api_key, host=s.host, allowed_hosts=s.allowed_hosts,
+                      replicated=True)
+
+
+class RaglineReplica:
+    """One replica: the app over its own models, built when Ray Serve starts the replica."""
+
+    def __init__(self, settings: dict) -> None:
+        settings = {**settings, "allowed_hosts": tuple(settings.get("allowed_hosts", ()))}
+        self._app = build_app(ReplicaSettings(**settings))
+
+    def __serve_build_asgi_app__(self):  # Ray Serve: the ASGI app this replica serves
+        return self._app
+
+
+def start(settings: ReplicaSettings, replicas: int, address: str | None = None, port: int = 8000,
+          cpus_per_replica: float | None = None):
+    """Join Ray at ``address`` (None or 'local': start a local Ray), start Ray Serve's HTTP proxy on
+    ``settings.host``:``port`` and deploy ``replicas`` replicas; returns once every replica is ready (the ``ray``
+    module)."""
+    from ragline.errors import RaglineError
+    from ragline.scale.cluster import connect
+
+    if replicas < 1:
+        raise RaglineError(f"--replicas {replicas} serves nothing", "give --replicas 1 or more")
+    try:
+        from ray import serve
+    except ImportError as e:
+        raise RaglineError(f"Ray Serve is not installed ({e})", "pip install 'ray[serve]' (or pip install -e "
+                                                                "'.[scale]')") from None
+    ray = connect(None if address in (None, "local") else address)
+
+    cpus = cpus_per_replica or max(1.0, ray.cluster_resources().get("CPU", 1) // replicas)
+    threads = settings.threads or max(1, int(cpus))
+    serve.start(http_options={"host": settings.host, "port": port})
+    budget = Budget(**settings.budget)
+    deployment = serve.deployment(
+        name=DEPLOYMENT, num_replicas=replicas, ray_actor_options={"num_cpus": cpus},
+        # the replica's own queue refuses past max_queue (503): let that many reach it, and the streams
+        max_ongoing_requests=budget.max_queue + budget.max_running * settings.max_batch,
+        health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
+    )(serve.ingress()(RaglineReplica))
+    serve.run(deployment.bind(dataclasses.asdict(dataclasses.replace(settings, threads=threads))), name=APP_NAME,
+              route_prefix="/", blocking=False)
+    return ray
+
+
+def stop() -> None:
+    """Take the replicas and Ray Serve down (the Ray session stays)."""
+    from ray import serve
+
+    serve.shutdown()
