@@ -2,6 +2,7 @@ import faiss
 import numpy as np
 import pytest
 
+from ragline import vocab
 from ragline.errors import RaglineError
 from ragline.index import dense_build as dense
 
@@ -139,7 +140,7 @@ def test_fp16_scans_exactly_over_float16_vectors(tmp_path):
 def test_auto_picks_by_corpus_size_and_memory():
     gib = 2**30
     assert dense.choose_type(12_324, 384, 24 * gib)[0] == "flat"
-    assert dense.choose_type(dense.AUTO_EXACT_MAX, 384, 24 * gib)[0] == "flat"
+    assert dense.choose_type(vocab.AUTO_EXACT_MAX, 384, 24 * gib)[0] == "flat"
     kind, why = dense.choose_type(1_000_000, 384, 24 * gib)
     assert kind == "fp16" and "0.7 GiB" in why
     assert dense.choose_type(10_000_000, 384, 24 * gib)[0] == "ivfpq"  # 7.2 GiB > a quarter of 24

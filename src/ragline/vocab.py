@@ -72,6 +72,8 @@ HYBRID_DEPTH = 100            # candidates taken from each ranking before fusion
 INDEX_TYPES = ("flat", "fp16", "hnsw", "ivfpq", "sq8", "ivfsq8")
 AUTO_INDEX_TYPE = "auto"
 DEFAULT_INDEX_TYPE = AUTO_INDEX_TYPE
+AUTO_EXACT_MAX = 250_000   # passages up to which auto keeps flat (a query scans 384 MB: about 13 ms here)
+AUTO_MEMORY_SHARE = 0.25   # auto picks fp16 while its vectors take at most this share of the machine's memory
 
 # Where models run (models/device.py): auto is a GPU when torch sees one, else the CPU.
 DEVICES = ("auto", "cpu", "cuda")

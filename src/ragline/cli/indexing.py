@@ -28,8 +28,9 @@ from ragline.vocab import INDEX_TYPES
 @click.option("--format", "fmt", type=click.Choice(CORPUS_FORMATS), default="auto", show_default=True)
 @click.option("--index-type", default=vocab.DEFAULT_INDEX_TYPE, show_default=True,
               type=click.Choice((vocab.AUTO_INDEX_TYPE, *INDEX_TYPES)),
-              help="FAISS index type; auto: exact (flat) up to 250,000 passages, then flat over float16 vectors "
-                   "(fp16) while they take at most a quarter of the memory, else IVF-PQ.")
+              help=f"FAISS index type; auto: exact (flat) up to {vocab.AUTO_EXACT_MAX:,} passages, then the exact "
+                   f"scan over float16 vectors (fp16) while they take at most {vocab.AUTO_MEMORY_SHARE:.0%} of the "
+                   "memory, else IVF-PQ.")
 @click.option("--encoder", default=vocab.DEFAULT_ENCODER, show_default=True,
               help="Passage encoder: bundled name, sentence-transformers folder, DPR context encoder or BERT folder.")
 @click.option("--query-encoder", default=None,

@@ -3,8 +3,8 @@
 Index types (``--index-type``):
   flat    exact inner product over float32 vectors (exact MIPS)
   fp16    the same scan over float16 copies of the vectors: half the memory and half the bytes a query reads
-          (a million 384-dimension passages: 30 ms a query against flat's 60, on one core here); scores differ
-          from flat's by the float16 rounding of the stored vectors, none when they were float16 already
+          (a million 384-dimension passages: about 26 ms a query against flat's 50, one core, docs/scale.md);
+          scores differ from flat's by the float16 rounding of the stored vectors, none when they were float16
   hnsw    HNSW graph over float32 vectors (the paper's choice); efSearch tuned on build
   ivfpq   inverted lists + product quantisation (about 32x smaller in memory); nprobe tuned on build, and
           the best ``RERANK x k`` candidates re-scored exactly from the stored embeddings (read on demand)
@@ -26,6 +26,7 @@ recall for in-cluster queries.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -34,34 +35,31 @@ import numpy as np
 
 from ragline.errors import RaglineError
 from ragline.index.dense import RERANK, SEARCH_PARAM, TUNE_K, DenseIndex
-from ragline.vocab import AUTO_INDEX_TYPE, INDEX_TYPES
+from ragline.vocab import AUTO_EXACT_MAX, AUTO_INDEX_TYPE, AUTO_MEMORY_SHARE, INDEX_TYPES
 
 _HNSW_EF = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
 TUNE_NOISE = 1.7
-AUTO_EXACT_MAX = 250_000   # passages up to which auto keeps the exact float32 scan (about 15 ms a query here)
-AUTO_MEMORY_SHARE = 0.25   # auto's fp16 while its vectors take at most this share of the machine's memory
 
 
 def memory_bytes() -> int:
     """This machine's physical memory in bytes."""
-    import os
-
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def choose_type(n: int, dim: int, memory: int | None = None) -> tuple[str, str]:
     """``--index-type auto``: (type, why) for ``n`` vectors of ``dim`` dimensions on a machine with ``memory``
     bytes (default: this one's). Exact float32 search while a query's scan stays short; the exact scan over
-    float16 vectors while they fit in a quarter of the memory; IVF-PQ (compressed, re-ranked exactly) beyond."""
+    float16 vectors while they fit in AUTO_MEMORY_SHARE of the memory; IVF-PQ (compressed, re-ranked exactly)
+    beyond (the thresholds: :mod:`ragline.vocab`)."""
     memory = memory_bytes() if memory is None else memory
     if n <= AUTO_EXACT_MAX:
         return "flat", f"{n:,} passages: exact search (at most {AUTO_EXACT_MAX:,} passages)"
     need = n * dim * 2
     if need <= AUTO_MEMORY_SHARE * memory:
-        return "fp16", (f"{n:,} passages: exact search over float16 vectors ({need / 2**30:.1f} GiB, within a "
-                        f"quarter of the {memory / 2**30:.0f} GiB of memory)")
-    return "ivfpq", (f"{n:,} passages: float16 vectors would take {need / 2**30:.1f} GiB, more than a quarter of "
-                     f"the {memory / 2**30:.0f} GiB of memory: IVF-PQ")
+        return "fp16", (f"{n:,} passages: exact search over float16 vectors ({need / 2**30:.1f} GiB, within "
+                        f"{AUTO_MEMORY_SHARE:.0%} of the {memory / 2**30:.0f} GiB of memory)")
+    return "ivfpq", (f"{n:,} passages: float16 vectors would take {need / 2**30:.1f} GiB, more than "
+                     f"{AUTO_MEMORY_SHARE:.0%} of the {memory / 2**30:.0f} GiB of memory: IVF-PQ")
 
 
 def resolve_type(kind: str, n: int, dim: int) -> tuple[str, str | None]:
