@@ -82,7 +82,7 @@ def test_fid_loss_trains_the_reader_and_distils_into_the_retriever(gen):
         ll.loss.mean().backward()
         assert scores.grad is not None and scores.grad.abs().sum() > 0  # FiD-Distill reaches the retriever
         opt.step()
-        losses.append(float(ll.loss.mean()))
+        losses.append(float(ll.loss.mean().detach()))
     assert losses[-1] < 0.5 * losses[0], losses
     torch.testing.assert_close(ll.posterior.sum(-1), torch.ones(2), atol=1e-5, rtol=0)
 

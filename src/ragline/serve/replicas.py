@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ragline import vocab
+from ragline.errors import RaglineError
 from ragline.serve.budget import Budget
 
 APP_NAME = "ragline"
@@ -86,7 +87,6 @@ def start(settings: ReplicaSettings, replicas: int, address: str | None = None, 
     """Join Ray at ``address`` (None or 'local': start a local Ray), start Ray Serve's HTTP proxy on
     ``settings.host``:``port`` and deploy ``replicas`` replicas; returns once every replica is ready (the ``ray``
     module)."""
-    from ragline.errors import RaglineError
     from ragline.scale.cluster import connect
 
     if replicas < 1:
@@ -97,8 +97,10 @@ def start(settings: ReplicaSettings, replicas: int, address: str | None = None, 
         raise RaglineError(f"Ray Serve is not installed ({e})", "pip install 'ray[serve]' (or pip install -e "
                                                                 "'.[scale]')") from None
     ray = connect(None if address in (None, "local") else address)
-
-    cpus = cpus_per_replica or max(1.0, ray.cluster_resources().get("CPU", 1) // replicas)
+    cpus = cpus_per_replica
+    if cpus is None:  # the cluster's CPUs shared out, no more than one machine holds
+        largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+        cpus = max(1.0, min(largest, ray.cluster_resources().get("CPU", 1) // replicas))
     threads = settings.threads or max(1, int(cpus))
     serve.start(http_options={"host": settings.host, "port": port})
     budget = Budget(**settings.budget)
