@@ -7,7 +7,7 @@ is sent (serve/worker.py). It serves the very app ``ragline serve`` serves (serv
 /search, the OpenAI routes, MCP at /mcp, the page), so every route answers alike whichever replica takes it.
 Ray Serve's HTTP proxy is the one endpoint: it sends each request to a replica (the less loaded of two
 picked at random), and Ray Serve replaces a replica that dies; a request that was on it gets an error response
-(HTTP 500), not silence.
+(HTTP 5xx), not silence.
 
 MCP at /mcp runs stateless here (each request stands alone, as the protocol allows), since a session kept by
 one replica would be unknown to the others. What a replicated server does not do: switch its index
