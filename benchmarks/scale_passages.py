@@ -90,34 +90,20 @@ def probe(index: Path, queries: int) -> dict:
 
 def serve_ready(index: Path, work: Path) -> float:
     """Seconds from ``ragline serve`` (the tiny generator, so that the index is what is timed) to its first
-    answered /health."""
-    import socket
-
-    import httpx
+    answered /health (serving.py's start_server, which polls it every 0.5 s)."""
+    from serving import free_port, start_server
 
     from ragline.models.tiny import save_tiny_causal
 
     generator = work / "tiny-llama"
     if not (generator / "config.json").is_file():
         save_tiny_causal(generator)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     t0 = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "ragline", "serve", "--index", str(index), "--generator",
-                               str(generator), "--port", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        while server.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                    return time.perf_counter() - t0
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise SystemExit(f"ragline serve exited with {server.returncode}")
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    server = start_server(index, generator, free_port(), 8, work / "serve.log")
+    ready = time.perf_counter() - t0
+    server.terminate()
+    server.wait(timeout=60)
+    return ready
 
 
 def _added_docs(path: Path, corpus: Path) -> Path:

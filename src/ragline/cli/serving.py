@@ -61,33 +61,29 @@ def _serving_options(f):
     return f
 
 
-def _serving_model(ctx: click.Context, o: dict):
-    """The RAG model ``serve`` and ``mcp`` answer with, and the worker that owns it, from their options. The
-    model loads on the worker's model thread, which runs all of the server's torch work (serve/turns.py: one
-    thread calling into OpenMP, or every operation pays for waking its threads)."""
-    from ragline.rag.model import RagModel
-    from ragline.serve.turns import Turns
-    from ragline.serve.worker import ModelWorker
+def _serving_settings(ctx: click.Context, o: dict, host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = ()):
+    """What ``serve`` and ``mcp`` open, from their options (and a training run's own settings)."""
+    import dataclasses
+
+    from ragline.serve.replicas import ReplicaSettings
 
     s = from_run(ctx, o["run_dir"], {"generator": o["generator"], "prior_scale": o["prior_scale"],
                                       "index_dir": o["index_dir"], "query_encoder": o["query_encoder"]})
-
-    def load() -> RagModel:
-        from ragline.system import open as open_system
-
-        render.log(f"loading the generator {s['generator']}")
-        system = open_system(s["index_dir"], s["generator"], precision=o["precision"], device=o["device"],
-                             query_encoder=s["query_encoder"], prior_scale=s["prior_scale"],
-                             kv_cache_mb=o["kv_cache_mb"], log=render.log)
-        if system.opened.precision != vocab.FP32:
-            render.log(f"the generator answers in {system.opened.precision}")
-        return system.model
-
-    turns = Turns()
-    rag = turns.call(load)
     budget = Budget(max_request_tokens=o["max_request_tokens"], max_batch_tokens=o["max_batch_tokens"],
                     max_queue=o["max_queue"], max_running=o["max_running"])
-    return rag, ModelWorker(rag, max_batch=o["max_batch"], budget=budget, turns=turns)
+    return ReplicaSettings(
+        index_dir=str(s["index_dir"]) if s["index_dir"] else None, generator=str(s["generator"]),
+        query_encoder=s["query_encoder"], prior_scale=s["prior_scale"], precision=o["precision"],
+        device=o["device"], kv_cache_mb=o["kv_cache_mb"], max_batch=o["max_batch"],
+        budget=dataclasses.asdict(budget), api_key=o["api_key"], host=host, allowed_hosts=tuple(allowed_hosts))
+
+
+def _serving_model(ctx: click.Context, o: dict):
+    """The RAG model ``serve`` and ``mcp`` answer with, and the worker that owns it (serve/replicas.py:
+    open_served)."""
+    from ragline.serve.replicas import open_served
+
+    return open_served(_serving_settings(ctx, o), log=render.log)
 
 
 def _warn_open(host: str, api_key: str | None) -> None:
@@ -140,22 +136,13 @@ def serve(ctx, host, port, allowed_hosts, ray_address, replicas, **o) -> None:
 def _serve_replicas(ctx: click.Context, o: dict, host: str, port: int, allowed_hosts: tuple[str, ...],
                     address: str, replicas: int) -> None:
     """``serve --ray``: the same app from ``replicas`` replicas on Ray Serve (serve/replicas.py), until Ctrl-C."""
-    import dataclasses
     import signal
     import time
 
     from ragline.serve import replicas as served
 
-    s = from_run(ctx, o["run_dir"], {"generator": o["generator"], "prior_scale": o["prior_scale"],
-                                      "index_dir": o["index_dir"], "query_encoder": o["query_encoder"]})
-    budget = Budget(max_request_tokens=o["max_request_tokens"], max_batch_tokens=o["max_batch_tokens"],
-                    max_queue=o["max_queue"], max_running=o["max_running"])
-    settings = served.ReplicaSettings(
-        index_dir=str(s["index_dir"]) if s["index_dir"] else None, generator=str(s["generator"]),
-        query_encoder=s["query_encoder"], prior_scale=s["prior_scale"], precision=o["precision"],
-        device=o["device"], kv_cache_mb=o["kv_cache_mb"], max_batch=o["max_batch"],
-        budget=dataclasses.asdict(budget), api_key=o["api_key"], host=host, allowed_hosts=tuple(allowed_hosts))
-    render.log(f"starting {replicas} replica(s) of {s['generator']} on Ray Serve")
+    settings = _serving_settings(ctx, o, host, allowed_hosts)
+    render.log(f"starting {replicas} replica(s) of {settings.generator} on Ray Serve")
     served.start(settings, replicas, address=address, port=port)
     render.log(f"serving on http://{host}:{port} from {replicas} replica(s) (API schema at /docs; OpenAI-compatible "
                f"at /v1; MCP at /mcp); Ctrl-C stops")

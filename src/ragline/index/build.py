@@ -113,8 +113,8 @@ def prepare_build(opts: BuildOptions) -> tuple[Path, Path, str]:
     check_target(out, opts.force)
     if not (opts.dense or opts.bm25):
         raise RaglineError("nothing to build: both dense and BM25 are off", "drop --no-dense or --no-bm25")
-    if opts.dense:
-        dense_build.factory_string(dense_build.resolve_type(opts.index_type, 1000, 8)[0], 1000, 8)  # fail early
+    if opts.dense and opts.index_type != vocab.AUTO_INDEX_TYPE:
+        dense_build.factory_string(opts.index_type, 1000, 8)  # unknown types fail before any work
     fmt = detect_format(opts.source) if opts.fmt == "auto" else opts.fmt
     out.parent.mkdir(parents=True, exist_ok=True)
     return out, out.parent / f".{out.name}.building", fmt

@@ -48,9 +48,10 @@ class ReplicaSettings:
     threads: int | None = None  # torch threads of each replica (default: its share of the CPUs)
 
 
-def build_app(s: ReplicaSettings, log: Callable[[str], None] = lambda m: None):
-    """The app ``ragline serve`` serves, over a RAG system opened from ``s`` on a model thread of its own."""
-    from ragline.serve.app import create_app
+def open_served(s: ReplicaSettings, log: Callable[[str], None] = lambda m: None):
+    """(the RAG model, the worker that owns it) as ``s`` names them: the model loads on the worker's model
+    thread, which runs all of the server's torch work (serve/turns.py: one thread calling into OpenMP, or every
+    operation pays for waking its threads). What ``ragline serve``, ``ragline mcp`` and every replica answer with."""
     from ragline.serve.turns import Turns
     from ragline.serve.worker import ModelWorker
     from ragline.system import open as open_system
@@ -60,13 +61,24 @@ def build_app(s: ReplicaSettings, log: Callable[[str], None] = lambda m: None):
             import torch
 
             torch.set_num_threads(s.threads)
-        return open_system(s.index_dir, s.generator, precision=s.precision, device=s.device,
-                           query_encoder=s.query_encoder, prior_scale=s.prior_scale, kv_cache_mb=s.kv_cache_mb,
-                           log=log).model
+        log(f"loading the generator {s.generator}")
+        system = open_system(s.index_dir, s.generator, precision=s.precision, device=s.device,
+                             query_encoder=s.query_encoder, prior_scale=s.prior_scale, kv_cache_mb=s.kv_cache_mb,
+                             log=log)
+        if system.opened.precision != vocab.FP32:
+            log(f"the generator answers in {system.opened.precision}")
+        return system.model
 
     turns = Turns()
     rag = turns.call(load)
-    worker = ModelWorker(rag, max_batch=s.max_batch, budget=Budget(**s.budget), turns=turns)
+    return rag, ModelWorker(rag, max_batch=s.max_batch, budget=Budget(**s.budget), turns=turns)
+
+
+def build_app(s: ReplicaSettings, log: Callable[[str], None] = lambda m: None):
+    """The app ``ragline serve`` serves, as one of several replicas, over the system :func:`open_served` opens."""
+    from ragline.serve.app import create_app
+
+    rag, worker = open_served(s, log)
     return create_app(rag, worker=worker, api_key=s.api_key, host=s.host, allowed_hosts=s.allowed_hosts,
                       replicated=True)
 
