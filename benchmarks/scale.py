@@ -5,6 +5,7 @@ How it measures and what it prints: docs/benchmarks.md (scale.py).
 
     python3 benchmarks/scale.py [--docs 3000] [--shards 1,2,4] [--queries 200] [--json FILE]
     python3 benchmarks/scale.py --passages 1000000[,3000000] --work DIR [--types flat,hnsw,...] [--queries 100]
+                                [--no-compact]
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def main() -> None:
     ap.add_argument("--types", default="flat", help="with --passages: the dense index types to build")
     ap.add_argument("--index", type=Path, default=None, help="with --passages: the index of the real passages "
                     "(default: the bundled one)")
+    ap.add_argument("--no-compact", action="store_true", help="with --passages: skip `ragline compact` (a rebuild "
+                    "of the whole index: an hour at 10M passages)")
     args = ap.parse_args()
     if args.passages:
         from scale_passages import run
@@ -56,7 +59,7 @@ def main() -> None:
         if args.work is None:
             raise SystemExit("--passages needs --work DIR (the corpus, vectors and indexes take gigabytes)")
         run([int(n) for n in args.passages.split(",")], args.work, args.types.split(","),
-            args.queries, args.index or paths.default_index_dir(), args.json)
+            args.queries, args.index or paths.default_index_dir(), args.json, compact=not args.no_compact)
         return
 
     from ragline.index.build import BuildOptions, build_index

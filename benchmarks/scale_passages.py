@@ -14,8 +14,8 @@ time (so that each peak is its own):
 * the probe (this file with ``--probe``): seconds to open the index (``open_retriever``), single-query search
   latency p50 / p95 for dense, BM25 and hybrid over dev questions, batched queries per second, and
   ``eval-retrieval``'s recall@k of the dev questions (ids 0-7) whose page is among the needles;
-* ``ragline add`` of 1,000 new documents, ``ragline delete`` of those 1,000, ``ragline compact``: seconds and
-  peak memory each.
+* ``ragline add`` of 1,000 new documents, ``ragline delete`` of those 1,000, ``ragline compact`` (unless
+  ``--no-compact``): seconds and peak memory each.
 
 Prints one table row per (N, type) and, with ``--json``, every number.
 """
@@ -121,8 +121,8 @@ def _added_docs(path: Path, corpus: Path) -> Path:
     return path
 
 
-def run(passages: list[int], work: Path, types: list[str], queries: int, index_dir: Path, json_out: Path | None
-        ) -> None:
+def run(passages: list[int], work: Path, types: list[str], queries: int, index_dir: Path, json_out: Path | None,
+        compact: bool = True) -> None:
     from scale_corpus import make
 
     rows = []
@@ -148,9 +148,11 @@ def run(passages: list[int], work: Path, types: list[str], queries: int, index_d
             row["add"] = measured(["add", "--index", str(out), str(added)], f"add {ADDED}")
             doc_args = [a for i in range(ADDED) for a in ("--doc", f"added-{i}")]
             row["delete"] = measured(["delete", "--index", str(out), *doc_args], f"delete {ADDED}")
-            row["compact"] = measured(["compact", "--index", str(out)], "compact")
+            if compact:
+                row["compact"] = measured(["compact", "--index", str(out)], "compact")
             for part in ("build", "add", "delete", "compact"):
-                row[part].pop("log")
+                if part in row:
+                    row[part].pop("log")
             rows.append(row)
     print(f"\none machine ({os.cpu_count()} cores), vectors given (--embeddings); latency over {queries} dev "
           "questions, k=10\n")
@@ -168,7 +170,7 @@ def run(passages: list[int], work: Path, types: list[str], queries: int, index_d
               f"{p['hybrid']['batched_qps']:.0f} | "
               f"{p['dense']['recall@20']:.3f} / {p['hybrid']['recall@20']:.3f} | "
               f"{r['add']['seconds']:.0f} ({r['add']['peak_gib']:.2f}) | {r['delete']['seconds']:.0f} | "
-              f"{r['compact']['seconds']:.0f} ({r['compact']['peak_gib']:.2f}) |")
+              + (f"{r['compact']['seconds']:.0f} ({r['compact']['peak_gib']:.2f}) |" if "compact" in r else "- |"))
     if json_out:
         json_out.write_text(json.dumps(rows, indent=1))
 

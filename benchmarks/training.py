@@ -9,12 +9,12 @@ How it measures and what it prints: docs/benchmarks.md (training.py).
 
 ``--speed``: seconds per optimiser step of Qwen2.5-0.5B through LoRA, RAG-Sequence, k=5, batch 8 (micro-batches
 of ``--speed-micro`` questions, their gradients accumulated: the same gradient, less memory), for each
-configuration (prefill padded or packed; fp32, or bf16 autocast with fp32 master weights), each in its own
-process, beside the step's FLOP floor: prompt and answer tokens x 4 x the generator's parameters that every
-token passes through (not the embedding, not the output layer, which runs on answer tokens only; 4: LoRA runs
-the frozen weights forward and back to their inputs; the adapters and the question encoder are small beside
-them), at the matrix-multiply rate measured in the same process and precision; and the process's peak resident
-memory.
+configuration (prefill padded or packed; fp32, or bf16 autocast with fp32 master weights; ``-ckpt``: with
+activation checkpointing), each in its own process, beside the step's FLOP floor: prompt and answer tokens x 4
+x the generator's parameters that every token passes through (not the embedding, not the output layer, which
+runs on answer tokens only; 4: LoRA runs the frozen weights forward and back to their inputs; the adapters and
+the question encoder are small beside them), at the matrix-multiply rate measured in the same process and
+precision; and the process's peak resident memory.
 
 ``--synth N``: N questions synthesised from the index by ``ragline synth`` (into ``--synth-file``, resumed if it
 is there), the retriever trained on them alone, and page recall@1/5/20 on the FanOutQA dev sub-questions (ids
@@ -137,14 +137,18 @@ def matmul_rate(precision: str) -> float:
 
 
 def speed_phase(args: argparse.Namespace, data: Path, out: Path, config: str) -> dict:
-    """One --speed configuration: 'padded-fp32', 'packed-fp32', 'packed-bf16' or 'padded-bf16'."""
+    """One --speed configuration: 'padded-fp32', 'packed-fp32', 'packed-bf16' or 'padded-bf16', each with
+    '-ckpt' for activation checkpointing ('packed-bf16-ckpt')."""
     from ragline.train.rag import RagTrainConfig, RagTrainer
 
-    prefill, precision = config.split("-")
+    prefill, precision, *extra = config.split("-")
+    if extra not in ([], ["ckpt"]):
+        raise SystemExit(f"unknown speed configuration {config!r}")
     cfg = RagTrainConfig(train=str(data), index=str(args.index), generator="qwen2.5-0.5b", model="rag-sequence",
                          k=5, generator_training="lora", lr=2e-4, batch_size=args.speed_micro,
                          accumulation=8 // args.speed_micro, steps=args.speed_steps, warmup=1,
-                         val_fraction=0.0, eval_every=10_000, save_every=10_000, precision=precision, seed=0)
+                         val_fraction=0.0, eval_every=10_000, save_every=10_000, precision=precision, seed=0,
+                         activation_checkpointing=extra == ["ckpt"])
     trainer = RagTrainer(cfg, out, progress=False, log=lambda m: print(m, file=sys.stderr))
     trainer.gen.packed = prefill == "packed"
     trainer.export = lambda: out  # merging and writing the model is not a training step

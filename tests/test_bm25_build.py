@@ -59,11 +59,18 @@ def _reference(texts: list[str], method: str, stats: BM25Stats | None):
 
 @pytest.mark.parametrize("method", ["lucene", "robertson", "atire"])
 @pytest.mark.parametrize("shard", [False, True])
-def test_the_lean_build_equals_bm25s(wiki_docs, tmp_path, method, shard):
+@pytest.mark.parametrize("bounded", [False, True], ids=["one-run", "runs-and-blocks"])
+def test_the_lean_build_equals_bm25s(wiki_docs, tmp_path, method, shard, bounded):
+    """Counted in one run and merged in one block, or (``bounded``) in runs of ~600 tokens merged in blocks of
+    ~50 pairs: terms first seen in a late run, terms absent from some runs, terms with more pairs than a
+    block (the stop-word-free lead words recur in most passages), an empty passage at a run's edge."""
     texts = _texts(wiki_docs, 300)
     stats = BM25Stats.of([texts[::2], texts[1::2], ["more text for the corpus only"]]) if shard else None
     ref, ids, vocab = _reference(texts, method, stats)
-    ours = BM25Index.build([texts[:100], texts[100:]], tmp_path / "bm25", method=method, corpus_stats=stats)
+    sizes = {"run_tokens": 600, "block_pairs": 50} if bounded else {}
+    chunks = [texts[lo : lo + 7] for lo in range(0, len(texts), 7)] if bounded else [texts[:100], texts[100:]]
+    ours = BM25Index.build(chunks, tmp_path / "bm25", method=method, corpus_stats=stats, **sizes)
+    assert not (tmp_path / "bm25" / sparse.RUNS_DIR).exists()  # the scratch runs are gone
     got = ours.retriever.scores
     assert got["num_docs"] == ref.scores["num_docs"] == len(texts)
     np.testing.assert_array_equal(got["indptr"], ref.scores["indptr"])
@@ -87,15 +94,21 @@ def test_the_lean_build_equals_bm25s(wiki_docs, tmp_path, method, shard):
     assert counts.terms == want.terms
 
 
-def test_term_counts_from_chunks_equal_counts_from_lists(wiki_docs):
+def test_term_counts_from_chunks_equal_counts_from_lists(wiki_docs, tmp_path):
     texts = _texts(wiki_docs, 120)
     a = TermCounts.build([texts[:50], texts[50:], []])
     tok = sparse._tokenizer("english")
     ids = tok.tokenize(texts, update_vocab=True, return_as="ids", show_progress=False)
     b = TermCounts.of(ids, tok.get_vocab_dict())
-    assert a.terms == b.terms and a.passages == len(texts)
+    TermCounts.build_into([texts[lo : lo + 9] for lo in range(0, len(texts), 9)], tmp_path, run_tokens=300,
+                          block_pairs=40)  # in runs and blocks, as a whole corpus is counted
+    c = TermCounts.load(tmp_path)
+    assert a.terms == b.terms == c.terms and a.passages == c.passages == len(texts)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(f"{n}.npy" for n in sparse.COUNTS),
+                                                                 sparse.TERMS_FILE])
     for name in ("indptr", "rows", "counts", "doc_len"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        np.testing.assert_array_equal(getattr(c, name), getattr(b, name))
     # a term's passages ascend, and its counts are what the token lists say
     j = b.terms.index(b.terms[ids[0][0]])
     lo, hi = b.indptr[j], b.indptr[j + 1]

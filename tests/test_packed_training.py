@@ -21,7 +21,10 @@ def rag(small_index):
     return RagModel(Retriever(small_index), gen, k=3)
 
 
-def _loss_and_grads(rag, model: str, packed: bool) -> tuple[float, dict[str, torch.Tensor]]:
+def _loss_and_grads(rag, model: str, packed: bool, checkpointed: bool = False
+                    ) -> tuple[float, dict[str, torch.Tensor]]:
+    from ragline.models.checkpointing import checkpointed_layers
+
     rag.generator.packed = packed
     parts = {"g": rag.generator.model, "q": rag.retriever.encoder.model}
     for m in parts.values():
@@ -29,8 +32,9 @@ def _loss_and_grads(rag, model: str, packed: bool) -> tuple[float, dict[str, tor
         m.zero_grad(set_to_none=True)
         for p in m.parameters():
             p.requires_grad_(True)
-    loss = rag.likelihood(QUESTIONS, ANSWERS, model=model).loss.float().mean()
-    loss.backward()
+    with checkpointed_layers(rag.generator.model, checkpointed):  # as the trainer's loss enters it: after eval()
+        loss = rag.likelihood(QUESTIONS, ANSWERS, model=model).loss.float().mean()
+    loss.backward()  # the checkpointed layers recompute here, after the block
     loss = loss.detach()
     grads = {f"{k}.{n}": p.grad.detach().clone() for k, m in parts.items() for n, p in m.named_parameters()
              if p.grad is not None}
@@ -59,3 +63,47 @@ def test_packed_loss_and_gradients_equal_the_padded_ones(rag, model, monkeypatch
     assert padded.keys() == packed.keys() and any(k.startswith("q.") for k in padded)
     for name, g in padded.items():
         torch.testing.assert_close(packed[name], g, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _bart_rag(small_index):
+    from conftest import tiny_bart_config, word_tokenizer
+    from transformers import BartForConditionalGeneration
+
+    from ragline.models.generators import Seq2SeqGenerator
+    from ragline.rag.model import RagModel
+    from ragline.retriever import Retriever
+
+    tok = word_tokenizer(sorted({w for q in QUESTIONS + ANSWERS for w in q.split()}))  # passages' words: <unk>
+    torch.manual_seed(1)
+    bart = BartForConditionalGeneration(tiny_bart_config(len(tok), max_positions=512)).eval()
+    return RagModel(Retriever(small_index), Seq2SeqGenerator(bart, tok, "tiny-bart"), k=3)
+
+
+@pytest.mark.parametrize("generator", ["causal", "seq2seq"])
+@pytest.mark.parametrize("model", ["rag-sequence", "rag-token"])
+def test_activation_checkpointing_keeps_the_loss_and_gradients(rag, small_index, generator, model, monkeypatch):
+    """``--activation-checkpointing``: every layer of the generator recomputed in the backward pass, the same
+    loss and gradients (fp32), the layers' flags restored after; the packed causal pass keeps no cache."""
+    from ragline.models import checkpointing
+
+    rag = rag if generator == "causal" else _bart_rag(small_index)
+    plain_loss, plain = _loss_and_grads(rag, model, packed=True)
+    calls = []
+    real = checkpointing.checkpoint
+
+    def spy(fn, *args, **kwargs):
+        calls.append(fn)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "checkpoint", spy)
+    layers = checkpointing.checkpointable_layers(rag.generator.model)
+    ckpt_loss, ckpt = _loss_and_grads(rag, model, packed=True, checkpointed=True)
+    n = len(layers)
+    assert n >= 2 and len(calls) >= n and {id(c.args[0]) for c in calls} == {id(m) for m in layers}
+    assert all("forward" not in m.__dict__ and not m.training for m in layers)  # unwrapped after, still eval
+    assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6, abs=1e-6)
+    assert plain.keys() == ckpt.keys() and any(k.startswith("g.") for k in plain)
+    for name, g in plain.items():
+        torch.testing.assert_close(ckpt[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    with checkpointing.checkpointed_layers(rag.generator.model, enabled=False) as n:
+        assert n == 0 and not any("forward" in m.__dict__ for m in layers)

@@ -50,6 +50,9 @@ def train() -> None:
 @click.option("--clip", default=1.0, show_default=True, type=float, help="Gradient clipping (global norm).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--activation-checkpointing", is_flag=True,
+              help="Recompute the generator's layer activations in the backward pass: less memory, more time "
+                   "(the same losses and gradients).")
 @click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--prior-scale", default=None, type=float, help=PRIOR_HELP)
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
@@ -62,8 +65,8 @@ def train() -> None:
 @device_option
 def train_rag(train_spec, index_dir, generator, model_name, k, generator_training, lora_r, lora_alpha,
               freeze_question_encoder, lr, question_encoder_lr, batch_size, accumulation, steps, warmup, clip, seed,
-              precision, label_smoothing, prior_scale, val_fraction, val_limit, eval_every, save_every, out,
-              skip_bad, device) -> None:
+              precision, activation_checkpointing, label_smoothing, prior_scale, val_fraction, val_limit, eval_every,
+              save_every, out, skip_bad, device) -> None:
     """Fine-tune the question encoder and the generator on the marginal likelihood (index frozen)."""
     from ragline.train.rag import RagTrainConfig, RagTrainer
 
@@ -72,7 +75,8 @@ def train_rag(train_spec, index_dir, generator, model_name, k, generator_trainin
                          lora_alpha=lora_alpha, train_question_encoder=not freeze_question_encoder, lr=lr,
                          question_encoder_lr=question_encoder_lr, batch_size=batch_size, accumulation=accumulation,
                          steps=steps, warmup=warmup, clip=clip, seed=seed, precision=precision,
-                         label_smoothing=label_smoothing, prior_scale=prior_scale, val_fraction=val_fraction,
+                         activation_checkpointing=activation_checkpointing, label_smoothing=label_smoothing,
+                         prior_scale=prior_scale, val_fraction=val_fraction,
                          val_limit=val_limit, eval_every=eval_every, save_every=save_every, device=device)
     result = RagTrainer(cfg, Path(out), log=render.log, skip_bad=skip_bad).run_training()
     render.console.print(f"trained {result['steps']} steps (last loss {result['last_loss']:.4f}); "

@@ -28,6 +28,7 @@ from ragline.corpus.store import PassageStore, PassageStoreWriter
 from ragline.errors import RaglineError
 from ragline.index import dense_build
 from ragline.index import manifest as mf
+from ragline.index.dense import TUNE_K
 from ragline.index.npy_rows import NpyRows, NpyWriter
 from ragline.index.registry import list_indexes
 from ragline.index.sparse import BM25Index, BM25Stats
@@ -345,7 +346,7 @@ def _build_dense(opts: BuildOptions, work: Path, log: Callable[[str], None]) -> 
         if rep.search_param:
             msg += f" at {rep.search_param}={rep.search_value}"
         if rep.rerank:
-            msg += f" with exact re-ranking of {rep.rerank}k candidates"
+            msg += f" with exact re-ranking of the best {rep.rerank * TUNE_K:,} candidates (for k <= {TUNE_K})"
         if rep.recall_at_10 < opts.target_recall:
             msg += f" (below the {opts.target_recall} target even at the largest setting)"
     log(msg)

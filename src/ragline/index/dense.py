@@ -20,7 +20,8 @@ import numpy as np
 from ragline.index.topk import top_k
 
 SEARCH_PARAM = {"hnsw": "efSearch", "ivfpq": "nprobe", "ivfsq8": "nprobe"}
-RERANK = {"ivfpq": 4}  # candidates per result re-scored exactly from the stored vectors
+RERANK = {"ivfpq": 4}  # candidates per result re-scored exactly from the stored vectors (at least; tuned on build)
+RERANK_FACTORS = (4, 16, 64, 256)  # the re-ranking depths (x TUNE_K candidates) a build tries, cheapest first
 TUNE_K = 10  # approximate indexes are tuned for recall@10 (dense_build); efSearch scales with k from there
 
 faiss.cvar.distance_compute_blas_threshold = 20
@@ -76,14 +77,21 @@ class DenseIndex:
         if self.kind == "flat" and len(queries) == 1:
             return self._gemv_top_k(queries[0], k, allowed)
         faiss.omp_set_num_threads(1 if len(queries) == 1 else self.threads)
-        depth = min(self.ntotal, k * self.rerank) if self.rerank else k
         bitmap = None if allowed is None else np.packbits(allowed, bitorder="little")  # alive through the search
         selector = None if bitmap is None else faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
-        scores, rows = self.index.search(queries, depth, params=self._params(k, selector))  # (B, depth)
+        scores, rows = self.index.search(queries, self.depth(k), params=self._params(k, selector))  # (B, depth)
         if self.rerank:
             scores, rows = self._rerank(queries, rows, k)
         scores[rows < 0] = 0.0
         return scores, rows  # (B, k); rows -1 where fewer than k were found
+
+    def depth(self, k: int) -> int:
+        """How many candidates a search for ``k`` asks FAISS for: ``k``, or with re-ranking the tuned
+        ``rerank x TUNE_K`` (what recall@10 needed on build) and at least ``RERANK x k``: a hybrid query's 100
+        candidates then cost what the tuning measured, not 100 times the per-result depth."""
+        if not self.rerank:
+            return k
+        return min(self.ntotal, max(k * RERANK["ivfpq"], self.rerank * TUNE_K, k))
 
     def _gemv_top_k(self, q: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         if self._xb is None:  # zero-copy view of FAISS's vector array, (n, d)

@@ -1,4 +1,4 @@
-"""Rows of a 2-d ``.npy`` matrix read and written with plain file calls, never memory-mapped.
+"""Rows of a ``.npy`` matrix (2-d) or vector (1-d) read and written with plain file calls, never memory-mapped.
 
 A build streams through gigabytes of vectors (1.5 GiB at a million 384-d float32 passages). Read or written
 through a memory map, every page it touches counts in the process's resident memory until the kernel reclaims
@@ -16,8 +16,9 @@ import numpy as np
 from ragline.errors import RaglineError
 
 
-def layout(path: Path) -> tuple[tuple[int, int], np.dtype, int]:
-    """(shape, dtype, offset of the first row) of the 2-d C-order ``.npy`` file ``path``; pickles refused."""
+def layout(path: Path, ndim: int = 2) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset of the first row) of the ``ndim``-d (2 or 1) C-order ``.npy`` file ``path``;
+    pickles refused."""
     with open(path, "rb") as f:
         try:
             version = np.lib.format.read_magic(f)
@@ -29,26 +30,28 @@ def layout(path: Path) -> tuple[tuple[int, int], np.dtype, int]:
         if dtype.hasobject:
             raise RaglineError(f"{path} is not a plain .npy array (it holds pickled Python objects)",
                                "convert the vectors with numpy.save(file, array) (pickles are not loaded)")
-        if fortran or len(shape) != 2:
+        if (fortran and len(shape) > 1) or len(shape) != ndim:
             raise RaglineError(f"{path} holds a {dtype} array of shape {shape}{' (Fortran order)' if fortran else ''}",
-                               "give 2-d float32 or float16 arrays, one row per passage, saved by numpy.save")
-        return (int(shape[0]), int(shape[1])), dtype, f.tell()
+                               "give 2-d float32 or float16 arrays, one row per passage, saved by numpy.save"
+                               if ndim == 2 else f"write it again as a {ndim}-d array")
+        return tuple(int(x) for x in shape), dtype, f.tell()
 
 
 class NpyRows:
-    """A read-only 2-d ``.npy`` file indexed like an array: ``rows[lo:hi]`` and ``rows[int_array]`` read just
-    those rows from the file (each call a new array)."""
+    """A read-only 2-d (or, with ``ndim=1``, 1-d) ``.npy`` file indexed like an array: ``rows[lo:hi]`` and
+    ``rows[int_array]`` read just those rows from the file (each call a new array)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, ndim: int = 2) -> None:
         self.path = Path(path)
-        self.shape, self.dtype, self._offset = layout(self.path)
-        self._row_bytes = self.shape[1] * self.dtype.itemsize
+        self.shape, self.dtype, self._offset = layout(self.path, ndim)
+        self._row_shape = self.shape[1:]
+        self._row_bytes = int(np.prod(self._row_shape, dtype=np.int64)) * self.dtype.itemsize
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def _read(self, f, lo: int, hi: int) -> np.ndarray:
-        out = np.empty((hi - lo, self.shape[1]), dtype=self.dtype)
+        out = np.empty((hi - lo, *self._row_shape), dtype=self.dtype)
         f.seek(self._offset + lo * self._row_bytes)
         if f.readinto(memoryview(out).cast("B")) != out.nbytes:
             raise RaglineError(f"{self.path} is shorter than its header says", "write the vectors again")
@@ -62,25 +65,34 @@ class NpyRows:
                     raise ValueError("NpyRows reads contiguous slices or row numbers")
                 return self._read(f, lo, max(lo, hi))
             rows = np.asarray(key, dtype=np.int64)  # (m,) row numbers, any order
-            out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
-            for i in np.argsort(rows, kind="stable"):  # in file order
-                out[i] = self._read(f, int(rows[i]), int(rows[i]) + 1)[0]
+            out = np.empty((len(rows), *self._row_shape), dtype=self.dtype)
+            if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+                raise IndexError(f"rows out of range 0..{self.shape[0] - 1} in {self.path}")
+            order = np.argsort(rows, kind="stable")  # in file order
+            ordered = rows[order]
+            cuts = np.flatnonzero(np.diff(ordered) > 1) + 1  # runs of consecutive (or repeated) rows: one read each
+            for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(rows)].tolist(), strict=True):
+                first = int(ordered[lo])
+                span = self._read(f, first, int(ordered[hi - 1]) + 1)
+                out[order[lo:hi]] = span[ordered[lo:hi] - first]
             return out
 
 
 class NpyWriter:
-    """Writes an (n, dim) ``.npy`` file row block after row block; closing checks that n rows came."""
+    """Writes an (n, dim) ``.npy`` file (an (n,) one when ``dim`` is None) row block after row block; closing
+    checks that n rows came."""
 
-    def __init__(self, path: Path, n: int, dim: int, dtype: str = "float32") -> None:
+    def __init__(self, path: Path, n: int, dim: int | None, dtype: str | np.dtype = "float32") -> None:
         self.path, self.n, self.dim, self.dtype, self.written = Path(path), n, dim, np.dtype(dtype), 0
         self._f = open(self.path, "wb")  # noqa: SIM115 - closed by close() / __exit__
+        shape = (n,) if dim is None else (n, dim)
         np.lib.format.write_array_header_1_0(self._f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
-                                                       "fortran_order": False, "shape": (n, dim)})
+                                                       "fortran_order": False, "shape": shape})
 
     def write(self, rows: np.ndarray) -> None:
-        """Append ``rows`` (m, dim), converted to the file's dtype."""
+        """Append ``rows`` (m, dim) or, for a 1-d file, (m,), converted to the file's dtype."""
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
-        if rows.ndim != 2 or rows.shape[1] != self.dim or self.written + len(rows) > self.n:
+        if rows.shape[1:] != (() if self.dim is None else (self.dim,)) or self.written + len(rows) > self.n:
             raise ValueError(f"rows of shape {rows.shape} do not fit ({self.written} of {self.n} x {self.dim})")
         self._f.write(memoryview(rows).cast("B"))
         self.written += len(rows)

@@ -21,6 +21,8 @@ corpus would give and top-k lists of shards merge exactly (Lucene BM25)::
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ from ragline.index.topk import top_k
 
 PARAMS_FILE = "ragline_bm25.json"
 TERMS_FILE = "ragline_terms.json"  # TermCounts: the terms, in column order
-COUNTS = ("tf_indptr", "tf_rows", "tf_counts", "doc_len")  # TermCounts' arrays, one .npy file each
+COUNTS = bm25_build.COUNT_FILES  # TermCounts' arrays, one .npy file each
 
 
 def _tokenizer(language: str) -> Tokenizer:
@@ -130,34 +132,92 @@ class TermCounts:
 
     @classmethod
     def build(cls, texts: Iterable[list[str]], stemmer: str = "english") -> TermCounts:
-        """Tokenise texts (successive chunks) as :meth:`BM25Index.build` does and count their terms."""
+        """Tokenise texts (successive chunks) as :meth:`BM25Index.build` does and count their terms, in memory
+        (a segment's passages; a whole corpus goes through :meth:`build_into`)."""
         tok = _tokenizer(stemmer)
         flat, lens = bm25_build.tokenize_flat(texts, tok)
         vocab = tok.get_vocab_dict()
         return cls.of_counts(bm25_build.count_terms(flat, lens, vocab), lens, vocab)
 
+    @staticmethod
+    def build_into(texts: Iterable[list[str]], out_dir: Path, stemmer: str = "english",
+                   run_tokens: int = bm25_build.RUN_TOKENS, block_pairs: int = bm25_build.BLOCK_PAIRS) -> None:
+        """:meth:`build`'s counts written into ``out_dir`` in bounded memory (runs merged on disk), each file
+        moved into place when all are written, the terms last (:meth:`saved_in` is true only then)."""
+        tok = _tokenizer(stemmer)
+        scratch = out_dir / RUNS_DIR
+        try:
+            runs, lens = bm25_build.count_runs(texts, tok, scratch / "runs", run_tokens)
+            terms = _terms(tok.get_vocab_dict())
+            bm25_build.write_runs(runs, bm25_build.merged_indptr(runs, len(terms)), lens, scratch, None, block_pairs)
+            for name in COUNTS:
+                os.replace(scratch / f"{name}.npy", out_dir / f"{name}.npy")
+            _write_terms(out_dir, terms)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
-def _lean_index(retriever: bm25s.BM25, counts: sp.csc_matrix, lens: np.ndarray, vocab: dict[str, int],
-                corpus_stats: BM25Stats | None) -> None:
-    """Fill ``retriever`` as its ``index`` would (scores, vocabulary), from term counts: the idf and the average
-    length of the passages themselves, or of a whole corpus (``corpus_stats``: a shard)."""
+
+RUNS_DIR = ".runs"  # a build's scratch: the counted runs, removed when merged
+
+
+def _terms(vocab: dict[str, int]) -> list[str]:
+    """The terms in column order, from a vocabulary (token -> id)."""
+    terms = [""] * (max(vocab.values(), default=-1) + 1)
+    for t, i in vocab.items():
+        terms[i] = t
+    return terms
+
+
+def _write_terms(out_dir: Path, terms: list[str]) -> None:
+    from ragline import atomic
+
+    atomic.write_json(out_dir / TERMS_FILE, terms)
+
+
+def _scoring(retriever: bm25s.BM25, df: np.ndarray, lens: np.ndarray, vocab: dict[str, int],
+             corpus_stats: BM25Stats | None) -> bm25_build.Scoring:
+    """How pairs are scored as ``retriever``'s ``index`` would score them: the idf of each term's document
+    frequency ``df`` (terms,) and the average length of the passages themselves, or of a whole corpus
+    (``corpus_stats``: a shard)."""
     from bm25s.scoring import _build_idf_array, _select_idf_scorer
 
     idf_fn = _select_idf_scorer(retriever.idf_method)
     if corpus_stats is None:
-        df = np.diff(counts.indptr).tolist()
-        idf = _build_idf_array(dict(enumerate(df)), len(lens), idf_fn, retriever.dtype)
+        idf = _build_idf_array(dict(enumerate(df.tolist())), len(lens), idf_fn, retriever.dtype)
         avg, weak = (lens.mean() if len(lens) else np.float64("nan")), False  # numpy float64, as bm25s takes it
     else:
         token_of = {i: t for t, i in vocab.items()}
-        corpus_df = {i: corpus_stats.df.get(token_of.get(i, ""), 0) for i in range(counts.shape[1])}
+        corpus_df = {i: corpus_stats.df.get(token_of.get(i, ""), 0) for i in range(len(df))}
         idf = _build_idf_array(corpus_df, corpus_stats.passages, idf_fn, retriever.dtype)
         avg, weak = corpus_stats.tokens / max(corpus_stats.passages, 1), True  # a Python float, as ours passes it
-    retriever.nonoccurrence_array = None  # Lucene, Robertson and ATIRE have none
-    retriever.scores = bm25_build.score_matrix(counts, lens, idf, avg, retriever.method, retriever.k1, retriever.b,
-                                               weak, retriever.dtype)
-    retriever.vocab_dict = vocab
-    retriever.unique_token_ids_set = set(vocab.values())
+    return bm25_build.Scoring(idf, avg, retriever.method, retriever.k1, retriever.b, weak, retriever.dtype)
+
+
+def _build_lean(retriever: bm25s.BM25, tok: Tokenizer, texts: Iterable[list[str]], out_dir: Path,
+                corpus_stats: BM25Stats | None, run_tokens: int, block_pairs: int) -> int:
+    """Write ``retriever``'s index of ``texts`` (Lucene, Robertson or ATIRE) and the term counts into
+    ``out_dir`` in bounded memory, as bm25s's ``index`` and ``save`` would write them; returns the passages."""
+    scratch = out_dir / RUNS_DIR
+    try:
+        runs, lens = bm25_build.count_runs(texts, tok, scratch, run_tokens)
+        vocab = tok.get_vocab_dict()
+        terms = _terms(vocab)
+        indptr = bm25_build.merged_indptr(runs, len(terms))  # (terms + 1,)
+        scoring = _scoring(retriever, np.diff(indptr), lens, vocab, corpus_stats)
+        bm25_build.write_runs(runs, indptr, lens, out_dir, scoring, block_pairs)
+        _write_terms(out_dir, terms)
+        # bm25s's vocabulary and parameter files, in its own format: saved with placeholder arrays into the
+        # scratch folder (the score matrix is already in out_dir), then moved beside the matrix
+        retriever.nonoccurrence_array = None  # Lucene, Robertson and ATIRE have none
+        retriever.vocab_dict = vocab
+        retriever.scores = {"data": np.zeros(0, retriever.dtype), "indices": np.zeros(0, np.int32),
+                            "indptr": np.zeros(1, np.int32), "num_docs": len(lens)}
+        retriever.save(str(scratch), show_progress=False)
+        for name in ("vocab.index.json", "params.index.json"):
+            os.replace(scratch / name, out_dir / name)
+        return len(lens)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class BM25Index:
@@ -168,33 +228,37 @@ class BM25Index:
 
     @classmethod
     def build(cls, texts: Iterable[list[str]], out_dir: Path, *, k1: float = 1.5, b: float = 0.75,
-              method: str = "lucene", stemmer: str = "english", corpus_stats: BM25Stats | None = None) -> BM25Index:
+              method: str = "lucene", stemmer: str = "english", corpus_stats: BM25Stats | None = None,
+              run_tokens: int = bm25_build.RUN_TOKENS, block_pairs: int = bm25_build.BLOCK_PAIRS) -> BM25Index:
         """Index texts (given as successive chunks) and save to ``out_dir``. With ``corpus_stats`` (of a
-        corpus these texts are a shard of), scores are those of an index over that whole corpus."""
-        tok = _tokenizer(stemmer)
-        flat, lens = bm25_build.tokenize_flat(texts, tok)  # chunks keep the tokenizer's working set small
-        vocab = tok.get_vocab_dict()
-        counts = bm25_build.count_terms(flat, lens, vocab)  # (passages, terms)
+        corpus these texts are a shard of), scores are those of an index over that whole corpus. Lucene,
+        Robertson and ATIRE are built in bounded memory (:mod:`ragline.index.bm25_build`: runs of
+        ``run_tokens`` tokens, merged in blocks of ``block_pairs`` pairs); BM25L and BM25+ by bm25s in memory."""
         if corpus_stats is not None and method not in bm25_build.LEAN_METHODS:
             raise RaglineError(f"BM25 method {method!r} cannot use whole-corpus statistics",
                                "use the lucene, robertson or atire method for a sharded index")
+        tok = _tokenizer(stemmer)
         retriever = bm25s.BM25(k1=k1, b=b, method=method)
-        if method in bm25_build.LEAN_METHODS:  # the matrix from the counts: bm25s's values, a fraction of its memory
-            _lean_index(retriever, counts, lens, vocab, corpus_stats)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if method in bm25_build.LEAN_METHODS:
+            n = _build_lean(retriever, tok, texts, out_dir, corpus_stats, run_tokens, block_pairs)
         else:
+            flat, lens = bm25_build.tokenize_flat(texts, tok)
+            vocab = tok.get_vocab_dict()
+            counts = bm25_build.count_terms(flat, lens, vocab)  # (passages, terms)
             ends = np.cumsum(lens).tolist()
             ids = [flat[end - n : end].tolist() for n, end in zip(lens.tolist(), ends, strict=True)]
+            del flat
             retriever.index(bm25s.tokenization.Tokenized(ids=ids, vocab=vocab), show_progress=False)
-        del flat
-        out_dir.mkdir(parents=True, exist_ok=True)
-        retriever.save(str(out_dir), show_progress=False)
+            retriever.save(str(out_dir), show_progress=False)
+            TermCounts.of_counts(counts, lens, vocab).save(out_dir)  # for updates in place (bm25_live.py)
+            n = len(lens)
         tok.save_vocab(str(out_dir))
-        TermCounts.of_counts(counts, lens, vocab).save(out_dir)  # for updates in place (bm25_live.py)
-        params = {"k1": k1, "b": b, "method": method, "stemmer": stemmer, "stopwords": "en", "documents": len(lens)}
+        params = {"k1": k1, "b": b, "method": method, "stemmer": stemmer, "stopwords": "en", "documents": n}
         if corpus_stats is not None:
             params["corpus_passages"] = corpus_stats.passages
         (out_dir / PARAMS_FILE).write_text(json.dumps(params, indent=2))
-        return cls(retriever, tok, params)
+        return cls.load(out_dir)
 
     @classmethod
     def load(cls, path: Path) -> BM25Index:

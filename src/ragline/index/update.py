@@ -21,16 +21,18 @@ it again is a no-op; ``add`` refuses a known id with other content (that is ``up
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from ragline import atomic
 from ragline.corpus.passages import Passage, encoder_text, split_documents
@@ -39,8 +41,9 @@ from ragline.corpus.store import PassageStore, PassageStoreWriter, meta_text
 from ragline.errors import RaglineError
 from ragline.index import dense_build
 from ragline.index import manifest as mf
+from ragline.index.npy_rows import NpyRows, NpyWriter
 from ragline.index.registry import open_index
-from ragline.index.segments import live_rows, segment_dir
+from ragline.index.segments import SegmentedEmbeddings, SegmentedStore, live_rows, segment_dir
 from ragline.index.sparse import TermCounts
 from ragline.models.encoders import Encoder, load_encoder
 
@@ -164,6 +167,8 @@ def compact_index(path: str | Path, log: Callable[[str], None] = print) -> Chang
         change = Change(COMPACT, generation=gen)
         work = path.parent / f".{path.name}.building"
         manifest, opts = compact_into(index, work, change)
+        del index  # its dense index (in memory) and maps go before the new parts are built
+        gc.collect()
         finish_index(opts, work, path, manifest, log)
         log(f"compacted index {path.name}: {manifest['corpus']['passages']} live passages in one segment "
             f"(generation {gen})")
@@ -214,26 +219,49 @@ def compact_into(index, work: Path, change: Change) -> tuple[dict, Any]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     with PassageStoreWriter(work / mf.PASSAGES) as w:
-        for lo in range(0, len(rows), 4096):
-            w.add_all(index.store.get(rows[lo:lo + 4096]))
+        w.add_all(_scan_rows(index.store, rows))
     dense = m.get("dense") or {}
-    if dense:
-        emb = np.lib.format.open_memmap(work / mf.EMBEDDINGS, mode="w+", dtype=np.float32,
-                                        shape=(len(rows), m["encoder"]["dim"]))
-        for lo in range(0, len(rows), 65536):
-            emb[lo:lo + 65536] = index.embeddings[rows[lo:lo + 65536]]
-        emb.flush()
-        del emb
+    if dense:  # read and written with file calls, not memory maps: the process holds a chunk, not the file
+        source = _unmapped(index.embeddings)
+        with NpyWriter(work / mf.EMBEDDINGS, len(rows), m["encoder"]["dim"]) as out:
+            for lo in range(0, len(rows), 65536):
+                out.write(source[rows[lo:lo + 65536]])  # (chunk, dim)
     manifest = {k: v for k, v in m.items() if k not in ("segments", "tombstones", "live")}
     manifest["format_version"] = mf.FORMAT_VERSION
-    doc_ids = index.store.values("doc_id")
-    manifest["corpus"] = {**m["corpus"], "fingerprint": w.fingerprint, "passages": w.count,
-                          "documents": len({doc_ids[r] for r in rows.tolist()})}
+    documents = pc.count_distinct(PassageStore(work / mf.PASSAGES).table.column("doc_id")).as_py()
+    manifest["corpus"] = {**m["corpus"], "fingerprint": w.fingerprint, "passages": w.count, "documents": documents}
     manifest["generation"] = change.generation
     manifest["history"] = [*m.get("history", []), history_entry(change, [], w.count)]
     opts = BuildOptions(source=str(m["corpus"].get("source")), out=index.path, index_type=dense.get("type", "flat"),
                         dense=bool(dense), bm25=bool(m.get("bm25")), progress=False)
     return manifest, opts
+
+
+def _scan_rows(store, rows: np.ndarray, batch_rows: int = 16384) -> Iterator[Passage]:
+    """The passages of ``store`` (a passage store, or the base's and segments' together) at ``rows``
+    (ascending), read by a scan of each store (:meth:`PassageStore.iter_batches`: file calls, not the memory
+    map, so the process never holds the whole store)."""
+    stores = store.stores if isinstance(store, SegmentedStore) else [store]
+    offsets = store.offsets if isinstance(store, SegmentedStore) else np.zeros(1, dtype=np.int64)
+    for part, first in zip(stores, offsets.tolist(), strict=True):
+        local = rows[(rows >= first) & (rows < first + len(part))] - first  # (live rows of this part,) ascending
+        if not local.size:
+            continue
+        for lo, batch in part.iter_batches(batch_rows, start=int(local[0])):
+            a, b = np.searchsorted(local, [lo, lo + len(batch)])  # this batch's share of the rows
+            yield from (batch[i] for i in (local[a:b] - lo).tolist())
+            if b == len(local):
+                break
+
+
+def _unmapped(embeddings):
+    """The stored vectors ``embeddings`` (a memory map, or the base's and segments' together) read by file
+    calls instead (:class:`NpyRows`)."""
+    if isinstance(embeddings, SegmentedEmbeddings):
+        return SegmentedEmbeddings([_unmapped(p) for p in embeddings.parts])
+    if isinstance(embeddings, np.memmap) and embeddings.filename:
+        return NpyRows(Path(embeddings.filename))
+    return embeddings
 
 
 # --- writing a generation ---------------------------------------------------------------------------------
@@ -291,8 +319,8 @@ def ensure_term_counts(path: Path, manifest: dict, log: Callable[[str], None] = 
     without them (live BM25 statistics need them)."""
     if manifest.get("bm25") and not TermCounts.saved_in(path / mf.BM25):
         log(f"counting the BM25 terms of {path.name} (once)")
-        TermCounts.build(PassageStore(path / mf.PASSAGES).text_chunks(),
-                         manifest["bm25"].get("stemmer", "english")).save(path / mf.BM25)
+        TermCounts.build_into(PassageStore(path / mf.PASSAGES).text_chunks(), path / mf.BM25,
+                              manifest["bm25"].get("stemmer", "english"))
 
 
 def _write_segment(path: Path, name: str, passages: list[Passage], m: dict, encoder: Encoder | None,

@@ -242,7 +242,8 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
     tails = [nodes[c[-1]] for c in chains]
     want = torch.tensor([t.offset - past_len + len(t.tokens) - k + i
                          for t, k in zip(tails, keep, strict=True) for i in range(k)])  # packed positions
-    past = DynamicCache()
+    keep_kv = cache is not None or states  # keys and values wanted back: the prefix cache's, the decoding cache's
+    past = DynamicCache() if keep_kv else None  # None: the model keeps no cache (what activation checkpointing needs)
     if cached:
         kv = torch.cat([n.kv for n in cached], 3)  # (layers, 2, kv_heads, P, head_dim)
         past = DynamicCache(ddp_cache_data=[(kv[i, 0][None], kv[i, 1][None]) for i in range(kv.shape[0])])
@@ -251,7 +252,8 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
     profile.count(profile.CACHED_TOKENS, past_len)
     out = packed_pass(model, ids, pos, past, allowed, lambda: _rows_layout(nodes, owned, spans, past_len, device),
                        logits_to_keep=want.to(device))
-    layers = [(layer.keys, layer.values) for layer in output_cache(out).layers]  # (1, kv_heads, past + S, d)
+    # (1, kv_heads, past + S, d) per layer
+    layers = [(layer.keys, layer.values) for layer in output_cache(out).layers] if keep_kv else []
 
     if cache is not None:  # blocks computed now enter the cache
         for n in fresh:
@@ -282,16 +284,17 @@ def _prefill_pack(model: torch.nn.Module, rows: Sequence[Sequence[int]], cache: 
                      torch.tensor(lengths, device=device), right)
 
 
-def packed_pass(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, past: object,
+def packed_pass(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, past: object | None,
                  allowed: torch.Tensor, layout: Callable[[], PackedRows], **kwargs) -> object:
     """The model over one packed sequence, ``ids`` and ``pos`` (1, S), after the past keys and values ``past``:
     each row's queries read its own keys (``layout()``) where the model uses sdpa
-    (:mod:`ragline.models.packed_attention`), else one attention masked by ``allowed`` (S, past + S)."""
+    (:mod:`ragline.models.packed_attention`), else one attention masked by ``allowed`` (S, past + S). With
+    ``past`` None the model keeps no cache (``use_cache=False``)."""
     dtype, device = _dtype(model), next(model.parameters()).device
     mask = torch.zeros((1, 1, *allowed.shape), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     rows = {LAYOUT: layout()} if packed_attention.enable(model) else {}
     return model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
-                 **cache_kwarg(model, past), use_cache=True, **rows, **kwargs)
+                 **cache_kwarg(model, past), use_cache=past is not None, **rows, **kwargs)
 
 
 def _rows_layout(nodes: list[_Node], owned: list[range], spans: list[torch.Tensor], past_len: int,

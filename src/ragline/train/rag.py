@@ -30,6 +30,7 @@ from ragline import vocab
 from ragline.errors import RaglineError
 from ragline.models import device as devices
 from ragline.models import precision as precisions
+from ragline.models.checkpointing import checkpointed_layers
 from ragline.models.encoders import Encoder
 from ragline.models.generator import Generator
 from ragline.runconfig import load_trained
@@ -41,6 +42,7 @@ GENERATOR_TRAINING = ("full", "lora", "frozen")
 
 
 TRAINING_MODE = vocab.DENSE  # p_eta(z|x) needs q(x)·d(z) of the passages trained on
+RESULT_NEUTRAL = ("device", "activation_checkpointing")  # settings a run's results do not depend on
 
 
 @dataclass
@@ -57,6 +59,7 @@ class RagTrainConfig(LoopConfig):
     lr: float = 3e-5                    # generator
     question_encoder_lr: float = 1e-5
     precision: str = "fp32"             # fp32 | bf16 (autocast, where the CPU has bf16 instructions)
+    activation_checkpointing: bool = False  # recompute the generator's layer activations in backward (less memory)
     label_smoothing: float = 0.0
     prior_scale: float | None = None    # default: the index's (index/manifest.py: prior_scale)
     device: str = vocab.DEFAULT_DEVICE  # auto | cpu | cuda (models/device.py)
@@ -126,7 +129,8 @@ class RagTrainer(Trainer):
         self.train_set, self.val_set = split_validation(self.examples, cfg.val_fraction)
         self.val_set = self.val_set[: cfg.val_limit]
         self.run = RunDir(out)
-        self.run.prepare({k: v for k, v in asdict(cfg).items() if k != "device"})  # a run may resume elsewhere
+        # a run may resume elsewhere, and with or without checkpointing (neither changes a step's result)
+        self.run.prepare({k: v for k, v in asdict(cfg).items() if k not in RESULT_NEUTRAL})
         seed_everything(cfg.seed)
         loaded = load_generator(cfg.generator, device=cfg.device) if generator is None else None
         checkpoint_encoder = loaded.question_encoder if loaded is not None else None
@@ -157,7 +161,8 @@ class RagTrainer(Trainer):
         """Mean marginal NLL of the batch's first gold answers."""
         device_type = self.gen.device.type
         ctx = torch.autocast(device_type, dtype=torch.bfloat16) if self.cfg.precision == "bf16" else nullcontext()
-        with ctx, torch.set_grad_enabled(grad):
+        with ctx, torch.set_grad_enabled(grad), checkpointed_layers(self.gen.model,
+                                                                   grad and self.cfg.activation_checkpointing):
             ll = self.rag.likelihood([e.question for e in batch], [e.answer for e in batch], model=self.cfg.model,
                                      k=self.cfg.k, eps=self.cfg.label_smoothing)
         return ll.loss.float().mean()
