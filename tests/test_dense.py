@@ -174,3 +174,11 @@ def test_auto_picks_by_corpus_size_and_memory():
     assert dense.resolve_type("auto", 10, 8)[0] == "flat"
     with pytest.raises(RaglineError, match="unknown index type"):
         dense.factory_string(dense.resolve_type("annoy", 10, 8)[0], 10, 8)
+
+
+def test_exact_top_k_streams_to_the_brute_force_answer():
+    x = _vectors(1000, d=16, seed=4)
+    q = _vectors(30, d=16, seed=5)
+    want = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :7]
+    for chunk in (1, 5, 7, 64, 5000):  # blocks smaller than, equal to and larger than k, and one block
+        np.testing.assert_array_equal(dense.exact_top_k(x, q, 7, chunk=chunk), want)

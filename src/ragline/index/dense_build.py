@@ -151,8 +151,13 @@ def exact_top_k(embeddings: np.ndarray, queries: np.ndarray, k: int, chunk: int 
     best_r = np.zeros((len(queries), 0), dtype=np.int64)
     for lo in range(0, len(embeddings), chunk):
         block = np.asarray(embeddings[lo : lo + chunk], dtype=np.float32)  # (c, d)
-        s = np.concatenate([best_s, queries @ block.T], axis=1)  # (Q, <=k + c)
-        r = np.concatenate([best_r, np.tile(np.arange(lo, lo + len(block)), (len(queries), 1))], axis=1)
+        s = queries @ block.T  # (Q, c)
+        if s.shape[1] > k:  # the block's own top k first: the merge then handles (Q, 2k), not (Q, k + c)
+            local = np.argpartition(-s, k - 1, axis=1)[:, :k]  # (Q, k) block rows, unordered
+            s = np.take_along_axis(s, local, 1)
+        else:
+            local = np.broadcast_to(np.arange(s.shape[1]), s.shape)
+        s, r = np.concatenate([best_s, s], axis=1), np.concatenate([best_r, local + lo], axis=1)  # (Q, <=2k)
         keep = np.argpartition(-s, min(k, s.shape[1]) - 1, axis=1)[:, :k]  # (Q, k), unordered
         best_s, best_r = np.take_along_axis(s, keep, 1), np.take_along_axis(r, keep, 1)
     order = np.argsort(-best_s, axis=1, kind="stable")
