@@ -107,3 +107,26 @@ def test_activation_checkpointing_keeps_the_loss_and_gradients(rag, small_index,
         torch.testing.assert_close(ckpt[name], g, rtol=1e-5, atol=1e-6, msg=name)
     with checkpointing.checkpointed_layers(rag.generator.model, enabled=False) as n:
         assert n == 0 and not any("forward" in m.__dict__ for m in layers)
+
+
+def test_checkpointing_wraps_a_forward_set_on_the_layer_and_gives_it_back():
+    """A hook library's instance-level ``forward`` (accelerate's, say) runs inside the checkpoint and is
+    restored after, not deleted."""
+    from ragline.models.checkpointing import checkpointable_layers, checkpointed_layers
+
+    model = tiny_generator().model
+    layer = checkpointable_layers(model)[0]
+    seen = []
+    own = layer.forward
+
+    def hooked(*args, **kwargs):
+        seen.append(1)
+        return own(*args, **kwargs)
+
+    layer.forward = hooked
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with checkpointed_layers(model):
+        model(input_ids=ids, use_cache=False).logits.sum().backward()
+    assert len(seen) == 2  # the forward pass, and its recomputation in backward
+    assert layer.__dict__["forward"] is hooked
+    del layer.forward

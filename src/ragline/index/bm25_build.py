@@ -91,21 +91,6 @@ def score_pairs(tf_counts: np.ndarray, doc_len: np.ndarray, idf: np.ndarray, avg
     return data
 
 
-def score_matrix(counts: sp.csc_matrix, doc_len: np.ndarray, idf: np.ndarray, avg_doc_len: float, method: str,
-                 k1: float, b: float, weak_average: bool, dtype: str = "float32") -> dict:
-    """bm25s's score matrix (``data``, ``indices``, ``indptr``, ``num_docs``) held in memory, from term
-    ``counts`` (:func:`count_terms`), passage lengths (passages,), ``idf`` (terms,) and the average length
-    (:func:`score_pairs`); a build streams instead (:func:`write_runs`)."""
-    term = np.repeat(np.arange(counts.shape[1], dtype=np.int32), np.diff(counts.indptr))  # (nnz,) each pair's term
-    idf = np.asarray(idf, dtype=dtype)
-    data = score_pairs(counts.data, doc_len[counts.indices], idf[term], avg_doc_len, method, k1, b, weak_average,
-                       dtype)
-    nnz = counts.nnz
-    return {"data": data, "indices": counts.indices.astype(np.int32, copy=False),
-            "indptr": counts.indptr.astype(np.int32 if nnz < 2**31 - 1 else np.int64, copy=False),
-            "num_docs": counts.shape[0]}
-
-
 # --- builds in bounded memory: counted in runs, merged in term blocks -----------------------------------------
 
 RUN_TOKENS = 1 << 25   # tokens counted in memory at a time: ~0.5 GiB of working memory, ~550k passages of 100 words

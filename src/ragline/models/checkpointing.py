@@ -38,7 +38,8 @@ def checkpointable_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _checkpointed(layer: torch.nn.Module):
-    forward = type(layer).forward
+    """``layer``'s forward (its own, or one a hook library set on the instance) run under checkpointing."""
+    forward = layer.__dict__.get("forward") or partial(type(layer).forward, layer)
 
     def run(*args, **kwargs):
         for name in CACHE_KWARGS:
@@ -47,8 +48,8 @@ def _checkpointed(layer: torch.nn.Module):
         if kwargs.get("use_cache"):
             kwargs["use_cache"] = False
         if not torch.is_grad_enabled():
-            return forward(layer, *args, **kwargs)
-        return checkpoint(partial(forward, layer, **kwargs), *args, use_reentrant=False)
+            return forward(*args, **kwargs)
+        return checkpoint(partial(forward, **kwargs), *args, use_reentrant=False)
 
     return run
 
@@ -64,10 +65,14 @@ def checkpointed_layers(model: torch.nn.Module, enabled: bool = True) -> Iterato
     if not layers:
         raise RaglineError(f"{type(model).__name__} has no transformer layers to checkpoint",
                            "train without --activation-checkpointing")
+    before = [m.__dict__.get("forward") for m in layers]
     for m in layers:
         m.forward = _checkpointed(m)  # an instance attribute: nn.Module.__call__ finds it before the class's
     try:
         yield len(layers)
     finally:
-        for m in layers:
-            del m.forward
+        for m, old in zip(layers, before, strict=True):
+            if old is None:
+                del m.forward
+            else:
+                m.forward = old
