@@ -91,7 +91,7 @@ class DenseIndex:
         candidates then cost what the tuning measured, not 100 times the per-result depth."""
         if not self.rerank:
             return k
-        return min(self.ntotal, max(k * RERANK["ivfpq"], self.rerank * TUNE_K, k))
+        return min(self.ntotal, max(k * RERANK["ivfpq"], self.rerank * TUNE_K))
 
     def _gemv_top_k(self, q: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         if self._xb is None:  # zero-copy view of FAISS's vector array, (n, d)
