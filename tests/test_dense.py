@@ -115,10 +115,12 @@ def test_tuning_queries_are_harder_than_stored_vectors():
 
 
 def test_ivfpq_sizes_for_tiny_corpora():
-    assert dense.factory_string("ivfpq", 400, 384) == "IVF10,PQ48x4"
-    assert dense.factory_string("ivfpq", 12000, 384) == "IVF307,PQ48x8"
+    assert dense.factory_string("ivfpq", 400, 384) == "IVF10,PQ96x4fs"
+    assert dense.factory_string("ivfpq", 12000, 384) == "IVF307,PQ96x4fs"
+    assert dense.factory_string("ivfpq", 12000, 6) == "IVF307,PQ2x4fs"  # 4 does not divide 6: 3 dims each
     index, _ = dense.build(_vectors(400), "ivfpq")  # trains despite few points
     assert index.ntotal == 400
+    assert isinstance(index.index, faiss.IndexIVFPQFastScan)
 
 
 def test_unknown_index_type():

@@ -112,34 +112,40 @@ class DenseIndex:
         """Exact q·d(z) for each query's candidates (read from the stored vectors), best k kept."""
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         rows = np.full((len(queries), k), -1, dtype=np.int64)
-        for b, (q, c) in enumerate(zip(queries, cand, strict=True)):
-            c = c[c >= 0]
-            order = np.sort(c)  # sorted reads from a memmap
-            exact = np.asarray(self.vectors[order], dtype=np.float32) @ q  # (depth,)
-            best = top_k(exact, k, order)
-            rows[b, : len(best)], scores[b, : len(best)] = order[best], exact[best]
+        with _numpy_blas_threads(1 if len(queries) == 1 else 0):  # a lone query's gemv: as _gemv_top_k
+            for b, (q, c) in enumerate(zip(queries, cand, strict=True)):
+                c = c[c >= 0]
+                order = np.sort(c)  # sorted reads from a memmap
+                exact = np.asarray(self.vectors[order], dtype=np.float32) @ q  # (depth,)
+                best = top_k(exact, k, order)
+                rows[b, : len(best)], scores[b, : len(best)] = order[best], exact[best]
         scores[rows < 0] = 0.0
         return scores, rows
 
 
 @contextmanager
 def _numpy_blas_threads(n: int) -> Iterator[None]:
-    """numpy's BLAS limited to ``n`` threads. The single-query scan runs right after the question encoder,
-    whose torch OpenMP threads keep spinning for a while; numpy's own BLAS threads then fight them for the
-    cores: 50 ms instead of 1 ms per query on 2 cores (measured with benchmarks/scale.py). One thread scans
-    the bundled index in about 1.3 ms and leaves the cores to torch's spinning threads."""
-    libs = _numpy_blas()
-    before = [lib.num_threads for lib in libs]
-    for lib in libs:
-        lib.set_num_threads(n)
-    try:
+    """numpy's BLAS limited to ``n`` threads (0: left as it is). The single-query scan runs right after the
+    question encoder, whose torch OpenMP threads keep spinning for a while; numpy's own BLAS threads then
+    fight them for the cores: 50 ms instead of 1 ms per query on 2 cores (measured with benchmarks/scale.py).
+    One thread scans the bundled index in about 1.3 ms and leaves the cores to torch's spinning threads."""
+    if not n:  # as they are
         yield
-    finally:
-        for lib, k in zip(libs, before, strict=True):
-            lib.set_num_threads(k)
+        return
+    libs = _numpy_blas()
+    with _BLAS_LOCK:  # one setter at a time: interleaved ones would restore each other's setting
+        before = [lib.num_threads for lib in libs]
+        for lib in libs:
+            lib.set_num_threads(n)
+        try:
+            yield
+        finally:
+            for lib, k in zip(libs, before, strict=True):
+                lib.set_num_threads(k)
 
 
 _NUMPY_BLAS: list | None = None
+_BLAS_LOCK = threading.Lock()
 
 
 def _numpy_blas() -> list:

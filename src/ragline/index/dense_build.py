@@ -6,7 +6,8 @@ Index types (``--index-type``):
           (a million 384-dimension passages: about 26 ms a query against flat's 50, one core, docs/scale.md);
           scores differ from flat's by the float16 rounding of the stored vectors, none when they were float16
   hnsw    HNSW graph over float32 vectors (the paper's choice); efSearch tuned on build
-  ivfpq   inverted lists + product quantisation (about 32x smaller in memory); nprobe tuned on build, and
+  ivfpq   inverted lists + 4-bit product quantisation scanned with SIMD lookups (FAISS's fast scan; 32x
+          smaller in memory than float32); nprobe tuned on build, and
           the best candidates (a depth tuned with nprobe) re-scored exactly from the stored embeddings (read
           on demand)
   sq8     8-bit scalar quantisation, exhaustive scan (4x smaller)
@@ -83,10 +84,11 @@ def factory_string(kind: str, n: int, dim: int, hnsw_m: int = 32) -> str:
         return "SQ8"
     if kind == "ivfsq8":
         return f"IVF{nlist},SQ8"
-    # ivfpq: 8 dims per sub-quantiser where it divides; fewer code bits when there is little to train on
-    m = next(m for m in (dim // 8, dim // 4, dim // 2, dim) if m and dim % m == 0)
-    nbits = max(4, min(8, int(math.log2(max(n, 16) / 39)) if n >= 16 * 39 else 4))
-    return f"IVF{nlist},PQ{m}x{nbits}"
+    # ivfpq: 4 dims (else 3, 2, 1) per 4-bit sub-quantiser, scanned by FAISS's SIMD lookups ("fs", fast scan):
+    # the bytes of PQ{dim/8}x8 at a third of its scan time (1M passages, every list: 8.8 ms against 25, one
+    # thread) and the better recall (0.964 against 0.951 re-ranked, docs/scale.md)
+    per = next(p for p in (4, 3, 2, 1) if dim % p == 0)  # dims per sub-quantiser
+    return f"IVF{nlist},PQ{dim // per}x4fs"
 
 
 @dataclass
