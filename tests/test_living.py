@@ -304,7 +304,7 @@ def test_a_server_under_load_takes_up_20_generations_without_a_failed_request(ba
     assert hits[0]["text"].startswith("Keeper 2 tends lighthouse number 18")
 
 
-def test_a_sharded_index_changes_in_place_as_a_rebuild(sharded, wiki_docs, encoders, tmp_path):
+def test_a_sharded_index_changes_in_place_as_a_rebuild(sharded, wiki_docs, encoders, tmp_path, monkeypatch):
     """add / update / delete / compact on a sharded index (each document routed to its shard, shards opened on
     Ray): dense, BM25 (live statistics summed over the shards) and hybrid equal a single index built from scratch
     over the live documents in the same order; a retriever follows every generation."""
@@ -345,7 +345,17 @@ def test_a_sharded_index_changes_in_place_as_a_rebuild(sharded, wiki_docs, encod
     hits = follower.search([wiki_docs[5]["title"]], follower.index.live_passages, "bm25")[0]
     assert not {h.doc_id for h in hits} & set(gone)
     before = {s.get("dir", s["name"]) for s in read_sharded_manifest(ix)["shards"]}
+    import ragline.index.build as build
+    import ragline.scale.update as sharded_update
+
+    opened, still_open = [], []  # each shard's opened index is let go before its replacement is built
+    monkeypatch.setattr(sharded_update, "_Shards", lambda path: opened.append(_Shards(path)) or opened[-1])
+    finish = build.finish_index
+    monkeypatch.setattr(build, "finish_index", lambda *a, **kw: (
+        still_open.append(sum(x is not None for x in opened[-1].indexes)), finish(*a, **kw))[1])
     compact_sharded(ix, log=lambda m: None)
+    assert still_open == [2, 1, 0]
+    monkeypatch.undo()
     check("compact")
     manifest = read_sharded_manifest(ix)
     assert manifest["generation"] == 4 and [h["action"] for h in manifest["history"]] == [

@@ -8,6 +8,7 @@ from conftest import SLICE_DOCS, make_encoder_copy
 from ragline.errors import RaglineError
 from ragline.index.build import BuildOptions, build_index
 from ragline.index.directory import IndexDir
+from ragline.index.hybrid import rrf_fuse
 from ragline.models.encoders import BiEncoder, TextEncoder, load_encoder
 from ragline.retriever import Retriever
 
@@ -46,6 +47,48 @@ def test_batch_equals_one_by_one(retriever):
     for i, q in enumerate(qs):
         one = retriever.retrieve([q], k=7)
         np.testing.assert_array_equal(batch.rows[i], one.rows[0])
+
+
+def _fused(retriever, question: str, k: int) -> np.ndarray:
+    """The hybrid ranking computed one half after the other: RRF of the dense and BM25 top 100."""
+    dense = retriever.retrieve([question], k=100, mode="dense").rows
+    bm25 = retriever.retrieve([question], k=100, mode="bm25").rows
+    return rrf_fuse([dense, bm25], k, c=retriever.rrf_c, weights=(1.0, retriever.bm25_weight))[1]
+
+
+def test_hybrid_searches_bm25_beside_the_dense_half_with_the_same_result(retriever, monkeypatch):
+    from ragline import retriever as module
+
+    threads = []
+    search = retriever.index.bm25.search
+    monkeypatch.setattr(retriever.index.bm25, "search",
+                        lambda *a: (threads.append(threading.current_thread().name), search(*a))[1])
+    got = retriever.retrieve([QUESTION], k=7, mode="hybrid").rows
+    assert threads == [t for t in threads if t.startswith("ragline-bm25")] and len(threads) == 1
+    threads.clear()
+    np.testing.assert_array_equal(got, _fused(retriever, QUESTION, 7))
+
+    # every worker busy: the request searches its own BM25 half rather than wait behind them
+    release = threading.Event()
+    busy = [module._BACKGROUND.submit(release.wait, 30) for _ in range(module.HYBRID_THREADS)]
+    try:
+        threads.clear()
+        got = retriever.retrieve([QUESTION], k=7, mode="hybrid").rows
+        assert threads == [threading.current_thread().name]
+    finally:
+        release.set()
+        for f in busy:
+            f.result()
+    np.testing.assert_array_equal(got, _fused(retriever, QUESTION, 7))
+
+
+def test_a_failing_bm25_half_fails_the_hybrid_search(retriever, monkeypatch):
+    def broken(*a):
+        raise OSError("bm25 file unreadable")
+
+    monkeypatch.setattr(retriever.index.bm25, "search", broken)
+    with pytest.raises(OSError, match="bm25 file unreadable"):
+        retriever.retrieve([QUESTION], k=5, mode="hybrid")
 
 
 def test_bad_queries(retriever):

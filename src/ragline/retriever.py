@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from ragline.index.registry import open_index
 from ragline.models.encoders import Encoder, load_encoder
 
 log = logging.getLogger(__name__)
+HYBRID_THREADS = 2  # threads searching hybrid queries' BM25 halves (a request finding none free searches its own)
 RETRY_SECONDS = 1.0  # after a failed attempt to open a new generation, the old one serves this long first
 
 
@@ -167,32 +169,39 @@ class Retriever:
         conditions = [c if isinstance(c, Condition) else Condition.parse(c) for c in filters or ()]
         allowed = allowed_rows(index, conditions)
         wanted = mode != vocab.BM25 or with_vectors
-        if wanted and index.dense is not None and question_vectors is None and encoder is not None:
-            with profile.stage(profile.ENCODE):
-                question_vectors = encoder.encode(questions)  # (B, dim)
-        if mode != vocab.BM25 and question_vectors is None:
-            raise RaglineError("this retriever has no question encoder", "open a dense index")
-        with profile.stage(profile.SEARCH):
-            scores, rows = self._search(index, questions, question_vectors, k, mode, allowed)
+        # hybrid: BM25's ranking is searched on another thread while the question is encoded and searched densely
+        # (each half mostly in native code that lets the other run: FAISS, numpy, torch)
+        sparse = _BACKGROUND.submit(_search_with, index.bm25, questions, _hybrid_depth(k, index), allowed) \
+            if mode == vocab.HYBRID else None
+        try:
+            if wanted and index.dense is not None and question_vectors is None and encoder is not None:
+                with profile.stage(profile.ENCODE):
+                    question_vectors = encoder.encode(questions)  # (B, dim)
+            if mode != vocab.BM25 and question_vectors is None:
+                raise RaglineError("this retriever has no question encoder", "open a dense index")
+            with profile.stage(profile.SEARCH):
+                scores, rows = self._search(index, questions, question_vectors, k, mode, allowed, sparse)
+        finally:
+            if sparse is not None:
+                sparse.cancel()  # on an error: not yet started, never will; running, finishes unobserved
         return Retrieved(rows=rows.astype(np.int64), scores=scores.astype(np.float32), index=index,
                          question_vectors=question_vectors, encoder=encoder)
 
     def _search(self, index: Index, questions: list[str], question_vectors: np.ndarray | None, k: int, mode: str,
-                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        def search(searcher, queries, depth: int) -> tuple[np.ndarray, np.ndarray]:
-            # without a filter, as every Searcher is called (a format's own searcher may not take one)
-            return searcher.search(queries, depth) if allowed is None else searcher.search(queries, depth, allowed)
-
+                allowed: np.ndarray | None = None, sparse: Future | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each (B, k), of ``mode``; for hybrid, ``sparse`` (if given) is BM25's ranking to
+        the hybrid depth being searched meanwhile."""
         if mode == vocab.DENSE:
-            scores, rows = search(index.dense, question_vectors, k)
-        elif mode == vocab.BM25:
-            scores, rows = search(index.bm25, questions, k)
-        else:
-            depth = min(max(k, vocab.HYBRID_DEPTH), len(index))
-            _, dense_rows = search(index.dense, question_vectors, depth)
-            _, bm25_rows = search(index.bm25, questions, depth)
-            scores, rows = rrf_fuse([dense_rows, bm25_rows], k, c=self.rrf_c, weights=(1.0, self.bm25_weight))
-        return scores, rows
+            return _search_with(index.dense, question_vectors, k, allowed)
+        if mode == vocab.BM25:
+            return _search_with(index.bm25, questions, k, allowed)
+        depth = _hybrid_depth(k, index)
+        _, dense_rows = _search_with(index.dense, question_vectors, depth, allowed)
+        if sparse is not None and not sparse.cancel():  # started (or done) meanwhile: its result
+            _, bm25_rows = sparse.result()
+        else:  # still queued behind other requests' (now cancelled): searched here
+            _, bm25_rows = _search_with(index.bm25, questions, depth, allowed)
+        return rrf_fuse([dense_rows, bm25_rows], k, c=self.rrf_c, weights=(1.0, self.bm25_weight))
 
     def search(self, questions: list[str], k: int = vocab.DEFAULT_SEARCH_K, mode: str = vocab.DEFAULT_MODE,
                filters: Sequence[str | Condition] | None = None) -> list[list[Hit]]:
@@ -211,6 +220,20 @@ class Retriever:
                 hits.append(Hit(rank, row, p.pid, p.doc_id, p.title, p.text, float(score), p.meta))
             out.append(hits)
         return out
+
+
+def _search_with(searcher, queries, depth: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``searcher.search`` without a filter when there is none, as every Searcher is called (a format's own
+    searcher may not take one)."""
+    return searcher.search(queries, depth) if allowed is None else searcher.search(queries, depth, allowed)
+
+
+def _hybrid_depth(k: int, index: Index) -> int:
+    """Candidates each ranking gives a hybrid search of ``k`` before fusion."""
+    return min(max(k, vocab.HYBRID_DEPTH), len(index))
+
+
+_BACKGROUND = ThreadPoolExecutor(max_workers=HYBRID_THREADS, thread_name_prefix="ragline-bm25")
 
 
 def open_retriever(index: Index | str | Path, query_encoder: str | None = None,

@@ -15,6 +15,7 @@ The manifest is read and the shards are opened here, without Ray: a change needs
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import shutil
@@ -169,10 +170,12 @@ def compact_sharded(path: str | Path, log: Callable[[str], None] = print) -> Cha
         _clean(shards)
         change = Change(COMPACT, generation=shards.generation)
         states, dirs = [], []
-        for entry, index in zip(shards.entries, shards.indexes, strict=True):
+        for i, entry in enumerate(shards.entries):
             name = f"{entry['name']}.c{shards.generation:06d}"
             work = path / SHARDS / f".{name}.building"
-            state, opts = compact_into(index, work, change)
+            state, opts = compact_into(shards.indexes[i], work, change)
+            shards.indexes[i] = None  # its dense index (in memory) and maps go before its new parts are built,
+            gc.collect()  # as a single index's compact does: one shard's memory at a time, not every shard's
             finish_index(opts, work, path / SHARDS / name, state, log=lambda m: None)
             states.append(state)
             dirs.append(name)
