@@ -4,6 +4,7 @@ How it measures and what it prints: docs/benchmarks.md (training.py).
 
     python3 benchmarks/training.py [--index DIR] [--steps 60] [--qwen-steps 20] [--phases rag-smollm2,...]
     python3 benchmarks/training.py --speed [--speed-steps 3] [--speed-configs padded-fp32,packed-fp32,packed-bf16]
+                                   [--speed-generator qwen|paper-bart]
     python3 benchmarks/training.py --synth 1000 [--synth-file FILE] [--retriever-steps 100] [--synth-rag-steps 100]
     python3 benchmarks/training.py --synth-file FILE --answers 50 [--lora-lr 2e-4]
 
@@ -14,7 +15,9 @@ activation checkpointing), each in its own process, beside the step's FLOP floor
 x the generator's parameters that every token passes through (not the embedding, not the output layer, which
 runs on answer tokens only; 4: LoRA runs the frozen weights forward and back to their inputs; the adapters and
 the question encoder are small beside them), at the matrix-multiply rate measured in the same process and
-precision; and the process's peak resident memory.
+precision; and the process's peak resident memory. ``--speed-generator paper-bart`` times a BART-large-shaped
+RAG-Sequence checkpoint with random weights (benchmarks/paper_shapes.py) trained in full instead (6 FLOPs per
+token and weight; prompts through the encoder's weights, answers through the decoder's).
 
 ``--synth N``: N questions synthesised from the index by ``ragline synth`` (into ``--synth-file``, resumed if it
 is there), the retriever trained on them alone, and page recall@1/5/20 on the FanOutQA dev sub-questions (ids
@@ -139,13 +142,21 @@ def matmul_rate(precision: str) -> float:
 def speed_phase(args: argparse.Namespace, data: Path, out: Path, config: str) -> dict:
     """One --speed configuration: 'padded-fp32', 'packed-fp32', 'packed-bf16' or 'padded-bf16', each with
     '-ckpt' for activation checkpointing ('packed-bf16-ckpt')."""
+    from ragline import paths
     from ragline.train.rag import RagTrainConfig, RagTrainer
 
     prefill, precision, *extra = config.split("-")
     if extra not in ([], ["ckpt"]):
         raise SystemExit(f"unknown speed configuration {config!r}")
-    cfg = RagTrainConfig(train=str(data), index=str(args.index), generator="qwen2.5-0.5b", model="rag-sequence",
-                         k=5, generator_training="lora", lr=2e-4, batch_size=args.speed_micro,
+    generator, index, training = "qwen2.5-0.5b", args.index, "lora"
+    if args.speed_generator == "paper-bart":  # random weights of the paper's shapes: speed only
+        from paper_shapes import build
+
+        rag_dir, index = build(paths.models_dir() / "paper-shapes", log=lambda m: print(m, file=sys.stderr))
+        generator, training = str(rag_dir), "full"
+    cfg = RagTrainConfig(train=str(data), index=str(index), generator=generator, model="rag-sequence",
+                         k=5, generator_training=training, lr=2e-4 if training == "lora" else 3e-5,
+                         batch_size=args.speed_micro,
                          accumulation=8 // args.speed_micro, steps=args.speed_steps, warmup=1,
                          val_fraction=0.0, eval_every=10_000, save_every=10_000, precision=precision, seed=0,
                          activation_checkpointing=extra == ["ckpt"])
@@ -162,16 +173,25 @@ def speed_phase(args: argparse.Namespace, data: Path, out: Path, config: str) ->
         passages, _, _ = trainer.rag.retrieve([e.question for e in batch], cfg.k)
         prompts = trainer.gen.pair_prompts([e.question for e in batch], passages)
         answers = trainer.gen.target_ids([e.answer for e in batch for _ in range(cfg.k)])
-        tokens.append(sum(len(p) for p in trainer.gen.prompt_ids(prompts)) + sum(len(a) for a in answers))
+        if hasattr(trainer.gen, "prompt_ids"):  # causal: prompt and answer through every layer
+            read = sum(len(p) for p in trainer.gen.prompt_ids(prompts))
+        else:  # seq2seq: prompts through the encoder (answers through the decoder)
+            read = int(trainer.gen._encode_cpu(prompts)["attention_mask"].sum())
+        tokens.append((read, sum(len(a) for a in answers)))
     trainer.run_training()
     rates = [r["value"] for r in trainer.run.read_metrics() if r["split"] == "train" and r["name"] == "steps_per_s"]
     seconds = [1 / r for r in rates]
     # the weights every token passes through: not the embedding, not the output layer (run on answer tokens
     # only), not the adapters
-    params = sum(p.numel() for n, p in trainer.gen.model.named_parameters()
-                 if not any(part in n for part in ("embed", "lm_head", "lora_")))
+    named = [(n, p.numel()) for n, p in trainer.gen.model.named_parameters()
+             if not any(part in n for part in ("embed", "lm_head", "lora_"))]
+    decoder = sum(k for n, k in named if "decoder." in n)  # seq2seq: the answer tokens' weights
+    params = sum(k for _, k in named) - decoder  # causal: all of them; seq2seq: the encoder's
     rate = matmul_rate(precision)
-    floor = [t * 4 * params / (rate * 1e9) for t in tokens]
+    per_token = 4 if training == "lora" else 6  # LoRA: frozen weights forward and back to their inputs only
+    flops = [(r * params + a * (decoder or params)) * per_token for r, a in tokens]
+    floor = [f / (rate * 1e9) for f in flops]
+    tokens = [r + a for r, a in tokens]
     return {"config": config, "steps": cfg.steps, "seconds_per_step": seconds, "tokens_per_step": tokens,
             "params": params, "gflops": rate, "floor_seconds": floor}
 
@@ -182,7 +202,8 @@ def speed_table(args: argparse.Namespace, work: Path) -> None:
     print("|---|---|---|---|---|---|---|", flush=True)
     for config in args.speed_configs.split(","):
         cmd = [sys.executable, __file__, "--phase", f"speed:{config}", "--work", str(work), "--index", str(args.index),
-               "--speed-steps", str(args.speed_steps), "--speed-micro", str(args.speed_micro)]
+               "--speed-steps", str(args.speed_steps), "--speed-micro", str(args.speed_micro),
+               "--speed-generator", args.speed_generator]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             why = "killed (out of memory)" if done.returncode in (-9, 137) else f"failed ({done.returncode})"
@@ -372,6 +393,9 @@ def main() -> None:
     ap.add_argument("--speed", action="store_true", help="Time training steps instead (module docstring).")
     ap.add_argument("--speed-steps", type=int, default=3)
     ap.add_argument("--speed-configs", default="padded-fp32,packed-fp32,packed-bf16")
+    ap.add_argument("--speed-generator", default="qwen", choices=("qwen", "paper-bart"),
+                    help="--speed: Qwen2.5-0.5B through LoRA, or a BART-large-shaped RAG-Sequence checkpoint with "
+                    "random weights trained in full (benchmarks/paper_shapes.py; speed only)")
     ap.add_argument("--speed-micro", type=int, default=2, choices=(1, 2, 4, 8),
                     help="Questions per micro-batch of the batch of 8.")
     ap.add_argument("--synth", type=int, default=0, help="Synthesise this many questions and train on them "

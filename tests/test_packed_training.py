@@ -59,10 +59,54 @@ def test_packed_loss_and_gradients_equal_the_padded_ones(rag, model, monkeypatch
     finally:
         rag.generator.packed = True
     assert calls and calls == [False] * len(calls)  # the packed pass ran, without gathering a decoding cache
+    _assert_same(padded_loss, padded, packed_loss, packed)
+
+
+def _assert_same(padded_loss: float, padded: dict, packed_loss: float, packed: dict) -> None:
     assert packed_loss == pytest.approx(padded_loss, rel=1e-5, abs=1e-5)
     assert padded.keys() == packed.keys() and any(k.startswith("q.") for k in padded)
+    assert any(k.startswith("g.") for k in padded)
     for name, g in padded.items():
         torch.testing.assert_close(packed[name], g, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("model", ["rag-sequence", "rag-token"])
+def test_seq2seq_packed_encoder_loss_and_gradients_equal_the_padded_ones(small_index, model, monkeypatch):
+    """BART's encoder over packed rows (models/packed_encoder.py): rows of different lengths, no padding
+    computed, the same loss and gradients as the padded pass."""
+    from ragline.models import packed_encoder
+
+    rag = _bart_rag(small_index)
+    calls = []
+    real = packed_encoder.encode_packed
+
+    def spy(m, rows):
+        calls.append([len(r) for r in rows])
+        return real(m, rows)
+
+    padded_loss, padded = _loss_and_grads(rag, model, packed=False)
+    assert not calls
+    monkeypatch.setattr(packed_encoder, "encode_packed", spy)
+    packed_loss, packed = _loss_and_grads(rag, model, packed=True)
+    assert calls and all(len(set(lengths)) > 1 for lengths in calls)  # ran, over rows of unequal lengths
+    _assert_same(padded_loss, padded, packed_loss, packed)
+    table = rag.generator.model.get_encoder().embed_positions
+    assert "forward" not in table.__dict__  # the position table given back
+
+
+def test_seq2seq_without_learned_positions_stays_padded():
+    """T5 (relative positions): no packed encoder; its answers are scored by the padded pass."""
+    from conftest import word_tokenizer
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from ragline.models import packed_encoder
+    from ragline.models.generators import Seq2SeqGenerator
+
+    tok = word_tokenizer(["a", "b"])
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=16, d_ff=32, d_kv=8, num_layers=1,
+                                             num_heads=2, decoder_start_token_id=0)).eval()
+    assert not packed_encoder.supports(t5)
+    assert not Seq2SeqGenerator(t5, tok, "tiny-t5")._packed()
 
 
 def _bart_rag(small_index):

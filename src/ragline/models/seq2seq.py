@@ -17,7 +17,7 @@ import torch
 
 from ragline.corpus.passages import Passage
 from ragline.models import device as devices
-from ragline.models import logprobs
+from ragline.models import logprobs, packed_encoder
 from ragline.models.catalog import generator_path
 from ragline.models.generator import DecodeState, Generator, next_logprobs, pad_rows
 from ragline.models.prefill import cache_kwarg, output_cache
@@ -43,10 +43,13 @@ class Seq2SeqGenerator(Generator):
     and decoded back (BERT uncased lower-cases it), which is the text RAG checkpoints were trained on."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, name: str = "seq2seq", layout: Seq2SeqPrompt | None = None,
-                 question_tokenizer=None) -> None:
+                 question_tokenizer=None, packed: bool = True) -> None:
+        """``packed`` scores answers (training's pass) with the encoder over packed rows where the model allows
+        it (:mod:`ragline.models.packed_encoder`); False keeps the padded pass."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.layout = layout or Seq2SeqPrompt(prefix=getattr(model.config, "prefix", None) or "")
         self.question_tokenizer = question_tokenizer
+        self.packed = packed
 
     @property
     def max_source_length(self) -> int:
@@ -120,9 +123,19 @@ class Seq2SeqGenerator(Generator):
                 return outer[:i], outer[i + len(inner) :]
         return [], []
 
+    def _packed(self) -> bool:
+        """Whether answers are scored with the encoder packed: unless turned off, in training mode (rows sharing
+        one pass would share dropout draws) or where the model does not allow it."""
+        return self.packed and not self.model.training and packed_encoder.supports(self.model)
+
     def _row_logits(self, prompts: list[str], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         enc = self._encode(prompts)
         decoder_inputs = self.model.prepare_decoder_input_ids_from_labels(labels=target.masked_fill(~mask, -100))
+        if self._packed():  # the same token ids, no padding computed in the encoder
+            hidden, attn = packed_encoder.encode_packed(self.model, [
+                ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)])
+            return self.model(encoder_outputs=(hidden,), attention_mask=attn,
+                              decoder_input_ids=decoder_inputs).logits  # (N, T, V)
         return self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                           decoder_input_ids=decoder_inputs).logits  # (N, T, V)
 
