@@ -113,12 +113,12 @@ class LiveBM25:
             rows = c.rows[c.indptr[j]:c.indptr[j + 1]]
             tf = c.counts[c.indptr[j]:c.indptr[j + 1]].astype(np.float32)
             s[rows] += idf[t] * (tf / (norm[rows] + tf))
-        if part.alive is not None:
-            s[~part.alive] = 0.0
+        hits = np.flatnonzero(s > 0)  # passages sharing no term are not hits; the rest ranked alone, as
+        if part.alive is not None:  # sparse.BM25Index ranks them (a tenth of ten million passages, typically)
+            hits = hits[part.alive[hits]]
         if allowed is not None:
-            s[~allowed] = 0.0
-        top = top_k(s, k)
-        top = top[s[top] > 0]  # passages sharing no term are not hits
+            hits = hits[allowed[hits]]
+        top = hits[top_k(s[hits], k, rows=hits)]
         scores = np.zeros((1, k), dtype=np.float32)
         rows = np.full((1, k), -1, dtype=np.int64)
         scores[0, :len(top)], rows[0, :len(top)] = s[top], top + part.offset
