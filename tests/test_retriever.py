@@ -60,9 +60,11 @@ def test_hybrid_searches_bm25_beside_the_dense_half_with_the_same_result(retriev
     from ragline import retriever as module
 
     threads = []
-    search = retriever.index.bm25.search
+    search, encode = retriever.index.bm25.search, retriever.encoder.encode
     monkeypatch.setattr(retriever.index.bm25, "search",
                         lambda *a: (threads.append(threading.current_thread().name), search(*a))[1])
+    # the dense half made slow, so that the worker surely takes the BM25 half up first on a loaded machine
+    monkeypatch.setattr(retriever.encoder, "encode", lambda qs: (time.sleep(0.3), encode(qs))[1])
     got = retriever.retrieve([QUESTION], k=7, mode="hybrid").rows
     assert threads == [t for t in threads if t.startswith("ragline-bm25")] and len(threads) == 1
     threads.clear()
