@@ -228,6 +228,51 @@ def test_cli_add_update_delete_compact(base_index, corpus, tmp_path):
     assert [h["action"] for h in manifest["history"]] == ["add", "update", "delete", "compact"]
 
 
+def test_changes_read_no_search_part(base_index, corpus, encoders, tmp_path, monkeypatch):
+    """add, update, delete and compact open the index without its FAISS index and BM25 (nor the live BM25
+    statistics): a change never searches it, and at 10M those are most of an open's time and memory."""
+    from ragline.index import update
+    from ragline.index.bm25_live import LiveBM25
+    from ragline.index.dense import DenseIndex
+    from ragline.index.registry import open_index
+    from ragline.index.sparse import BM25Index
+    from ragline.retriever import Retriever
+
+    ix = _copy(base_index, tmp_path / "ix")
+    first, second = corpus[1][:2], corpus[1][2:4]
+    update.add_documents(ix, [str(write_jsonl(tmp_path / "a.jsonl", first))], encoder=encoders.passage,
+                         log=lambda m: None)  # a segment and live statistics for the next opens to skip
+    before = open_index(ix).live_passages
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a change read a search part of the index")
+
+    def guarded(real):  # what compact builds anew (in .ix.building) may be read back; the index itself not
+        return classmethod(lambda cls, path, *a, **k: real.__func__(cls, path, *a, **k)
+                           if ".building" in str(path) else refused())
+
+    monkeypatch.setattr(DenseIndex, "load", guarded(DenseIndex.__dict__["load"]))
+    monkeypatch.setattr(BM25Index, "load", guarded(BM25Index.__dict__["load"]))
+    monkeypatch.setattr(LiveBM25, "__init__", refused)
+    added = update.add_documents(ix, [str(write_jsonl(tmp_path / "b.jsonl", second))], encoder=encoders.passage,
+                                 log=lambda m: None)
+    edited = [{**first[0], "text": first[0]["text"] + " Edited."}]
+    replaced = update.add_documents(ix, [str(write_jsonl(tmp_path / "c.jsonl", edited))], replace=True,
+                                    encoder=encoders.passage, log=lambda m: None)
+    deleted = update.delete_documents(ix, [second[0]["id"]], log=lambda m: None)
+    assert (added.added, replaced.replaced, deleted.deleted) == ([d["id"] for d in second], [first[0]["id"]],
+                                                                  [second[0]["id"]])
+    update.compact_index(ix, log=lambda m: None)
+    monkeypatch.undo()
+    index = open_index(ix)  # compacted, searchable, every change in it
+    live = update.live_documents(index)
+    assert second[1]["id"] in live and first[0]["id"] in live and second[0]["id"] not in live
+    assert index.live_passages < before + len(update.live_documents(index, only=[second[1]["id"]])[
+        second[1]["id"]][0]) + 1
+    hits = Retriever(index, encoders.question).search([first[0]["title"]], k=3, mode="bm25")[0]
+    assert any(h.doc_id == first[0]["id"] and "Edited." in h.text for h in hits)
+
+
 def test_kill_during_an_add_leaves_the_previous_generation(base_index, wiki_docs, encoders, tmp_path):
     """kill -9 while the new segment is being written: the index opens as before and searches as before; the
     next add removes what the killed one left and succeeds."""

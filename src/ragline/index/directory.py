@@ -30,9 +30,10 @@ class IndexDir(ManifestFacts):
     modes: tuple[str, ...] = field(default=())
 
     @classmethod
-    def open(cls, path: str | Path, manifest: dict[str, Any] | None = None) -> IndexDir:
+    def open(cls, path: str | Path, manifest: dict[str, Any] | None = None, search: bool = True) -> IndexDir:
         """Open the index at ``path`` as ``manifest`` (default: read now) describes it; an index changed in place
-        opens as its base only (:func:`ragline.index.segments.open_single` opens it whole)."""
+        opens as its base only (:func:`ragline.index.segments.open_single` opens it whole). ``search=False``
+        leaves the search parts (the FAISS index, BM25) unread: what a change to the index needs."""
         path = Path(path).expanduser().resolve()
         manifest = manifest or mf.read_manifest(path)
         n = manifest["corpus"]["passages"]
@@ -50,11 +51,12 @@ class IndexDir(ManifestFacts):
             d = manifest["dense"]
             if not (path / mf.DENSE).is_file():
                 raise corrupt(path, f"{mf.DENSE} is missing")
+        if manifest.get("dense") and search:
             out.dense = DenseIndex.load(path / mf.DENSE, d["type"], d.get("search_param"), d.get("search_value"),
                                         d.get("rerank", 0), out.embeddings)
             if out.dense.ntotal != n:
                 raise corrupt(path, f"{mf.DENSE} holds {out.dense.ntotal} vectors, the manifest says {n}")
-        if manifest.get("bm25"):
+        if manifest.get("bm25") and search:
             out.bm25 = BM25Index.load(path / mf.BM25)
             if out.bm25.ntotal != n:
                 raise corrupt(path, f"the BM25 index holds {out.bm25.ntotal} passages, the manifest says {n}")

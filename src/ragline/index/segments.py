@@ -140,17 +140,20 @@ class LiveIndex(ManifestFacts):
     modes: tuple[str, ...] = field(default=())
 
     @classmethod
-    def open(cls, path: str | Path, manifest: dict[str, Any]) -> LiveIndex:
+    def open(cls, path: str | Path, manifest: dict[str, Any], search: bool = True) -> LiveIndex:
+        """``search=False`` leaves the search parts unread (as :meth:`IndexDir.open`), the live BM25 statistics
+        uncounted."""
         path = Path(path)
-        base = IndexDir.open(path, manifest)
-        segs = [_open_segment(path, s, manifest) for s in manifest.get("segments") or []]
+        base = IndexDir.open(path, manifest, search)
+        segs = [_open_segment(path, s, manifest, search) for s in manifest.get("segments") or []]
         stores = [base.store] + [s.store for s in segs]
         total = sum(len(s) for s in stores)
         alive = read_alive(path, manifest, total)
         store = SegmentedStore(stores, alive)
         out = cls(path, manifest, store, alive)
-        if base.dense is not None:
+        if base.embeddings is not None:
             out.embeddings = SegmentedEmbeddings([base.embeddings] + [s.embeddings for s in segs])
+        if base.dense is not None:
             out.dense = SegmentedDense([base.dense] + [s.dense for s in segs], store.offsets, alive)
         if base.bm25 is not None:
             if not TermCounts.saved_in(path / mf.BM25):
@@ -183,7 +186,7 @@ def segment_dir(path: Path, name: str) -> Path:
     return Path(path) / mf.SEGMENTS / name
 
 
-def _open_segment(path: Path, entry: dict, manifest: dict) -> Segment:
+def _open_segment(path: Path, entry: dict, manifest: dict, search: bool = True) -> Segment:
     d = segment_dir(path, entry["name"])
     if not d.is_dir():
         raise corrupt(path, f"segment {entry['name']} is missing")
@@ -195,8 +198,9 @@ def _open_segment(path: Path, entry: dict, manifest: dict) -> Segment:
         seg.embeddings = np.load(d / mf.EMBEDDINGS, mmap_mode="r", allow_pickle=False)
         if seg.embeddings.shape != (n, manifest["encoder"]["dim"]):
             raise corrupt(path, f"segment {entry['name']}'s embeddings have shape {seg.embeddings.shape}")
-        seg.dense = DenseIndex.load(d / mf.DENSE, "flat")
-    if manifest.get("bm25"):
+        if search:
+            seg.dense = DenseIndex.load(d / mf.DENSE, "flat")
+    if manifest.get("bm25") and search:
         seg.counts = TermCounts.load(d / mf.BM25)
         if seg.counts.passages != n:
             raise corrupt(path, f"segment {entry['name']}'s term counts cover {seg.counts.passages} passages")
@@ -219,14 +223,16 @@ def read_alive(path: Path, manifest: dict, total: int) -> np.ndarray | None:
     return alive
 
 
-def open_single(path: Path, manifest: dict[str, Any] | None = None) -> IndexDir | LiveIndex:
+def open_single(path: Path, manifest: dict[str, Any] | None = None, search: bool = True) -> IndexDir | LiveIndex:
     """Open a ``ragline-index`` directory, a plain index or one changed in place, as ``manifest`` (default: its
-    own, read now; a shard's comes from its sharded index) describes it."""
+    own, read now; a shard's comes from its sharded index) describes it. ``search=False``: its store, vectors
+    and tombstones only, for a change (``add``, ``delete``, ``compact``), which never searches it: at ten
+    million passages the FAISS index and the live BM25 statistics are most of an open's time and memory."""
     path = Path(path).expanduser().resolve()
     manifest = manifest or mf.read_manifest(path)
     if mf.is_living(manifest):
-        return LiveIndex.open(path, manifest)
-    return IndexDir.open(path, manifest)
+        return LiveIndex.open(path, manifest, search)
+    return IndexDir.open(path, manifest, search)
 
 
 def live_rows(index) -> np.ndarray:

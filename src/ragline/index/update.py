@@ -42,8 +42,8 @@ from ragline.errors import RaglineError
 from ragline.index import dense_build
 from ragline.index import manifest as mf
 from ragline.index.npy_rows import NpyRows, NpyWriter
-from ragline.index.registry import open_index
-from ragline.index.segments import SegmentedEmbeddings, SegmentedStore, live_rows, segment_dir
+from ragline.index.registry import read_manifest
+from ragline.index.segments import SegmentedEmbeddings, SegmentedStore, live_rows, open_single, segment_dir
 from ragline.index.sparse import TermCounts
 from ragline.models.encoders import Encoder, load_encoder
 
@@ -119,8 +119,7 @@ def add_documents(path: str | Path, sources: Sequence[str], *, replace: bool = F
     ``sources`` into the index at ``path`` as a new generation."""
     path = _index_path(path)
     with atomic.exclusive_lock(path.parent / f".{path.name}.lock"):
-        index = open_index(path)
-        _check_single(index)
+        index = _open_for_change(path)
         clean_stale(path, index.manifest)
         change = Change(UPDATE if replace else ADD)
         docs = read_documents(sources, fmt, skip_bad, change, index.manifest)
@@ -141,8 +140,7 @@ def delete_documents(path: str | Path, doc_ids: Sequence[str], log: Callable[[st
     """``ragline delete``: every live passage of the documents ``doc_ids``, in a new generation."""
     path = _index_path(path)
     with atomic.exclusive_lock(path.parent / f".{path.name}.lock"):
-        index = open_index(path)
-        _check_single(index)
+        index = _open_for_change(path)
         clean_stale(path, index.manifest)
         live = live_documents(index, only=doc_ids)
         change = plan_deletion(live, doc_ids, path.name)
@@ -161,8 +159,7 @@ def compact_index(path: str | Path, log: Callable[[str], None] = print) -> Chang
 
     path = _index_path(path)
     with atomic.exclusive_lock(path.parent / f".{path.name}.lock"):
-        index = open_index(path)
-        _check_single(index)
+        index = _open_for_change(path)
         gen = int(index.manifest.get("generation", 0)) + 1
         change = Change(COMPACT, generation=gen)
         work = path.parent / f".{path.name}.building"
@@ -387,11 +384,15 @@ def _index_path(path: str | Path) -> Path:
     return path
 
 
-def _check_single(index) -> None:
-    if index.manifest.get("format") != mf.FORMAT:
-        raise RaglineError(f"index {index.name} is a {index.manifest.get('format')} index, not a single one",
+def _open_for_change(path: Path):
+    """The single index at ``path`` opened for a change: its manifest, store, vectors and tombstones, not the
+    search parts (FAISS, BM25) that no change reads (:func:`ragline.index.segments.open_single`)."""
+    manifest = read_manifest(path)  # any format's: a sharded one is refused by name below
+    if manifest.get("format") != mf.FORMAT:
+        raise RaglineError(f"index {path.name} is a {manifest.get('format')} index, not a single one",
                            "use the ragline add / update / delete / compact commands, which route a sharded index "
                            "to ragline.scale.update")
+    return open_single(path, manifest, search=False)
 
 
 def clean_stale(path: Path, manifest: dict) -> None:

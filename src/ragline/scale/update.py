@@ -53,14 +53,16 @@ def home_shard(doc_id: str, shards: int) -> int:
 
 
 class _Shards:
-    """A sharded index's shards opened locally (no Ray) as its manifest describes them."""
+    """A sharded index's shards opened locally (no Ray) as its manifest describes them, without their search
+    parts."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.manifest = read_sharded_manifest(path)
         self.entries = self.manifest["shards"]
         self.dirs = [shard_dir(path, s) for s in self.entries]
-        self.indexes = [open_single(d, s.get("manifest")) for d, s in zip(self.dirs, self.entries, strict=True)]
+        self.indexes = [open_single(d, s.get("manifest"), search=False)  # a change searches none of them
+                        for d, s in zip(self.dirs, self.entries, strict=True)]
         self.generation = int(self.manifest.get("generation", 0)) + 1
 
     def live(self, only: Collection[str] | None = None) -> dict[str, tuple[list[tuple[int, list[int]]], str]]:
