@@ -164,7 +164,7 @@ def compact_index(path: str | Path, log: Callable[[str], None] = print) -> Chang
         change = Change(COMPACT, generation=gen)
         work = path.parent / f".{path.name}.building"
         manifest, opts = compact_into(index, work, change)
-        del index  # its dense index (in memory) and maps go before the new parts are built
+        del index  # its maps (store, vectors) go before the new parts are built
         gc.collect()
         finish_index(opts, work, path, manifest, log)
         log(f"compacted index {path.name}: {manifest['corpus']['passages']} live passages in one segment "

@@ -176,7 +176,7 @@ def compact_sharded(path: str | Path, log: Callable[[str], None] = print) -> Cha
             name = f"{entry['name']}.c{shards.generation:06d}"
             work = path / SHARDS / f".{name}.building"
             state, opts = compact_into(shards.indexes[i], work, change)
-            shards.indexes[i] = None  # its dense index (in memory) and maps go before its new parts are built,
+            shards.indexes[i] = None  # its maps (store, vectors) go before its new parts are built,
             gc.collect()  # as a single index's compact does: one shard's memory at a time, not every shard's
             finish_index(opts, work, path / SHARDS / name, state, log=lambda m: None)
             states.append(state)
