@@ -99,10 +99,7 @@ class TermCounts:
     @classmethod
     def of_counts(cls, counts: sp.csc_matrix, lens: np.ndarray, vocab: dict[str, int]) -> TermCounts:
         """From :func:`ragline.index.bm25_build.count_terms`'s matrix and the passages' lengths in tokens."""
-        terms = [""] * counts.shape[1]
-        for t, i in vocab.items():
-            terms[i] = t
-        return cls(terms, counts.indptr.astype(np.int64), counts.indices.astype(np.int32),
+        return cls(_terms(vocab, counts.shape[1]), counts.indptr.astype(np.int64), counts.indices.astype(np.int32),
                    counts.data.astype(np.int32), lens.astype(np.int32))
 
     @property
@@ -111,9 +108,7 @@ class TermCounts:
 
     def save(self, out_dir: Path) -> None:
         """Write the counts into ``out_dir`` (each file through a temporary name)."""
-        from ragline import atomic
-
-        atomic.write_json(out_dir / TERMS_FILE, self.terms)
+        _write_terms(out_dir, self.terms)
         for name, arr in zip(COUNTS, (self.indptr, self.rows, self.counts, self.doc_len), strict=True):
             tmp = out_dir / f".{name}.tmp.npy"
             np.save(tmp, arr)
@@ -160,9 +155,9 @@ class TermCounts:
 RUNS_DIR = ".runs"  # a build's scratch: the counted runs, removed when merged
 
 
-def _terms(vocab: dict[str, int]) -> list[str]:
-    """The terms in column order, from a vocabulary (token -> id)."""
-    terms = [""] * (max(vocab.values(), default=-1) + 1)
+def _terms(vocab: dict[str, int], size: int | None = None) -> list[str]:
+    """The terms in column order, from a vocabulary (token -> id); ``size`` columns (default: the highest id's)."""
+    terms = [""] * (max(vocab.values(), default=-1) + 1 if size is None else size)
     for t, i in vocab.items():
         terms[i] = t
     return terms
