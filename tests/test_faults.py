@@ -192,7 +192,8 @@ def test_training_killed_during_checkpoint_writes(tmp_path, small_index, tiny_fo
         state = RunDir(run).load(_identity(run))  # whatever checkpoint is there loads whole, or there is none yet
         assert state is None or 0 < state["step"] <= 8
         assert not list((run / "checkpoints").glob("step-*.pt.tmp*"))
-    assert Child(_ragline(*cmd, "--out", run)).finish() == 0
+    last = Child(_ragline(*cmd, "--out", run))
+    assert last.finish() == 0, last.lines[-8:]
     a = torch.load(run / "checkpoints" / "step-0000008.pt", weights_only=True)
     b = torch.load(tmp_path / "reference" / "checkpoints" / "step-0000008.pt", weights_only=True)
     for part, weights in b["weights"].items():

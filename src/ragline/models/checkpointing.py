@@ -19,13 +19,14 @@ none in the first place, :func:`ragline.models.prefill.packed_pass` with ``past`
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from ragline.errors import RaglineError
+from ragline.models.forward_swap import swapped_forward
 
 CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")  # transformers' names for a cache
 
@@ -37,9 +38,8 @@ def checkpointable_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def _checkpointed(layer: torch.nn.Module):
-    """``layer``'s forward (its own, or one a hook library set on the instance) run under checkpointing."""
-    forward = layer.__dict__.get("forward") or partial(type(layer).forward, layer)
+def _checkpointed(forward):
+    """``forward`` (a layer's, or one a hook library set on the instance) run under checkpointing."""
 
     def run(*args, **kwargs):
         for name in CACHE_KWARGS:
@@ -65,14 +65,7 @@ def checkpointed_layers(model: torch.nn.Module, enabled: bool = True) -> Iterato
     if not layers:
         raise RaglineError(f"{type(model).__name__} has no transformer layers to checkpoint",
                            "train without --activation-checkpointing")
-    before = [m.__dict__.get("forward") for m in layers]
-    for m in layers:
-        m.forward = _checkpointed(m)  # an instance attribute: nn.Module.__call__ finds it before the class's
-    try:
+    with ExitStack() as stack:
+        for m in layers:
+            stack.enter_context(swapped_forward(m, _checkpointed))
         yield len(layers)
-    finally:
-        for m, old in zip(layers, before, strict=True):
-            if old is None:
-                del m.forward
-            else:
-                m.forward = old

@@ -20,12 +20,12 @@ attention) stay padded: :func:`supports`.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 
 from ragline.models import packed_attention
+from ragline.models.forward_swap import swapped_forward
 from ragline.models.packed_attention import LAYOUT, PackedRows
 
 
@@ -64,21 +64,15 @@ def encode_packed(model: torch.nn.Module, rows: Sequence[Sequence[int]]) -> tupl
     return hidden, mask
 
 
-@contextmanager
-def _row_positions(table: torch.nn.Module, positions: torch.Tensor) -> Iterator[None]:
+def _row_positions(table: torch.nn.Module, positions: torch.Tensor):
     """``table`` (the encoder's position embedding) looks up ``positions`` (S,) for the packed call, whatever
     the encoder passes it (it derives positions 0..S-1 from the input's shape); given back afterwards."""
-    own, real = table.__dict__.get("forward"), table.forward  # an instance's own forward (a hook's), if any
 
-    def forward(input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        kwargs.pop("position_ids", None)
-        return real(input_ids, *args, position_ids=positions, **kwargs)
+    def make(real):
+        def forward(input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            kwargs.pop("position_ids", None)
+            return real(input_ids, *args, position_ids=positions, **kwargs)
 
-    table.forward = forward
-    try:
-        yield
-    finally:
-        if own is None:
-            del table.forward  # the class's forward again
-        else:
-            table.forward = own
+        return forward
+
+    return swapped_forward(table, make)
