@@ -5,7 +5,7 @@ How it measures and what it prints: docs/benchmarks.md (scale.py).
 
     python3 benchmarks/scale.py [--docs 3000] [--shards 1,2,4] [--queries 200] [--json FILE]
     python3 benchmarks/scale.py --passages 1000000[,3000000] --work DIR [--types flat,hnsw,...] [--queries 100]
-                                [--no-compact]
+                                [--no-compact] [--shards N]
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def time_search(retriever, questions: list[str], mode: str, batch: int, k: int =
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=3000)
-    ap.add_argument("--shards", default="1,2,4")
+    ap.add_argument("--shards", default=None, help="shard counts to compare (default 1,2,4); with --passages: build "
+                    "each index as one sharded index of N shards on a local Ray (default: a single index)")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--work", type=Path, default=None, help="Keep the indexes here (default: a temp folder).")
     ap.add_argument("--json", type=Path, default=None)
@@ -59,7 +60,8 @@ def main() -> None:
         if args.work is None:
             raise SystemExit("--passages needs --work DIR (the corpus, vectors and indexes take gigabytes)")
         run([int(n) for n in args.passages.split(",")], args.work, args.types.split(","),
-            args.queries, args.index or paths.default_index_dir(), args.json, compact=not args.no_compact)
+            args.queries, args.index or paths.default_index_dir(), args.json, compact=not args.no_compact,
+            shards=int(args.shards) if args.shards else None)
         return
 
     from ragline.index.build import BuildOptions, build_index
@@ -80,7 +82,7 @@ def main() -> None:
     builds["local"] = (out, time.perf_counter() - t0)
     ray = connect()
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    for n in (int(x) for x in args.shards.split(",")):
+    for n in (int(x) for x in (args.shards or "1,2,4").split(",")):
         out = work / f"ray-{n}"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()

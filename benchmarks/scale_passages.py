@@ -1,7 +1,7 @@
 """Scale on one machine: an index of N passages built, opened, searched and changed, each step measured.
 
     python3 benchmarks/scale.py --passages 1000000[,3000000] --work DIR [--types flat,hnsw,ivfpq,sq8]
-                                [--queries 100]
+                                [--queries 100] [--shards N]
 
 For each N the corpus and its vectors come from benchmarks/scale_corpus.py (the bundled leads' real passages
 as needles among distractors made of the leads' sentences). For each index type, in fresh processes, one at a
@@ -17,17 +17,24 @@ time (so that each peak is its own):
 * ``ragline add`` of 1,000 new documents, ``ragline delete`` of those 1,000, ``ragline compact`` (unless
   ``--no-compact``): seconds and peak memory each.
 
+With ``--shards N`` each index is one sharded index of N shards built and searched on a local Ray
+(``ragline index --ray --shards N --embeddings ...``): its memory is then the peak of the whole process tree
+(the command, Ray's own processes and its workers, proportional set sizes summed, sampled every second), and
+its recall@10 against exact search is the mean of the shards' own.
+
 Prints one table row per (N, type) and, with ``--json``, every number.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,16 +48,51 @@ HERE = Path(__file__).resolve().parent
 ADDED = 1000
 
 
-def measured(args: list[str], what: str) -> dict:
-    """Run ``ragline ARGS`` in a child: its seconds and peak memory (GiB); fails loudly."""
+def tree_peak(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``cmd``; (its result, the peak over its run of the summed proportional set sizes of it and every
+    process under it, GiB, sampled every second): Ray's processes and workers are counted, shared pages once."""
+    import psutil
+
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(child.pid)
+        while not stop.wait(1.0):
+            total = 0
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    total += proc.memory_full_info().pss
+            peak[0] = max(peak[0], total)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out, err = child.communicate()
+    stop.set()
+    thread.join()
+    return subprocess.CompletedProcess(cmd, child.returncode, out, err), peak[0] / 2**30
+
+
+def measured(args: list[str], what: str, tree: bool = False) -> dict:
+    """Run ``ragline ARGS`` in a child: its seconds and peak memory (GiB: the child's own, or with ``tree`` its
+    whole process tree's, :func:`tree_peak`); fails loudly."""
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True)
+    cmd = [sys.executable, "-c", PEAK, *args]
+    if tree:
+        done, tree_gib = tree_peak(cmd)
+    else:
+        done = subprocess.run(cmd, capture_output=True, text=True)
     secs = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
     kb = [int(x) for x in re.findall(r"PEAK_RSS_KB=(\d+)", done.stderr)]
-    print(f"  {what}: {secs:.1f} s, peak {kb[-1] / 2**20:.2f} GiB", file=sys.stderr)
-    return {"seconds": secs, "peak_gib": kb[-1] / 2**20, "log": done.stderr[-2000:]}
+    peak = tree_gib if tree else kb[-1] / 2**20
+    print(f"  {what}: {secs:.1f} s, peak {peak:.2f} GiB", file=sys.stderr)
+    return {"seconds": secs, "peak_gib": peak, "log": done.stderr[-2000:]}
 
 
 def probe(index: Path, queries: int) -> dict:
@@ -122,34 +164,40 @@ def _added_docs(path: Path, corpus: Path) -> Path:
 
 
 def run(passages: list[int], work: Path, types: list[str], queries: int, index_dir: Path, json_out: Path | None,
-        compact: bool = True) -> None:
+        compact: bool = True, shards: int | None = None) -> None:
     from scale_corpus import make
 
     rows = []
     for n in passages:
         corpus, vectors = make(n, work, index_dir, log=lambda m: print(m, file=sys.stderr))
         for kind in types:
-            out = work / f"index-{n}-{kind}"
-            row = {"passages": n, "type": kind}
-            print(f"{n:,} passages, {kind}:", file=sys.stderr)
+            out = work / (f"index-{n}-{kind}" + (f"-{shards}shards" if shards else ""))
+            row = {"passages": n, "type": kind, "shards": shards}
+            print(f"{n:,} passages, {kind}" + (f", {shards} shards on Ray" if shards else "") + ":", file=sys.stderr)
+            ray = ["--ray", "--shards", str(shards)] if shards else []
             row["build"] = measured(["index", "--source", str(corpus), "--embeddings", str(vectors), "--out", str(out),
-                                     "--index-type", kind, "--force"], "build")
+                                     "--index-type", kind, "--force", *ray], "build", tree=bool(shards))
             man = json.loads((out / "manifest.json").read_text())
             row["disk_gib"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**30
-            row["recall10_vs_exact"] = (man.get("dense") or {}).get("recall_at_10_vs_exact")
-            done = subprocess.run([sys.executable, str(Path(__file__)), "--probe", str(out), "--queries",
-                                   str(queries)], capture_output=True, text=True)
+            parts = [json.loads((out / "shards" / s["name"] / "manifest.json").read_text())
+                     for s in man.get("shards", [])] or [man]
+            recalls = [(m.get("dense") or {}).get("recall_at_10_vs_exact") for m in parts]
+            row["recall10_vs_exact"] = None if None in recalls else statistics.mean(recalls)
+            cmd = [sys.executable, str(Path(__file__)), "--probe", str(out), "--queries", str(queries)]
+            done, tree_gib = tree_peak(cmd) if shards else (subprocess.run(cmd, capture_output=True, text=True), None)
             if done.returncode != 0:
                 raise SystemExit(f"probe failed:\n{done.stderr[-3000:]}")
             row["probe"] = json.loads(done.stdout.strip().splitlines()[-1])
+            if tree_gib is not None:
+                row["probe"]["probe_tree_peak_gib"] = tree_gib
             row["dense_type"] = (man.get("dense") or {}).get("type")  # what auto picked
             row["serve_ready_s"] = serve_ready(out, work)
             added = _added_docs(work / "added.jsonl", corpus)
-            row["add"] = measured(["add", "--index", str(out), str(added)], f"add {ADDED}")
+            row["add"] = measured(["add", "--index", str(out), str(added)], f"add {ADDED}", tree=bool(shards))
             doc_args = [a for i in range(ADDED) for a in ("--doc", f"added-{i}")]
-            row["delete"] = measured(["delete", "--index", str(out), *doc_args], f"delete {ADDED}")
+            row["delete"] = measured(["delete", "--index", str(out), *doc_args], f"delete {ADDED}", tree=bool(shards))
             if compact:
-                row["compact"] = measured(["compact", "--index", str(out)], "compact")
+                row["compact"] = measured(["compact", "--index", str(out)], "compact", tree=bool(shards))
             for part in ("build", "add", "delete", "compact"):
                 if part in row:
                     row[part].pop("log")
@@ -165,6 +213,7 @@ def run(passages: list[int], work: Path, types: list[str], queries: int, index_d
         lat = " | ".join(f"{p[m]['p50_ms']:.0f} / {p[m]['p95_ms']:.0f}" for m in ("dense", "bm25", "hybrid"))
         exact = "-" if r["recall10_vs_exact"] is None else f"{r['recall10_vs_exact']:.3f}"
         kind = r["type"] if r["dense_type"] == r["type"] else f"{r['type']} ({r['dense_type']})"
+        kind += f", {r['shards']} shards (Ray)" if r.get("shards") else ""
         print(f"| {r['passages']:,} | {kind} | {r['build']['seconds']:.0f} | {r['build']['peak_gib']:.2f} | "
               f"{r['disk_gib']:.2f} | {exact} | {p['open_s']:.1f} | {r['serve_ready_s']:.1f} | {lat} | "
               f"{p['hybrid']['batched_qps']:.0f} | "

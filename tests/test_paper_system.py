@@ -335,7 +335,7 @@ def test_dpr_tsv_rows_are_passages_and_bad_rows_are_reported(tmp_path):
     assert stats.skipped == 2 and "appears twice" in stats.problems[1]
 
 
-def test_index_from_precomputed_embeddings_equals_an_encoded_one(paper, tmp_path):
+def test_index_from_precomputed_embeddings_equals_an_encoded_one(paper, tmp_path, ray_local):
     from ragline.errors import RaglineError
     from ragline.index.registry import open_index
     from ragline.retriever import Retriever
@@ -355,6 +355,10 @@ def test_index_from_precomputed_embeddings_equals_an_encoded_one(paper, tmp_path
     a, b = Retriever(built).retrieve(questions, k=10), Retriever(imported).retrieve(questions, k=10)
     np.testing.assert_array_equal(a.rows, b.rows)
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+    run_cli(*common, "--embeddings", shards, "--ray", "--shards", "3", "--out", tmp_path / "sharded")
+    c = Retriever(tmp_path / "sharded").retrieve(questions, k=10)  # the published vectors, in Ray shards
+    np.testing.assert_array_equal(a.rows, c.rows)
+    np.testing.assert_allclose(a.scores, c.scores, atol=1e-6)
 
     np.save(tmp_path / "half.npy", vectors.astype(np.float16))  # float16 is read (and widened)
     run_cli(*common, "--embeddings", tmp_path / "half.npy", "--out", tmp_path / "half")

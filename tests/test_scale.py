@@ -8,7 +8,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import tiny_generator, write_jsonl
+from conftest import SLICE_DOCS, tiny_generator, write_jsonl
 
 from ragline.errors import RaglineError
 from ragline.index.sparse import BM25Index, BM25Stats
@@ -92,6 +92,51 @@ def test_sharded_results_equal_the_single_index(sharded, small_index):
             a, b = single.retrieve(QUESTIONS, 5, mode, filters=filters), many.retrieve(QUESTIONS, 5, mode,
                                                                                         filters=filters)
             assert np.array_equal(a.rows, b.rows), (mode, filters)
+
+
+def test_given_vectors_build_a_sharded_index_row_for_row(tmp_path, small_index, ray_local):
+    """``index --ray --embeddings``: each shard holds exactly its rows of the given vectors (two files whose
+    boundary falls inside a shard), searches as the single index does, resumes only with the same files, and
+    a wrong count is refused before anything is built."""
+    from ragline.index.build import BuildOptions
+    from ragline.retriever import Retriever
+    from ragline.scale.build import build_sharded
+
+    emb = np.load(small_index / "embeddings.npy")  # (n, dim) float32
+    vecs = tmp_path / "vectors"
+    vecs.mkdir()
+    np.save(vecs / "part-1.npy", emb[:37])
+    np.save(vecs / "part-2.npy", emb[37:])
+    out = tmp_path / "given"
+    opts = BuildOptions(source="wiki-leads", out=out, limit=SLICE_DOCS, embeddings=str(vecs), progress=False)
+    first, second = [], []
+
+    def stop(name):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_sharded(opts, shards=3, log=first.append, after_shard=stop)
+    assert not any("encoded by" in m for m in first)  # nothing encoded: the given vectors are used
+    np.save(vecs / "part-2.npy", emb[37:])  # written again: other files, so the shards start over
+    build_sharded(opts, shards=3, log=second.append)
+    assert any("changed since the interrupted build" in m for m in second)
+    assert not any("kept" in m or "encoded by" in m for m in second)
+    top = json.loads((out / "manifest.json").read_text())
+    assert top["encoder"]["passage"]["embeddings"] == str(vecs.resolve())
+    for shard in top["shards"]:
+        lo, hi = shard["offset"], shard["offset"] + shard["passages"]
+        assert np.array_equal(np.load(out / "shards" / shard["name"] / "embeddings.npy"), emb[lo:hi])
+    assert 37 not in [shard["offset"] for shard in top["shards"]]  # a shard takes rows of both files
+    single, many = Retriever(small_index), Retriever(out)
+    a, b = single.retrieve(QUESTIONS, 10, "dense"), many.retrieve(QUESTIONS, 10, "dense")
+    assert np.array_equal(a.rows, b.rows) and np.allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+
+    np.save(vecs / "part-2.npy", emb[37:-1])
+    with pytest.raises(RaglineError) as e:
+        build_sharded(BuildOptions(source="wiki-leads", out=tmp_path / "short", limit=SLICE_DOCS,
+                                   embeddings=str(vecs), progress=False), shards=3, log=lambda m: None)
+    assert f"hold {len(emb) - 1} vectors but the corpus has {len(emb)} passages" in e.value.problem
+    assert not (tmp_path / "short").exists()
 
 
 def test_rag_answers_through_the_sharded_index_as_through_one(sharded, small_index):

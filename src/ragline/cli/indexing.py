@@ -15,7 +15,6 @@ from ragline.cli.options import (
     resolve_index,
 )
 from ragline.corpus.readers import FORMATS as CORPUS_FORMATS
-from ragline.errors import RaglineError
 from ragline.vocab import INDEX_TYPES
 
 
@@ -73,8 +72,6 @@ def index(source, out, fmt, index_type, encoder, query_encoder, embeddings, pass
     if ray_address is None:
         build_index(opts, log=render.log)
         return
-    if embeddings:
-        raise RaglineError("--embeddings builds a single index", "drop --ray, or drop --embeddings to encode on Ray")
     from ragline.scale.build import build_sharded
 
     build_sharded(opts, shards, address=None if ray_address == "local" else ray_address, actors=encode_actors,

@@ -259,14 +259,13 @@ def embedding_files(path: Path) -> list[Path]:
     return files
 
 
-def import_embeddings(path: Path, work: Path, encoder: Encoder, n: int, log: Callable[[str], None],
-                      chunk_rows: int = 65536) -> None:
-    """Write ``embeddings.npy`` (n, dim) float32 from vectors a user already has (float32 or float16, in corpus
-    order), checking their count against the corpus and their size against the encoder; a few passages are
-    re-encoded to warn when the vectors do not look like this encoder's."""
+def open_embeddings(path: Path, encoder: Encoder, n: int) -> list[NpyRows]:
+    """The vectors a user already has (float32 or float16, in corpus order: a ``.npy`` file or a folder of
+    ``.npy`` shards), each file checked against the encoder's size and their count against the corpus's ``n``
+    passages; read through file calls, not a memory map, so that a build's memory stays a slice."""
     arrays = []
     for f in embedding_files(path):
-        a = NpyRows(f)  # read through file calls, not a memory map: the build's memory stays a slice
+        a = NpyRows(f)
         if a.dtype not in (np.float32, np.float16):
             raise RaglineError(f"{f} holds a {a.dtype} array of shape {a.shape}",
                                "give 2-d float32 or float16 arrays, one row per passage")
@@ -279,19 +278,37 @@ def import_embeddings(path: Path, work: Path, encoder: Encoder, n: int, log: Cal
     if total != n:
         raise RaglineError(f"the embeddings hold {total} vectors but the corpus has {n} passages",
                            "give one vector per passage, in corpus order (the same --limit and --passage-words)")
+    return arrays
+
+
+def write_embedding_rows(arrays: list[NpyRows], lo: int, hi: int, work: Path, dim: int,
+                         chunk_rows: int = 65536) -> None:
+    """Write rows ``lo..hi`` of ``arrays`` laid end to end as ``work``'s ``embeddings.npy`` (hi - lo, dim)
+    float32, through a temporary file renamed into place."""
     dst, tmp = work / mf.EMBEDDINGS, work / (mf.EMBEDDINGS + ".new")
-    with NpyWriter(tmp, n, encoder.dim) as out:
+    with NpyWriter(tmp, hi - lo, dim) as out:
+        start = 0  # the first row of array a among all rows
         for a in arrays:
-            for s in range(0, len(a), chunk_rows):
-                out.write(a[s : s + chunk_rows])  # (chunk, dim) as float32
+            for s in range(max(lo, start), min(hi, start + len(a)), chunk_rows):
+                out.write(a[s - start : min(s + chunk_rows, hi, start + len(a)) - start])  # (chunk, dim) as float32
+            start += len(a)
     dst.unlink(missing_ok=True)  # never write through a hard link into a sibling index's file
     os.replace(tmp, dst)
-    _spot_check(dst, work, encoder, log)
+
+
+def import_embeddings(path: Path, work: Path, encoder: Encoder, n: int, log: Callable[[str], None],
+                      chunk_rows: int = 65536) -> None:
+    """Write ``embeddings.npy`` (n, dim) float32 from vectors a user already has (:func:`open_embeddings`); a
+    few passages are re-encoded to warn when the vectors do not look like this encoder's."""
+    write_embedding_rows(open_embeddings(path, encoder, n), 0, n, work, encoder.dim, chunk_rows)
+    spot_check(work, encoder, log)
     log(f"imported {n} passage vectors from {path}")
 
 
-def _spot_check(path: Path, work: Path, encoder: Encoder, log: Callable[[str], None], rows: int = 8) -> None:
-    emb = NpyRows(path)
+def spot_check(work: Path, encoder: Encoder, log: Callable[[str], None], rows: int = 8) -> None:
+    """Re-encode ``rows`` passages of the build directory ``work`` spread over it and warn when its given
+    ``embeddings.npy`` differs from them by more than 1% of their scale."""
+    emb = NpyRows(work / mf.EMBEDDINGS)
     picks = np.unique(np.linspace(0, len(emb) - 1, min(rows, len(emb))).astype(np.int64))
     passages = PassageStore(work / mf.PASSAGES).get(picks)
     ours = encoder.encode_passages([p.title for p in passages], [p.text for p in passages])  # (r, dim)

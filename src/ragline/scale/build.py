@@ -9,8 +9,10 @@ end (as a single index does, :mod:`ragline.index.build`):
    corpus, or any source with ``--limit``) are read by the driver and cut into ``shards`` equal ranges.
 2. BM25 statistics of the whole corpus: one Ray task per shard counts its terms; the driver adds them up.
 3. Per shard: Ray Data encodes its passages (``map_batches`` over an actor pool, each actor holding the
-   passage encoder, one CPU and one torch thread each); a Ray task then builds the shard's FAISS index and its
-   BM25 index with the whole corpus's statistics, and moves the shard into place complete with its manifest.
+   passage encoder, one CPU and one torch thread each), or, with ``--embeddings``, the driver copies the
+   shard's rows of the given vectors; a Ray task then builds the shard's FAISS index and its BM25 index with
+   the whole corpus's statistics, and moves the shard into place complete with its manifest, while the next
+   shard's vectors are made.
 4. The sharded manifest is written last.
 
 Resumable per shard: run the same command again after an interruption and the finished shards are kept (a
@@ -37,7 +39,18 @@ from ragline.corpus.store import PassageStore, PassageStoreWriter
 from ragline.errors import RaglineError
 from ragline.index import dense_build
 from ragline.index import manifest as mf
-from ragline.index.build import BuildOptions, encoder_entry, finish_index, ingest, new_manifest, prepare_build
+from ragline.index.build import (
+    BuildOptions,
+    embedding_files,
+    encoder_entry,
+    finish_index,
+    ingest,
+    new_manifest,
+    open_embeddings,
+    prepare_build,
+    spot_check,
+    write_embedding_rows,
+)
 from ragline.index.sparse import BM25Stats
 from ragline.models.encoders import BiEncoder
 from ragline.scale.cluster import connect
@@ -68,6 +81,8 @@ def build_sharded(opts: BuildOptions, shards: int, address: str | None = None, a
         work.mkdir(exist_ok=True)
         encoders = BiEncoder.load(opts.encoder, opts.question_encoder, opts.max_seq_length) if opts.dense else None
         encoder = encoder_entry(opts, encoders, out.name) if encoders is not None else None
+        if encoder is not None and opts.embeddings:
+            encoder["passage"]["embeddings"] = str(Path(opts.embeddings).expanduser().resolve())
         ray = connect(address, num_cpus)
         if fmt in ("jsonl", "kilt") and opts.limit is None:  # one file of lines: read in parallel
             state = _plan_parallel(ray, opts, work, fmt, shards, encoder, log)
@@ -80,6 +95,8 @@ def build_sharded(opts: BuildOptions, shards: int, address: str | None = None, a
             if shards > n:
                 raise RaglineError(f"{shards} shards for {n} passages", f"use --shards {n} or fewer")
             state = _plan(opts, work, fingerprint, shards, encoder, log)
+        # given vectors are checked (count, size) before any statistics are counted or shard built
+        arrays = open_embeddings(Path(opts.embeddings), encoders.passage, n) if encoders and opts.embeddings else None
         if opts.dense and opts.index_type == vocab.AUTO_INDEX_TYPE:  # one choice for the whole corpus
             kind, why = dense_build.choose_type(sum(s["passages"] for s in state["shards"]), encoder["dim"])
             log(f"index type {kind} (auto): {why}")
@@ -118,7 +135,17 @@ def build_sharded(opts: BuildOptions, shards: int, address: str | None = None, a
 
         t1 = time.perf_counter()
         try:
-            if encoder is not None and todo:
+            if encoder is not None and todo and opts.embeddings:
+                assert encoders is not None and arrays is not None
+                for s in todo:
+                    part = work / SHARDS / f".{s['name']}.building"
+                    write_embedding_rows(arrays, s["offset"], s["offset"] + s["passages"], part, encoder["dim"])
+                    spot_check(part, encoders.passage, lambda m, name=s["name"]: log(f"{name}: {m}"))
+                    encoded(s)
+                timing["encode_seconds"] = time.perf_counter() - t1
+                log(f"imported the vectors of {len(todo)} shards from {opts.embeddings} in "
+                    f"{timing['encode_seconds']:.1f} s")
+            elif encoder is not None and todo:
                 _encode_shards(ray, opts, work, todo, encoder["dim"], actors, encoded)
                 timing["encode_seconds"] = time.perf_counter() - t1
                 log(f"{sum(s['passages'] for s in todo)} passages of {len(todo)} shards encoded by {actors} "
@@ -170,8 +197,18 @@ def _key(opts: BuildOptions, shards: int, encoder: dict | None, **corpus) -> dic
     """What shapes the shards: an earlier run's shards are kept only when this is unchanged."""
     return {**corpus, "shards": shards, "passage_words": opts.passage_words,
             "encoder": None if encoder is None else encoder["passage"]["fingerprint"],
+            "embeddings": None if not opts.embeddings or encoder is None else _files_identity(opts.embeddings),
             "max_seq_length": opts.max_seq_length, "index_type": opts.index_type, "dense": opts.dense,
             "bm25": opts.bm25, "hnsw_m": opts.hnsw_m, "target_recall": opts.target_recall}
+
+
+def _files_identity(path: str) -> list[list]:
+    """Each given vectors file's path, size and modification time: other vectors start the shards over."""
+    out = []
+    for f in embedding_files(Path(path)):
+        st = f.resolve().stat()
+        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return out
 
 
 def _kept_state(work: Path, key: dict, log: Callable[[str], None]) -> dict | None:
