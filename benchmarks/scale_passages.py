@@ -46,6 +46,7 @@ PEAK = ("import atexit, resource, runpy, sys\n"
         "runpy.run_module('ragline', run_name='__main__')\n")
 HERE = Path(__file__).resolve().parent
 ADDED = 1000
+EXACT_QUERIES = 100  # dev questions whose dense top 10 is checked against exact search over every vector
 
 
 def tree_peak(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
@@ -126,8 +127,34 @@ def probe(index: Path, queries: int) -> dict:
     for mode in vocab.MODES:
         m = evaluate_retrieval(r, dev, (1, 5, 20), mode)
         out[mode].update({f"recall@{k}": m[f"recall@{k}"] for k in (1, 5, 20)}, questions=len(dev))
+    if r.index.dense is not None:
+        res = r.retrieve(qs[:EXACT_QUERIES], 10, vocab.DENSE)
+        out["dense"]["recall10_vs_exact_dev"] = exact_recall(index, res.question_vectors, res.rows)
     out["probe_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
+
+
+def exact_recall(index: Path, queries, rows, chunk: int = 262144) -> float:
+    """Recall@k of the dense search's ``rows`` (B, k) against the exact top k of ``queries`` (B, dim) over every
+    stored vector (each shard's ``embeddings.npy`` at its offset for a sharded index), streamed in chunks."""
+    import numpy as np
+
+    man = json.loads((index / "manifest.json").read_text())
+    parts = [(index / "shards" / s["name"] / "embeddings.npy", s["offset"]) for s in man.get("shards", [])]
+    parts = parts or [(index / "embeddings.npy", 0)]
+    k = rows.shape[1]
+    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)  # (B, k)
+    best_r = np.zeros((len(queries), k), dtype=np.int64)
+    for path, offset in parts:
+        emb = np.load(path, mmap_mode="r")
+        for lo in range(0, len(emb), chunk):
+            scores = np.asarray(emb[lo : lo + chunk], dtype=np.float32) @ queries.T  # (c, B)
+            top = np.argpartition(-scores, min(k, len(scores) - 1), axis=0)[:k].T  # (B, k)
+            s_all = np.concatenate([best_s, np.take_along_axis(scores.T, top, axis=1)], axis=1)
+            r_all = np.concatenate([best_r, top + offset + lo], axis=1)
+            keep = np.argsort(-s_all, axis=1)[:, :k]
+            best_s, best_r = np.take_along_axis(s_all, keep, axis=1), np.take_along_axis(r_all, keep, axis=1)
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(rows, best_r, strict=True)]))
 
 
 def serve_ready(index: Path, work: Path) -> float:
@@ -212,6 +239,8 @@ def run(passages: list[int], work: Path, types: list[str], queries: int, index_d
         p = r["probe"]
         lat = " | ".join(f"{p[m]['p50_ms']:.0f} / {p[m]['p95_ms']:.0f}" for m in ("dense", "bm25", "hybrid"))
         exact = "-" if r["recall10_vs_exact"] is None else f"{r['recall10_vs_exact']:.3f}"
+        if p["dense"].get("recall10_vs_exact_dev") is not None:
+            exact += f" (dev {p['dense']['recall10_vs_exact_dev']:.3f})"
         kind = r["type"] if r["dense_type"] == r["type"] else f"{r['type']} ({r['dense_type']})"
         kind += f", {r['shards']} shards (Ray)" if r.get("shards") else ""
         print(f"| {r['passages']:,} | {kind} | {r['build']['seconds']:.0f} | {r['build']['peak_gib']:.2f} | "

@@ -129,6 +129,15 @@ def test_npy_rows_read_and_write_what_numpy_does(tmp_path):
     np.testing.assert_array_equal(rows[995:2000], a[995:])  # a slice past the end stops at it
     pick = np.array([999, 3, 3, 500, 0])
     np.testing.assert_array_equal(rows[pick], a[pick])  # any order, repeats
+    assert rows[np.array([], dtype=np.int64)].shape == (0, 7)
+    with pytest.raises(IndexError):
+        rows[np.array([1000])]
+    np.save(tmp_path / "v.npy", np.arange(50, dtype=np.int64))
+    np.testing.assert_array_equal(NpyRows(tmp_path / "v.npy", ndim=1)[np.array([49, 2])], [49, 2])
+    cut = (tmp_path / "a.npy").read_bytes()[:-14]  # the last row missing
+    (tmp_path / "short.npy").write_bytes(cut)
+    with pytest.raises(RaglineError, match="shorter than its header"):
+        NpyRows(tmp_path / "short.npy")[np.array([0])]
     with NpyWriter(tmp_path / "b.npy", 1000, 7) as w:
         for lo in range(0, 1000, 300):
             w.write(rows[lo : lo + 300])
