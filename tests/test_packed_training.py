@@ -94,6 +94,37 @@ def test_seq2seq_packed_encoder_loss_and_gradients_equal_the_padded_ones(small_i
     assert "forward" not in table.__dict__  # the position table given back
 
 
+@pytest.mark.parametrize("model", ["rag-sequence", "rag-token"])
+def test_seq2seq_answers_from_the_packed_encoder_equal_the_padded_ones(small_index, model, monkeypatch):
+    """Answering starts from the same packed encoder: the first step's log-probabilities, the decoded tokens
+    and their log p(y|x) equal the padded pass's (fp32), over rows of unequal lengths."""
+    from ragline.models import packed_encoder
+
+    rag = _bart_rag(small_index)
+    gen = rag.generator
+    prompts = [gen.prompt(QUESTIONS[1], p) for p in rag.retriever.search(QUESTIONS[1:], 3)[0]]
+    gen.packed = False
+    with torch.no_grad():
+        padded_first = gen.start(prompts)[1]
+    padded = rag.answer(QUESTIONS, model=model, max_new_tokens=6, beams=2)
+    calls = []
+    real = packed_encoder.encode_packed
+
+    def spy(m, rows):
+        calls.append([len(r) for r in rows])
+        return real(m, rows)
+
+    monkeypatch.setattr(packed_encoder, "encode_packed", spy)
+    gen.packed = True
+    with torch.no_grad():
+        packed_first = gen.start(prompts)[1]
+    packed = rag.answer(QUESTIONS, model=model, max_new_tokens=6, beams=2)
+    assert calls and all(len(set(lengths)) > 1 for lengths in calls)  # ran, over rows of unequal lengths
+    torch.testing.assert_close(packed_first, padded_first, rtol=1e-5, atol=1e-5)
+    assert [a.tokens for a in packed] == [a.tokens for a in padded]
+    assert [a.logprob for a in packed] == pytest.approx([a.logprob for a in padded], abs=1e-4)
+
+
 def test_seq2seq_without_learned_positions_stays_padded():
     """T5 (relative positions): no packed encoder; its answers are scored by the padded pass."""
     from conftest import word_tokenizer

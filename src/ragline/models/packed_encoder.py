@@ -9,8 +9,8 @@ learned positions are looked up per row) and each row's queries read only its ow
 
 the same result as the padded pass at each real token (to the float rounding of a softmax over fewer masked
 entries); the states are then laid out padded again, (N, L, d) with the row mask, for the decoder's
-cross-attention, which is a small share of the work (answers are a few tokens). Differentiable: training's
-gradient flows through it as through the padded pass.
+cross-attention, which is a small share of the work (answers are a few tokens). Used to score answers
+(training's pass; differentiable, its gradient flows as through the padded pass) and to start decoding them.
 
 Supported where the encoder has a learned position table that takes position ids (BART, mBART and their kin)
 and the model runs transformers' sdpa attention; others (T5's relative positions, sinusoidal tables, eager

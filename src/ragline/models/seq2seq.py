@@ -44,8 +44,8 @@ class Seq2SeqGenerator(Generator):
 
     def __init__(self, model: torch.nn.Module, tokenizer, name: str = "seq2seq", layout: Seq2SeqPrompt | None = None,
                  question_tokenizer=None, packed: bool = True) -> None:
-        """``packed`` scores answers (training's pass) with the encoder over packed rows where the model allows
-        it (:mod:`ragline.models.packed_encoder`); False keeps the padded pass."""
+        """``packed`` runs the encoder over packed rows, scoring answers and decoding them, where the model
+        allows it (:mod:`ragline.models.packed_encoder`); False keeps the padded pass."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.layout = layout or Seq2SeqPrompt(prefix=getattr(model.config, "prefix", None) or "")
         self.question_tokenizer = question_tokenizer
@@ -124,30 +124,32 @@ class Seq2SeqGenerator(Generator):
         return [], []
 
     def _packed(self) -> bool:
-        """Whether answers are scored with the encoder packed: unless turned off, in training mode (rows sharing
-        one pass would share dropout draws) or where the model does not allow it."""
+        """Whether the encoder runs over packed rows (scoring answers and starting to decode them): unless turned
+        off, in training mode (rows sharing one pass would share dropout draws) or where the model does not
+        allow it."""
         return self.packed and not self.model.training and packed_encoder.supports(self.model)
 
-    def _row_logits(self, prompts: list[str], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        enc = self._encode(prompts)
-        decoder_inputs = self.model.prepare_decoder_input_ids_from_labels(labels=target.masked_fill(~mask, -100))
-        if self._packed():  # the same token ids, no padding computed in the encoder
-            hidden, attn = packed_encoder.encode_packed(self.model, [
+    def _encoder_states(self, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's states (N, S, d) of the padded prompts ``enc`` and their mask (N, S): over packed rows
+        (the same token ids, no padding computed) where :meth:`_packed`, else the padded pass."""
+        if self._packed():
+            return packed_encoder.encode_packed(self.model, [
                 ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)])
-            return self.model(encoder_outputs=(hidden,), attention_mask=attn,
-                              decoder_input_ids=decoder_inputs).logits  # (N, T, V)
-        return self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+        hidden = self.model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])[0]
+        return hidden, enc["attention_mask"]
+
+    def _row_logits(self, prompts: list[str], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden, attn = self._encoder_states(self._encode(prompts))
+        decoder_inputs = self.model.prepare_decoder_input_ids_from_labels(labels=target.masked_fill(~mask, -100))
+        return self.model(encoder_outputs=(hidden,), attention_mask=attn,
                           decoder_input_ids=decoder_inputs).logits  # (N, T, V)
 
     def start(self, prompts: list[str]) -> tuple[DecodeState, torch.Tensor]:
-        enc = self._encode(prompts)
-        hidden = self.model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])[0]
+        hidden, attn = self._encoder_states(self._encode(prompts))  # (N, S, d), (N, S)
         first = torch.full((len(prompts), 1), self.model.config.decoder_start_token_id, dtype=torch.long,
                            device=self.device)
-        out = self.model(encoder_outputs=(hidden,), attention_mask=enc["attention_mask"], decoder_input_ids=first,
-                         use_cache=True)
-        state = DecodeState(output_cache(out), enc["attention_mask"], None, hidden,
-                            torch.arange(len(prompts), device=self.device))
+        out = self.model(encoder_outputs=(hidden,), attention_mask=attn, decoder_input_ids=first, use_cache=True)
+        state = DecodeState(output_cache(out), attn, None, hidden, torch.arange(len(prompts), device=self.device))
         return state, logprobs.log_softmax(out.logits[:, -1]).cpu()
 
     def _extend(self, state: DecodeState, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
