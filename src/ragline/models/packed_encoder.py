@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -64,7 +65,7 @@ def encode_packed(model: torch.nn.Module, rows: Sequence[Sequence[int]]) -> tupl
     return hidden, mask
 
 
-def _row_positions(table: torch.nn.Module, positions: torch.Tensor):
+def _row_positions(table: torch.nn.Module, positions: torch.Tensor) -> AbstractContextManager[None]:
     """``table`` (the encoder's position embedding) looks up ``positions`` (S,) for the packed call, whatever
     the encoder passes it (it derives positions 0..S-1 from the input's shape); given back afterwards."""
 
