@@ -139,8 +139,10 @@ def exact_recall(index: Path, queries, rows, chunk: int = 262144) -> float:
     stored vector (each shard's ``embeddings.npy`` at its offset for a sharded index), streamed in chunks."""
     import numpy as np
 
+    from ragline.scale.sharded import shard_dir
+
     man = json.loads((index / "manifest.json").read_text())
-    parts = [(index / "shards" / s["name"] / "embeddings.npy", s["offset"]) for s in man.get("shards", [])]
+    parts = [(shard_dir(index, s) / "embeddings.npy", s["offset"]) for s in man.get("shards", [])]
     parts = parts or [(index / "embeddings.npy", 0)]
     k = rows.shape[1]
     best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)  # (B, k)
@@ -194,6 +196,8 @@ def run(passages: list[int], work: Path, types: list[str], queries: int, index_d
         compact: bool = True, shards: int | None = None) -> None:
     from scale_corpus import make
 
+    from ragline.scale.sharded import shard_dir
+
     rows = []
     for n in passages:
         corpus, vectors = make(n, work, index_dir, log=lambda m: print(m, file=sys.stderr))
@@ -206,7 +210,7 @@ def run(passages: list[int], work: Path, types: list[str], queries: int, index_d
                                      "--index-type", kind, "--force", *ray], "build", tree=bool(shards))
             man = json.loads((out / "manifest.json").read_text())
             row["disk_gib"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**30
-            parts = [json.loads((out / "shards" / s["name"] / "manifest.json").read_text())
+            parts = [json.loads((shard_dir(out, s) / "manifest.json").read_text())
                      for s in man.get("shards", [])] or [man]
             recalls = [(m.get("dense") or {}).get("recall_at_10_vs_exact") for m in parts]
             row["recall10_vs_exact"] = None if None in recalls else statistics.mean(recalls)
