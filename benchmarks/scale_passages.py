@@ -134,29 +134,25 @@ def probe(index: Path, queries: int) -> dict:
     return out
 
 
-def exact_recall(index: Path, queries, rows, chunk: int = 262144) -> float:
+def exact_recall(index: Path, queries, rows) -> float:
     """Recall@k of the dense search's ``rows`` (B, k) against the exact top k of ``queries`` (B, dim) over every
-    stored vector (each shard's ``embeddings.npy`` at its offset for a sharded index), streamed in chunks."""
+    stored vector: each shard's ``embeddings.npy`` (the index's own, unsharded) streamed by the build's
+    ``exact_top_k``, the shards' top k merged as a search merges them."""
     import numpy as np
 
+    from ragline.index.dense_build import exact_top_k, recall_of
+    from ragline.index.topk import merge_top_k
     from ragline.scale.sharded import shard_dir
 
     man = json.loads((index / "manifest.json").read_text())
     parts = [(shard_dir(index, s) / "embeddings.npy", s["offset"]) for s in man.get("shards", [])]
-    parts = parts or [(index / "embeddings.npy", 0)]
-    k = rows.shape[1]
-    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)  # (B, k)
-    best_r = np.zeros((len(queries), k), dtype=np.int64)
-    for path, offset in parts:
+    k, found = rows.shape[1], []
+    for path, offset in parts or [(index / "embeddings.npy", 0)]:
         emb = np.load(path, mmap_mode="r")
-        for lo in range(0, len(emb), chunk):
-            scores = np.asarray(emb[lo : lo + chunk], dtype=np.float32) @ queries.T  # (c, B)
-            top = np.argpartition(-scores, min(k, len(scores) - 1), axis=0)[:k].T  # (B, k)
-            s_all = np.concatenate([best_s, np.take_along_axis(scores.T, top, axis=1)], axis=1)
-            r_all = np.concatenate([best_r, top + offset + lo], axis=1)
-            keep = np.argsort(-s_all, axis=1)[:, :k]
-            best_s, best_r = np.take_along_axis(s_all, keep, axis=1), np.take_along_axis(r_all, keep, axis=1)
-    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(rows, best_r, strict=True)]))
+        top = exact_top_k(emb, queries, k)  # (B, k) rows of this part
+        vecs = np.asarray(emb[top.reshape(-1)], dtype=np.float32).reshape(*top.shape, -1)  # (B, k, dim)
+        found.append((np.einsum("bkd,bd->bk", vecs, queries), top + offset))
+    return recall_of(rows, merge_top_k(found, k)[1], k)
 
 
 def serve_ready(index: Path, work: Path) -> float:
