@@ -89,7 +89,6 @@ def build_index(opts: BuildOptions, encoders: BiEncoder | None = None,
             t1 = time.perf_counter()
             if opts.embeddings:
                 import_embeddings(Path(opts.embeddings), work, encoders.passage, n, log)
-                manifest["encoder"]["passage"]["embeddings"] = str(Path(opts.embeddings).expanduser().resolve())
             else:
                 _encode(opts, work, encoders, fingerprint, n, log)
             manifest["timing"]["encode_seconds"] = round(time.perf_counter() - t1, 2)
@@ -140,6 +139,8 @@ def encoder_entry(opts: BuildOptions, encoders: BiEncoder, name: str) -> dict:
                           "paired_with": q.paired_with}}
     mf.check_question_encoder({"name": name, "encoder": entry}, q.dim, q.paired_with, q.name,
                               fingerprint=q.fingerprint)
+    if opts.embeddings:  # the passage vectors were given, not encoded here
+        entry["passage"]["embeddings"] = str(Path(opts.embeddings).expanduser().resolve())
     return entry
 
 

@@ -81,8 +81,6 @@ def build_sharded(opts: BuildOptions, shards: int, address: str | None = None, a
         work.mkdir(exist_ok=True)
         encoders = BiEncoder.load(opts.encoder, opts.question_encoder, opts.max_seq_length) if opts.dense else None
         encoder = encoder_entry(opts, encoders, out.name) if encoders is not None else None
-        if encoder is not None and opts.embeddings:
-            encoder["passage"]["embeddings"] = str(Path(opts.embeddings).expanduser().resolve())
         ray = connect(address, num_cpus)
         if fmt in ("jsonl", "kilt") and opts.limit is None:  # one file of lines: read in parallel
             state = _plan_parallel(ray, opts, work, fmt, shards, encoder, log)
