@@ -356,7 +356,7 @@ def test_a_sharded_index_changes_in_place_as_a_rebuild(sharded, wiki_docs, encod
     from ragline.corpus.readers import read_corpus
     from ragline.index.update import live_documents
     from ragline.retriever import Retriever
-    from ragline.scale.sharded import read_sharded_manifest
+    from ragline.scale.sharded import bm25_is_live, read_sharded_manifest
     from ragline.scale.update import _Shards, change_sharded, compact_sharded
 
     ix = _copy(sharded[0], tmp_path / "sh")
@@ -406,3 +406,9 @@ def test_a_sharded_index_changes_in_place_as_a_rebuild(sharded, wiki_docs, encod
     assert manifest["generation"] == 4 and [h["action"] for h in manifest["history"]] == [
         "add", "update", "delete", "compact"]
     assert not any((ix / "shards" / d).exists() for d in before)
+    assert not bm25_is_live(manifest)  # BM25 back to one round of precomputed scores, as after a build
+    assert {s["manifest"]["bm25"]["corpus_passages"] for s in manifest["shards"]} == {manifest["live"]["passages"]}
+    run_cli("delete", "--index", ix, "--doc", wiki_docs[7]["id"])
+    docs.pop(wiki_docs[7]["id"])
+    assert bm25_is_live(read_sharded_manifest(ix))  # changed again: live statistics until the next compact
+    check("delete after compact")

@@ -30,13 +30,7 @@ class _Part:
         self.counts, self.offset, self.alive = counts, offset, alive
         self.term_id = {t: j for j, t in enumerate(counts.terms)}
         self.norm = np.zeros(0, dtype=np.float32)  # set by LiveBM25 once avgdl is known
-        if alive is None:
-            self.df = np.diff(counts.indptr)  # (n_terms,) passages holding each term
-            self.live, self.tokens = counts.passages, int(np.sum(counts.doc_len, dtype=np.int64))
-        else:
-            held = np.concatenate([[0], np.cumsum(alive[counts.rows], dtype=np.int64)])  # live nonzeros so far
-            self.df = held[counts.indptr[1:]] - held[counts.indptr[:-1]]
-            self.live, self.tokens = int(alive.sum()), int(np.sum(counts.doc_len[alive], dtype=np.int64))
+        self.df, self.live, self.tokens = counts.live_df(alive)  # df: (n_terms,) live passages holding each term
 
     def df_of(self, term: str) -> int:
         j = self.term_id.get(term)

@@ -30,7 +30,7 @@ from ragline.index.bm25_live import LiveBM25
 from ragline.index.dense import DenseIndex
 from ragline.index.directory import IndexDir, corrupt
 from ragline.index.protocol import ManifestFacts, search_modes
-from ragline.index.sparse import TermCounts
+from ragline.index.sparse import BM25Stats, TermCounts
 from ragline.index.topk import merge_top_k
 
 
@@ -233,6 +233,21 @@ def open_single(path: Path, manifest: dict[str, Any] | None = None, search: bool
     if mf.is_living(manifest):
         return LiveIndex.open(path, manifest, search)
     return IndexDir.open(path, manifest, search)
+
+
+def live_bm25_stats(index: IndexDir | LiveIndex) -> BM25Stats:
+    """The BM25 statistics of the live passages of ``index`` (opened with or without its search parts), from the
+    term counts of its base and segments: what a rebuild over those passages counts (a sharded compact builds
+    every shard with the sum of its shards'), without tokenising them again."""
+    path, m = Path(index.path), index.manifest
+    counts = [TermCounts.load(path / mf.BM25)] + [TermCounts.load(segment_dir(path, s["name"]) / mf.BM25)
+                                                  for s in m.get("segments") or []]
+    alive = getattr(index, "alive", None)
+    total, lo = BM25Stats(), 0
+    for c in counts:
+        total = total + c.stats(None if alive is None else alive[lo:lo + c.passages])
+        lo += c.passages
+    return total
 
 
 def live_rows(index) -> np.ndarray:

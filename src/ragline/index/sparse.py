@@ -106,6 +106,21 @@ class TermCounts:
     def passages(self) -> int:
         return len(self.doc_len)
 
+    def live_df(self, alive: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+        """(document frequency of every term, (n_terms,) int64; passages; their tokens) over the passages
+        ``alive`` ((passages,) bool) marks, or over all of them."""
+        if alive is None:
+            return np.diff(self.indptr), self.passages, int(np.sum(self.doc_len, dtype=np.int64))
+        held = np.concatenate([[0], np.cumsum(alive[self.rows], dtype=np.int64)])  # live nonzeros so far
+        return (held[self.indptr[1:]] - held[self.indptr[:-1]], int(alive.sum()),
+                int(np.sum(self.doc_len[alive], dtype=np.int64)))
+
+    def stats(self, alive: np.ndarray | None = None) -> BM25Stats:
+        """The :class:`BM25Stats` of these passages (those ``alive`` marks, when given), as
+        :meth:`BM25Stats.of` would count them over their texts, without tokenising again."""
+        df, passages, tokens = self.live_df(alive)
+        return BM25Stats(passages, tokens, Counter({self.terms[j]: int(df[j]) for j in np.flatnonzero(df).tolist()}))
+
     def save(self, out_dir: Path) -> None:
         """Write the counts into ``out_dir`` (each file through a temporary name)."""
         _write_terms(out_dir, self.terms)

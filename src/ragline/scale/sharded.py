@@ -17,7 +17,8 @@ Changed in place (``ragline add``, ``update``, ``delete``, ``compact`` on a shar
 :mod:`ragline.scale.update`), the manifest holds each shard's own generation manifest (``manifest``: its
 segments and tombstones) and the directory it is in (``dir``), so that the sharded manifest alone switches every
 shard at once; BM25 is then scored in two rounds, the shards' live statistics summed first, so that scores stay
-those of one index over the live corpus.
+those of one index over the live corpus. A compaction rebuilds every shard's BM25 with the live corpus's
+statistics, which returns BM25 to one round of precomputed scores until the next change.
 
 Faults: actors restart when their process dies (``max_restarts``) and Ray retries the call in flight
 (``max_task_retries``). A shard that is missing on disk, or whose actor cannot come back, is an error naming
@@ -52,6 +53,7 @@ from ragline.scale.cluster import connect
 FORMAT = "ragline-sharded-index"
 FORMAT_VERSION = 1
 LIVING_VERSION = 2  # changed in place: shards opened from the manifests inside, BM25 with live statistics
+BM25_GENERATION = "bm25_generation"  # the generation whose shards' BM25 holds the whole corpus's statistics
 SHARDS = "shards"
 RESTARTS = 4  # actor restarts (and retries of the call in flight) before a shard counts as lost
 
@@ -65,9 +67,11 @@ def shard_dir(path: Path, entry: dict[str, Any]) -> Path:
     return Path(path) / SHARDS / entry.get("dir", entry["name"])
 
 
-def is_living(manifest: dict[str, Any]) -> bool:
-    """Whether the sharded index has been changed in place (its shards' states are in its manifest)."""
-    return bool(manifest.get("generation"))
+def bm25_is_live(manifest: dict[str, Any]) -> bool:
+    """Whether BM25 is scored with live statistics summed over the shards (two rounds a query): the index was
+    changed in place after its shards' BM25 parts were built with the whole corpus's statistics, by the build
+    or by the last compaction (``BM25_GENERATION``, the generation that wrote them)."""
+    return int(manifest.get("generation", 0)) != int(manifest.get(BM25_GENERATION, 0))
 
 
 def read_sharded_manifest(path: Path) -> dict[str, Any]:
@@ -163,7 +167,7 @@ class ShardedIndex(ManifestFacts):
         ray = connect(address)
         server = ray.remote(max_restarts=RESTARTS, max_task_retries=RESTARTS, num_cpus=0)(ShardServer)
         actors = [server.remote(str(shard_dir(path, s)), s["offset"], s["fingerprint"], s.get("manifest"),
-                                is_living(manifest)) for s in manifest["shards"]]
+                                bm25_is_live(manifest)) for s in manifest["shards"]]
         index = cls(path, manifest, actors)
         index.call("pid", [()] * len(actors))  # every shard opened, or a clear error now
         return index
@@ -238,7 +242,7 @@ class ShardedSearch:
         (global rows, bool) limits every shard's search to its slice of it."""
         shards = self.index.manifest["shards"]
         extra: tuple = ()
-        if self.kind == "bm25" and is_living(self.index.manifest):  # first round: the live corpus's statistics
+        if self.kind == "bm25" and bm25_is_live(self.index.manifest):  # first round: the live corpus's statistics
             stats = self.index.call("bm25_stats", [(queries,)] * len(shards))
             extra = ((sum(s[0] for s in stats), sum(s[1] for s in stats),
                       [dict(sum((Counter(s[2][b]) for s in stats), Counter())) for b in range(len(queries))]),)

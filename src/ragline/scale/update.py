@@ -26,7 +26,8 @@ from typing import Any
 from ragline import atomic
 from ragline.corpus.passages import Passage
 from ragline.index import manifest as mf
-from ragline.index.segments import open_single
+from ragline.index.segments import live_bm25_stats, open_single
+from ragline.index.sparse import BM25Stats
 from ragline.index.update import (
     ADD,
     COMPACT,
@@ -44,7 +45,7 @@ from ragline.index.update import (
     stage_generation,
 )
 from ragline.models.encoders import Encoder
-from ragline.scale.sharded import LIVING_VERSION, SHARDS, read_sharded_manifest, shard_dir
+from ragline.scale.sharded import BM25_GENERATION, LIVING_VERSION, SHARDS, read_sharded_manifest, shard_dir
 
 
 def home_shard(doc_id: str, shards: int) -> int:
@@ -77,9 +78,10 @@ class _Shards:
         return {d: ([(i, [r for r, _ in pairs]) for i, pairs in parts],
                     document_hash([p for _, pairs in parts for _, p in pairs])) for d, parts in held.items()}
 
-    def commit(self, states: list[dict[str, Any]], change: Change, sources: Sequence[str], dirs: list[str] | None = None
-               ) -> None:
-        """Write the sharded manifest naming every shard's new state (``states``: its manifest), last."""
+    def commit(self, states: list[dict[str, Any]], change: Change, sources: Sequence[str],
+               dirs: list[str] | None = None, compacted: bool = False) -> None:
+        """Write the sharded manifest naming every shard's new state (``states``: its manifest), last;
+        ``compacted``: every shard's BM25 was rebuilt with the live corpus's statistics."""
         m = json.loads(json.dumps(self.manifest))
         offset, shards = 0, []
         for i, (entry, state) in enumerate(zip(self.entries, states, strict=True)):
@@ -90,6 +92,8 @@ class _Shards:
             offset += rows
         live = sum(mf.live_passages(s) for s in states)
         m.update(format_version=LIVING_VERSION, generation=self.generation, shards=shards, live={"passages": live})
+        if compacted:
+            m[BM25_GENERATION] = self.generation
         change.generation = self.generation
         m["history"] = [*m.get("history", []), history_entry(change, sources, live)]
         m["fingerprint"] = hashlib.blake2b(json.dumps(
@@ -163,7 +167,8 @@ def delete_sharded(path: str | Path, doc_ids: Sequence[str], log: Callable[[str]
 
 def compact_sharded(path: str | Path, log: Callable[[str], None] = print) -> Change:
     """``ragline compact`` on a sharded index: every shard rewritten over its live passages into a new
-    directory, all switched to by one manifest; the old directories are removed afterwards."""
+    directory, its BM25 built with the whole live corpus's statistics (so that BM25 scores in one round again,
+    as after a build), all switched to by one manifest; the old directories are removed afterwards."""
     from ragline.index.build import finish_index
 
     path = Path(path).expanduser().resolve()
@@ -171,6 +176,7 @@ def compact_sharded(path: str | Path, log: Callable[[str], None] = print) -> Cha
         shards = _Shards(path)
         _clean(shards)
         change = Change(COMPACT, generation=shards.generation)
+        bm25_stats = _live_bm25_stats(shards, log) if shards.manifest.get("bm25") else None
         states, dirs = [], []
         for i, entry in enumerate(shards.entries):
             name = f"{entry['name']}.c{shards.generation:06d}"
@@ -178,16 +184,25 @@ def compact_sharded(path: str | Path, log: Callable[[str], None] = print) -> Cha
             state, opts = compact_into(shards.indexes[i], work, change)
             shards.indexes[i] = None  # its maps (store, vectors) go before its new parts are built,
             gc.collect()  # as a single index's compact does: one shard's memory at a time, not every shard's
-            finish_index(opts, work, path / SHARDS / name, state, log=lambda m: None)
+            finish_index(opts, work, path / SHARDS / name, state, log=lambda m: None, bm25_stats=bm25_stats)
             states.append(state)
             dirs.append(name)
         old = list(shards.dirs)
-        shards.commit(states, change, [], dirs)
+        shards.commit(states, change, [], dirs, compacted=True)
         for d in old:
             shutil.rmtree(d, ignore_errors=True)
         log(f"compacted index {path.name}: {sum(mf.live_passages(s) for s in states)} live passages in "
             f"{len(states)} shards (generation {shards.generation})")
         return change
+
+
+def _live_bm25_stats(shards: _Shards, log: Callable[[str], None]) -> BM25Stats:
+    """The BM25 statistics of the whole live corpus: every shard's, from its term counts, summed."""
+    total = BM25Stats()
+    for d, index in zip(shards.dirs, shards.indexes, strict=True):
+        ensure_term_counts(d, index.manifest, log)
+        total = total + live_bm25_stats(index)
+    return total
 
 
 def _stage(shards: _Shards, added: list[list], dead: list[list[int]], change: Change, sources: Sequence[str],
