@@ -6,7 +6,8 @@ How it measures and what it prints: docs/benchmarks.md (training.py).
     python3 benchmarks/training.py --speed [--speed-steps 3] [--speed-configs padded-fp32,packed-fp32,packed-bf16]
                                    [--speed-generator qwen|paper-bart]
     python3 benchmarks/training.py --synth 1000 [--synth-file FILE] [--retriever-steps 100] [--synth-rag-steps 100]
-    python3 benchmarks/training.py --synth-file FILE --answers 50 [--lora-lr 2e-4]
+    python3 benchmarks/training.py --synth-file FILE --answers 50 [--lora-lr 2e-4] [--answers-runs synthetic,both]
+                                   [--answers-scores FILE]
 
 ``--speed``: seconds per optimiser step of Qwen2.5-0.5B through LoRA, RAG-Sequence, k=5, batch 8 (micro-batches
 of ``--speed-micro`` questions, their gradients accumulated: the same gradient, less memory), for each
@@ -29,7 +30,10 @@ only through p(z|x) (the paper's Table 6 compares frozen and learned retrieval).
 ``--answers STEPS``: the default generator (LoRA) and question encoder fine-tuned by RAG-Sequence k=5 on the
 synthetic questions alone, then on them plus the labelled half of the dev questions; the untrained system and
 both runs scored on the other half (closed book, the top passage alone, RAG-Sequence k=5: exact match, F1, the
-gold answer's log-likelihood, and the questions each changed for the better and the worse).
+gold answer's log-likelihood, and the questions each changed for the better and the worse). A second table splits
+the log-likelihood by whether the answer it scores occurs word for word in the question's gold page (the kind of
+answer a synthetic question teaches) or not. ``--answers-runs synthetic`` trains the first run only;
+``--answers-scores FILE`` keeps every question's scores.
 """
 
 from __future__ import annotations
@@ -337,17 +341,45 @@ def answers_phase(args: argparse.Namespace, data: Path, run: Path | None) -> dic
     return out
 
 
+def answer_in_page(index: Path, examples: list) -> np.ndarray:
+    """(examples,) bool: whether each example's first gold answer (the one training targets and the
+    log-likelihood scores) occurs word for word in its gold page's passages (``fanoutqa.answerable``'s test)."""
+    from types import SimpleNamespace
+
+    from ragline.index.directory import IndexDir
+    from ragline.questions.fanoutqa import answerable
+
+    store = IndexDir.open(index).store
+    pages: dict[str, list[str]] = {}
+    for title, text in zip(store.values("title"), store.values("text"), strict=True):
+        pages.setdefault(title, []).append(text)
+    asked = [SimpleNamespace(answers=(e.answer,), gold_titles=e.positives) for e in examples]
+    found = {id(q) for q in answerable(asked, pages)}
+    return np.array([id(q) in found for q in asked])
+
+
+ANSWER_RUNS = {"synthetic": "synthetic alone", "both": "synthetic + labelled half"}  # --answers-runs
+
+
 def answers_table(args: argparse.Namespace, work: Path) -> None:
     """--answers: the default generator fine-tuned by RAG (LoRA + question encoder) on the synthetic questions
     alone and on them plus the labelled half of the dev questions; every row scored on the other half."""
+    from ragline.train.data import read_examples
+
     labelled, held = dev_halves(work)
     synth_file = args.synth_file or work / "synth.jsonl"
     if not synth_file.is_file():
         raise SystemExit("--answers trains on synthetic questions: give --synth-file FILE (or --synth N to write them)")
     both = work / "synth-plus-labelled.jsonl"
     both.write_text(synth_file.read_text() + labelled.read_text())
+    unknown = set(args.answers_runs.split(",")) - set(ANSWER_RUNS)
+    if unknown:
+        raise SystemExit(f"--answers-runs: unknown run {', '.join(sorted(unknown))}; use {','.join(ANSWER_RUNS)}")
+    wanted = [ANSWER_RUNS[r] for r in args.answers_runs.split(",")]
     runs: dict[str, Path | None] = {"untrained": None}
     for name, data in (("synthetic alone", synth_file), ("synthetic + labelled half", both)):
+        if name not in wanted:
+            continue
         out = work / f"lora-{len(runs)}"
         cmd = [sys.executable, __file__, "--phase", "lora", "--work", str(work), "--index", str(args.index),
                "--answers", str(args.answers), "--lora-lr", str(args.lora_lr), "--data", str(data), "--out", str(out)]
@@ -377,6 +409,24 @@ def answers_table(args: argparse.Namespace, work: Path) -> None:
                 f"{int((got['loglik'] > base['loglik']).sum())} / {int((got['loglik'] < base['loglik']).sum())}")
             print(f"| {reader} | {name} | {got['em'].mean():.3f} | {got['f1'].mean():.3f} | "
                   f"{got['loglik'].mean():.2f} | {paired or ' | '} |", flush=True)
+    examples = read_examples(str(held))
+    in_page = answer_in_page(args.index, examples)
+    print(f"\nThe gold log-likelihood by whether the answer it scores occurs in the gold page ({int(in_page.sum())} "
+          f"questions) or not ({int((~in_page).sum())}): mean untrained -> trained, the median change, and the "
+          "questions whose log-likelihood rose / fell\n")
+    print("| reader | generator | answer in page | questions | gold log-lik | median change | better / worse |")
+    print("|---|---|---|---|---|---|---|")
+    for reader, _, _ in READERS:
+        base = np.array(scored["untrained"][reader]["loglik"])
+        for name in list(runs)[1:]:
+            got = np.array(scored[name][reader]["loglik"])
+            for label, group in (("yes", in_page), ("no", ~in_page)):
+                b, g = base[group], got[group]
+                print(f"| {reader} | {name} | {label} | {int(group.sum())} | {b.mean():.2f} -> {g.mean():.2f} | "
+                      f"{np.median(g - b):+.2f} | {int((g > b).sum())} / {int((g < b).sum())} |", flush=True)
+    if args.answers_scores:
+        args.answers_scores.write_text(json.dumps({"ids": [e.id for e in examples], "answer_in_page": in_page.tolist(),
+                                                   "scores": scored}))
 
 
 def main() -> None:
@@ -412,6 +462,11 @@ def main() -> None:
                          "questions, alone and with the labelled half of the dev questions, this many steps of 8; "
                          "answers scored on the other half (module docstring).")
     ap.add_argument("--lora-lr", type=float, default=2e-4, help="--answers: the LoRA adapters' learning rate.")
+    ap.add_argument("--answers-runs", default="synthetic,both",
+                    help="--answers: which runs to train: synthetic (the synthetic questions alone), both (with the "
+                         "labelled half).")
+    ap.add_argument("--answers-scores", type=Path, default=None,
+                    help="--answers: write every question's scores (EM, F1, log-likelihood per run and reader) here.")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
