@@ -116,7 +116,6 @@ def test_term_counts_from_chunks_equal_counts_from_lists(wiki_docs, tmp_path):
     assert b.counts[lo:hi][list(b.rows[lo:hi]).index(0)] == ids[0].count(ids[0][0])
 
 
-
 def test_term_counts_give_the_statistics_of_the_passages_they_keep(wiki_docs):
     """``TermCounts.stats`` (what a sharded compact sums instead of tokenising again) equals ``BM25Stats.of`` over
     the same texts, for all passages and for those a mask keeps (a term left only in dropped passages is gone)."""
@@ -128,6 +127,7 @@ def test_term_counts_give_the_statistics_of_the_passages_they_keep(wiki_docs):
     kept = counts.stats(alive)
     assert kept == BM25Stats.of([[t for t, a in zip(texts, alive, strict=True) if a]])
     assert "quokka" in counts.stats().df and "quokka" not in kept.df
+
 
 def test_npy_rows_read_and_write_what_numpy_does(tmp_path):
     """The build's vectors go through file calls (index/npy_rows.py): the same rows numpy reads and writes."""
