@@ -347,12 +347,10 @@ def answer_in_page(index: Path, examples: list) -> np.ndarray:
     from types import SimpleNamespace
 
     from ragline.index.directory import IndexDir
-    from ragline.questions.fanoutqa import answerable
+    from ragline.questions.fanoutqa import answerable, pages_of
 
     store = IndexDir.open(index).store
-    pages: dict[str, list[str]] = {}
-    for title, text in zip(store.values("title"), store.values("text"), strict=True):
-        pages.setdefault(title, []).append(text)
+    pages = pages_of(store.values("title"), store.values("text"))
     asked = [SimpleNamespace(answers=(e.answer,), gold_titles=e.positives) for e in examples]
     found = {id(q) for q in answerable(asked, pages)}
     return np.array([id(q) in found for q in asked])
@@ -372,10 +370,11 @@ def answers_table(args: argparse.Namespace, work: Path) -> None:
         raise SystemExit("--answers trains on synthetic questions: give --synth-file FILE (or --synth N to write them)")
     both = work / "synth-plus-labelled.jsonl"
     both.write_text(synth_file.read_text() + labelled.read_text())
-    unknown = set(args.answers_runs.split(",")) - set(ANSWER_RUNS)
+    asked = args.answers_runs.split(",")
+    unknown = set(asked) - set(ANSWER_RUNS)
     if unknown:
         raise SystemExit(f"--answers-runs: unknown run {', '.join(sorted(unknown))}; use {','.join(ANSWER_RUNS)}")
-    wanted = [ANSWER_RUNS[r] for r in args.answers_runs.split(",")]
+    wanted = [ANSWER_RUNS[r] for r in asked]
     runs: dict[str, Path | None] = {"untrained": None}
     for name, data in (("synthetic alone", synth_file), ("synthetic + labelled half", both)):
         if name not in wanted:

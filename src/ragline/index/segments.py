@@ -159,8 +159,7 @@ class LiveIndex(ManifestFacts):
             if not TermCounts.saved_in(path / mf.BM25):
                 raise corrupt(path, f"{mf.BM25}/ has no term counts")
             counts = [TermCounts.load(path / mf.BM25)] + [s.counts for s in segs]
-            out.bm25 = LiveBM25([(c, int(lo), None if alive is None else alive[lo:lo + c.passages])
-                                 for c, lo in zip(counts, store.offsets, strict=True)], base.bm25.params)
+            out.bm25 = LiveBM25(_bm25_parts(counts, store.offsets, alive), base.bm25.params)
         out.modes = search_modes(out.dense, out.bm25)
         return out
 
@@ -242,12 +241,17 @@ def live_bm25_stats(index: IndexDir | LiveIndex) -> BM25Stats:
     path, m = Path(index.path), index.manifest
     counts = [TermCounts.load(path / mf.BM25)] + [TermCounts.load(segment_dir(path, s["name"]) / mf.BM25)
                                                   for s in m.get("segments") or []]
-    alive = getattr(index, "alive", None)
-    total, lo = BM25Stats(), 0
-    for c in counts:
-        total = total + c.stats(None if alive is None else alive[lo:lo + c.passages])
-        lo += c.passages
-    return total
+    offsets = np.cumsum([0] + [c.passages for c in counts[:-1]])  # (parts,) first row of each
+    parts = _bm25_parts(counts, offsets, getattr(index, "alive", None))
+    return sum((c.stats(live) for c, _, live in parts), BM25Stats())
+
+
+def _bm25_parts(counts: list[TermCounts], offsets, alive: np.ndarray | None
+                ) -> list[tuple[TermCounts, int, np.ndarray | None]]:
+    """(term counts, first row, live mask or None) of each part (base, segments) of an index, as
+    :class:`LiveBM25` takes them."""
+    return [(c, int(lo), None if alive is None else alive[lo:lo + c.passages])
+            for c, lo in zip(counts, offsets, strict=True)]
 
 
 def live_rows(index) -> np.ndarray:

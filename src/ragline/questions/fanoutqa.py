@@ -83,12 +83,18 @@ def answerable(questions: list[Question], pages: dict[str, list[str]]) -> list[Q
     return out
 
 
-def dev_questions(titles: list[str], texts: list[str], answerable_only: bool = False) -> list[Question]:
-    """FanOutQA dev sub-questions whose gold page is among a corpus's passages (``titles`` and ``texts``, one
-    per passage); with ``answerable_only``, those whose answer string occurs in that page's passages."""
+def pages_of(titles: list[str], texts: list[str]) -> dict[str, list[str]]:
+    """A corpus's pages: title -> the texts of its passages (``titles`` and ``texts``, one per passage)."""
     pages: dict[str, list[str]] = {}
     for t, x in zip(titles, texts, strict=True):
         pages.setdefault(t, []).append(x)
+    return pages
+
+
+def dev_questions(titles: list[str], texts: list[str], answerable_only: bool = False) -> list[Question]:
+    """FanOutQA dev sub-questions whose gold page is among a corpus's passages (``titles`` and ``texts``, one
+    per passage); with ``answerable_only``, those whose answer string occurs in that page's passages."""
+    pages = pages_of(titles, texts)
     questions = load_fanoutqa("dev", set(pages))
     return answerable(questions, pages) if answerable_only else questions
 
