@@ -88,6 +88,31 @@ def test_an_unreachable_recall_target_keeps_the_best_setting_found():
             assert _tuning_recall(other, x) <= rep.recall_at_10 + 1e-9
 
 
+def test_the_tunings_one_read_per_candidate_equals_re_ranking_each_depth():
+    """The tuning scores the deepest candidates once and re-ranks each depth's prefix of them: the recall it
+    reports for every (nprobe, depth) is that of re-ranking that prefix on its own, as a search does. (A
+    search asking FAISS for fewer candidates can differ where PQ scores tie at the cut.)"""
+    x = _vectors(3000, d=64)
+    index, _ = dense.build(x, "ivfpq")
+    rows, noisy = dense.tuning_queries(x)
+    sets = ((noisy, dense.exact_top_k(x, noisy, 11), None), (x[rows], dense.exact_top_k(x, x[rows], 11), rows))
+    factors = list(dense_index.RERANK_FACTORS)
+    for nprobe in (1, 4):
+        index.search_value = nprobe
+        got = dict(dense._recalls(index, factors, sets, 10))
+        assert list(got) == factors
+        want = dict.fromkeys(factors, 1.0)
+        for q, truth, ex in sets:
+            index.rerank = max(factors)
+            deep = index.index.search(q, index.depth(11), params=index._params(11))[1]
+            for factor in factors:
+                index.rerank = factor
+                ranked = index._rerank(q, deep[:, : index.depth(11)], 11)[1]
+                want[factor] = min(want[factor], dense.recall_of(ranked, truth, 10, ex))
+        assert got == pytest.approx(want)
+    assert len({round(v, 6) for v in got.values()}) > 1  # the depths differ here: a prefix mix-up would show
+
+
 def _tuning_recall(index, x) -> float:
     """The build's measure: recall@10 against exact search on the worse of its two tuning query sets."""
     rows, noisy = dense.tuning_queries(x)
@@ -184,3 +209,33 @@ def test_exact_top_k_streams_to_the_brute_force_answer():
     want = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :7]
     for chunk in (1, 5, 7, 64, 5000):  # blocks smaller than, equal to and larger than k, and one block
         np.testing.assert_array_equal(dense.exact_top_k(x, q, 7, chunk=chunk), want)
+
+
+@pytest.mark.parametrize("kind", ["flat", "fp16", "sq8", "hnsw"])
+def test_codes_are_filled_in_place_once_reserved(kind, monkeypatch):
+    """A batched build allocates a one-array index's codes once (``reserve_codes``): the array never moves
+    while the batches fill it (without the reservation it does, each move holding two copies), and a build
+    reserves exactly its vectors' count."""
+    x = _vectors(3000, d=16)
+
+    def fill(reserve: bool) -> set[int]:
+        index = faiss.index_factory(16, dense.factory_string(kind, len(x), 16), faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            index.train(x)
+        if reserve:
+            dense.reserve_codes(index, len(x))
+        flat = faiss.downcast_index(index.storage) if kind == "hnsw" else index
+        codes = flat.codes
+        places = set()
+        for lo in range(0, len(x), 100):
+            index.add(x[lo : lo + 100])
+            places.add(int(codes.data()))
+        assert index.ntotal == len(x) and codes.size() == len(x) * flat.code_size
+        return places
+
+    assert len(fill(reserve=True)) == 1
+    assert len(fill(reserve=False)) > 1
+    reserved = []
+    monkeypatch.setattr(dense, "reserve_codes", lambda index, n: reserved.append(n))
+    dense.build(x, kind, add_batch=512)
+    assert reserved == [len(x)]

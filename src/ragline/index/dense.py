@@ -17,11 +17,11 @@ from contextlib import contextmanager
 import faiss
 import numpy as np
 
-from ragline.index.topk import top_k
+from ragline.index.topk import merge_top_k, top_k
 
 SEARCH_PARAM = {"hnsw": "efSearch", "ivfpq": "nprobe", "ivfsq8": "nprobe"}
 RERANK = {"ivfpq": 4}  # candidates per result re-scored exactly from the stored vectors (at least; tuned on build)
-RERANK_FACTORS = (4, 16, 64, 256)  # the re-ranking depths (x TUNE_K candidates) a build tries, cheapest first
+RERANK_FACTORS = (4, 16, 64, 256, 512, 1024, 2048)  # re-ranking depths (x TUNE_K candidates) a build tries
 TUNE_K = 10  # approximate indexes are tuned for recall@10 (dense_build); efSearch scales with k from there
 
 faiss.cvar.distance_compute_blas_threshold = 20
@@ -110,17 +110,18 @@ class DenseIndex:
 
     def _rerank(self, queries: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact q·d(z) for each query's candidates (read from the stored vectors), best k kept."""
-        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        rows = np.full((len(queries), k), -1, dtype=np.int64)
+        return merge_top_k([(self.candidate_scores(queries, cand), cand)], k)
+
+    def candidate_scores(self, queries: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """Exact q·d(z) of each query's candidate rows ``cand`` (B, depth), read from the stored vectors in row
+        order: (B, depth), -inf where a candidate is missing (row -1)."""
+        out = np.full(cand.shape, -np.inf, dtype=np.float32)  # (B, depth)
         with _numpy_blas_threads(1 if len(queries) == 1 else 0):  # a lone query's gemv: as _gemv_top_k
             for b, (q, c) in enumerate(zip(queries, cand, strict=True)):
-                c = c[c >= 0]
-                order = np.sort(c)  # sorted reads from a memmap
-                exact = np.asarray(self.vectors[order], dtype=np.float32) @ q  # (depth,)
-                best = top_k(exact, k, order)
-                rows[b, : len(best)], scores[b, : len(best)] = order[best], exact[best]
-        scores[rows < 0] = 0.0
-        return scores, rows
+                have = np.flatnonzero(c >= 0)
+                pos = have[np.argsort(c[have], kind="stable")]  # sorted reads from a memmap
+                out[b, pos] = np.asarray(self.vectors[c[pos]], dtype=np.float32) @ q  # (found,)
+        return out
 
 
 @contextmanager
