@@ -27,6 +27,7 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     ray = ray_module()
     if ray.is_initialized():
         return ray
+    messages_to_stderr(ray)
     address = address or os.environ.get("RAY_ADDRESS") or None
     try:
         if address:
@@ -41,3 +42,23 @@ def connect(address: str | None = None, num_cpus: int | None = None):
                            "check the address (`ray status` on the head node) or leave it out to run locally"
                            ) from None
     return ray
+
+
+def messages_to_stderr(ray) -> None:
+    """Send what Ray's driver prints of the cluster's messages to stderr, keeping stdout for ragline's output.
+
+    The driver prints the raylet's warnings (such as "14 PYTHON worker processes have been started on node
+    ...") to stdout whatever ``log_to_driver`` says (``ray._private.worker.listen_error_messages``, Ray 2.x),
+    so a line of it could land in the middle of `ragline ask --json`'s JSON (seen in a test run). Ray has no
+    setting for this; its printing function is wrapped to mark every message as an error message, which it
+    writes to stderr. Where that function is missing (another Ray version), nothing changes."""
+    worker = getattr(getattr(ray, "_private", None), "worker", None)
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "to_stderr", False):
+        return
+
+    def to_stderr(data: dict, *args, **kwargs):
+        return printer({**data, "is_err": True}, *args, **kwargs)
+
+    to_stderr.to_stderr = True
+    worker.print_to_stdstream = to_stderr
