@@ -147,14 +147,16 @@ def tiny_generator():
 
 
 def run_cli(*args) -> str:
-    """``ragline ARGS`` in-process; fails the test unless it exits 0; returns what it printed."""
+    """``ragline ARGS`` in-process; fails the test unless it exits 0; returns what it printed: with ``--json``,
+    its stdout alone (what a program reading the JSON gets), otherwise stdout and stderr as a terminal shows
+    them."""
     from click.testing import CliRunner
 
     from ragline.cli import cli
 
     result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout if "--json" in args else result.output
 
 
 def word_tokenizer(words: list[str], pre_tokenizer=None):
