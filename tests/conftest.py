@@ -150,13 +150,24 @@ def run_cli(*args) -> str:
     """``ragline ARGS`` in-process; fails the test unless it exits 0; returns what it printed: with ``--json``,
     its stdout alone (what a program reading the JSON gets), otherwise stdout and stderr as a terminal shows
     them."""
+    result = _invoke(*args)
+    return result.stdout if "--json" in args else result.output
+
+
+def run_cli_streams(*args) -> tuple[str, str]:
+    """``ragline ARGS`` in-process, as :func:`run_cli`: (stdout, stderr)."""
+    result = _invoke(*args)
+    return result.stdout, result.stderr
+
+
+def _invoke(*args):
     from click.testing import CliRunner
 
     from ragline.cli import cli
 
     result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return result.stdout if "--json" in args else result.output
+    return result
 
 
 def word_tokenizer(words: list[str], pre_tokenizer=None):

@@ -339,16 +339,16 @@ def test_greedy_rag_token_keeps_each_passages_token_logprobs_as_a_scoring_pass_c
 def test_cli_precision_falls_back_with_a_notice_and_eval_records_what_ran(tmp_path, small_index, monkeypatch):
     import json
 
-    from conftest import run_cli
+    from conftest import run_cli, run_cli_streams
 
     from ragline.models.tiny import save_tiny_causal
 
     folder = save_tiny_causal(tmp_path / "tiny")
     monkeypatch.setattr(precisions, "cpu_flags", lambda: frozenset({"avx2"}))  # a CPU without bf16 or VNNI
-    out = run_cli("ask", "Who wrote Candide?", "--index", small_index, "--generator", folder, "-k", 2,
-                  "--max-new-tokens", 2, "--precision", "bf16", "--json")
-    assert "--precision bf16: this CPU has no bf16 instructions" in out and "answering in fp32" in out
-    assert json.loads(next(line for line in out.splitlines() if line.startswith("{")))["text"] is not None
+    out, notice = run_cli_streams("ask", "Who wrote Candide?", "--index", small_index, "--generator", folder,
+                                  "-k", 2, "--max-new-tokens", 2, "--precision", "bf16", "--json")
+    assert "--precision bf16: this CPU has no bf16 instructions" in notice and "answering in fp32" in notice
+    assert json.loads(out)["text"] is not None  # stdout holds the JSON alone
     out = run_cli("eval", "--task", "fanoutqa-dev", "--limit", 1, "--index", small_index, "--generator", folder,
                   "-k", 2, "--max-new-tokens", 2, "--precision", "int8", "--out", tmp_path / "run")
     said = " ".join(out.split())  # the log wraps long lines

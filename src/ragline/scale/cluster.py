@@ -54,11 +54,11 @@ def messages_to_stderr(ray) -> None:
     writes to stderr. Where that function is missing (another Ray version), nothing changes."""
     worker = getattr(getattr(ray, "_private", None), "worker", None)
     printer = getattr(worker, "print_to_stdstream", None)
-    if printer is None or getattr(printer, "to_stderr", False):
+    if printer is None or hasattr(printer, "wrapped"):  # missing, or wrapped already
         return
 
     def to_stderr(data: dict, *args, **kwargs):
         return printer({**data, "is_err": True}, *args, **kwargs)
 
-    to_stderr.to_stderr = True
+    to_stderr.wrapped = printer
     worker.print_to_stdstream = to_stderr
