@@ -164,6 +164,33 @@ def test_npy_rows_read_and_write_what_numpy_does(tmp_path):
             NpyRows(tmp_path / bad)
 
 
+def test_scattered_rows_are_read_through_maps_of_a_bounded_window(tmp_path, monkeypatch):
+    """Gathering rows spread over the whole file (an IVF build's training sample) maps at most a window of it
+    at a time, so the pages it touches never add up to the file: the rows equal numpy's, in any order."""
+    import mmap
+
+    from ragline.index import npy_rows
+
+    a = np.random.default_rng(1).standard_normal((5000, 37)).astype(np.float32)  # 148-byte rows: some straddle
+    np.save(tmp_path / "a.npy", a)
+    maps: list[int] = []
+
+    class Recorded(mmap.mmap):
+        def __new__(cls, fileno, length, *args, **kw):
+            maps.append(length)
+            return super().__new__(cls, fileno, length, *args, **kw)
+
+    monkeypatch.setattr(npy_rows, "WINDOW", 3 * mmap.ALLOCATIONGRANULARITY)
+    monkeypatch.setattr(npy_rows.mmap, "mmap", Recorded)
+    pick = np.random.default_rng(2).integers(0, 5000, 1500)  # any order, repeats, the whole file
+    pick[:2] = [4999, 0]
+    np.testing.assert_array_equal(npy_rows.NpyRows(tmp_path / "a.npy")[pick], a[pick])
+    file_bytes = (tmp_path / "a.npy").stat().st_size
+    assert len(maps) > 20 and max(maps) <= npy_rows.WINDOW + 148 + mmap.ALLOCATIONGRANULARITY < file_bytes / 10
+    np.save(tmp_path / "v.npy", np.arange(100_000, dtype=np.int64))  # 1-d, 800 kB: many windows too
+    np.testing.assert_array_equal(npy_rows.NpyRows(tmp_path / "v.npy", ndim=1)[pick * 20], pick * 20)
+
+
 def test_bm25l_keeps_bm25s_own_build(tmp_path):
     """BM25L and BM25+ are built by bm25s itself, from the flat token ids turned back into lists."""
     texts = ["the cat sat on the mat", "dogs and cats", "", "a mat for a dog"]
