@@ -88,19 +88,25 @@ def test_an_unreachable_recall_target_keeps_the_best_setting_found():
             assert _tuning_recall(other, x) <= rep.recall_at_10 + 1e-9
 
 
-def test_the_tunings_one_read_per_candidate_equals_re_ranking_each_depth():
-    """The tuning scores the deepest candidates once and re-ranks each depth's prefix of them: the recall it
-    reports for every (nprobe, depth) is that of re-ranking that prefix on its own, as a search does. (A
-    search asking FAISS for fewer candidates can differ where PQ scores tie at the cut.)"""
+def test_the_tunings_recall_from_candidates_alone_equals_re_ranking_each_depth():
+    """The tuning counts the true neighbours among each depth's prefix of the deepest candidates, reading no
+    stored vector: the recall it reports for every (nprobe, depth) is that of re-ranking that prefix exactly,
+    as a search does. (A search asking FAISS for fewer candidates can differ where PQ scores tie at the cut.)"""
     x = _vectors(3000, d=64)
     index, _ = dense.build(x, "ivfpq")
     rows, noisy = dense.tuning_queries(x)
     sets = ((noisy, dense.exact_top_k(x, noisy, 11), None), (x[rows], dense.exact_top_k(x, x[rows], 11), rows))
     factors = list(dense_index.RERANK_FACTORS)
+
+    class Unread:
+        def __getitem__(self, rows):
+            raise AssertionError("the tuning read stored vectors")
+
     for nprobe in (1, 4):
-        index.search_value = nprobe
+        index.search_value, index.vectors = nprobe, Unread()
         got = dict(dense._recalls(index, factors, sets, 10))
         assert list(got) == factors
+        index.vectors = x
         want = dict.fromkeys(factors, 1.0)
         for q, truth, ex in sets:
             index.rerank = max(factors)
@@ -111,6 +117,14 @@ def test_the_tunings_one_read_per_candidate_equals_re_ranking_each_depth():
                 want[factor] = min(want[factor], dense.recall_of(ranked, truth, 10, ex))
         assert got == pytest.approx(want)
     assert len({round(v, 6) for v in got.values()}) > 1  # the depths differ here: a prefix mix-up would show
+
+
+def test_found_at_depth_places_the_true_neighbours_among_candidates():
+    """Positions of each query's true top k (less its excluded row) among its candidates, the depth where absent."""
+    truth = np.array([[5, 1, 9, 7], [2, 3, 4, 8]])  # exact top k + 1 = 4
+    cand = np.array([[9, 0, 5, -1, 7], [3, 2, 6, 4, 1]])
+    found = dense.found_at_depth(cand, truth, 3, exclude=np.array([-1, 2]))
+    np.testing.assert_array_equal(found, [[0, 2, 5], [0, 3, 5]])  # 1 absent; query 2 skips its own row 2
 
 
 def _tuning_recall(index, x) -> float:

@@ -37,7 +37,6 @@ import numpy as np
 
 from ragline.errors import RaglineError
 from ragline.index.dense import RERANK, RERANK_FACTORS, SEARCH_PARAM, TUNE_K, DenseIndex
-from ragline.index.topk import merge_top_k
 from ragline.vocab import AUTO_EXACT_MAX, AUTO_INDEX_TYPE, AUTO_MEMORY_SHARE, INDEX_TYPES
 
 _HNSW_EF = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
@@ -256,18 +255,31 @@ def _cost(dense: DenseIndex, value: int | None, factor: int) -> float:
 def _recalls(dense: DenseIndex, factors: list[int], sets, k: int) -> list[tuple[int, float]]:
     """(factor, recall@k on the worse query set) for each re-ranking factor (0: none) at the current search
     value; ``sets`` holds (queries, exact_top_k truth, rows to exclude or None). The candidates come from one
-    search at the deepest factor and their exact scores from one read of their stored rows; each factor
-    re-ranks its prefix of them, as a search at that factor would."""
+    search at the deepest factor; each factor's depth is a prefix of them, as a search at that factor asks
+    for. Re-ranked exactly, a prefix's top k holds every true top-k neighbour it contains (no other candidate
+    scores above one), so its recall is the share of the true top k among the prefix (:func:`found_at_depth`):
+    no stored vector is read (at 10M passages, reading a query's 20,480 candidates' rows took 140 ms)."""
     if factors == [0]:
         return [(0, min(recall_against_exact(dense, q, truth, k, exclude=ex) for q, truth, ex in sets))]
     worst = dict.fromkeys(factors, 1.0)
     for q, truth, ex in sets:
         dense.rerank = max(factors)
         deep = dense.index.search(q, dense.depth(truth.shape[1]), params=dense._params(truth.shape[1]))[1]  # (Q, D)
-        exact = dense.candidate_scores(q, deep)  # (Q, D), read once: each factor re-ranks a prefix of it
-        for f in factors:  # what search(q, k + 1) would return at factor f
+        found = found_at_depth(deep, truth, k, ex)  # (Q, k)
+        for f in factors:
             dense.rerank = f
-            depth = dense.depth(truth.shape[1])
-            got = merge_top_k([(exact[:, :depth], deep[:, :depth])], truth.shape[1])[1]  # (Q, k + 1)
-            worst[f] = min(worst[f], recall_of(got, truth, k, ex))
+            worst[f] = min(worst[f], float(np.mean(np.sum(found < dense.depth(truth.shape[1]), axis=1) / k)))
     return list(worst.items())
+
+
+def found_at_depth(cand: np.ndarray, truth: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Where each query's true top-k neighbours (``truth`` (Q, >= k + 1) less the ``exclude`` row, as in
+    :func:`recall_of`) stand among its candidates ``cand`` (Q, D): (Q, k) positions, D where one is absent
+    (or the truth has fewer than k)."""
+    skip = exclude if exclude is not None else np.full(len(cand), -1)
+    out = np.full((len(cand), k), cand.shape[1], dtype=np.int64)  # (Q, k)
+    for b, (row, t, s) in enumerate(zip(cand, truth, skip, strict=True)):
+        want = t[(t != s) & (t >= 0)][:k]  # (<= k,)
+        pos = np.flatnonzero(np.isin(row, want))  # positions of the candidates that are true neighbours
+        out[b, : len(pos)] = pos[:k]
+    return out
