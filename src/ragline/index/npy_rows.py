@@ -3,8 +3,8 @@
 A build streams through gigabytes of vectors (1.5 GiB at a million 384-d float32 passages). Read or written
 through a memory map, every page it touches counts in the process's resident memory until the kernel reclaims
 it; read and written with ``readinto`` and ``write``, the same pages stay in the page cache, which the kernel
-drops as it needs, and the build's own memory is the slice it holds. Scattered rows (an IVF-PQ build re-ranking
-its tuning queries' candidates, the sample an IVF index is trained on) are gathered through maps of at most
+drops as it needs, and the build's own memory is the slice it holds. Scattered rows (the sample an IVF index is
+trained on, the tuning's queries, a re-ranking's candidates) are gathered through maps of at most
 WINDOW bytes of the file, each closed before the next is opened: a read call per row cost about 3x more in
 Python (14 against 6 ms for 2,560 rows of 384 float32). One map of the whole file, as before, counted every
 page it touched and the cached pages the kernel maps around each (fault-around) in the resident memory until
