@@ -191,12 +191,14 @@ def recall_against_exact(index: DenseIndex, queries: np.ndarray, truth: np.ndarr
 
 def recall_of(got: np.ndarray, truth: np.ndarray, k: int, exclude: np.ndarray | None = None) -> float:
     """:func:`recall_against_exact` of result rows ``got`` (Q, >= k + 1)."""
-    skip = exclude.tolist() if exclude is not None else [-1] * len(got)
+    pairs = zip(_top_kept(truth, k, exclude), _top_kept(got, k, exclude), strict=True)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in pairs]))
 
-    def top(ids: np.ndarray) -> list[list[int]]:
-        return [[i for i in row if i != s and i >= 0][:k] for row, s in zip(ids.tolist(), skip, strict=True)]
 
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top(truth), top(got), strict=True)]))
+def _top_kept(ids: np.ndarray, k: int, exclude: np.ndarray | None = None) -> list[list[int]]:
+    """Each row of ``ids`` (Q, m) without its ``exclude`` row and missing (-1) entries, cut to its first k."""
+    skip = exclude.tolist() if exclude is not None else [-1] * len(ids)
+    return [[i for i in row if i != s and i >= 0][:k] for row, s in zip(ids.tolist(), skip, strict=True)]
 
 
 def _tune(dense: DenseIndex, embeddings: np.ndarray, target: float) -> tuple[float, int | None]:
@@ -276,10 +278,8 @@ def found_at_depth(cand: np.ndarray, truth: np.ndarray, k: int, exclude: np.ndar
     """Where each query's true top-k neighbours (``truth`` (Q, >= k + 1) less the ``exclude`` row, as in
     :func:`recall_of`) stand among its candidates ``cand`` (Q, D): (Q, k) positions, D where one is absent
     (or the truth has fewer than k)."""
-    skip = exclude if exclude is not None else np.full(len(cand), -1)
     out = np.full((len(cand), k), cand.shape[1], dtype=np.int64)  # (Q, k)
-    for b, (row, t, s) in enumerate(zip(cand, truth, skip, strict=True)):
-        want = t[(t != s) & (t >= 0)][:k]  # (<= k,)
+    for b, (row, want) in enumerate(zip(cand, _top_kept(truth, k, exclude), strict=True)):
         pos = np.flatnonzero(np.isin(row, want))  # positions of the candidates that are true neighbours
         out[b, : len(pos)] = pos[:k]
     return out
