@@ -191,6 +191,50 @@ def test_scattered_rows_are_read_through_maps_of_a_bounded_window(tmp_path, monk
     np.testing.assert_array_equal(npy_rows.NpyRows(tmp_path / "v.npy", ndim=1)[pick * 20], pick * 20)
 
 
+def test_rows_written_in_place_in_any_order_equal_numpys_and_map_nothing(tmp_path, monkeypatch):
+    """The encoders' vectors are written into their file in place with file calls (a run of consecutive rows
+    one call, however the rows come: in chunks, shuffled, resumed in a reopened file), never mapped; short
+    writes are finished, and rows that do not fit are refused."""
+    import os
+
+    from ragline.index import npy_rows
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((1000, 7)).astype(np.float32)
+
+    def no_map(*args, **kw):
+        raise AssertionError("a map was made")
+
+    real_pwrite, calls = os.pwrite, []
+
+    def short_pwrite(fd, data, pos):  # at most 100 bytes a call, as a kernel may
+        calls.append(len(data))
+        return real_pwrite(fd, bytes(data[:100]), pos)
+
+    monkeypatch.setattr(npy_rows.mmap, "mmap", no_map)
+    monkeypatch.setattr(np, "memmap", no_map)
+    monkeypatch.setattr(npy_rows.os, "pwrite", short_pwrite)
+    path = tmp_path / "a.npy"
+    with npy_rows.NpyRowWriter(path, 1000, 7) as w:
+        w.write(0, a[:100])  # a chunk: one run of rows
+        perm = rng.permutation(np.arange(100, 600))
+        for lo in range(0, 500, 128):  # shuffled rows, as a pool of actors returns them
+            w.write(perm[lo : lo + 128], a[perm[lo : lo + 128]])
+        w.write(np.zeros(0, np.int64), a[:0])
+        for bad_at, bad_rows in ((999, a[:2]), (np.array([-1]), a[:1]), (5, a[:3, :6])):
+            with pytest.raises(ValueError, match="do not fit"):
+                w.write(bad_at, bad_rows)
+        w.sync()
+    with npy_rows.NpyRowWriter(path) as w:  # reopened, as a resumed encoding does
+        w.write(600, a[600:].astype(np.float64))  # converted to the file's float32
+    assert calls[0] == 100 * 7 * 4 and 100 in calls  # the first chunk one run, finished 100 bytes at a time
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.load(path), a)
+    with npy_rows.NpyRowWriter(tmp_path / "h.npy", 4, 3, "float16") as w:  # zeros until written
+        w.write(np.array([2, 0]), np.ones((2, 3)))
+    np.testing.assert_array_equal(np.load(tmp_path / "h.npy"), np.array([[1] * 3, [0] * 3] * 2, np.float16))
+
+
 def test_bm25l_keeps_bm25s_own_build(tmp_path):
     """BM25L and BM25+ are built by bm25s itself, from the flat token ids turned back into lists."""
     texts = ["the cat sat on the mat", "dogs and cats", "", "a mat for a dog"]

@@ -29,7 +29,7 @@ from ragline.errors import RaglineError
 from ragline.index import dense_build
 from ragline.index import manifest as mf
 from ragline.index.dense import TUNE_K
-from ragline.index.npy_rows import NpyRows, NpyWriter
+from ragline.index.npy_rows import NpyRows, NpyRowWriter, NpyWriter
 from ragline.index.registry import list_indexes
 from ragline.index.sparse import BM25Index, BM25Stats
 from ragline.models.encoders import BiEncoder, Encoder
@@ -224,7 +224,7 @@ def _encode(opts: BuildOptions, work: Path, encoders: BiEncoder, fingerprint: st
         # a new file, never the old inode: the old one may be a sibling index's embeddings, hard-linked by a
         # reuse that this rerun (with other encoder settings) no longer wants; writing it would overwrite theirs
         path.unlink(missing_ok=True)
-        np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, p.dim)).flush()
+        NpyRowWriter(path, n, p.dim).close()
         done = 0
     elif done < n and path.stat().st_nlink > 1:  # resuming into a file shared with another index: copy it first
         _unshare(path)
@@ -232,18 +232,16 @@ def _encode(opts: BuildOptions, work: Path, encoders: BiEncoder, fingerprint: st
     atomic.write_json(work / STATE, state)
     if done >= n:
         return
-    emb = np.load(path, mmap_mode="r+")
     store = PassageStore(work / mf.PASSAGES)
-    with tqdm(total=n, initial=done, desc="encoding passages", unit="passage", disable=not opts.progress,
-              smoothing=0.1) as bar:
+    with NpyRowWriter(path) as emb, tqdm(total=n, initial=done, desc="encoding passages", unit="passage",
+                                         disable=not opts.progress, smoothing=0.1) as bar:
         for lo, batch in store.iter_batches(opts.chunk_rows, start=done):
             vecs = p.encode_passages([x.title for x in batch], [x.text for x in batch], batch_size=opts.batch_size)
-            emb[lo : lo + len(batch)] = vecs  # (chunk, dim)
-            emb.flush()
+            emb.write(lo, vecs)  # (chunk, dim) at rows lo..
+            emb.sync()
             state["encoded_rows"] = lo + len(batch)
-            atomic.write_json(work / STATE, state)  # after the flush: a recorded row is on disk
+            atomic.write_json(work / STATE, state)  # after the sync: a recorded row is on disk
             bar.update(len(batch))
-    del emb
 
 
 def embedding_files(path: Path) -> list[Path]:

@@ -136,3 +136,60 @@ class NpyWriter:
             self.close()
         else:
             self._f.close()
+
+
+class NpyRowWriter:
+    """Rows of an ``(n, dim)`` ``.npy`` file written in place, in any order, with ``os.pwrite`` (a run of
+    consecutive rows one call), never through a map: the encoders' vectors arrive chunk by chunk (out of order
+    from a pool of Ray actors) and, written through a memory map, every page written stayed counted in the
+    process's resident memory until the map closed (the whole file by the end of a build)."""
+
+    def __init__(self, path: Path, n: int | None = None, dim: int | None = None,
+                 dtype: str | np.dtype = "float32") -> None:
+        """Open the existing file ``path``; with ``n`` and ``dim``, first create it as an ``(n, dim)`` array of
+        ``dtype`` (its header, then the file extended to full length: zeros, holes on disk until written)."""
+        self.path = Path(path)
+        if n is not None:
+            with open(self.path, "wb") as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                         "fortran_order": False, "shape": (n, dim)})
+                f.truncate(f.tell() + n * dim * np.dtype(dtype).itemsize)
+        self.shape, self.dtype, self._offset = layout(self.path)
+        self._row_bytes = self.shape[1] * self.dtype.itemsize
+        self._fd = os.open(self.path, os.O_RDWR)
+
+    def write(self, at: int | np.ndarray, rows: np.ndarray) -> None:
+        """Write ``rows`` (m, dim), converted to the file's dtype, at rows ``at``, ``at + 1``, ... (an int) or at
+        the row numbers ``at`` (m,), any order."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        where = np.arange(at, at + len(rows)) if np.isscalar(at) else np.asarray(at, dtype=np.int64)
+        if rows.shape != (len(where), self.shape[1]) or (where.size and (where.min() < 0
+                                                                          or where.max() >= self.shape[0])):
+            raise ValueError(f"rows of shape {rows.shape} at rows {where.min() if where.size else '-'}.."
+                             f"{where.max() if where.size else '-'} do not fit {self.path} {self.shape}")
+        if not where.size:
+            return
+        order = np.argsort(where, kind="stable")
+        ordered = where[order]  # (m,) ascending
+        cuts = np.flatnonzero(np.diff(ordered) != 1) + 1  # where a run of consecutive rows ends
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(where)], strict=True):
+            data = memoryview(rows[order[lo:hi]]).cast("B")  # a run of consecutive rows of the file, as bytes
+            pos = self._offset + int(ordered[lo]) * self._row_bytes
+            while data:  # pwrite may write less than asked (Linux: at most 2 GiB a call)
+                done = os.pwrite(self._fd, data, pos)
+                data, pos = data[done:], pos + done
+
+    def sync(self) -> None:
+        """Put what was written on the disk (the build records a row as done only after this)."""
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> NpyRowWriter:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()

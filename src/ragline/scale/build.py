@@ -22,6 +22,7 @@ Every node must see the output directory (one machine, or a shared filesystem).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -51,6 +52,7 @@ from ragline.index.build import (
     spot_check,
     write_embedding_rows,
 )
+from ragline.index.npy_rows import NpyRowWriter
 from ragline.index.sparse import BM25Stats
 from ragline.models.encoders import BiEncoder
 from ragline.scale.cluster import connect
@@ -303,25 +305,27 @@ def _encode_shards(ray, opts: BuildOptions, work: Path, todo: list[dict], dim: i
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     parts = [work / SHARDS / f".{s['name']}.building" for s in todo]
-    embs = [np.lib.format.open_memmap(p / mf.EMBEDDINGS, mode="w+", dtype=np.float32, shape=(s["passages"], dim))
-            for p, s in zip(parts, todo, strict=True)]
-    left = [s["passages"] for s in todo]
-    blocks = [np.stack([np.full(hi - lo, i), np.arange(lo, hi)], axis=1).astype(np.int64)  # (rows, 2)
-              for i, s in enumerate(todo) for lo, hi in _chunks(s["passages"], opts.chunk_rows)]
-    ds = ray.data.from_numpy(blocks).map_batches(  # in the object store already: no read tasks to schedule
-        _EncodeBatch, fn_constructor_args=([str(p / mf.PASSAGES) for p in parts], opts.encoder,
-                                           opts.max_seq_length, opts.batch_size),
-        batch_size=min(opts.chunk_rows, 256), batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=1)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        pairs = batch["data"]
-        for shard in np.unique(pairs[:, 0]).tolist():
-            sel = pairs[:, 0] == shard
-            embs[shard][pairs[sel, 1]] = batch["vec"][sel]
-            left[shard] -= int(sel.sum())
-            if left[shard] == 0:
-                embs[shard].flush()
-                encoded(todo[shard])
+    with contextlib.ExitStack() as files:  # every file closed, however the pipeline ends
+        embs = [files.enter_context(NpyRowWriter(p / mf.EMBEDDINGS, s["passages"], dim))
+                for p, s in zip(parts, todo, strict=True)]
+        left = [s["passages"] for s in todo]
+        blocks = [np.stack([np.full(hi - lo, i), np.arange(lo, hi)], axis=1).astype(np.int64)  # (rows, 2)
+                  for i, s in enumerate(todo) for lo, hi in _chunks(s["passages"], opts.chunk_rows)]
+        ds = ray.data.from_numpy(blocks).map_batches(  # in the object store already: no read tasks to schedule
+            _EncodeBatch, fn_constructor_args=([str(p / mf.PASSAGES) for p in parts], opts.encoder,
+                                               opts.max_seq_length, opts.batch_size),
+            batch_size=min(opts.chunk_rows, 256), batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            pairs = batch["data"]
+            for shard in np.unique(pairs[:, 0]).tolist():
+                sel = pairs[:, 0] == shard
+                embs[shard].write(pairs[sel, 1], batch["vec"][sel])  # (rows of this shard in the batch, dim)
+                left[shard] -= int(sel.sum())
+                if left[shard] == 0:
+                    embs[shard].sync()
+                    embs[shard].close()
+                    encoded(todo[shard])
     if any(left):
         raise RaglineError(f"the encoders returned {sum(s['passages'] for s in todo) - sum(left)} of "
                            f"{sum(s['passages'] for s in todo)} passages", "run the same command again")
