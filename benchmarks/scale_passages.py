@@ -137,10 +137,12 @@ def probe(index: Path, queries: int) -> dict:
 def exact_recall(index: Path, queries, rows) -> float:
     """Recall@k of the dense search's ``rows`` (B, k) against the exact top k of ``queries`` (B, dim) over every
     stored vector: each shard's ``embeddings.npy`` (the index's own, unsharded) streamed by the build's
-    ``exact_top_k``, the shards' top k merged as a search merges them."""
+    ``exact_top_k``, the shards' top k merged as a search merges them. Read with file calls (``NpyRows``), not
+    a second map of the file the index maps: the probe's peak resident size is then the search's own."""
     import numpy as np
 
     from ragline.index.dense_build import exact_top_k, recall_of
+    from ragline.index.npy_rows import NpyRows
     from ragline.index.topk import merge_top_k
     from ragline.scale.sharded import shard_dir
 
@@ -148,7 +150,7 @@ def exact_recall(index: Path, queries, rows) -> float:
     parts = [(shard_dir(index, s) / "embeddings.npy", s["offset"]) for s in man.get("shards", [])]
     k, found = rows.shape[1], []
     for path, offset in parts or [(index / "embeddings.npy", 0)]:
-        emb = np.load(path, mmap_mode="r")
+        emb = NpyRows(path)
         top = exact_top_k(emb, queries, k)  # (B, k) rows of this part
         vecs = np.asarray(emb[top.reshape(-1)], dtype=np.float32).reshape(*top.shape, -1)  # (B, k, dim)
         found.append((np.einsum("bkd,bd->bk", vecs, queries), top + offset))
