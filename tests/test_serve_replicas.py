@@ -16,6 +16,7 @@ pytest.importorskip("ray.serve")
 
 ASK = {"question": "Who wrote Candide?", "model": "rag-token", "decoding": "greedy", "k": 3, "max_new_tokens": 6}
 QUESTIONS = ["Who wrote Candide?", "What is Art Deco?", "Where is the Eiffel Tower?", "Who painted the Mona Lisa?"]
+DEADLINE_S = 30.0  # the endpoint's deadline here: under the client's 120 s, so a lost request shows as a 408
 
 
 def _free_port() -> int:
@@ -42,7 +43,8 @@ def replicated(tmp_path_factory, small_index, ray_local):
     settings = replicas.ReplicaSettings(index_dir=str(index), generator=str(generator), precision="fp32",
                                         threads=1)
     port = _free_port()
-    replicas.start(settings, 2, port=port, cpus_per_replica=0.1)  # other tests' actors may hold the CPUs
+    replicas.start(settings, 2, port=port, cpus_per_replica=0.1,  # other tests' actors may hold the CPUs
+                   request_timeout_s=DEADLINE_S)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             yield client, settings, ray_local
@@ -125,7 +127,7 @@ def test_a_replica_killed_under_load_is_replaced_and_no_request_goes_unanswered(
         in_flight = sum(not f.done() for f in pending)
         done = [f.result(timeout=120) for f in pending]  # every request answered: no hang, no dropped socket
     assert in_flight >= 8, in_flight  # the kill came mid-load
-    assert all(code == 200 or code >= 500 for code, _ in done), done
+    assert all(code in (200, 408) or code >= 500 for code, _ in done), done  # 408: one the proxy lost, by its deadline
     assert sum(code == 200 for code, _ in done) >= 24  # the live replica kept answering
     for code, body in done:
         if code != 200:
@@ -145,10 +147,18 @@ def test_a_replica_killed_under_load_is_replaced_and_no_request_goes_unanswered(
     assert codes == [200] * 4
 
 
-def test_replicas_need_ray():
+def test_the_endpoint_answers_by_the_deadline_it_was_given(replicated):
+    """Ray Serve's proxy was started with the deadline (a request past it is answered 408, not left open)."""
+    from ray.serve.context import _get_global_client
+
+    assert _get_global_client().http_config.request_timeout_s == DEADLINE_S
+
+
+@pytest.mark.parametrize("flag", [["--replicas", "2"], ["--request-timeout", "30"]])
+def test_replica_options_need_ray(flag):
     from click.testing import CliRunner
 
     from ragline.cli import cli
 
-    result = CliRunner().invoke(cli, ["serve", "--replicas", "2"])
-    assert result.exit_code == 2 and "--replicas runs on Ray Serve: add --ray" in result.output
+    result = CliRunner().invoke(cli, ["serve", *flag])
+    assert result.exit_code == 2 and f"{flag[0]} runs on Ray Serve: add --ray" in result.output

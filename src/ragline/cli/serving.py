@@ -20,6 +20,7 @@ from ragline.cli.options import (
     query_encoder_option,
 )
 from ragline.serve.budget import Budget
+from ragline.serve.replicas import REQUEST_TIMEOUT_S
 
 
 def _serving_options(f):
@@ -112,8 +113,11 @@ def _warn_open(host: str, api_key: str | None) -> None:
 @click.option("--replicas", default=None, type=click.IntRange(1),
               help="Model replicas with --ray (default 1), each with its own generator and batching, sharing the "
                    "index; a replica that dies is replaced.")
+@click.option("--request-timeout", default=None, type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help=f"With --ray: the longest a request (a whole stream included) may take before the endpoint "
+                   f"answers 408 (default {REQUEST_TIMEOUT_S:g}).")
 @click.pass_context
-def serve(ctx, host, port, allowed_hosts, ray_address, replicas, **o) -> None:
+def serve(ctx, host, port, allowed_hosts, ray_address, replicas, request_timeout, **o) -> None:
     """Serve the HTTP API (POST /ask, /ask/stream, /search; GET /passages/ID, /indexes, /health), the
     OpenAI-compatible routes (/v1/chat/completions, /v1/models, /v1/embeddings), MCP at /mcp and the page."""
     import uvicorn
@@ -121,10 +125,12 @@ def serve(ctx, host, port, allowed_hosts, ray_address, replicas, **o) -> None:
     from ragline.serve.app import create_app
 
     _warn_open(host, o["api_key"])
-    if replicas is not None and ray_address is None:
-        raise click.UsageError("--replicas runs on Ray Serve: add --ray (a local Ray) or --ray ADDRESS")
+    for flag, given in (("--replicas", replicas), ("--request-timeout", request_timeout)):
+        if given is not None and ray_address is None:
+            raise click.UsageError(f"{flag} runs on Ray Serve: add --ray (a local Ray) or --ray ADDRESS")
     if ray_address is not None:
-        _serve_replicas(ctx, o, host, port, allowed_hosts, ray_address, replicas or 1)
+        _serve_replicas(ctx, o, host, port, allowed_hosts, ray_address, replicas or 1,
+                        REQUEST_TIMEOUT_S if request_timeout is None else request_timeout)
         return
     rag, worker = _serving_model(ctx, o)
     render.log(f"serving index {rag.retriever.index.name} on http://{host}:{port} (API schema at /docs; "
@@ -134,7 +140,7 @@ def serve(ctx, host, port, allowed_hosts, ray_address, replicas, **o) -> None:
 
 
 def _serve_replicas(ctx: click.Context, o: dict, host: str, port: int, allowed_hosts: tuple[str, ...],
-                    address: str, replicas: int) -> None:
+                    address: str, replicas: int, request_timeout_s: float) -> None:
     """``serve --ray``: the same app from ``replicas`` replicas on Ray Serve (serve/replicas.py), until Ctrl-C."""
     import signal
     import time
@@ -143,7 +149,7 @@ def _serve_replicas(ctx: click.Context, o: dict, host: str, port: int, allowed_h
 
     settings = _serving_settings(ctx, o, host, allowed_hosts)
     render.log(f"starting {replicas} replica(s) of {settings.generator} on Ray Serve")
-    served.start(settings, replicas, address=address, port=port)
+    served.start(settings, replicas, address=address, port=port, request_timeout_s=request_timeout_s)
     render.log(f"serving on http://{host}:{port} from {replicas} replica(s) (API schema at /docs; OpenAI-compatible "
                f"at /v1; MCP at /mcp); Ctrl-C stops")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # as Ctrl-C: replicas and a local Ray taken down
