@@ -104,6 +104,12 @@ class NpyRows:
         return out
 
 
+def write_header(f, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """The ``.npy`` header (version 1.0, C order) of a ``shape`` array of ``dtype``, written to the open file ``f``."""
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                             "fortran_order": False, "shape": shape})
+
+
 class NpyWriter:
     """Writes an (n, dim) ``.npy`` file (an (n,) one when ``dim`` is None) row block after row block; closing
     checks that n rows came."""
@@ -111,9 +117,7 @@ class NpyWriter:
     def __init__(self, path: Path, n: int, dim: int | None, dtype: str | np.dtype = "float32") -> None:
         self.path, self.n, self.dim, self.dtype, self.written = Path(path), n, dim, np.dtype(dtype), 0
         self._f = open(self.path, "wb")  # noqa: SIM115 - closed by close() / __exit__
-        shape = (n,) if dim is None else (n, dim)
-        np.lib.format.write_array_header_1_0(self._f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
-                                                       "fortran_order": False, "shape": shape})
+        write_header(self._f, (n,) if dim is None else (n, dim), self.dtype)
 
     def write(self, rows: np.ndarray) -> None:
         """Append ``rows`` (m, dim) or, for a 1-d file, (m,), converted to the file's dtype."""
@@ -151,8 +155,7 @@ class NpyRowWriter:
         self.path = Path(path)
         if n is not None:
             with open(self.path, "wb") as f:
-                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                         "fortran_order": False, "shape": (n, dim)})
+                write_header(f, (n, dim), np.dtype(dtype))
                 f.truncate(f.tell() + n * dim * np.dtype(dtype).itemsize)
         self.shape, self.dtype, self._offset = layout(self.path)
         self._row_bytes = self.shape[1] * self.dtype.itemsize
