@@ -145,12 +145,22 @@ def test_npy_rows_read_and_write_what_numpy_does(tmp_path):
     assert rows[np.array([], dtype=np.int64)].shape == (0, 7)
     with pytest.raises(IndexError):
         rows[np.array([1000])]
+    into = np.full((240, 7), np.nan, dtype=np.float16)
+    rows.read_into(10, into, chunk=14 * 9)  # straight into a buffer, 9 rows a call: 27 calls, the last short
+    np.testing.assert_array_equal(into, a[10:250])
+    with pytest.raises(IndexError, match="out of range"):
+        rows.read_into(800, into)
+    for bad in (np.zeros((5, 7), np.float32), np.zeros((5, 6), np.float16), np.zeros((5, 14), np.float16)[:, ::2]):
+        with pytest.raises(ValueError, match="cannot read"):
+            rows.read_into(0, bad)
     np.save(tmp_path / "v.npy", np.arange(50, dtype=np.int64))
     np.testing.assert_array_equal(NpyRows(tmp_path / "v.npy", ndim=1)[np.array([49, 2])], [49, 2])
     cut = (tmp_path / "a.npy").read_bytes()[:-14]  # the last row missing
     (tmp_path / "short.npy").write_bytes(cut)
     with pytest.raises(RaglineError, match="shorter than its header"):
         NpyRows(tmp_path / "short.npy")[np.array([0])]
+    with pytest.raises(RaglineError, match="shorter than its header"):
+        NpyRows(tmp_path / "short.npy").read_into(0, np.empty((1000, 7), np.float16))
     with NpyWriter(tmp_path / "b.npy", 1000, 7) as w:
         for lo in range(0, 1000, 300):
             w.write(rows[lo : lo + 300])

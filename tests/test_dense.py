@@ -175,6 +175,45 @@ def test_save_load_keeps_search_results(tmp_path):
     np.testing.assert_array_equal(index.search(x[:20], 5)[1], back.search(x[:20], 5)[1])
 
 
+def test_a_flat_index_is_saved_without_its_vectors_and_filled_from_the_stored_ones(tmp_path, monkeypatch):
+    """A flat index's vectors are the stored embeddings: saved, it is a header, not n x d x 4 bytes again;
+    loaded beside them it is filled from their file with read calls into FAISS's own array (allocated once) and
+    answers as the index it was, batches and single queries; a flat index saved whole (as ragline did before)
+    loads as it is; a build that only saves it fills nothing."""
+    from ragline.index.npy_rows import NpyRows
+
+    x = _vectors(3000)
+    built, _ = dense.build(x, "flat")
+    built.save(tmp_path / "dense.faiss")
+    assert (tmp_path / "dense.faiss").stat().st_size < 100 and built.ntotal == len(x)  # saving kept it whole
+    np.save(tmp_path / "embeddings.npy", x)
+    vectors = np.load(tmp_path / "embeddings.npy", mmap_mode="r")
+    reads, read_into = [], NpyRows.read_into
+    monkeypatch.setattr(NpyRows, "read_into", lambda rows, lo, out: reads.append((lo, len(out)))
+                        or read_into(rows, lo, out))
+    back = dense_index.DenseIndex.load(tmp_path / "dense.faiss", "flat", vectors=vectors)
+    assert reads == [(0, len(x))] and back.ntotal == len(x)
+    q = _vectors(20, seed=3)
+    for batch in (q, q[:1]):  # FAISS's scan, and the single query's matrix-vector product over FAISS's array
+        np.testing.assert_array_equal(back.search(batch, 10)[1], built.search(batch, 10)[1])
+        np.testing.assert_array_equal(back.search(batch, 10)[0], built.search(batch, 10)[0])
+    faiss.write_index(built.index, str(tmp_path / "whole.faiss"))  # the format before: vectors inside
+    reads.clear()
+    whole = dense_index.DenseIndex.load(tmp_path / "whole.faiss", "flat", vectors=vectors)
+    assert not reads and whole.ntotal == len(x)
+    np.testing.assert_array_equal(whole.search(q, 10)[1], built.search(q, 10)[1])
+    unfilled, _ = dense.build(x, "flat", fill_flat=False)
+    assert unfilled.index.ntotal == 0 and unfilled.index.codes.size() == 0
+    unfilled.save(tmp_path / "u.faiss")
+    assert (tmp_path / "u.faiss").read_bytes() == (tmp_path / "dense.faiss").read_bytes()
+    empty = faiss.IndexFlatIP(x.shape[1])
+    dense_index.fill_flat(empty, x[:100], chunk_rows=7)  # an array, in chunks: copied
+    np.testing.assert_array_equal(faiss.rev_swig_ptr(empty.get_xb(), 100 * x.shape[1]).reshape(100, -1), x[:100])
+    for target, rows in ((empty, x), (faiss.IndexFlatIP(8), x)):  # full already; another dimension
+        with pytest.raises(ValueError, match="cannot fill a flat index"):
+            dense_index.fill_flat(target, rows)
+
+
 def test_streamed_exact_top_k_equals_brute_force():
     x = _vectors(1000, d=16)
     q = _vectors(7, d=16, seed=3)

@@ -347,7 +347,8 @@ def _build_dense(opts: BuildOptions, work: Path, log: Callable[[str], None]) -> 
     kind, why = dense_build.resolve_type(opts.index_type, *emb.shape)
     if why:
         log(f"index type {kind} ({opts.index_type}): {why}")
-    index, rep = dense_build.build(emb, kind, hnsw_m=opts.hnsw_m, target_recall=opts.target_recall)
+    index, rep = dense_build.build(emb, kind, hnsw_m=opts.hnsw_m, target_recall=opts.target_recall,
+                                   fill_flat=False)  # saved without its vectors: they are embeddings.npy
     tmp = work / (mf.DENSE + ".new")
     index.save(tmp)
     os.replace(tmp, work / mf.DENSE)
@@ -357,6 +358,9 @@ def _build_dense(opts: BuildOptions, work: Path, log: Callable[[str], None]) -> 
     if why:
         info["chosen"] = f"{opts.index_type}: {why}"
     msg = f"dense index {rep.factory}: {info['bytes'] / 2**20:.1f} MiB, built in {rep.seconds:.1f} s"
+    if rep.kind == "flat":
+        msg = (f"dense index {rep.factory}: exact search over {mf.EMBEDDINGS} "
+               f"({(work / mf.EMBEDDINGS).stat().st_size / 2**20:.1f} MiB, read into memory when the index opens)")
     if rep.recall_at_10 is not None:
         msg += f"; recall@10 vs exact {rep.recall_at_10:.3f}"
         if rep.search_param:

@@ -6,6 +6,11 @@ single-query scan), one at a time: concurrent scans only compete for memory band
 with its BLAS threshold lowered so that they become one matrix product. Single queries use one thread
 (FAISS's OpenMP, numpy's BLAS), which is faster than two for them once a question encoder shares the cores.
 Compressed indexes (IVF-PQ) re-score their best ``RERANK x k`` candidates exactly from the stored vectors.
+
+A flat index's vectors are the stored embeddings themselves (``embeddings.npy``, float32), so a flat index is
+saved without them, its header only, and filled from them when it is loaded (:func:`fill_flat`): the vectors
+are on disk once (at ten million 384-d passages 15.4 GB was stored twice, in both files). A flat index saved
+whole (before this) loads as it is. HNSW keeps its own copy: FAISS reads its graph only with its storage.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from contextlib import contextmanager
 import faiss
 import numpy as np
 
+from ragline.index.npy_rows import NpyRows
 from ragline.index.topk import merge_top_k, top_k
 
 SEARCH_PARAM = {"hnsw": "efSearch", "ivfpq": "nprobe", "ivfsq8": "nprobe"}
@@ -48,10 +54,18 @@ class DenseIndex:
     @classmethod
     def load(cls, path, kind: str, search_param: str | None = None, search_value: int | None = None,
              rerank: int = 0, vectors: np.ndarray | None = None) -> DenseIndex:
-        return cls(faiss.read_index(str(path)), kind, search_param, search_value, rerank, vectors)
+        """The index saved at ``path``; a flat one saved without its vectors is filled from ``vectors`` (n, d)
+        float32, the stored embeddings (a memory map of ``embeddings.npy`` is read with file calls)."""
+        index = faiss.read_index(str(path))
+        if kind == "flat" and index.ntotal == 0 and vectors is not None and len(vectors):
+            fill_flat(index, vectors)
+        return cls(index, kind, search_param, search_value, rerank, vectors)
 
     def save(self, path) -> None:
-        faiss.write_index(self.index, str(path))
+        """Write the index to ``path``; a flat index without its vectors (its header only): they are the
+        stored embeddings, saved beside it, which :meth:`load` fills it from."""
+        index = faiss.IndexFlat(self.dim, self.index.metric_type) if self.kind == "flat" else self.index
+        faiss.write_index(index, str(path))
 
     @property
     def ntotal(self) -> int:
@@ -122,6 +136,28 @@ class DenseIndex:
                 pos = have[np.argsort(c[have], kind="stable")]  # sorted reads from a memmap
                 out[b, pos] = np.asarray(self.vectors[c[pos]], dtype=np.float32) @ q  # (found,)
         return out
+
+
+def fill_flat(index: faiss.IndexFlat, vectors: np.ndarray, chunk_rows: int = 65536) -> None:
+    """Fill the empty flat ``index`` with ``vectors`` (n, d) float32: its array allocated once at its final size
+    and read into in place, ``chunk_rows`` at a time (straight from the file with read calls when ``vectors`` is
+    a memory map of a ``.npy`` file or :class:`NpyRows`: no second copy, and no mapped pages left counted in
+    the process's memory)."""
+    n, d = vectors.shape
+    if index.ntotal or d != index.d:
+        raise ValueError(f"cannot fill a flat index of {index.ntotal} vectors of dimension {index.d} with "
+                         f"({n}, {d}) vectors")
+    index.codes.resize(n * index.code_size)  # one allocation of the final size
+    dst = faiss.rev_swig_ptr(index.codes.data(), n * index.code_size).view(np.float32).reshape(n, d)  # (n, d)
+    if isinstance(vectors, np.memmap) and vectors.filename and NpyRows(vectors.filename).shape == (n, d):
+        vectors = NpyRows(vectors.filename)  # the whole file mapped: read it with read calls instead
+    direct = isinstance(vectors, NpyRows) and vectors.dtype == np.float32
+    for lo in range(0, n, chunk_rows):
+        if direct:
+            vectors.read_into(lo, dst[lo : lo + chunk_rows])
+        else:
+            dst[lo : lo + chunk_rows] = vectors[lo : lo + chunk_rows]
+    index.ntotal = n
 
 
 @contextmanager

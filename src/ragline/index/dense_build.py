@@ -105,8 +105,11 @@ class BuildReport:
 
 
 def build(embeddings: np.ndarray, kind: str, *, hnsw_m: int = 32, ef_construction: int = 80,
-          target_recall: float = 0.95, add_batch: int = 65536, seed: int = 0) -> tuple[DenseIndex, BuildReport]:
-    """Build a ``kind`` index over ``embeddings`` (n, d) float32 (may be a memmap, read in slices)."""
+          target_recall: float = 0.95, add_batch: int = 65536, seed: int = 0,
+          fill_flat: bool = True) -> tuple[DenseIndex, BuildReport]:
+    """Build a ``kind`` index over ``embeddings`` (n, d) float32 (may be a memmap, read in slices).
+    ``fill_flat=False``: a flat index is left empty, for a build that only saves it (:meth:`DenseIndex.save`
+    writes a flat index's header only; its vectors are the embeddings saved beside it)."""
     n, dim = embeddings.shape
     fs = factory_string(kind, n, dim, hnsw_m)
     t0 = time.perf_counter()
@@ -120,9 +123,10 @@ def build(embeddings: np.ndarray, kind: str, *, hnsw_m: int = 32, ef_constructio
         n_train = min(n, max(64 * ivf.nlist, 256 * 64 if kind == "ivfpq" else 0) if ivf else 65536)
         sample = np.sort(rng.choice(n, size=n_train, replace=False))
         index.train(np.ascontiguousarray(embeddings[sample], dtype=np.float32))
-    reserve_codes(index, n)
-    for lo in range(0, n, add_batch):
-        index.add(np.ascontiguousarray(embeddings[lo : lo + add_batch], dtype=np.float32))
+    if fill_flat or kind != "flat":
+        reserve_codes(index, n)
+        for lo in range(0, n, add_batch):
+            index.add(np.ascontiguousarray(embeddings[lo : lo + add_batch], dtype=np.float32))
     dense = DenseIndex(index, kind, SEARCH_PARAM.get(kind), None, RERANK.get(kind, 0), embeddings)
     report = BuildReport(kind, fs, 0.0, dense.search_param, rerank=dense.rerank)
     if kind != "flat":  # fp16 too: its recall against the float32 scan, measured

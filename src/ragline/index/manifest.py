@@ -5,7 +5,7 @@ An index directory holds::
     manifest.json     written last: its presence means the directory is complete
     passages.arrow    the passage store (row number = passage id in every index below)
     embeddings.npy    d(z) for every passage, float32 (n, dim); read by RAG training for p_eta(z|x)
-    dense.faiss       the FAISS index over embeddings.npy
+    dense.faiss       the FAISS index over embeddings.npy (a flat one: its header only, filled from them on open)
     bm25/             the bm25s index over the same passages (title + text), and their term counts
     segments/, tombstones/   passages added and rows deleted in place (:mod:`ragline.index.segments`)
 """

@@ -63,10 +63,26 @@ class NpyRows:
 
     def _read(self, f, lo: int, hi: int) -> np.ndarray:
         out = np.empty((hi - lo, *self._row_shape), dtype=self.dtype)
+        self._read_into(f, lo, out)
+        return out
+
+    def _read_into(self, f, lo: int, out: np.ndarray) -> None:
         f.seek(self._offset + lo * self._row_bytes)
         if f.readinto(memoryview(out).cast("B")) != out.nbytes:
             raise RaglineError(f"{self.path} is shorter than its header says", "write the vectors again")
-        return out
+
+    def read_into(self, lo: int, out: np.ndarray, chunk: int = 64 * 2**20) -> None:
+        """Rows ``lo .. lo + len(out)`` read straight into ``out`` (m, ...) (C-contiguous, the file's dtype and
+        row shape; any writable buffer, FAISS's own array included), ``chunk`` bytes a call."""
+        if out.dtype != self.dtype or out.shape[1:] != self._row_shape or not out.flags.c_contiguous:
+            raise ValueError(f"cannot read {self.path}'s {self.dtype} rows {self._row_shape} into a "
+                             f"{out.dtype} array of shape {out.shape}")
+        if lo < 0 or lo + len(out) > self.shape[0]:
+            raise IndexError(f"rows {lo}..{lo + len(out) - 1} out of range 0..{self.shape[0] - 1} in {self.path}")
+        step = max(1, chunk // max(1, self._row_bytes))  # rows a call
+        with open(self.path, "rb") as f:  # buffered: readinto fills the whole slice or meets the end
+            for at in range(0, len(out), step):
+                self._read_into(f, lo + at, out[at : at + step])
 
     def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
         with open(self.path, "rb") as f:

@@ -198,7 +198,9 @@ def _open_segment(path: Path, entry: dict, manifest: dict, search: bool = True) 
         if seg.embeddings.shape != (n, manifest["encoder"]["dim"]):
             raise corrupt(path, f"segment {entry['name']}'s embeddings have shape {seg.embeddings.shape}")
         if search:
-            seg.dense = DenseIndex.load(d / mf.DENSE, "flat")
+            seg.dense = DenseIndex.load(d / mf.DENSE, "flat", vectors=seg.embeddings)
+            if seg.dense.ntotal != n:
+                raise corrupt(path, f"segment {entry['name']}'s {mf.DENSE} holds {seg.dense.ntotal} vectors")
     if manifest.get("bm25") and search:
         seg.counts = TermCounts.load(d / mf.BM25)
         if seg.counts.passages != n:

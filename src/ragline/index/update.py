@@ -336,7 +336,7 @@ def _write_segment(path: Path, name: str, passages: list[Passage], m: dict, enco
         vecs = enc.encode_passages([p.title for p in passages], [p.text for p in passages],
                                    batch_size=batch_size).astype(np.float32)  # (n, dim)
         np.save(work / mf.EMBEDDINGS, vecs)
-        dense, _ = dense_build.build(vecs, "flat")
+        dense, _ = dense_build.build(vecs, "flat", fill_flat=False)  # saved only: its vectors are the file above
         dense.save(work / mf.DENSE)
     if m.get("bm25"):
         (work / mf.BM25).mkdir()
