@@ -357,10 +357,11 @@ def _build_dense(opts: BuildOptions, work: Path, log: Callable[[str], None]) -> 
             "build_seconds": round(rep.seconds, 2), "bytes": (work / mf.DENSE).stat().st_size}
     if why:
         info["chosen"] = f"{opts.index_type}: {why}"
-    msg = f"dense index {rep.factory}: {info['bytes'] / 2**20:.1f} MiB, built in {rep.seconds:.1f} s"
     if rep.kind == "flat":
         msg = (f"dense index {rep.factory}: exact search over {mf.EMBEDDINGS} "
                f"({(work / mf.EMBEDDINGS).stat().st_size / 2**20:.1f} MiB, read into memory when the index opens)")
+    else:
+        msg = f"dense index {rep.factory}: {info['bytes'] / 2**20:.1f} MiB, built in {rep.seconds:.1f} s"
     if rep.recall_at_10 is not None:
         msg += f"; recall@10 vs exact {rep.recall_at_10:.3f}"
         if rep.search_param:

@@ -149,8 +149,10 @@ def fill_flat(index: faiss.IndexFlat, vectors: np.ndarray, chunk_rows: int = 655
                          f"({n}, {d}) vectors")
     index.codes.resize(n * index.code_size)  # one allocation of the final size
     dst = faiss.rev_swig_ptr(index.codes.data(), n * index.code_size).view(np.float32).reshape(n, d)  # (n, d)
-    if isinstance(vectors, np.memmap) and vectors.filename and NpyRows(vectors.filename).shape == (n, d):
-        vectors = NpyRows(vectors.filename)  # the whole file mapped: read it with read calls instead
+    if isinstance(vectors, np.memmap) and vectors.filename:
+        whole = NpyRows(vectors.filename)
+        if whole.shape == (n, d):
+            vectors = whole  # the whole file mapped: read it with read calls instead
     direct = isinstance(vectors, NpyRows) and vectors.dtype == np.float32
     for lo in range(0, n, chunk_rows):
         if direct:
